@@ -1,0 +1,1 @@
+"""Runtime shared by every actionmesh service: server wiring, errors, telemetry, storage."""

@@ -1,0 +1,146 @@
+"""Builds the grpc.aio server every actionmesh service runs.
+
+Binaries and tests use the same :func:`start_server`: it adds the error
+interceptor, OpenTelemetry instrumentation, grpc.health.v1 and reflection,
+binds the address (port 0 picks a free port) and returns the bound port.
+:func:`run_service` is the process entry point: it waits for SIGTERM/SIGINT,
+marks health NOT_SERVING first, then drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from actionmesh.rpc.errors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+# Servicer registration: (add_XServicer_to_server, servicer instance, full service name).
+Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port and the handles needed to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Graceful shutdown: NOT_SERVING first, run stop hooks, then drain calls."""
+        await self.set_serving(False)
+        for hook in self.on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("stop hook failed")
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    registrations: Sequence[Registration],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_bytes: int = 4 * 1024 * 1024,
+) -> RunningServer:
+    """Start a grpc.aio server with health, reflection and interceptors."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = []
+    for add, servicer, name in registrations:
+        add(servicer, server)
+        names.append(name)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    running = RunningServer(server=server, port=bound, health=health_servicer, service_names=names)
+    await running.set_serving(True)
+    return running
+
+
+def write_ready_file(path: str | os.PathLike[str] | None, **info: Any) -> None:
+    """Tell a supervisor (``actionmesh up``, tests) where this process listens."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.replace(target)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ACTIONMESH_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run_service(
+    start: Callable[[], Awaitable[RunningServer]],
+    *,
+    name: str,
+    ready_file: str | None,
+    grace_s: float = 5.0,
+) -> None:
+    """Start a service, announce it, and stop gracefully on SIGTERM or SIGINT."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    running = await start()
+    log.info("%s listening on %s", name, running.address)
+    write_ready_file(ready_file, name=name, port=running.port, address=running.address)
+    waiter = asyncio.ensure_future(running.server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("%s stopping", name)
+    await running.stop(grace_s)
+    for task in (waiter, stopper):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
