@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 from google.protobuf import timestamp_pb2
 
 from actionmesh.v1 import common_pb2
 
 
+@overload
+def to_timestamp(moment: datetime) -> timestamp_pb2.Timestamp: ...
+@overload
+def to_timestamp(moment: None) -> None: ...
 def to_timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:
     if moment is None:
         return None

@@ -28,7 +28,7 @@ def configure_tracing(service_name: str, exporter: str | None = None) -> None:
     if choice == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter,
         )
 

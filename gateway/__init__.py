@@ -1,0 +1,1 @@
+"""ActionGatewayService: authenticate, authorize twice, discover, execute, audit."""

@@ -1,0 +1,153 @@
+"""The gateway's live view of the providers, fed by RegistryService.WatchProviders.
+
+The view survives registry outages: when the stream breaks, the gateway keeps
+serving from the last view and resubscribes with capped backoff; the snapshot
+that starts each subscription replaces the view wholesale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from actionmesh.rpc.channels import open_channel
+from actionmesh.v1 import (
+    common_pb2,
+    provider_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProviderEntry:
+    """One provider as the gateway knows it."""
+
+    registration: registry_pb2.ProviderRegistration
+
+    @property
+    def provider_id(self) -> str:
+        return self.registration.provider_id
+
+    @property
+    def not_serving(self) -> bool:
+        return self.registration.health == registry_pb2.PROVIDER_HEALTH_NOT_SERVING
+
+    def handles(self, record_type: str) -> bool:
+        return any(record_type in a.record_types for a in self.registration.actions)
+
+    def action(self, action_id: str) -> common_pb2.ActionDescriptor | None:
+        for descriptor in self.registration.actions:
+            if descriptor.action_id == action_id:
+                return descriptor
+        return None
+
+
+class ProviderDirectory:
+    """Providers by id and by action id, plus one reusable channel per endpoint."""
+
+    def __init__(self, registry_address: str) -> None:
+        self._registry_address = registry_address
+        self._providers: dict[str, ProviderEntry] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch_forever(), name="provider-directory")
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def providers_for(self, record_type: str) -> list[ProviderEntry]:
+        return [p for p in self._providers.values() if p.handles(record_type)]
+
+    def find_action(
+        self, action_id: str
+    ) -> tuple[ProviderEntry, common_pb2.ActionDescriptor] | None:
+        for entry in self._providers.values():
+            descriptor = entry.action(action_id)
+            if descriptor is not None:
+                return entry, descriptor
+        return None
+
+    def stub(self, entry: ProviderEntry) -> provider_pb2_grpc.ActionProviderServiceStub:
+        endpoint = entry.registration.endpoint
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = open_channel(endpoint)
+            self._channels[endpoint] = channel
+        return provider_pb2_grpc.ActionProviderServiceStub(channel)
+
+    async def _watch_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with open_channel(self._registry_address) as channel:
+                    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+                    async for message in stub.WatchProviders(registry_pb2.WatchProvidersRequest()):
+                        self._apply(message)
+                        backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "registry watch interrupted (%s); serving from the last view", exc.code().name
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _apply(self, message: registry_pb2.WatchProvidersResponse) -> None:
+        kind = message.WhichOneof("event")
+        if kind == "snapshot":
+            fresh = {p.provider_id: ProviderEntry(p) for p in message.snapshot.providers}
+            for gone in set(self._providers) - set(fresh):
+                self._forget_channel(self._providers[gone])
+            self._providers = fresh
+            self._synced.set()
+        elif kind == "change":
+            change = message.change
+            provider_id = change.provider.provider_id
+            previous = self._providers.get(provider_id)
+            if change.type == registry_pb2.PROVIDER_CHANGE_TYPE_REMOVED:
+                self._providers.pop(provider_id, None)
+                if previous is not None:
+                    self._forget_channel(previous)
+            else:
+                if (
+                    previous is not None
+                    and previous.registration.endpoint != change.provider.endpoint
+                ):
+                    self._forget_channel(previous)
+                self._providers[provider_id] = ProviderEntry(change.provider)
+
+    def _forget_channel(self, entry: ProviderEntry) -> None:
+        endpoint = entry.registration.endpoint
+        if any(
+            p.registration.endpoint == endpoint for p in self._providers.values() if p is not entry
+        ):
+            return
+        channel = self._channels.pop(endpoint, None)
+        if channel is not None:
+            closing = asyncio.create_task(channel.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)

@@ -1,0 +1,83 @@
+"""Ships the audit outbox to AuditService.AppendEvents.
+
+At-least-once: rows are deleted only after the audit log acknowledged them, and
+the audit log dedupes on event id. Failures back off exponentially (capped); a
+write to the outbox wakes the shipper so the timeline lags by one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc.aio
+
+from actionmesh.rpc.channels import open_channel
+from actionmesh.v1 import audit_pb2, audit_pb2_grpc
+from gateway.storage import GatewayStore
+
+log = logging.getLogger(__name__)
+
+
+class OutboxShipper:
+    def __init__(
+        self, store: GatewayStore, auditlog_address: str, *, batch_size: int, retry_max_s: float
+    ) -> None:
+        self._store = store
+        self._address = auditlog_address
+        self._batch_size = batch_size
+        self._retry_max_s = retry_max_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    def start(self) -> None:
+        self._channel = open_channel(self._address)
+        self._task = asyncio.create_task(self._run(), name="audit-outbox-shipper")
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def close(self, drain_timeout_s: float = 2.0) -> None:
+        """Try to ship what is left (bounded), then stop; the rest stays in the outbox."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain(), drain_timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _drain(self) -> None:
+        while await asyncio.to_thread(self._store.outbox_depth):
+            self.notify()
+            await asyncio.sleep(0.05)
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = audit_pb2_grpc.AuditServiceStub(self._channel)
+        backoff = 0.1
+        while True:
+            batch = await asyncio.to_thread(self._store.pending_events, self._batch_size)
+            if not batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            events = [audit_pb2.AuditEvent.FromString(payload) for _, payload in batch]
+            try:
+                await stub.AppendEvents(audit_pb2.AppendEventsRequest(events=events), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "audit delivery failed (%s); %d events kept, retry in %.1fs",
+                    exc.code().name,
+                    len(batch),
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._retry_max_s)
+                continue
+            backoff = 0.1
+            await asyncio.to_thread(self._store.delete_events, [row_id for row_id, _ in batch])

@@ -1,0 +1,245 @@
+"""Executions and the audit outbox, in one SQLAlchemy database.
+
+An execution's state change and the audit event describing it are written in
+the same transaction, so the audit trail can lag but never lose an event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from actionmesh.rpc.db import make_engine
+from actionmesh.v1 import audit_pb2
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ExecutionRow(Base):
+    __tablename__ = "executions"
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_execution_key"),)
+
+    execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    action_id: Mapped[str] = mapped_column(String(128))
+    provider_id: Mapped[str] = mapped_column(String(128))
+    record_type: Mapped[str] = mapped_column(String(128))
+    record_id: Mapped[str] = mapped_column(String(256))
+    actor: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(128), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    external_ref: Mapped[str] = mapped_column(String(512), default="")
+    changes_json: Mapped[str] = mapped_column(Text, default="[]")
+    warnings_json: Mapped[str] = mapped_column(Text, default="[]")
+    trace_id: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class OutboxRow(Base):
+    __tablename__ = "audit_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# The outcome a running execution has until it finishes.
+RUNNING = "RUNNING"
+
+
+@dataclass
+class ExecutionRecord:
+    """An execution as the domain sees it (no ORM state leaks out)."""
+
+    execution_id: str
+    tenant: str
+    idempotency_key: str
+    request_hash: str
+    action_id: str
+    provider_id: str
+    record_type: str
+    record_id: str
+    actor: str
+    outcome: str
+    started_at: datetime
+    reason: str = ""
+    message: str = ""
+    external_ref: str = ""
+    changes: list[tuple[str, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    trace_id: str = ""
+    finished_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome != RUNNING
+
+
+class KeyConflict(Exception):
+    """Another execution already holds this (tenant, idempotency key)."""
+
+    def __init__(self, existing: ExecutionRecord) -> None:
+        super().__init__(existing.execution_id)
+        self.existing = existing
+
+
+class GatewayStore:
+    """Repository for executions and the audit outbox."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def insert_execution(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> None:
+        """Store a new execution with its events; KeyConflict if the key is taken."""
+        try:
+            with self._session.begin() as session:
+                session.add(_to_row(record))
+                _enqueue(session, events)
+        except IntegrityError as exc:
+            existing = self.find_by_key(record.tenant, record.idempotency_key)
+            if existing is None:
+                raise
+            raise KeyConflict(existing) from exc
+
+    def record_attempt(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
+        """Enqueue events for an attempt that never became an execution (refused early)."""
+        with self._session.begin() as session:
+            _enqueue(session, events)
+
+    def finish_execution(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> None:
+        with self._session.begin() as session:
+            row = session.get(ExecutionRow, record.execution_id)
+            if row is None:
+                raise LookupError(record.execution_id)
+            row.outcome = record.outcome
+            row.reason = record.reason
+            row.message = record.message
+            row.external_ref = record.external_ref
+            row.changes_json = json.dumps(record.changes)
+            row.warnings_json = json.dumps(record.warnings)
+            row.finished_at = record.finished_at
+            _enqueue(session, events)
+
+    def reclaim_unavailable(self, execution_id: str) -> bool:
+        """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
+        with self._session.begin() as session:
+            result = session.execute(
+                update(ExecutionRow)
+                .where(
+                    ExecutionRow.execution_id == execution_id, ExecutionRow.outcome == "UNAVAILABLE"
+                )
+                .values(outcome=RUNNING, finished_at=None)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
+        with self._session() as session:
+            row = session.get(ExecutionRow, execution_id)
+            return _from_row(row) if row is not None and row.tenant == tenant else None
+
+    def find_by_key(self, tenant: str, idempotency_key: str) -> ExecutionRecord | None:
+        with self._session() as session:
+            row = session.scalars(
+                select(ExecutionRow).where(
+                    ExecutionRow.tenant == tenant, ExecutionRow.idempotency_key == idempotency_key
+                )
+            ).first()
+            return _from_row(row) if row is not None else None
+
+    def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
+        with self._session() as session:
+            rows = session.execute(
+                select(OutboxRow.id, OutboxRow.payload).order_by(OutboxRow.id).limit(limit)
+            ).all()
+            return [(row.id, row.payload) for row in rows]
+
+    def delete_events(self, ids: Sequence[int]) -> None:
+        with self._session.begin() as session:
+            session.execute(delete(OutboxRow).where(OutboxRow.id.in_(ids)))
+
+    def outbox_depth(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
+
+
+def _enqueue(session: Session, events: Sequence[audit_pb2.AuditEvent]) -> None:
+    for event in events:
+        session.add(OutboxRow(event_id=event.event_id, payload=event.SerializeToString()))
+
+
+def _to_row(record: ExecutionRecord) -> ExecutionRow:
+    return ExecutionRow(
+        execution_id=record.execution_id,
+        tenant=record.tenant,
+        idempotency_key=record.idempotency_key,
+        request_hash=record.request_hash,
+        action_id=record.action_id,
+        provider_id=record.provider_id,
+        record_type=record.record_type,
+        record_id=record.record_id,
+        actor=record.actor,
+        outcome=record.outcome,
+        reason=record.reason,
+        message=record.message,
+        external_ref=record.external_ref,
+        changes_json=json.dumps(record.changes),
+        warnings_json=json.dumps(record.warnings),
+        trace_id=record.trace_id,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+    )
+
+
+def _from_row(row: ExecutionRow) -> ExecutionRecord:
+    return ExecutionRecord(
+        execution_id=row.execution_id,
+        tenant=row.tenant,
+        idempotency_key=row.idempotency_key,
+        request_hash=row.request_hash,
+        action_id=row.action_id,
+        provider_id=row.provider_id,
+        record_type=row.record_type,
+        record_id=row.record_id,
+        actor=row.actor,
+        outcome=row.outcome,
+        reason=row.reason,
+        message=row.message,
+        external_ref=row.external_ref,
+        changes=[(c[0], c[1], c[2]) for c in json.loads(row.changes_json)],
+        warnings=list(json.loads(row.warnings_json)),
+        trace_id=row.trace_id,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
