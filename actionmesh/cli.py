@@ -1,0 +1,438 @@
+"""The ``actionmesh`` command: run the mesh locally and drive it like a backend would.
+
+    actionmesh up                      # registry, auditlog, gateway, providers on loopback
+    export ACTIONMESH_TOKEN=$(actionmesh token --subject alice --tenant acme --roles operator)
+    actionmesh actions workitem/wi-1001 --status failed
+    actionmesh run workitem.retry workitem/wi-1001 --status failed --input reason="parser fixed"
+    actionmesh history workitem/wi-1001
+
+Every command but ``up`` and ``token`` takes ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import jwt
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
+from actionmesh.rpc.errors import error_details
+from actionmesh.v1 import (
+    audit_pb2,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+from gateway.auth import mint_token
+
+DEFAULT_DATA_DIR = Path(os.environ.get("ACTIONMESH_DATA_DIR", ".actionmesh"))
+console = Console()
+
+
+class CliError(Exception):
+    """A user-facing failure: printed without a traceback, exit code 1."""
+
+
+# -- helpers -------------------------------------------------------------------
+def mesh_state(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text()))
+
+
+def gateway_address(args: argparse.Namespace) -> str:
+    explicit = args.gateway or os.environ.get("ACTIONMESH_GATEWAY")
+    return explicit or mesh_state(args.data_dir).get("gateway", "127.0.0.1:50050")
+
+
+def caller_token(args: argparse.Namespace) -> str:
+    token = args.token or os.environ.get("ACTIONMESH_TOKEN")
+    if not token:
+        raise CliError(
+            "no token: pass --token or export ACTIONMESH_TOKEN=$(actionmesh token "
+            "--subject alice --tenant acme --roles operator)"
+        )
+    return str(token)
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """Read the tenant from the caller's own token (the gateway verifies it)."""
+    try:
+        return dict(jwt.decode(token, options={"verify_signature": False}))
+    except jwt.PyJWTError as exc:
+        raise CliError(f"the token is not a JWT: {exc}") from exc
+
+
+def parse_record_ref(text: str) -> common_pb2.RecordRef:
+    record_type, sep, record_id = text.partition("/")
+    if not sep or not record_type or not record_id:
+        raise CliError(f"record must be TYPE/ID, e.g. workitem/wi-1001 (got {text!r})")
+    return common_pb2.RecordRef(type=record_type, id=record_id)
+
+
+def record_context(args: argparse.Namespace, token: str) -> common_pb2.RecordContext:
+    ref = parse_record_ref(args.record)
+    tenant = args.tenant or unverified_claims(token).get("tenant", "")
+    attributes = {}
+    for item in args.attr or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--attr takes KEY=VALUE (got {item!r})")
+        attributes[key] = value
+    return common_pb2.RecordContext(
+        tenant=tenant,
+        type=ref.type,
+        id=ref.id,
+        status=args.status,
+        sensitivity=common_pb2.Sensitivity.Value(f"SENSITIVITY_{args.sensitivity.upper()}"),
+        attributes=attributes,
+    )
+
+
+def typed_input(raw: str, field: common_pb2.InputField | None) -> common_pb2.InputValue:
+    """Convert a --input value with the action's declared type (guessing when unknown)."""
+    kind = field.type if field is not None else None
+    if kind in (common_pb2.INPUT_TYPE_STRING, common_pb2.INPUT_TYPE_ENUM):
+        return common_pb2.InputValue(string_value=raw)
+    if kind == common_pb2.INPUT_TYPE_BOOLEAN or (kind is None and raw in ("true", "false")):
+        return common_pb2.InputValue(bool_value=raw.lower() in ("true", "1", "yes"))
+    try:
+        if kind in (common_pb2.INPUT_TYPE_INTEGER, None):
+            return common_pb2.InputValue(integer_value=int(raw))
+    except ValueError:
+        if kind is not None:
+            return common_pb2.InputValue(string_value=raw)  # the gateway explains the type error
+    try:
+        return common_pb2.InputValue(number_value=float(raw))
+    except ValueError:
+        return common_pb2.InputValue(string_value=raw)
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    return dict(MessageToDict(message, preserving_proto_field_name=True))
+
+
+def enum_label(prefix: str, name: str) -> str:
+    return name.removeprefix(prefix)
+
+
+async def call_gateway(args: argparse.Namespace, method: str, request: Any) -> Any:
+    token = caller_token(args)
+    async with grpc.aio.insecure_channel(gateway_address(args)) as channel:
+        stub = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
+        return await getattr(stub, method)(
+            request, metadata=(("authorization", f"Bearer {token}"),), timeout=args.timeout
+        )
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = MeshSettings(
+        data_dir=args.data_dir,
+        registry_port=args.registry_port,
+        auditlog_port=args.auditlog_port,
+        gateway_port=args.gateway_port,
+        seed_demo=not args.no_seed,
+    )
+    mesh = Mesh(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"starting the mesh under {mesh.data_dir} ...")
+    try:
+        mesh.start()
+    except MeshError as exc:
+        raise CliError(str(exc)) from exc
+    table = Table(title="actionmesh is up")
+    table.add_column("service")
+    table.add_column("address")
+    table.add_column("log")
+    for service in mesh.services.values():
+        table.add_row(service.name, service.address, str(service.log_path))
+    console.print(table)
+    exe = "actionmesh"
+    console.print(
+        "\nIn another terminal:\n"
+        f"  export ACTIONMESH_TOKEN=$({exe} token --subject alice --tenant acme --roles operator)\n"
+        f"  {exe} actions workitem/wi-1001 --status failed\n"
+        f"  {exe} run workitem.retry workitem/wi-1001 --status failed "
+        '--input reason="mail parser fixed"\n'
+        f"  {exe} history workitem/wi-1001\n"
+        f"\nPolicies: {mesh.policy_path}   Press Ctrl-C to stop."
+    )
+    try:
+        while not stop.wait(0.5):
+            dead = mesh.dead_services()
+            if dead:
+                console.print(f"[red]service(s) exited: {', '.join(dead)}; stopping[/red]")
+                return 1
+    finally:
+        console.print("stopping the mesh ...")
+        mesh.stop()
+        console.print("stopped.")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    key_file = args.key_file or mesh_state(args.data_dir).get("signing_key_file")
+    key_path = Path(key_file) if key_file else args.data_dir / "dev-signing-key"
+    if not key_path.exists():
+        raise CliError(f"no development signing key at {key_path}; run `actionmesh up` first")
+    roles = [r for r in args.roles.split(",") if r]
+    token = mint_token(
+        key_path.read_text().strip(),
+        subject=args.subject,
+        tenant=args.tenant,
+        roles=roles,
+        ttl_s=args.ttl,
+    )
+    print(json.dumps({"token": token}) if args.json else token)
+    return 0
+
+
+def cmd_actions(args: argparse.Namespace) -> int:
+    request = gateway_pb2.DiscoverActionsRequest(record=record_context(args, caller_token(args)))
+    reply = asyncio.run(call_gateway(args, "DiscoverActions", request))
+    if args.json:
+        print(json.dumps(to_dict(reply), indent=2))
+        return 0
+    table = Table(title=f"actions for {args.record} (status {args.status or '-'})")
+    for column in ("action", "label", "provider", "available", "inputs", "risk"):
+        table.add_column(column)
+    for view in reply.actions:
+        descriptor = view.descriptor
+        inputs = ", ".join(
+            f"{f.name}{'' if f.required else '?'}:"
+            f"{enum_label('INPUT_TYPE_', common_pb2.InputType.Name(f.type)).lower()}"
+            for f in descriptor.inputs
+        )
+        table.add_row(
+            descriptor.action_id,
+            descriptor.label,
+            view.provider_id,
+            "yes" if view.available else f"no ({view.unavailable_reason})",
+            inputs,
+            enum_label("RISK_", common_pb2.Risk.Name(descriptor.risk)).lower(),
+        )
+    console.print(table)
+    for degraded in reply.degraded_providers:
+        console.print(f"[yellow]degraded: {degraded.provider_id} ({degraded.reason})[/yellow]")
+    if not reply.actions:
+        console.print("no actions visible for this record")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    token = caller_token(args)
+    record = record_context(args, token)
+    schema: dict[str, common_pb2.InputField] = {}
+    discovered = asyncio.run(
+        call_gateway(args, "DiscoverActions", gateway_pb2.DiscoverActionsRequest(record=record))
+    )
+    for view in discovered.actions:
+        if view.descriptor.action_id == args.action:
+            schema = {f.name: f for f in view.descriptor.inputs}
+    inputs = {}
+    for item in args.input or []:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise CliError(f"--input takes NAME=VALUE (got {item!r})")
+        inputs[name] = typed_input(raw, schema.get(name))
+    request = gateway_pb2.ExecuteActionRequest(
+        action_id=args.action,
+        record=record,
+        inputs=inputs,
+        idempotency_key=args.idempotency_key or uuid.uuid4().hex,
+    )
+    reply = asyncio.run(call_gateway(args, "ExecuteAction", request))
+    execution = reply.execution
+    if args.json:
+        print(json.dumps(to_dict(execution), indent=2))
+        return 0
+    outcome = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.outcome))
+    console.print(f"[bold]{outcome}[/bold]  execution {execution.execution_id}")
+    for label, value in (
+        ("reason", execution.reason),
+        ("message", execution.message),
+        ("external ref", execution.external_ref),
+        ("trace id", execution.trace_id),
+    ):
+        if value:
+            console.print(f"  {label}: {value}")
+    for change in execution.changes:
+        console.print(f"  changed {change.field}: {change.before} -> {change.after}")
+    for warning in execution.warnings:
+        console.print(f"  [yellow]warning: {warning}[/yellow]")
+    return 0 if execution.outcome == common_pb2.OUTCOME_SUCCEEDED else 3
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    request = gateway_pb2.GetRecordHistoryRequest(
+        record=parse_record_ref(args.record), page_size=args.limit
+    )
+    reply = asyncio.run(call_gateway(args, "GetRecordHistory", request))
+    if args.json:
+        print(json.dumps([to_dict(e) for e in reply.events], indent=2))
+        return 0
+    table = Table(title=f"history of {args.record}")
+    for column in (
+        "when",
+        "who",
+        "action",
+        "event",
+        "outcome",
+        "reason",
+        "external ref",
+        "changes",
+    ):
+        table.add_column(column)
+    for event in reply.events:
+        table.add_row(
+            event.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            event.actor,
+            event.action_id,
+            enum_label(
+                "AUDIT_EVENT_TYPE_EXECUTION_", audit_pb2.AuditEventType.Name(event.type)
+            ).lower(),
+            enum_label("OUTCOME_", common_pb2.Outcome.Name(event.outcome)) if event.outcome else "",
+            event.reason,
+            event.external_ref,
+            "; ".join(f"{c.field}: {c.before} -> {c.after}" for c in event.changes),
+        )
+    console.print(table)
+    if not reply.events:
+        console.print("no events yet for this record")
+    return 0
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    address = args.registry or mesh_state(args.data_dir).get("registry", "127.0.0.1:50051")
+
+    async def fetch() -> registry_pb2.ListProvidersResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            return await stub.ListProviders(
+                registry_pb2.ListProvidersRequest(), timeout=args.timeout
+            )
+
+    reply = asyncio.run(fetch())
+    if args.json:
+        print(json.dumps([to_dict(p) for p in reply.providers], indent=2))
+        return 0
+    table = Table(title=f"providers in {address}")
+    for column in ("provider", "endpoint", "version", "health", "actions", "lease expires"):
+        table.add_column(column)
+    for provider in reply.providers:
+        table.add_row(
+            provider.provider_id,
+            provider.endpoint,
+            provider.version,
+            enum_label("PROVIDER_HEALTH_", registry_pb2.ProviderHealth.Name(provider.health)),
+            ", ".join(a.action_id for a in provider.actions),
+            provider.lease_expires_at.ToDatetime().strftime("%H:%M:%S"),
+        )
+    console.print(table)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actionmesh", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="mesh data dir")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run registry, auditlog, gateway and providers locally")
+    up.add_argument("--gateway-port", type=int, default=50050)
+    up.add_argument("--registry-port", type=int, default=50051)
+    up.add_argument("--auditlog-port", type=int, default=50052)
+    up.add_argument("--no-seed", action="store_true", help="do not seed demo records")
+    up.set_defaults(func=cmd_up)
+
+    token = sub.add_parser("token", help="mint a development JWT (HS256, local key)")
+    token.add_argument("--subject", required=True)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--roles", default="operator", help="comma-separated roles")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds")
+    token.add_argument("--key-file", help="signing key (default: the mesh's dev key)")
+    token.add_argument("--json", action="store_true")
+    token.set_defaults(func=cmd_token)
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--gateway", help="gateway address (default: from the running mesh)")
+        command.add_argument("--token", help="caller JWT (default: $ACTIONMESH_TOKEN)")
+        command.add_argument("--timeout", type=float, default=15.0, help="seconds")
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        return command
+
+    def with_record(command: argparse.ArgumentParser) -> None:
+        command.add_argument("record", help="TYPE/ID, e.g. workitem/wi-1001")
+        command.add_argument("--status", default="", help="the record's status, e.g. failed")
+        command.add_argument("--tenant", help="record tenant (default: the token's)")
+        command.add_argument(
+            "--sensitivity", default="normal", choices=["normal", "sensitive", "restricted"]
+        )
+        command.add_argument("--attr", action="append", help="KEY=VALUE record attribute")
+
+    actions = client("actions", "discover the actions available for a record")
+    with_record(actions)
+    actions.set_defaults(func=cmd_actions)
+
+    run = client("run", "execute an action on a record")
+    run.add_argument("action", help="action id, e.g. workitem.retry")
+    with_record(run)
+    run.add_argument("--input", action="append", help="NAME=VALUE input")
+    run.add_argument("--idempotency-key", help="default: a fresh UUID")
+    run.set_defaults(func=cmd_run)
+
+    history = client("history", "show a record's audit timeline")
+    history.add_argument("record", help="TYPE/ID")
+    history.add_argument("--limit", type=int, default=100)
+    history.set_defaults(func=cmd_history)
+
+    providers = client("providers", "list registered providers and their health")
+    providers.add_argument("--registry", help="registry address (default: from the running mesh)")
+    providers.set_defaults(func=cmd_providers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except CliError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        code = 1
+    except grpc.RpcError as exc:
+        details = error_details(exc)
+        console.print(f"[red]{details.code.name}[/red] {details.message}")
+        if details.reason:
+            console.print(f"  reason: {details.reason}")
+        for violation in details.violations:
+            console.print(f"  {violation.field}: {violation.description}")
+        if details.retry_after_s is not None:
+            console.print(f"  retry after {details.retry_after_s:.1f}s")
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Runs the whole mesh as local processes: what ``actionmesh up`` and the tests use.
+
+Each service is a real child process (``python -m registry``, ...) on loopback
+with its state under one data directory. A child announces its bound port in a
+ready file; the supervisor then waits for grpc.health.v1 SERVING before starting
+the services that depend on it (registry and audit log, then the gateway, then
+providers). Port 0 gives every service a free port, which is how tests run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from actionmesh.rpc.db import sqlite_url
+from gateway.config import DEFAULT_POLICY_FILE
+
+SIGNING_KEY_FILE = "dev-signing-key"
+POLICY_FILE = "policies.cedar"
+STATE_FILE = "mesh.json"
+DEFAULT_PROVIDERS = ("providers.workitems",)
+
+
+class MeshError(RuntimeError):
+    """A service failed to start or become healthy."""
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """How to lay out and run a local mesh."""
+
+    data_dir: Path = Path(".actionmesh")
+    """Where every service keeps its state, logs and ready files."""
+    registry_port: int = 50051
+    """Registry port (0 = any free port)."""
+    auditlog_port: int = 50052
+    """Audit log port (0 = any free port)."""
+    gateway_port: int = 50050
+    """Gateway port (0 = any free port)."""
+    provider_modules: tuple[str, ...] = DEFAULT_PROVIDERS
+    """Provider modules to run, each as ``python -m MODULE``, on free ports."""
+    seed_demo: bool = True
+    """Seed the example providers with demo records."""
+    lease_ttl_s: float = 10.0
+    """Provider lease in the registry."""
+    health_check_interval_s: float = 2.0
+    """How often the registry health-checks providers."""
+    start_timeout_s: float = 30.0
+    """How long one service may take to become healthy."""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Environment added to every child (e.g. log level, trace exporter)."""
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    log_path: Path | None = None
+
+
+class Mesh:
+    """Supervises the mesh's processes; use as a context manager or start()/stop()."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.services: dict[str, Service] = {}
+
+    # -- layout -------------------------------------------------------------
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / SIGNING_KEY_FILE
+
+    @property
+    def policy_path(self) -> Path:
+        return self.data_dir / POLICY_FILE
+
+    def signing_key(self) -> str:
+        return self.signing_key_path.read_text().strip()
+
+    def address(self, name: str) -> str:
+        return self.services[name].address
+
+    def prepare(self) -> None:
+        for sub in ("run", "logs", "data"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        if not self.signing_key_path.exists():
+            self.signing_key_path.write_text(secrets.token_hex(32))
+            self.signing_key_path.chmod(0o600)
+        if not self.policy_path.exists():
+            shutil.copyfile(DEFAULT_POLICY_FILE, self.policy_path)
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        self.prepare()
+        try:
+            self._launch("registry", self._registry_command(), self.settings.registry_port)
+            self._launch("auditlog", self._auditlog_command(), self.settings.auditlog_port)
+            self._launch("gateway", self._gateway_command(), self.settings.gateway_port)
+            for module in self.settings.provider_modules:
+                self.start_provider(module)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+
+    def start_provider(self, module: str) -> Service:
+        name = module.rsplit(".", 1)[-1]
+        command = [
+            sys.executable,
+            "-m",
+            module,
+            "--registry",
+            self.address("registry"),
+            "--data-dir",
+            str(self.data_dir / "data" / "providers"),
+            "--seed-demo",
+            "true" if self.settings.seed_demo else "false",
+        ]
+        return self._launch(name, command, 0)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM in reverse start order (providers deregister first), then SIGKILL."""
+        for service in reversed(list(self.services.values())):
+            self.stop_service(service.name, grace_s=grace_s)
+
+    def stop_service(self, name: str, *, grace_s: float = 10.0, kill: bool = False) -> None:
+        service = self.services.get(name)
+        if service is None or service.process is None or service.process.poll() is not None:
+            return
+        service.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            service.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait(timeout=5)
+
+    def __enter__(self) -> Mesh:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def dead_services(self) -> list[str]:
+        return [
+            s.name for s in self.services.values() if s.process and s.process.poll() is not None
+        ]
+
+    # -- internals ----------------------------------------------------------
+    def _registry_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "registry",
+            "--database-url",
+            sqlite_url(self.data_dir / "data" / "registry.db"),
+            "--lease-ttl-s",
+            str(self.settings.lease_ttl_s),
+            "--health-check-interval-s",
+            str(self.settings.health_check_interval_s),
+        ]
+
+    def _auditlog_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "auditlog",
+            "--database-url",
+            sqlite_url(self.data_dir / "data" / "audit.db"),
+        ]
+
+    def _gateway_command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--registry",
+            self.address("registry"),
+            "--auditlog",
+            self.address("auditlog"),
+            "--database-url",
+            sqlite_url(self.data_dir / "data" / "gateway.db"),
+            "--policy-file",
+            str(self.policy_path),
+            "--jwt-secret-file",
+            str(self.signing_key_path),
+        ]
+
+    def _launch(self, name: str, command: list[str], port: int) -> Service:
+        ready_file = self.data_dir / "run" / f"{name}.json"
+        ready_file.unlink(missing_ok=True)
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        full = [
+            *command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ready-file",
+            str(ready_file),
+        ]
+        env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                full, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        service = Service(name=name, command=full, process=process, log_path=log_path)
+        self.services[name] = service
+        service.address = self._wait_ready(service, ready_file)
+        return service
+
+    def _wait_ready(self, service: Service, ready_file: Path) -> str:
+        assert service.process is not None
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        address = ""
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise MeshError(
+                    f"{service.name} exited with {service.process.returncode}; "
+                    f"last log lines:\n{tail(service.log_path)}"
+                )
+            if not address and ready_file.exists():
+                address = json.loads(ready_file.read_text())["address"]
+            if address and is_serving(address):
+                return address
+            time.sleep(0.05)
+        raise MeshError(
+            f"{service.name} was not healthy within {self.settings.start_timeout_s}s; "
+            f"last log lines:\n{tail(service.log_path)}"
+        )
+
+    def _write_state(self) -> None:
+        state = {
+            "gateway": self.address("gateway"),
+            "registry": self.address("registry"),
+            "auditlog": self.address("auditlog"),
+            "providers": {
+                s.name: s.address
+                for s in self.services.values()
+                if s.name not in ("gateway", "registry", "auditlog")
+            },
+            "signing_key_file": str(self.signing_key_path),
+            "policy_file": str(self.policy_path),
+        }
+        (self.data_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def is_serving(address: str, timeout_s: float = 0.5) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
