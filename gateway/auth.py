@@ -18,6 +18,8 @@ import jwt
 from actionmesh.rpc.errors import Unauthenticated
 from gateway.config import GatewayConfig
 
+# Claims end up in audit columns of bounded width.
+MAX_CLAIM_LENGTH = 128
 HMAC_ALGORITHMS = ["HS256"]
 ASYMMETRIC_ALGORITHMS = ["RS256", "ES256"]
 
@@ -84,8 +86,10 @@ def caller_from_claims(claims: dict[str, object]) -> Caller:
     subject, tenant, roles = claims.get("sub"), claims.get("tenant"), claims.get("roles", [])
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("token has no subject", reason="TOKEN_INVALID")
-    if not isinstance(tenant, str) or not tenant:
-        raise Unauthenticated("token has no tenant claim", reason="TOKEN_INVALID")
+    if not isinstance(subject, str) or len(subject) > MAX_CLAIM_LENGTH:
+        raise Unauthenticated("token subject is too long", reason="TOKEN_INVALID")
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_CLAIM_LENGTH:
+        raise Unauthenticated("token has no usable tenant claim", reason="TOKEN_INVALID")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise Unauthenticated("token roles claim must be a list of strings", reason="TOKEN_INVALID")
     return Caller(subject=subject, tenant=tenant, roles=tuple(roles))

@@ -1,0 +1,1 @@
+"""auditlog: the AuditService, the durable store of execution events and record timelines."""

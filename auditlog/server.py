@@ -1,0 +1,43 @@
+"""Wires the audit log: engine, schema, repository, servicer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.v1 import audit_pb2, audit_pb2_grpc
+from auditlog.config import AuditLogConfig
+from auditlog.events import AuditLog
+from auditlog.servicer import AuditServicer
+from auditlog.storage import AuditRepository
+
+SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+
+async def start_auditlog(config: AuditLogConfig) -> RunningServer:
+    """Start AuditService on ``config.host:config.port``; stopping it closes the database."""
+    repository = AuditRepository(make_engine(config.database_url))
+    try:
+        await asyncio.to_thread(repository.create_schema)
+        running = await start_server(
+            [
+                (
+                    audit_pb2_grpc.add_AuditServiceServicer_to_server,
+                    AuditServicer(AuditLog(repository)),
+                    SERVICE_NAME,
+                )
+            ],
+            host=config.host,
+            port=config.port,
+        )
+    except BaseException:
+        repository.close()
+        raise
+
+    async def close_database() -> None:
+        # Calls still draining keep the connections they hold; dispose only drops the pool.
+        await asyncio.to_thread(repository.close)
+
+    running.on_stop.append(close_database)
+    return running
