@@ -1,0 +1,1 @@
+"""The registry: providers register under renewable leases, are health-checked, and watched."""

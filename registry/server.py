@@ -1,0 +1,74 @@
+"""Wires the registry together: store, directory, servicer, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.v1 import registry_pb2_grpc
+from registry.config import RegistryConfig
+from registry.directory import Directory
+from registry.health import GrpcHealthProber
+from registry.servicer import SERVICE_NAME, RegistryServicer
+from registry.storage import ProviderRepository
+
+
+def expiry_period_s(lease_ttl_s: float) -> float:
+    # Often enough that a lapsed lease is gone well within one more TTL.
+    return min(1.0, lease_ttl_s / 4)
+
+
+async def start_registry(config: RegistryConfig) -> RunningServer:
+    """Start RegistryService and its lease-expiry and health loops."""
+    engine = make_engine(config.database_url)
+    prober = GrpcHealthProber(
+        timeout_s=config.health_check_timeout_s,
+        max_reconnect_backoff_s=config.health_check_interval_s,
+    )
+    directory = Directory(
+        ProviderRepository(engine), prober, lease_ttl=timedelta(seconds=config.lease_ttl_s)
+    )
+    try:
+        await directory.open()
+        running = await start_server(
+            [
+                (
+                    registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+                    RegistryServicer(directory),
+                    SERVICE_NAME,
+                )
+            ],
+            host=config.host,
+            port=config.port,
+        )
+    except BaseException:
+        await directory.close()
+        await asyncio.to_thread(engine.dispose)
+        raise
+
+    loops = [
+        asyncio.create_task(
+            directory.run_expiry_loop(expiry_period_s(config.lease_ttl_s)),
+            name="registry-lease-expiry",
+        ),
+        asyncio.create_task(
+            directory.run_health_loop(config.health_check_interval_s),
+            name="registry-health-checks",
+        ),
+    ]
+
+    async def stop_background() -> None:
+        for task in loops:
+            task.cancel()
+        for task in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Ends watch streams now, so the server's drain does not wait out its grace.
+        await directory.close()
+        await asyncio.to_thread(engine.dispose)
+
+    running.on_stop.append(stop_background)
+    return running

@@ -1,0 +1,211 @@
+"""Where registrations live: one ``providers`` table, portable across SQLite and PostgreSQL.
+
+The repository is synchronous (SQLAlchemy's sync engine); the directory calls it
+through ``asyncio.to_thread``. Each method is one transaction, so a check and the
+write it guards (an action-id conflict and the upsert, a lease match and the
+renewal) cannot be split by another writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, DateTime, Engine, LargeBinary, String, delete, select, update
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from actionmesh.v1 import common_pb2, registry_pb2
+from registry.model import Health, Provider
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the backend keeps.
+
+    SQLite stores no offset and hands back naive values; PostgreSQL keeps the
+    offset. Normalising both ways keeps comparisons and arithmetic correct.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; the registry stores UTC-aware times only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment = cast(datetime, value)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ProviderRow(Base):
+    __tablename__ = "providers"
+
+    provider_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(128))
+    # A serialized ProviderRegistration holding only ``actions``: descriptors are
+    # read and written whole, never queried field by field.
+    actions: Mapped[bytes] = mapped_column(LargeBinary)
+    lease_id: Mapped[str] = mapped_column(String(32))
+    lease_expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    health: Mapped[str] = mapped_column(String(16))
+
+
+@dataclass(frozen=True)
+class ActionConflict:
+    """An action id the registering provider wants that another provider holds."""
+
+    action_id: str
+    provider_id: str
+
+
+def encode_actions(actions: Sequence[common_pb2.ActionDescriptor]) -> bytes:
+    return registry_pb2.ProviderRegistration(actions=actions).SerializeToString()
+
+
+def decode_actions(data: bytes) -> tuple[common_pb2.ActionDescriptor, ...]:
+    holder = registry_pb2.ProviderRegistration.FromString(data)
+    return tuple(holder.actions)
+
+
+def _to_provider(row: ProviderRow) -> Provider:
+    return Provider(
+        provider_id=row.provider_id,
+        endpoint=row.endpoint,
+        version=row.version,
+        actions=decode_actions(row.actions),
+        lease_id=row.lease_id,
+        lease_expires_at=row.lease_expires_at,
+        registered_at=row.registered_at,
+        health=Health(row.health),
+    )
+
+
+class ProviderRepository:
+    """Reads and writes provider registrations."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self._engine)
+
+    def list_providers(self) -> list[Provider]:
+        with self._sessions() as session:
+            rows = session.scalars(select(ProviderRow).order_by(ProviderRow.provider_id))
+            return [_to_provider(row) for row in rows]
+
+    def get(self, provider_id: str) -> Provider | None:
+        with self._sessions() as session:
+            row = session.get(ProviderRow, provider_id)
+            return _to_provider(row) if row else None
+
+    def register(self, provider: Provider) -> tuple[list[ActionConflict], Provider | None]:
+        """Insert or replace ``provider`` unless another provider holds one of its actions.
+
+        Returns the conflicts (nothing written when there are any) and the
+        registration that was replaced, if any.
+        """
+        wanted = {action.action_id for action in provider.actions}
+        with self._sessions.begin() as session:
+            others = session.scalars(
+                select(ProviderRow).where(ProviderRow.provider_id != provider.provider_id)
+            )
+            conflicts = [
+                ActionConflict(action.action_id, row.provider_id)
+                for row in others
+                for action in decode_actions(row.actions)
+                if action.action_id in wanted
+            ]
+            if conflicts:
+                return conflicts, None
+            row = session.get(ProviderRow, provider.provider_id)
+            previous = _to_provider(row) if row else None
+            if row is None:
+                row = ProviderRow(provider_id=provider.provider_id)
+                session.add(row)
+            row.endpoint = provider.endpoint
+            row.version = provider.version
+            row.actions = encode_actions(provider.actions)
+            row.lease_id = provider.lease_id
+            row.lease_expires_at = provider.lease_expires_at
+            row.registered_at = provider.registered_at
+            row.health = provider.health.value
+            return [], previous
+
+    def renew(self, provider_id: str, lease_id: str, now: datetime, expires_at: datetime) -> bool:
+        """Extend a live lease; False when it does not exist, does not match or has lapsed."""
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(ProviderRow)
+                .where(
+                    ProviderRow.provider_id == provider_id,
+                    ProviderRow.lease_id == lease_id,
+                    ProviderRow.lease_expires_at > now,
+                )
+                .values(lease_expires_at=expires_at)
+            )
+            return _rowcount(result) == 1
+
+    def remove(self, provider_id: str, lease_id: str) -> Provider | None:
+        """Delete the registration held under ``lease_id``; None when there is none."""
+        with self._sessions.begin() as session:
+            row = session.get(ProviderRow, provider_id)
+            if row is None or row.lease_id != lease_id:
+                return None
+            provider = _to_provider(row)
+            session.delete(row)
+            return provider
+
+    def remove_expired(self, now: datetime) -> list[Provider]:
+        """Delete and return every registration whose lease lapsed by ``now``."""
+        removed: list[Provider] = []
+        with self._sessions.begin() as session:
+            rows = session.scalars(
+                select(ProviderRow).where(ProviderRow.lease_expires_at <= now)
+            ).all()
+            for row in rows:
+                provider = _to_provider(row)
+                # Conditional, so a lease renewed since the read is not deleted.
+                result = session.execute(
+                    delete(ProviderRow).where(
+                        ProviderRow.provider_id == row.provider_id,
+                        ProviderRow.lease_id == row.lease_id,
+                        ProviderRow.lease_expires_at <= now,
+                    )
+                )
+                if _rowcount(result) == 1:
+                    removed.append(provider)
+        return removed
+
+    def set_health(self, provider_id: str, lease_id: str, health: Health) -> Provider | None:
+        """Record ``health``; the updated provider when it changed, else None.
+
+        Matching the lease drops results of probes started before a
+        re-registration (which may point at an old endpoint).
+        """
+        with self._sessions.begin() as session:
+            row = session.get(ProviderRow, provider_id)
+            if row is None or row.lease_id != lease_id or row.health == health.value:
+                return None
+            row.health = health.value
+            return _to_provider(row)
+
+
+def _rowcount(result: Any) -> int:
+    return cast(CursorResult[Any], result).rowcount
