@@ -81,7 +81,9 @@ def main() -> None:
     if args.check:
         stale = stale_files()
         if stale:
-            sys.exit(f"generated code is stale: {', '.join(stale)}; run python -m actionmesh.codegen")
+            sys.exit(
+                f"generated code is stale: {', '.join(stale)}; run python -m actionmesh.codegen"
+            )
         print("generated code is up to date")
         return
     regenerate_in_place()

@@ -13,7 +13,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import os
+import sys
 import textwrap
 import types
 import typing
@@ -31,7 +33,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, following in zip(body, body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -74,19 +76,23 @@ def load_config(
     env_prefix: str,
     argv: Sequence[str] | None = None,
     description: str | None = None,
+    prog: str | None = None,
 ) -> T:
     """Build ``cls`` from flags, then ``<env_prefix>_*`` variables, then defaults."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if prog is None and main_spec is not None and main_spec.name.endswith(".__main__"):
+        prog = f"python -m {main_spec.name.removesuffix('.__main__')}"
     parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip().splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description or (cls.__doc__ or "").strip().splitlines()[0]
     )
     fields = dataclasses.fields(cls)
     for f in fields:
-        help_text = f"{docs.get(f.name, '')} [env {env_name(env_prefix, f.name)}]"
+        default = "" if f.default is dataclasses.MISSING else f" (default: {f.default!r})"
+        help_text = f"{docs.get(f.name, '')}{default} [env {env_name(env_prefix, f.name)}]"
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_text
         )

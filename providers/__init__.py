@@ -1,0 +1,1 @@
+"""actionmesh providers: the provider SDK (``providers.sdk``) and example providers."""

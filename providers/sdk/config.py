@@ -1,0 +1,72 @@
+"""Settings every provider process reads (flags, or ACTIONMESH_PROVIDER_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from actionmesh.rpc.db import sqlite_url
+
+ENV_PREFIX = "ACTIONMESH_PROVIDER"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Configuration of one provider process."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+
+    port: int = 0
+    """Port to listen on; 0 picks a free port (written to the ready file)."""
+
+    advertise_host: str | None = None
+    """Host the gateway dials, registered as advertise_host:port.
+    Default: host (127.0.0.1 when host is a wildcard address)."""
+
+    registry: str = ""
+    """Registry address host:port to register with; empty means do not register."""
+
+    data_dir: str = ".actionmesh/providers"
+    """Directory for the provider's local files (its SQLite database by default)."""
+
+    database_url: str | None = None
+    """SQLAlchemy URL of the provider's own store (also holds idempotency records).
+    Default: a SQLite file data_dir/<provider id>.db."""
+
+    ready_file: str | None = None
+    """Write {"pid", "port", "address"} as JSON here once serving."""
+
+    seed_demo: bool = False
+    """Load demo records into the provider's store at start (examples only)."""
+
+    drain_timeout_s: float = 5.0
+    """At shutdown, how long in-flight executions may take before they are cancelled."""
+
+    deregister_timeout_s: float = 2.0
+    """At shutdown, how long to wait for the registry to acknowledge deregistration."""
+
+    registry_retry_max_s: float = 10.0
+    """Upper bound of the backoff between attempts to reach the registry."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("drain_timeout_s", "deregister_timeout_s", "registry_retry_max_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def database_url_for(self, provider_id: str) -> str:
+        """The provider's store: ``database_url``, else ``data_dir/<provider_id>.db``."""
+        if self.database_url:
+            return self.database_url
+        return sqlite_url(Path(self.data_dir) / f"{provider_id}.db")
+
+    def endpoint(self, port: int) -> str:
+        """The host:port the registry hands to gateways."""
+        host = self.advertise_host or self.host
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{port}"

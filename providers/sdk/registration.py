@@ -1,0 +1,165 @@
+"""Keeping a provider registered: register, renew the lease, deregister at stop.
+
+Runs in the background so the provider serves while the registry is still
+unreachable. Registration retries with capped exponential backoff; once
+registered the lease is renewed every ttl/3; an expired lease (NOT_FOUND) means
+register again; an unreachable registry means keep trying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+
+from actionmesh.rpc.channels import open_channel
+from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 30.0
+MIN_RENEW_S = 0.2
+INITIAL_BACKOFF_S = 0.2
+CALL_TIMEOUT_S = 5.0
+
+
+class RegistryLink:
+    """One provider's registration with one registry."""
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        provider_id: str,
+        version: str,
+        endpoint: str,
+        actions: Sequence[common_pb2.ActionDescriptor],
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.provider_id = provider_id
+        self.endpoint = endpoint
+        self._request = registry_pb2.RegisterProviderRequest(
+            provider_id=provider_id, endpoint=endpoint, version=version, actions=list(actions)
+        )
+        self._max_backoff_s = max_backoff_s
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: registry_pb2_grpc.RegistryServiceStub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.lease_id = ""
+        self.ttl_s = DEFAULT_TTL_S
+        # Set whenever a lease is held; tests and supervisors wait on it.
+        self.registered = asyncio.Event()
+
+    def start(self) -> None:
+        self._channel = open_channel(self.target)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self._task = asyncio.create_task(self._run(), name=f"registry-link-{self.provider_id}")
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self._max_backoff_s, INITIAL_BACKOFF_S * 2**attempt)
+        # Jitter so a restarted registry is not hit by every provider at once.
+        return delay * random.uniform(0.5, 1.0)
+
+    async def _register(self) -> None:
+        assert self._stub is not None
+        attempt = 0
+        while True:
+            try:
+                reply = await self._stub.RegisterProvider(self._request, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                level = logging.INFO if exc.code() == grpc.StatusCode.UNAVAILABLE else logging.ERROR
+                log.log(
+                    level,
+                    "registering %s with %s failed (%s: %s); retrying",
+                    self.provider_id,
+                    self.target,
+                    exc.code().name,
+                    exc.details(),
+                )
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            self.lease_id = reply.lease_id
+            ttl = reply.lease_ttl.seconds + reply.lease_ttl.nanos / 1e9
+            self.ttl_s = ttl if ttl > 0 else DEFAULT_TTL_S
+            self.registered.set()
+            log.info(
+                "registered %s at %s with %s (lease ttl %.1fs)",
+                self.provider_id,
+                self.endpoint,
+                self.target,
+                self.ttl_s,
+            )
+            return
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._register()
+                await self._renew_until_lost()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Whatever went wrong, a provider that silently stops renewing would
+                # vanish from the mesh: log it and start over.
+                log.exception("registry link of %s failed; starting over", self.provider_id)
+                self.registered.clear()
+                await asyncio.sleep(self._max_backoff_s)
+
+    async def _renew_until_lost(self) -> None:
+        """Renew every ttl/3 until the registry says the lease is gone."""
+        assert self._stub is not None
+        failures = 0
+        while True:
+            interval = max(MIN_RENEW_S, self.ttl_s / 3)
+            await asyncio.sleep(
+                interval if failures == 0 else min(interval, self._backoff(failures))
+            )
+            try:
+                await self._stub.RenewLease(
+                    registry_pb2.RenewLeaseRequest(
+                        provider_id=self.provider_id, lease_id=self.lease_id
+                    ),
+                    timeout=min(CALL_TIMEOUT_S, interval),
+                )
+                failures = 0
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    log.warning("lease of %s expired; registering again", self.provider_id)
+                    self.registered.clear()
+                    return
+                failures += 1
+                log.warning(
+                    "renewing the lease of %s failed (%s); retrying",
+                    self.provider_id,
+                    exc.code().name,
+                )
+
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop renewing, deregister (bounded by ``timeout_s``), close the channel."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            if self._stub is not None and self.lease_id:
+                await self._stub.DeregisterProvider(
+                    registry_pb2.DeregisterProviderRequest(
+                        provider_id=self.provider_id, lease_id=self.lease_id
+                    ),
+                    timeout=timeout_s,
+                )
+                log.info("deregistered %s from %s", self.provider_id, self.target)
+        except grpc.aio.AioRpcError as exc:
+            # The lease expires on its own; shutting down must not wait on the registry.
+            log.warning("deregistering %s failed (%s)", self.provider_id, exc.code().name)
+        finally:
+            self.registered.clear()
+            if self._channel is not None:
+                await self._channel.close()

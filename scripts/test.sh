@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (idempotent), then runs lint, types and pytest.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+# buf (for `buf lint` of the contract) comes from npm; the lint test skips without it
+# unless ACTIONMESH_REQUIRE_BUF is set, as CI does.
+if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
+  npm install --prefix .tools --no-save --no-audit --no-fund --silent @bufbuild/buf@1.75.0
+fi
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/python -m actionmesh.codegen --check
+.venv/bin/pytest "$@"

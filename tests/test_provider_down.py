@@ -1,0 +1,64 @@
+"""A provider that dies: executions get UNAVAILABLE, then the registry drops it."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import grpc.aio
+import pytest
+
+from actionmesh.mesh import Mesh
+from actionmesh.rpc.errors import error_details
+from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
+from gateway.auth import mint_token
+from tests.conftest import bearer, eventually, start_mesh
+
+
+@pytest.fixture
+def own_mesh(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    mesh = start_mesh(tmp_path_factory.mktemp("mesh-down"))
+    yield mesh
+    mesh.stop()
+
+
+async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_mesh: Mesh) -> None:
+    token = mint_token(own_mesh.signing_key(), subject="alice", tenant="acme", roles=["operator"])
+    request = gateway_pb2.ExecuteActionRequest(
+        action_id="workitem.retry",
+        record=common_pb2.RecordContext(
+            tenant="acme", type="workitem", id="wi-1001", status="failed"
+        ),
+        inputs={"reason": common_pb2.InputValue(string_value="retry after outage")},
+    )
+    # SIGKILL: the provider gets no chance to deregister, so only its lease can remove it.
+    own_mesh.stop_service("workitems", kill=True)
+    async with (
+        grpc.aio.insecure_channel(own_mesh.address("gateway")) as gw_channel,
+        grpc.aio.insecure_channel(own_mesh.address("registry")) as reg_channel,
+    ):
+        gateway = gateway_pb2_grpc.ActionGatewayServiceStub(gw_channel)
+        registry = registry_pb2_grpc.RegistryServiceStub(reg_channel)
+        request.idempotency_key = uuid.uuid4().hex
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await gateway.ExecuteAction(request, metadata=bearer(token))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = error_details(raised.value)
+        assert details.reason == "PROVIDER_UNAVAILABLE"
+        assert details.retry_after_s is not None and details.retry_after_s > 0
+
+        async def gone() -> bool:
+            reply = await registry.ListProviders(registry_pb2.ListProvidersRequest())
+            return all(p.provider_id != "workitems" for p in reply.providers)
+
+        await eventually(gone, timeout_s=10)  # lease is 2 s in tests
+
+        async def unknown_to_gateway() -> bool:
+            request.idempotency_key = uuid.uuid4().hex
+            try:
+                await gateway.ExecuteAction(request, metadata=bearer(token))
+            except grpc.aio.AioRpcError as exc:
+                return error_details(exc).reason == "UNKNOWN_ACTION"
+            return False
+
+        await eventually(unknown_to_gateway, timeout_s=5)
