@@ -169,14 +169,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         table.add_row(service.name, service.address, str(service.log_path))
     console.print(table)
     exe = "actionmesh"
-    console.print(
+    # Plain print: these lines are meant to be copied, so they must not be re-wrapped.
+    print(
         "\nIn another terminal:\n"
         f"  export ACTIONMESH_TOKEN=$({exe} token --subject alice --tenant acme --roles operator)\n"
         f"  {exe} actions workitem/wi-1001 --status failed\n"
         f"  {exe} run workitem.retry workitem/wi-1001 --status failed "
         '--input reason="mail parser fixed"\n'
         f"  {exe} history workitem/wi-1001\n"
-        f"\nPolicies: {mesh.policy_path}   Press Ctrl-C to stop."
+        f"\nPolicies: {mesh.policy_path}   Press Ctrl-C to stop.",
+        flush=True,
     )
     try:
         while not stop.wait(0.5):

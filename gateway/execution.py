@@ -19,7 +19,6 @@ from typing import NoReturn
 
 import grpc
 import grpc.aio
-from actionmesh.schema import validate_inputs
 from opentelemetry import trace
 
 from actionmesh.rpc.convert import input_value_to_python, utcnow
@@ -34,6 +33,7 @@ from actionmesh.rpc.errors import (
     error_details,
 )
 from actionmesh.rpc.telemetry import current_trace_ids
+from actionmesh.schema import validate_inputs
 from actionmesh.v1 import audit_pb2, common_pb2, provider_pb2
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry

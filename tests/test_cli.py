@@ -1,0 +1,102 @@
+"""The newcomer path: the `actionmesh` command against a running mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+from actionmesh.mesh import Mesh
+
+
+def cli(mesh: Mesh, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if token:
+        env["ACTIONMESH_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "actionmesh.cli", "--data-dir", str(mesh.data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
+    minted = cli(mesh, "token", "--subject", "carol", "--tenant", "globex", "--roles", "operator")
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+
+    actions = cli(mesh, "actions", "workitem/wi-2001", "--status", "failed", "--json", token=token)
+    assert actions.returncode == 0, actions.stdout + actions.stderr
+    views = json.loads(actions.stdout)["actions"]
+    assert [(v["descriptor"]["action_id"], v["available"]) for v in views] == [
+        ("workitem.retry", True)
+    ]
+
+    key = uuid.uuid4().hex
+    run = cli(
+        mesh,
+        "run",
+        "workitem.retry",
+        "workitem/wi-2001",
+        "--status",
+        "failed",
+        "--input",
+        "reason=retry from the cli",
+        "--input",
+        "priority=high",
+        "--idempotency-key",
+        key,
+        "--json",
+        token=token,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    execution = json.loads(run.stdout)
+    assert execution["outcome"] == "OUTCOME_SUCCEEDED"
+    assert execution["actor"] == "carol" and execution["idempotency_key"] == key
+
+    # The audit outbox ships asynchronously: poll (bounded) until both events landed.
+    deadline = time.monotonic() + 15
+    events: list[dict[str, Any]] = []
+    while len(events) < 2 and time.monotonic() < deadline:
+        history = cli(mesh, "history", "workitem/wi-2001", "--json", token=token)
+        assert history.returncode == 0, history.stderr
+        events = [
+            e
+            for e in json.loads(history.stdout)
+            if e.get("execution_id") == execution["execution_id"]
+        ]
+    assert len(events) == 2, events
+    assert {e["inputs"]["priority"] for e in events} == {"high"}
+
+    table = cli(mesh, "history", "workitem/wi-2001", token=token)
+    assert "carol" in table.stdout and "SUCCEEDED" in table.stdout
+
+
+def test_cli_reports_errors_without_a_traceback(mesh: Mesh) -> None:
+    no_token = cli(mesh, "actions", "workitem/wi-1001", "--status", "failed")
+    assert no_token.returncode == 1
+    assert "no token" in no_token.stdout and "Traceback" not in no_token.stdout + no_token.stderr
+
+    token = cli(mesh, "token", "--subject", "alice", "--tenant", "acme").stdout.strip()
+    bad = cli(
+        mesh,
+        "run",
+        "workitem.retry",
+        "workitem/wi-1001",
+        "--status",
+        "failed",
+        "--input",
+        "reason=ok",
+        "--input",
+        "colour=red",
+        token=token,
+    )
+    assert bad.returncode == 2
+    assert "INVALID_ARGUMENT" in bad.stdout and "inputs.colour" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr
