@@ -174,22 +174,28 @@ def _label(name: str) -> str:
     return f"input {shown!r}"
 
 
-def schema_problems(fields: Sequence[common_pb2.InputField]) -> list[str]:
-    """Why a declared input schema is ill-formed; empty when it is fine."""
-    problems: list[str] = []
+def _schema_findings(fields: Sequence[common_pb2.InputField]) -> list[tuple[str, str, str]]:
+    """(input label, path suffix, description) of every problem of a declared schema."""
+    problems: list[tuple[str, str, str]] = []
     if len(fields) > MAX_INPUTS:
-        problems.append(f"an action may declare at most {MAX_INPUTS} inputs, not {len(fields)}")
+        problems.append(
+            ("", "", f"an action may declare at most {MAX_INPUTS} inputs, not {len(fields)}")
+        )
     seen: set[str] = set()
-    for field in fields:
+    for index, field in enumerate(fields):
         label = _label(field.name)
+
+        def add(attr: str, description: str, label: str = label, index: int = index) -> None:
+            problems.append((label, f"[{index}].{attr}", description))
+
         if not NAME_PATTERN.match(field.name):
-            problems.append(f"{label}: name must match {NAME_PATTERN.pattern}")
+            add("name", f"name must match {NAME_PATTERN.pattern}")
         if field.name in seen:
-            problems.append(f"{label}: declared more than once")
+            add("name", "declared more than once")
         seen.add(field.name)
 
         if field.type not in _TYPE_NAMES:
-            problems.append(f"{label}: type must be set (STRING, INTEGER, NUMBER, BOOLEAN or ENUM)")
+            add("type", "type must be set (STRING, INTEGER, NUMBER, BOOLEAN or ENUM)")
             continue
         is_text = field.type == common_pb2.INPUT_TYPE_STRING
         is_number = field.type in (common_pb2.INPUT_TYPE_INTEGER, common_pb2.INPUT_TYPE_NUMBER)
@@ -197,43 +203,58 @@ def schema_problems(fields: Sequence[common_pb2.InputField]) -> list[str]:
 
         has_length = field.HasField("min_length") or field.HasField("max_length")
         if has_length and not is_text:
-            problems.append(f"{label}: min_length/max_length apply to STRING inputs only")
+            add("min_length", "min_length/max_length apply to STRING inputs only")
         if (
             field.HasField("min_length")
             and field.HasField("max_length")
             and field.min_length > field.max_length
         ):
-            problems.append(
-                f"{label}: min_length {field.min_length} > max_length {field.max_length}"
-            )
+            add("max_length", f"min_length {field.min_length} > max_length {field.max_length}")
         if field.HasField("min_length") and field.min_length > MAX_STRING_CHARS:
-            problems.append(f"{label}: min_length exceeds the {MAX_STRING_CHARS} character cap")
+            add("min_length", f"min_length exceeds the {MAX_STRING_CHARS} character cap")
 
         has_bounds = field.HasField("minimum") or field.HasField("maximum")
         if has_bounds and not is_number:
-            problems.append(f"{label}: minimum/maximum apply to INTEGER and NUMBER inputs only")
+            add("minimum", "minimum/maximum apply to INTEGER and NUMBER inputs only")
         for bound_name in ("minimum", "maximum"):
             if field.HasField(bound_name) and math.isnan(getattr(field, bound_name)):
-                problems.append(f"{label}: {bound_name} must be a number, not NaN")
+                add(bound_name, f"{bound_name} must be a number, not NaN")
         if (
             field.HasField("minimum")
             and field.HasField("maximum")
             and field.minimum > field.maximum
         ):
-            problems.append(
-                f"{label}: minimum {_fmt(field.minimum)} > maximum {_fmt(field.maximum)}"
-            )
+            add("maximum", f"minimum {_fmt(field.minimum)} > maximum {_fmt(field.maximum)}")
 
         if is_enum:
             if not field.allowed_values:
-                problems.append(f"{label}: ENUM inputs need allowed_values")
+                add("allowed_values", "ENUM inputs need allowed_values")
             if len(set(field.allowed_values)) != len(field.allowed_values):
-                problems.append(f"{label}: allowed_values has duplicates")
+                add("allowed_values", "allowed_values has duplicates")
             if any(not v or len(v) > MAX_STRING_CHARS for v in field.allowed_values):
-                problems.append(
-                    f"{label}: allowed_values must be non-empty strings of at most "
-                    f"{MAX_STRING_CHARS} characters"
+                add(
+                    "allowed_values",
+                    f"allowed_values must be non-empty strings of at most "
+                    f"{MAX_STRING_CHARS} characters",
                 )
         elif field.allowed_values:
-            problems.append(f"{label}: allowed_values apply to ENUM inputs only")
+            add("allowed_values", "allowed_values apply to ENUM inputs only")
     return problems
+
+
+def schema_problems(fields: Sequence[common_pb2.InputField]) -> list[str]:
+    """Why a declared input schema is ill-formed; empty when it is fine."""
+    return [
+        f"{label}: {description}" if label else description
+        for label, _, description in _schema_findings(fields)
+    ]
+
+
+def schema_violations(
+    fields: Sequence[common_pb2.InputField], path: str = "inputs"
+) -> list[FieldViolation]:
+    """The same problems as field violations pointing into a request (``inputs[2].type``)."""
+    return [
+        FieldViolation(f"{path}{suffix}", description)
+        for _, suffix, description in _schema_findings(fields)
+    ]

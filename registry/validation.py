@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 
 from actionmesh.rpc.errors import FieldViolation, InvalidArgument
-from actionmesh.v1 import common_pb2
+from actionmesh.schema import schema_violations
 from registry.model import Registration
 
 PROVIDER_ID = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
 ACTION_ID = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
-INPUT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Same alphabet as RecordRef.type in common.proto, so a declared type can match a record.
 RECORD_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _HOST = re.compile(
@@ -98,53 +97,11 @@ def validate_registration(registration: Registration) -> None:
                         "must be lower case letters, digits, '_', '.' or '-'",
                     )
                 )
-        violations.extend(_input_violations(path, action))
+        # One schema checker for registry, SDK and gateway, so they can never disagree.
+        violations.extend(schema_violations(action.inputs, f"{path}.inputs"))
     if violations:
         raise InvalidArgument(
             f"invalid registration: {len(violations)} problem(s)",
             reason=REASON,
             violations=violations,
         )
-
-
-def _input_violations(
-    action_path: str, action: common_pb2.ActionDescriptor
-) -> list[FieldViolation]:
-    violations: list[FieldViolation] = []
-    seen: dict[str, int] = {}
-    for index, field in enumerate(action.inputs):
-        path = f"{action_path}.inputs[{index}]"
-        if not INPUT_NAME.match(field.name):
-            violations.append(
-                FieldViolation(
-                    f"{path}.name",
-                    "must be 1-64 characters: a lower case letter, then lower case "
-                    "letters, digits or '_'",
-                )
-            )
-        elif field.name in seen:
-            violations.append(
-                FieldViolation(f"{path}.name", f"duplicates inputs[{seen[field.name]}].name")
-            )
-        else:
-            seen[field.name] = index
-        if field.type == common_pb2.INPUT_TYPE_UNSPECIFIED:
-            violations.append(FieldViolation(f"{path}.type", "must be set"))
-        if field.type == common_pb2.INPUT_TYPE_ENUM and not field.allowed_values:
-            violations.append(
-                FieldViolation(f"{path}.allowed_values", "an ENUM input needs allowed values")
-            )
-        # Inverted bounds would make the input impossible to satisfy at execution.
-        if (
-            field.HasField("min_length")
-            and field.HasField("max_length")
-            and field.min_length > field.max_length
-        ):
-            violations.append(FieldViolation(f"{path}.max_length", "must not be below min_length"))
-        if (
-            field.HasField("minimum")
-            and field.HasField("maximum")
-            and field.minimum > field.maximum
-        ):
-            violations.append(FieldViolation(f"{path}.maximum", "must not be below minimum"))
-    return violations
