@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 
+import grpc
 import grpc.aio
 
 from actionmesh.rpc.channels import open_channel
@@ -70,6 +71,9 @@ class OutboxShipper:
             try:
                 await stub.AppendEvents(audit_pb2.AppendEventsRequest(events=events), timeout=5.0)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    await self._ship_one_by_one(stub, batch)
+                    continue
                 log.warning(
                     "audit delivery failed (%s); %d events kept, retry in %.1fs",
                     exc.code().name,
@@ -81,3 +85,19 @@ class OutboxShipper:
                 continue
             backoff = 0.1
             await asyncio.to_thread(self._store.delete_events, [row_id for row_id, _ in batch])
+
+    async def _ship_one_by_one(
+        self, stub: audit_pb2_grpc.AuditServiceStub, batch: list[tuple[int, bytes]]
+    ) -> None:
+        """Isolate the event(s) the audit log refuses so the rest still get through."""
+        for row_id, payload in batch:
+            event = audit_pb2.AuditEvent.FromString(payload)
+            try:
+                await stub.AppendEvents(audit_pb2.AppendEventsRequest(events=[event]), timeout=5.0)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    return  # a transient failure: the main loop retries with backoff
+                log.error("audit log refused event %s: %s; parked", event.event_id, exc.details())
+                await asyncio.to_thread(self._store.park_event, row_id, exc.details() or "")
+                continue
+            await asyncio.to_thread(self._store.delete_events, [row_id])

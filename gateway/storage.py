@@ -66,6 +66,17 @@ class OutboxRow(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class ParkedEventRow(Base):
+    """An event the audit log refused as invalid: kept for an operator, never dropped."""
+
+    __tablename__ = "audit_outbox_parked"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(Text)
+
+
 # The outcome a running execution has until it finishes.
 RUNNING = "RUNNING"
 
@@ -188,6 +199,19 @@ class GatewayStore:
     def delete_events(self, ids: Sequence[int]) -> None:
         with self._session.begin() as session:
             session.execute(delete(OutboxRow).where(OutboxRow.id.in_(ids)))
+
+    def park_event(self, row_id: int, error: str) -> None:
+        """Move one outbox row aside so it no longer blocks the ones behind it."""
+        with self._session.begin() as session:
+            row = session.get(OutboxRow, row_id)
+            if row is None:
+                return
+            session.add(ParkedEventRow(event_id=row.event_id, payload=row.payload, error=error))
+            session.delete(row)
+
+    def parked_count(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(ParkedEventRow)) or 0)
 
     def outbox_depth(self) -> int:
         with self._session() as session:
