@@ -241,14 +241,15 @@ async def test_other_tenant_is_refused_and_sees_nothing(
     assert discover.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_details(discover.value).reason == "TENANT_MISMATCH"
 
+    before = item_state(mesh, "acme", "wi-1002")
     with pytest.raises(grpc.aio.AioRpcError) as execute:
         await gateway.ExecuteAction(
-            retry_request("wi-2001", tenant="acme"), metadata=bearer(globex)
+            retry_request("wi-1002", status="stuck", tenant="acme"), metadata=bearer(globex)
         )
     assert execute.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_details(execute.value).reason == "TENANT_MISMATCH"
-    # globex's wi-2001 was not touched by the attempt against "acme".
-    assert item_state(mesh, "globex", "wi-2001")[0] == "failed"
+    # acme's item was not touched by globex's refused attempt.
+    assert item_state(mesh, "acme", "wi-1002") == before
 
     mine = await gateway.ExecuteAction(
         retry_request("wi-1001", status="failed"), metadata=bearer(token())
