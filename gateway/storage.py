@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import (
-    DateTime,
     Integer,
     LargeBinary,
     String,
@@ -26,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.db import UTCDateTime, make_engine
 from actionmesh.v1 import audit_pb2
 
 
@@ -54,8 +53,8 @@ class ExecutionRow(Base):
     changes_json: Mapped[str] = mapped_column(Text, default="[]")
     warnings_json: Mapped[str] = mapped_column(Text, default="[]")
     trace_id: Mapped[str] = mapped_column(String(32), default="")
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class OutboxRow(Base):

@@ -10,40 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, DateTime, Engine, LargeBinary, String, delete, select, update
-from sqlalchemy.engine import Dialect
+from sqlalchemy import CursorResult, Engine, LargeBinary, String, delete, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.types import TypeDecorator
 
+from actionmesh.rpc.db import UTCDateTime
 from actionmesh.v1 import common_pb2, registry_pb2
 from registry.model import Health, Provider
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out, whatever the backend keeps.
-
-    SQLite stores no offset and hands back naive values; PostgreSQL keeps the
-    offset. Normalising both ways keeps comparisons and arithmetic correct.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime; the registry stores UTC-aware times only")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        moment = cast(datetime, value)
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

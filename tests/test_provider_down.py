@@ -8,7 +8,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from actionmesh.mesh import Mesh
+from actionmesh.mesh import Mesh, tail
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 from gateway.auth import mint_token
@@ -20,6 +20,9 @@ def own_mesh(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     mesh = start_mesh(tmp_path_factory.mktemp("mesh-down"))
     yield mesh
     mesh.stop()
+    # Shown by pytest only when the test failed: what each process said.
+    for service in mesh.services.values():
+        print(f"--- {service.name} log ---\n{tail(service.log_path, 40)}")
 
 
 async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_mesh: Mesh) -> None:
@@ -41,17 +44,18 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
         registry = registry_pb2_grpc.RegistryServiceStub(reg_channel)
         request.idempotency_key = uuid.uuid4().hex
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await gateway.ExecuteAction(request, metadata=bearer(token))
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            reply = await gateway.ExecuteAction(request, metadata=bearer(token))
+            pytest.fail(f"expected UNAVAILABLE, got {reply.execution}")
         details = error_details(raised.value)
-        assert details.reason == "PROVIDER_UNAVAILABLE"
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert details.reason == "PROVIDER_UNAVAILABLE", details
         assert details.retry_after_s is not None and details.retry_after_s > 0
 
         async def gone() -> bool:
             reply = await registry.ListProviders(registry_pb2.ListProvidersRequest())
             return all(p.provider_id != "workitems" for p in reply.providers)
 
-        await eventually(gone, timeout_s=10)  # lease is 2 s in tests
+        await eventually(gone, timeout_s=20)  # lease is 2 s in tests
 
         async def unknown_to_gateway() -> bool:
             request.idempotency_key = uuid.uuid4().hex
@@ -61,4 +65,4 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
                 return error_details(exc).reason == "UNKNOWN_ACTION"
             return False
 
-        await eventually(unknown_to_gateway, timeout_s=5)
+        await eventually(unknown_to_gateway, timeout_s=15)

@@ -6,11 +6,13 @@ several readers and one writer coexist, and their parent folder is created.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.types import TypeDecorator
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -34,3 +36,27 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the backend keeps.
+
+    SQLite stores no offset and hands back naive values; PostgreSQL keeps the
+    offset. Normalising both ways keeps comparisons and arithmetic correct.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; actionmesh stores UTC-aware times only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment = cast(datetime, value)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, and_, select, update
+from sqlalchemy import Engine, Integer, String, Text, and_, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.db import UTCDateTime, make_engine
 
 Kind = Literal["inbound_email", "customer_update"]
 Status = Literal["failed", "stuck", "processed"]
@@ -25,11 +25,6 @@ RETRYABLE: frozenset[str] = frozenset({"failed", "stuck"})
 DEFAULT_MAX_ATTEMPTS = 3
 # Optimistic retries of the conditional update before giving up on a hot item.
 _UPDATE_TRIES = 5
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -46,7 +41,7 @@ class WorkItemRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=DEFAULT_MAX_ATTEMPTS)
     last_error: Mapped[str] = mapped_column(Text, default="")
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class AttemptRow(Base):
@@ -65,7 +60,7 @@ class AttemptRow(Base):
     status_after: Mapped[str] = mapped_column(String(16))
     priority: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ class WorkItem:
             attempts=row.attempts,
             max_attempts=row.max_attempts,
             last_error=row.last_error,
-            updated_at=_utc(row.updated_at),
+            updated_at=row.updated_at,
         )
 
 
@@ -124,7 +119,7 @@ class Attempt:
             status_after=row.status_after,
             priority=row.priority,
             reason=row.reason,
-            at=_utc(row.at),
+            at=row.at,
         )
 
 
