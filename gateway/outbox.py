@@ -14,7 +14,6 @@ import logging
 import grpc
 import grpc.aio
 
-from actionmesh.rpc.channels import open_channel
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc
 from gateway.storage import GatewayStore
 
@@ -23,33 +22,37 @@ log = logging.getLogger(__name__)
 
 class OutboxShipper:
     def __init__(
-        self, store: GatewayStore, auditlog_address: str, *, batch_size: int, retry_max_s: float
+        self,
+        store: GatewayStore,
+        audit_channel: grpc.aio.Channel,
+        *,
+        batch_size: int,
+        retry_max_s: float,
     ) -> None:
         self._store = store
-        self._address = auditlog_address
+        self._stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
         self._batch_size = batch_size
         self._retry_max_s = retry_max_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
 
     def start(self) -> None:
-        self._channel = open_channel(self._address)
         self._task = asyncio.create_task(self._run(), name="audit-outbox-shipper")
 
     def notify(self) -> None:
         self._wake.set()
 
     async def close(self, drain_timeout_s: float = 2.0) -> None:
-        """Try to ship what is left (bounded), then stop; the rest stays in the outbox."""
+        """Try to ship what is left (bounded), then stop; the rest stays in the outbox.
+
+        The channel belongs to the caller, who closes it after this returns.
+        """
         if self._task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain(), drain_timeout_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._channel is not None:
-            await self._channel.close()
 
     async def _drain(self) -> None:
         while await asyncio.to_thread(self._store.outbox_depth):
@@ -57,8 +60,7 @@ class OutboxShipper:
             await asyncio.sleep(0.05)
 
     async def _run(self) -> None:
-        assert self._channel is not None
-        stub = audit_pb2_grpc.AuditServiceStub(self._channel)
+        stub = self._stub
         backoff = 0.1
         while True:
             batch = await asyncio.to_thread(self._store.pending_events, self._batch_size)

@@ -31,14 +31,15 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     directory.start()
     if not await directory.wait_synced(5.0):
         log.warning("registry %s not reachable yet; discovery starts empty", config.registry)
+    # One channel to the audit log serves both the outbox shipper and history reads.
+    audit_channel = open_channel(config.auditlog)
     shipper = OutboxShipper(
         store,
-        config.auditlog,
+        audit_channel,
         batch_size=config.audit_batch_size,
         retry_max_s=config.audit_retry_max_s,
     )
     shipper.start()
-    audit_channel = open_channel(config.auditlog)
     servicer = GatewayServicer(
         verifier=verifier,
         discoverer=Discoverer(directory, policy, config.discover_timeout_s),

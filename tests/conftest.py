@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -72,8 +74,6 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 
 async def eventually(check: Callable[[], object], timeout_s: float = 10.0) -> object:
     """Poll an async or sync check until it returns a truthy value (bounded)."""
-    import inspect
-
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:
@@ -82,7 +82,5 @@ async def eventually(check: Callable[[], object], timeout_s: float = 10.0) -> ob
             last = await last
         if last:
             return last
-        import asyncio
-
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout_s}s (last value: {last!r})")

@@ -6,6 +6,7 @@ import socket
 import uuid
 from pathlib import Path
 
+from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2
 from auditlog.config import AuditLogConfig
@@ -45,7 +46,8 @@ def stored(audit_db: Path) -> int:
 async def test_events_written_while_audit_is_down_arrive_once_it_is_back(tmp_path: Path) -> None:
     port = free_port()
     store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
-    shipper = OutboxShipper(store, f"127.0.0.1:{port}", batch_size=7, retry_max_s=0.3)
+    channel = open_channel(f"127.0.0.1:{port}")
+    shipper = OutboxShipper(store, channel, batch_size=7, retry_max_s=0.3)
     shipper.start()
     try:
         store.record_attempt([event() for _ in range(25)])
@@ -60,6 +62,7 @@ async def test_events_written_while_audit_is_down_arrive_once_it_is_back(tmp_pat
             await audit.stop(1)
     finally:
         await shipper.close(drain_timeout_s=0.1)
+        await channel.close()
         store.close()
 
 
@@ -67,7 +70,8 @@ async def test_an_event_the_audit_log_refuses_is_parked_not_blocking(tmp_path: P
     audit_db = tmp_path / "audit.db"
     audit = await start_auditlog(AuditLogConfig(port=0, database_url=sqlite_url(audit_db)))
     store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
-    shipper = OutboxShipper(store, audit.address, batch_size=50, retry_max_s=0.3)
+    channel = open_channel(audit.address)
+    shipper = OutboxShipper(store, channel, batch_size=50, retry_max_s=0.3)
     shipper.start()
     try:
         store.record_attempt([event(), event(tenant=""), event()])
@@ -77,5 +81,6 @@ async def test_an_event_the_audit_log_refuses_is_parked_not_blocking(tmp_path: P
         assert stored(audit_db) == 2
     finally:
         await shipper.close(drain_timeout_s=0.1)
+        await channel.close()
         store.close()
         await audit.stop(1)

@@ -116,10 +116,6 @@ class Unavailable(ActionMeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(ActionMeshError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
 class ResourceExhausted(ActionMeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
