@@ -26,7 +26,7 @@ from actionmesh.v1 import common_pb2 as actionmesh_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63tionmesh/v1/audit.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x05\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.actionmesh.v1.AuditEventType\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12(\n\x06record\x18\x05 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x11\n\taction_id\x18\x07 \x01(\t\x12\x13\n\x0bprovider_id\x18\x08 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\t \x01(\t\x12\'\n\x07outcome\x18\n \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\r \x01(\t\x12+\n\x07\x63hanges\x18\x0e \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x0f \x03(\t\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x12 \x01(\t\x12\x0f\n\x07span_id\x18\x13 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x14 \x01(\t\x12\x12\n\npolicy_ids\x18\x15 \x03(\t\x12\x35\n\x06inputs\x18\x16 \x03(\x0b\x32%.actionmesh.v1.AuditEvent.InputsEntry\x12\x10\n\x08sequence\x18\x17 \x01(\x04\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x13\x41ppendEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.actionmesh.v1.AuditEvent\":\n\x14\x41ppendEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"v\n\x13ListTimelineRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x14ListTimelineResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.actionmesh.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x83\x01\n\x0e\x41uditEventType\x12 \n\x1c\x41UDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12&\n\"AUDIT_EVENT_TYPE_EXECUTION_STARTED\x10\x01\x12\'\n#AUDIT_EVENT_TYPE_EXECUTION_FINISHED\x10\x02\x32\xc0\x01\n\x0c\x41uditService\x12W\n\x0c\x41ppendEvents\x12\".actionmesh.v1.AppendEventsRequest\x1a#.actionmesh.v1.AppendEventsResponse\x12W\n\x0cListTimeline\x12\".actionmesh.v1.ListTimelineRequest\x1a#.actionmesh.v1.ListTimelineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x63tionmesh/v1/audit.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x01\n\x0ePolicyDecision\x12\x11\n\toperation\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x13\n\x0bprovider_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x08\x12\x12\n\npolicy_ids\x18\x05 \x03(\t\x12\x0e\n\x06\x65rrors\x18\x06 \x03(\t\"\x99\x07\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.actionmesh.v1.AuditEventType\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12(\n\x06record\x18\x05 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x11\n\taction_id\x18\x07 \x01(\t\x12\x13\n\x0bprovider_id\x18\x08 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\t \x01(\t\x12\'\n\x07outcome\x18\n \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\r \x01(\t\x12+\n\x07\x63hanges\x18\x0e \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x0f \x03(\t\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08trace_id\x18\x12 \x01(\t\x12\x0f\n\x07span_id\x18\x13 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x14 \x01(\t\x12\x12\n\npolicy_ids\x18\x15 \x03(\t\x12\x35\n\x06inputs\x18\x16 \x03(\x0b\x32%.actionmesh.v1.AuditEvent.InputsEntry\x12\x10\n\x08sequence\x18\x17 \x01(\x04\x12\x37\n\x10policy_decisions\x18\x18 \x03(\x0b\x32\x1d.actionmesh.v1.PolicyDecision\x12\x44\n\x0epolicy_context\x18\x19 \x03(\x0b\x32,.actionmesh.v1.AuditEvent.PolicyContextEntry\x12\x17\n\x0finputs_redacted\x18\x1a \x01(\x08\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12PolicyContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x13\x41ppendEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.actionmesh.v1.AuditEvent\":\n\x14\x41ppendEventsResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xa4\x01\n\x13ListTimelineRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12,\n\x05types\x18\x05 \x03(\x0e\x32\x1d.actionmesh.v1.AuditEventType\"Z\n\x14ListTimelineResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.actionmesh.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9e\x03\n\x0e\x41uditEventType\x12 \n\x1c\x41UDIT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12&\n\"AUDIT_EVENT_TYPE_EXECUTION_STARTED\x10\x01\x12\'\n#AUDIT_EVENT_TYPE_EXECUTION_FINISHED\x10\x02\x12\'\n#AUDIT_EVENT_TYPE_APPROVAL_REQUESTED\x10\x03\x12%\n!AUDIT_EVENT_TYPE_APPROVAL_GRANTED\x10\x04\x12&\n\"AUDIT_EVENT_TYPE_APPROVAL_REJECTED\x10\x05\x12%\n!AUDIT_EVENT_TYPE_APPROVAL_EXPIRED\x10\x06\x12%\n!AUDIT_EVENT_TYPE_APPROVAL_REFUSED\x10\x07\x12*\n&AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT\x10\x08\x12\'\n#AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED\x10\t2\xc0\x01\n\x0c\x41uditService\x12W\n\x0c\x41ppendEvents\x12\".actionmesh.v1.AppendEventsRequest\x1a#.actionmesh.v1.AppendEventsResponse\x12W\n\x0cListTimeline\x12\".actionmesh.v1.ListTimelineRequest\x1a#.actionmesh.v1.ListTimelineResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITEVENT_INPUTSENTRY']._loaded_options = None
   _globals['_AUDITEVENT_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_AUDITEVENTTYPE']._serialized_start=1162
-  _globals['_AUDITEVENTTYPE']._serialized_end=1293
-  _globals['_AUDITEVENT']._serialized_start=106
-  _globals['_AUDITEVENT']._serialized_end=821
-  _globals['_AUDITEVENT_INPUTSENTRY']._serialized_start=776
-  _globals['_AUDITEVENT_INPUTSENTRY']._serialized_end=821
-  _globals['_APPENDEVENTSREQUEST']._serialized_start=823
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=887
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=889
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=947
-  _globals['_LISTTIMELINEREQUEST']._serialized_start=949
-  _globals['_LISTTIMELINEREQUEST']._serialized_end=1067
-  _globals['_LISTTIMELINERESPONSE']._serialized_start=1069
-  _globals['_LISTTIMELINERESPONSE']._serialized_end=1159
-  _globals['_AUDITSERVICE']._serialized_start=1296
-  _globals['_AUDITSERVICE']._serialized_end=1488
+  _globals['_AUDITEVENT_POLICYCONTEXTENTRY']._loaded_options = None
+  _globals['_AUDITEVENT_POLICYCONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_AUDITEVENTTYPE']._serialized_start=1546
+  _globals['_AUDITEVENTTYPE']._serialized_end=1960
+  _globals['_POLICYDECISION']._serialized_start=106
+  _globals['_POLICYDECISION']._serialized_end=234
+  _globals['_AUDITEVENT']._serialized_start=237
+  _globals['_AUDITEVENT']._serialized_end=1158
+  _globals['_AUDITEVENT_INPUTSENTRY']._serialized_start=1059
+  _globals['_AUDITEVENT_INPUTSENTRY']._serialized_end=1104
+  _globals['_AUDITEVENT_POLICYCONTEXTENTRY']._serialized_start=1106
+  _globals['_AUDITEVENT_POLICYCONTEXTENTRY']._serialized_end=1158
+  _globals['_APPENDEVENTSREQUEST']._serialized_start=1160
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=1224
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=1226
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=1284
+  _globals['_LISTTIMELINEREQUEST']._serialized_start=1287
+  _globals['_LISTTIMELINEREQUEST']._serialized_end=1451
+  _globals['_LISTTIMELINERESPONSE']._serialized_start=1453
+  _globals['_LISTTIMELINERESPONSE']._serialized_end=1543
+  _globals['_AUDITSERVICE']._serialized_start=1963
+  _globals['_AUDITSERVICE']._serialized_end=2155
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,26 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """The platform authorized an execution and dispatched it to a provider."""
     AUDIT_EVENT_TYPE_EXECUTION_FINISHED: _AuditEventType.ValueType  # 2
     """An execution attempt ended, with its outcome (denied attempts included)."""
+    AUDIT_EVENT_TYPE_APPROVAL_REQUESTED: _AuditEventType.ValueType  # 3
+    """An action that requires approval was requested; its payload is frozen and
+    nothing ran. Outcome PENDING_APPROVAL.
+    """
+    AUDIT_EVENT_TYPE_APPROVAL_GRANTED: _AuditEventType.ValueType  # 4
+    """A second person approved; the actor is the approver, message their comment."""
+    AUDIT_EVENT_TYPE_APPROVAL_REJECTED: _AuditEventType.ValueType  # 5
+    """A second person rejected; outcome DENIED, message the approver's comment."""
+    AUDIT_EVENT_TYPE_APPROVAL_EXPIRED: _AuditEventType.ValueType  # 6
+    """Nobody decided in time; outcome DENIED, reason APPROVAL_EXPIRED."""
+    AUDIT_EVENT_TYPE_APPROVAL_REFUSED: _AuditEventType.ValueType  # 7
+    """An approve or reject attempt the platform refused (policy, self-approval)."""
+    AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT: _AuditEventType.ValueType  # 8
+    """The provider answered after the gateway had returned TIMED_OUT; outcome is
+    what the provider finally reported.
+    """
+    AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED: _AuditEventType.ValueType  # 9
+    """Discovery ran for the record: which actions policy showed or hid, and why.
+    Hidden actions are never revealed to the caller; this event is for operators.
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper): ...
 
@@ -40,7 +60,72 @@ AUDIT_EVENT_TYPE_EXECUTION_STARTED: AuditEventType.ValueType  # 1
 """The platform authorized an execution and dispatched it to a provider."""
 AUDIT_EVENT_TYPE_EXECUTION_FINISHED: AuditEventType.ValueType  # 2
 """An execution attempt ended, with its outcome (denied attempts included)."""
+AUDIT_EVENT_TYPE_APPROVAL_REQUESTED: AuditEventType.ValueType  # 3
+"""An action that requires approval was requested; its payload is frozen and
+nothing ran. Outcome PENDING_APPROVAL.
+"""
+AUDIT_EVENT_TYPE_APPROVAL_GRANTED: AuditEventType.ValueType  # 4
+"""A second person approved; the actor is the approver, message their comment."""
+AUDIT_EVENT_TYPE_APPROVAL_REJECTED: AuditEventType.ValueType  # 5
+"""A second person rejected; outcome DENIED, message the approver's comment."""
+AUDIT_EVENT_TYPE_APPROVAL_EXPIRED: AuditEventType.ValueType  # 6
+"""Nobody decided in time; outcome DENIED, reason APPROVAL_EXPIRED."""
+AUDIT_EVENT_TYPE_APPROVAL_REFUSED: AuditEventType.ValueType  # 7
+"""An approve or reject attempt the platform refused (policy, self-approval)."""
+AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT: AuditEventType.ValueType  # 8
+"""The provider answered after the gateway had returned TIMED_OUT; outcome is
+what the provider finally reported.
+"""
+AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED: AuditEventType.ValueType  # 9
+"""Discovery ran for the record: which actions policy showed or hid, and why.
+Hidden actions are never revealed to the caller; this event is for operators.
+"""
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
+
+@_typing.final
+class PolicyDecision(_message.Message):
+    """One policy decision, kept as evidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    operation: _builtins.str
+    """"discover", "execute" or "approve"."""
+    action_id: _builtins.str
+    provider_id: _builtins.str
+    allowed: _builtins.bool
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """@id of every policy that determined the decision (permits when allowed,
+        forbids otherwise); empty when nothing permitted (default deny).
+        """
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Policy evaluation errors, if any (a failing condition never permits)."""
+
+    def __init__(
+        self,
+        *,
+        operation: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        provider_id: _builtins.str = ...,
+        allowed: _builtins.bool = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "allowed", b"allowed", "errors", b"errors", "operation", b"operation", "policy_ids", b"policy_ids", "provider_id", b"provider_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDecision: _TypeAlias = PolicyDecision  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):
@@ -48,6 +133,26 @@ class AuditEvent(_message.Message):
 
     @_typing.final
     class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class PolicyContextEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -89,6 +194,9 @@ class AuditEvent(_message.Message):
     POLICY_IDS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    POLICY_DECISIONS_FIELD_NUMBER: _builtins.int
+    POLICY_CONTEXT_FIELD_NUMBER: _builtins.int
+    INPUTS_REDACTED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -109,6 +217,10 @@ class AuditEvent(_message.Message):
     idempotency_key: _builtins.str
     sequence: _builtins.int
     """Position in the store, assigned by the audit log; ignored on append."""
+    inputs_redacted: _builtins.bool
+    """True when the record was sensitive: `inputs` then hold digests
+    ("sha256:<hex>" or "hmac-sha256:<hex>"), never the values.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -128,6 +240,16 @@ class AuditEvent(_message.Message):
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Inputs as display strings."""
+
+    @_builtins.property
+    def policy_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyDecision]:
+        """Every policy decision taken for this event (one per action at discovery)."""
+
+    @_builtins.property
+    def policy_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The inputs the policy engine saw: principal roles, record status,
+        sensitivity, attributes, action risk ("principal.roles", "record.status", ...).
+        """
 
     def __init__(
         self,
@@ -155,10 +277,13 @@ class AuditEvent(_message.Message):
         policy_ids: _abc.Iterable[_builtins.str] | None = ...,
         inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         sequence: _builtins.int = ...,
+        policy_decisions: _abc.Iterable[Global___PolicyDecision] | None = ...,
+        policy_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        inputs_redacted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_ids", b"policy_ids", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,12 +339,17 @@ class ListTimelineRequest(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     page_size: _builtins.int
     """At most 500; 0 means 100."""
     page_token: _builtins.str
     @_builtins.property
     def record(self) -> _common_pb2.RecordRef: ...
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___AuditEventType.ValueType]:
+        """Only these event types; empty means all."""
+
     def __init__(
         self,
         *,
@@ -227,10 +357,11 @@ class ListTimelineRequest(_message.Message):
         record: _common_pb2.RecordRef | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        types: _abc.Iterable[Global___AuditEventType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "record", b"record", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "record", b"record", "tenant", b"tenant", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

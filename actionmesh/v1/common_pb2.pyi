@@ -202,6 +202,7 @@ class RecordContext(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     SENSITIVITY_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant that owns the record. Must equal the tenant of the caller's token."""
     type: _builtins.str
@@ -209,6 +210,11 @@ class RecordContext(_message.Message):
     status: _builtins.str
     """Current status in the calling product, e.g. "failed"."""
     sensitivity: Global___Sensitivity.ValueType
+    version: _builtins.str
+    """The calling product's version (revision, etag) of the record, when it has
+    one. Part of the discovery cache key: a new version is never answered from
+    an older version's cached availability.
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """A few extra attributes (bounded in count and size by the gateway)."""
@@ -222,10 +228,11 @@ class RecordContext(_message.Message):
         status: _builtins.str = ...,
         sensitivity: Global___Sensitivity.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "sensitivity", b"sensitivity", "status", b"status", "tenant", b"tenant", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "sensitivity", b"sensitivity", "status", b"status", "tenant", b"tenant", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

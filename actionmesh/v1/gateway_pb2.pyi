@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,21 +22,48 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ApprovalState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_STATE_UNSPECIFIED: _ApprovalState.ValueType  # 0
+    APPROVAL_STATE_PENDING: _ApprovalState.ValueType  # 1
+    APPROVAL_STATE_APPROVED: _ApprovalState.ValueType  # 2
+    APPROVAL_STATE_REJECTED: _ApprovalState.ValueType  # 3
+    APPROVAL_STATE_EXPIRED: _ApprovalState.ValueType  # 4
+
+class ApprovalState(_ApprovalState, metaclass=_ApprovalStateEnumTypeWrapper): ...
+
+APPROVAL_STATE_UNSPECIFIED: ApprovalState.ValueType  # 0
+APPROVAL_STATE_PENDING: ApprovalState.ValueType  # 1
+APPROVAL_STATE_APPROVED: ApprovalState.ValueType  # 2
+APPROVAL_STATE_REJECTED: ApprovalState.ValueType  # 3
+APPROVAL_STATE_EXPIRED: ApprovalState.ValueType  # 4
+Global___ApprovalState: _TypeAlias = ApprovalState  # noqa: Y015
+
 @_typing.final
 class DiscoverActionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORD_FIELD_NUMBER: _builtins.int
+    SKIP_CACHE_FIELD_NUMBER: _builtins.int
+    skip_cache: _builtins.bool
+    """Ask every provider again instead of using availability cached for this
+    record version and these caller roles (a few seconds at most).
+    """
     @_builtins.property
     def record(self) -> _common_pb2.RecordContext: ...
     def __init__(
         self,
         *,
         record: _common_pb2.RecordContext | None = ...,
+        skip_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "skip_cache", b"skip_cache"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -49,10 +77,13 @@ class DiscoveredActionView(_message.Message):
     PROVIDER_ID_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    FROM_CACHE_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     available: _builtins.bool
     unavailable_reason: _builtins.str
     """Machine-readable reason when not available."""
+    from_cache: _builtins.bool
+    """The availability came from the gateway's short-lived discovery cache."""
     @_builtins.property
     def descriptor(self) -> _common_pb2.ActionDescriptor: ...
     def __init__(
@@ -62,10 +93,11 @@ class DiscoveredActionView(_message.Message):
         provider_id: _builtins.str = ...,
         available: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
+        from_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "descriptor", b"descriptor", "provider_id", b"provider_id", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "descriptor", b"descriptor", "from_cache", b"from_cache", "provider_id", b"provider_id", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,6 +224,9 @@ class Execution(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    LATE_OUTCOME_FIELD_NUMBER: _builtins.int
+    LATE_RESULT_AT_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     action_id: _builtins.str
     provider_id: _builtins.str
@@ -203,6 +238,10 @@ class Execution(_message.Message):
     external_ref: _builtins.str
     trace_id: _builtins.str
     idempotency_key: _builtins.str
+    late_outcome: _common_pb2.Outcome.ValueType
+    """When the outcome is TIMED_OUT and the provider answered later: what it
+    finally reported (external_ref, changes and warnings are then the late ones).
+    """
     @_builtins.property
     def record(self) -> _common_pb2.RecordRef: ...
     @_builtins.property
@@ -213,6 +252,12 @@ class Execution(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """Set for actions that require approval."""
+
+    @_builtins.property
+    def late_result_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -232,14 +277,53 @@ class Execution(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        approval: Global___Approval | None = ...,
+        late_outcome: _common_pb2.Outcome.ValueType = ...,
+        late_result_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Execution: _TypeAlias = Execution  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """The four-eyes state of an execution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    state: Global___ApprovalState.ValueType
+    approver: _builtins.str
+    """Subject of the approver (or rejecter); empty while pending or expired."""
+    comment: _builtins.str
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        state: Global___ApprovalState.ValueType = ...,
+        approver: _builtins.str = ...,
+        comment: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "comment", b"comment", "decided_at", b"decided_at", "expires_at", b"expires_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
 
 @_typing.final
 class ExecuteActionResponse(_message.Message):
@@ -307,9 +391,14 @@ class GetRecordHistoryRequest(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_DISCOVERY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most 500; 0 means 100."""
     page_token: _builtins.str
+    include_discovery: _builtins.bool
+    """Also return ACTIONS_DISCOVERED events (discovery decisions), which are
+    left out by default so the timeline shows what was done.
+    """
     @_builtins.property
     def record(self) -> _common_pb2.RecordRef: ...
     def __init__(
@@ -318,10 +407,11 @@ class GetRecordHistoryRequest(_message.Message):
         record: _common_pb2.RecordRef | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_discovery: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_discovery", b"include_discovery", "page_size", b"page_size", "page_token", b"page_token", "record", b"record"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,3 +439,263 @@ class GetRecordHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRecordHistoryResponse: _TypeAlias = GetRecordHistoryResponse  # noqa: Y015
+
+@_typing.final
+class ListPendingApprovalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most 200; 0 means 50."""
+    page_token: _builtins.str
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordRef:
+        """Only this record's pending executions, when set."""
+
+    def __init__(
+        self,
+        *,
+        record: _common_pb2.RecordRef | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingApprovalsRequest: _TypeAlias = ListPendingApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class PendingApproval(_message.Message):
+    """An execution waiting for a second person, with the payload frozen at request time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.InputValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.InputValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    REQUESTER_ROLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordContext:
+        """The record as the requester saw it."""
+
+    @_builtins.property
+    def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.InputValue]: ...
+    @_builtins.property
+    def requester_roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Roles of the requester when they asked."""
+
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+        record: _common_pb2.RecordContext | None = ...,
+        inputs: _abc.Mapping[_builtins.str, _common_pb2.InputValue] | None = ...,
+        requester_roles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution", "inputs", b"inputs", "record", b"record", "requester_roles", b"requester_roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingApproval: _TypeAlias = PendingApproval  # noqa: Y015
+
+@_typing.final
+class ListPendingApprovalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingApproval]: ...
+    def __init__(
+        self,
+        *,
+        approvals: _abc.Iterable[Global___PendingApproval] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPendingApprovalsResponse: _TypeAlias = ListPendingApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class ApproveExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    comment: _builtins.str
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordContext:
+        """Required: the record as the approver's product shows it now (same tenant,
+        type and id as the request). Policy re-checks the requester against it.
+        """
+
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        comment: _builtins.str = ...,
+        record: _common_pb2.RecordContext | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "execution_id", b"execution_id", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveExecutionRequest: _TypeAlias = ApproveExecutionRequest  # noqa: Y015
+
+@_typing.final
+class ApproveExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveExecutionResponse: _TypeAlias = ApproveExecutionResponse  # noqa: Y015
+
+@_typing.final
+class RejectExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    comment: _builtins.str
+    """Required: why the execution is rejected."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "execution_id", b"execution_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectExecutionRequest: _TypeAlias = RejectExecutionRequest  # noqa: Y015
+
+@_typing.final
+class RejectExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectExecutionResponse: _TypeAlias = RejectExecutionResponse  # noqa: Y015
+
+@_typing.final
+class GetPolicyStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyStatusRequest: _TypeAlias = GetPolicyStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetPolicyStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FILE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    LOADED_AT_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
+    RELOAD_ERROR_FIELD_NUMBER: _builtins.int
+    RELOAD_ERROR_AT_FIELD_NUMBER: _builtins.int
+    policy_file: _builtins.str
+    digest: _builtins.str
+    """SHA-256 of the policy text in force."""
+    reload_error: _builtins.str
+    """Why the file on disk was not loaded; empty when it is the one in force."""
+    @_builtins.property
+    def loaded_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """@id of every policy in force."""
+
+    @_builtins.property
+    def reload_error_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        policy_file: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        loaded_at: _timestamp_pb2.Timestamp | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        reload_error: _builtins.str = ...,
+        reload_error_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_at", b"loaded_at", "reload_error_at", b"reload_error_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "loaded_at", b"loaded_at", "policy_file", b"policy_file", "policy_ids", b"policy_ids", "reload_error", b"reload_error", "reload_error_at", b"reload_error_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyStatusResponse: _TypeAlias = GetPolicyStatusResponse  # noqa: Y015

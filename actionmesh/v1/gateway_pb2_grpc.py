@@ -27,22 +27,29 @@ if _version_not_supported:
 
 class ActionGatewayServiceStub:
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-    is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-    follow-up), TIMED_OUT (retry only with the same idempotency key) or
-    PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-    attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-    TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-    not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-    as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     def __init__(self, channel):
@@ -71,38 +78,66 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryResponse.FromString,
                 _registered_method=True)
+        self.ListPendingApprovals = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/ListPendingApprovals',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsResponse.FromString,
+                _registered_method=True)
+        self.ApproveExecution = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/ApproveExecution',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionResponse.FromString,
+                _registered_method=True)
+        self.RejectExecution = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/RejectExecution',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionResponse.FromString,
+                _registered_method=True)
+        self.GetPolicyStatus = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/GetPolicyStatus',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ActionGatewayServiceServicer:
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-    is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-    follow-up), TIMED_OUT (retry only with the same idempotency key) or
-    PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-    attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-    TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-    not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-    as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     def DiscoverActions(self, request, context):
         """Actions visible to the caller for a record, with availability, fanned out to
-        the providers that handle the record type.
+        the providers that handle the record type. Policy-hidden actions are not
+        listed; slow or unhealthy providers are listed as degraded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExecuteAction(self, request, context):
-        """Authorize, validate and run one action.
+        """Authorize, validate and run one action (or hold it for approval).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +151,44 @@ class ActionGatewayServiceServicer:
 
     def GetRecordHistory(self, request, context):
         """The record's audit timeline, for the caller's tenant only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPendingApprovals(self, request, context):
+        """Executions of the caller's tenant waiting for approval that the caller may
+        decide (the approve permission in policy; never their own requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveExecution(self, request, context):
+        """Approve a pending execution, then dispatch its frozen payload after
+        re-authorizing the requester against the record as it is now. Returns the
+        execution with its final outcome (DENIED if the requester is no longer
+        allowed, UNAVAILABLE if the provider is down). Errors: NOT_FOUND
+        (EXECUTION_NOT_FOUND), PERMISSION_DENIED (POLICY_DENIED,
+        SELF_APPROVAL_FORBIDDEN), FAILED_PRECONDITION (APPROVAL_NOT_PENDING,
+        APPROVAL_EXPIRED), INVALID_ARGUMENT (RECORD_MISMATCH). Not retry safe
+        after OK; a repeat answers APPROVAL_NOT_PENDING.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectExecution(self, request, context):
+        """Reject a pending execution with a comment; its outcome becomes DENIED
+        (reason APPROVAL_REJECTED). Same errors as ApproveExecution.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicyStatus(self, request, context):
+        """Which policy file is in force, and the last reload error if the file on
+        disk failed to parse (the previous policies then stay in force).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +217,26 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryResponse.SerializeToString,
             ),
+            'ListPendingApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPendingApprovals,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsResponse.SerializeToString,
+            ),
+            'ApproveExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveExecution,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionResponse.SerializeToString,
+            ),
+            'RejectExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectExecution,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionResponse.SerializeToString,
+            ),
+            'GetPolicyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicyStatus,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'actionmesh.v1.ActionGatewayService', rpc_method_handlers)
@@ -154,22 +247,29 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ActionGatewayService:
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-    is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-    follow-up), TIMED_OUT (retry only with the same idempotency key) or
-    PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-    attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-    TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-    not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-    as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     @staticmethod
@@ -270,6 +370,114 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/GetRecordHistory',
             actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.GetRecordHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPendingApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/ListPendingApprovals',
+            actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.ListPendingApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/ApproveExecution',
+            actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.ApproveExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/RejectExecution',
+            actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.RejectExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/GetPolicyStatus',
+            actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

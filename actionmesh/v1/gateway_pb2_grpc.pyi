@@ -28,22 +28,29 @@ GRPC_VERSION: str
 
 class ActionGatewayServiceStub:
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-      is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-      follow-up), TIMED_OUT (retry only with the same idempotency key) or
-      PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-      attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-      TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-      not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-      as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     @_typing.overload
@@ -52,64 +59,124 @@ class ActionGatewayServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ActionGatewayServiceAsyncStub: ...
     DiscoverActions: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.DiscoverActionsRequest, _gateway_pb2.DiscoverActionsResponse]
     """Actions visible to the caller for a record, with availability, fanned out to
-    the providers that handle the record type.
+    the providers that handle the record type. Policy-hidden actions are not
+    listed; slow or unhealthy providers are listed as degraded.
     """
     ExecuteAction: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ExecuteActionRequest, _gateway_pb2.ExecuteActionResponse]
-    """Authorize, validate and run one action."""
+    """Authorize, validate and run one action (or hold it for approval)."""
     GetExecution: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetExecutionRequest, _gateway_pb2.GetExecutionResponse]
     GetRecordHistory: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetRecordHistoryRequest, _gateway_pb2.GetRecordHistoryResponse]
     """The record's audit timeline, for the caller's tenant only."""
+    ListPendingApprovals: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListPendingApprovalsRequest, _gateway_pb2.ListPendingApprovalsResponse]
+    """Executions of the caller's tenant waiting for approval that the caller may
+    decide (the approve permission in policy; never their own requests).
+    """
+    ApproveExecution: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ApproveExecutionRequest, _gateway_pb2.ApproveExecutionResponse]
+    """Approve a pending execution, then dispatch its frozen payload after
+    re-authorizing the requester against the record as it is now. Returns the
+    execution with its final outcome (DENIED if the requester is no longer
+    allowed, UNAVAILABLE if the provider is down). Errors: NOT_FOUND
+    (EXECUTION_NOT_FOUND), PERMISSION_DENIED (POLICY_DENIED,
+    SELF_APPROVAL_FORBIDDEN), FAILED_PRECONDITION (APPROVAL_NOT_PENDING,
+    APPROVAL_EXPIRED), INVALID_ARGUMENT (RECORD_MISMATCH). Not retry safe
+    after OK; a repeat answers APPROVAL_NOT_PENDING.
+    """
+    RejectExecution: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RejectExecutionRequest, _gateway_pb2.RejectExecutionResponse]
+    """Reject a pending execution with a comment; its outcome becomes DENIED
+    (reason APPROVAL_REJECTED). Same errors as ApproveExecution.
+    """
+    GetPolicyStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyStatusRequest, _gateway_pb2.GetPolicyStatusResponse]
+    """Which policy file is in force, and the last reload error if the file on
+    disk failed to parse (the previous policies then stay in force).
+    """
 
 @_typing.type_check_only
 class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-      is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-      follow-up), TIMED_OUT (retry only with the same idempotency key) or
-      PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-      attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-      TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-      not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-      as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     DiscoverActions: _aio.UnaryUnaryMultiCallable[_gateway_pb2.DiscoverActionsRequest, _gateway_pb2.DiscoverActionsResponse]  # type: ignore[assignment]
     """Actions visible to the caller for a record, with availability, fanned out to
-    the providers that handle the record type.
+    the providers that handle the record type. Policy-hidden actions are not
+    listed; slow or unhealthy providers are listed as degraded.
     """
     ExecuteAction: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ExecuteActionRequest, _gateway_pb2.ExecuteActionResponse]  # type: ignore[assignment]
-    """Authorize, validate and run one action."""
+    """Authorize, validate and run one action (or hold it for approval)."""
     GetExecution: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetExecutionRequest, _gateway_pb2.GetExecutionResponse]  # type: ignore[assignment]
     GetRecordHistory: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetRecordHistoryRequest, _gateway_pb2.GetRecordHistoryResponse]  # type: ignore[assignment]
     """The record's audit timeline, for the caller's tenant only."""
+    ListPendingApprovals: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListPendingApprovalsRequest, _gateway_pb2.ListPendingApprovalsResponse]  # type: ignore[assignment]
+    """Executions of the caller's tenant waiting for approval that the caller may
+    decide (the approve permission in policy; never their own requests).
+    """
+    ApproveExecution: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ApproveExecutionRequest, _gateway_pb2.ApproveExecutionResponse]  # type: ignore[assignment]
+    """Approve a pending execution, then dispatch its frozen payload after
+    re-authorizing the requester against the record as it is now. Returns the
+    execution with its final outcome (DENIED if the requester is no longer
+    allowed, UNAVAILABLE if the provider is down). Errors: NOT_FOUND
+    (EXECUTION_NOT_FOUND), PERMISSION_DENIED (POLICY_DENIED,
+    SELF_APPROVAL_FORBIDDEN), FAILED_PRECONDITION (APPROVAL_NOT_PENDING,
+    APPROVAL_EXPIRED), INVALID_ARGUMENT (RECORD_MISMATCH). Not retry safe
+    after OK; a repeat answers APPROVAL_NOT_PENDING.
+    """
+    RejectExecution: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RejectExecutionRequest, _gateway_pb2.RejectExecutionResponse]  # type: ignore[assignment]
+    """Reject a pending execution with a comment; its outcome becomes DENIED
+    (reason APPROVAL_REJECTED). Same errors as ApproveExecution.
+    """
+    GetPolicyStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyStatusRequest, _gateway_pb2.GetPolicyStatusResponse]  # type: ignore[assignment]
+    """Which policy file is in force, and the last reload error if the file on
+    disk failed to parse (the previous policies then stay in force).
+    """
 
 class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only service backend callers use. Every call carries the operator's JWT in
-    the `authorization` metadata as "Bearer <token>".
+    the `authorization` metadata as "Bearer <token>". Errors are google.rpc.Status
+    with details: ErrorInfo (UPPER_SNAKE reason, domain "actionmesh"), BadRequest
+    field violations for bad input, RetryInfo where a retry helps. No call answers
+    UNKNOWN or carries a stack trace.
 
-    gRPC status per case (details are google.rpc.Status with ErrorInfo reasons):
-    - OK: the call was processed. ExecuteAction returns an Execution whose outcome
-      is SUCCEEDED, REJECTED (provider refused; fix first), PARTIAL (human
-      follow-up), TIMED_OUT (retry only with the same idempotency key) or
-      PENDING_APPROVAL.
-    - UNAUTHENTICATED: missing, malformed, expired or untrusted token. Not retry safe.
-    - INVALID_ARGUMENT: bad request or inputs; BadRequest field violations. The
-      attempt is audited as DENIED (reason INVALID_INPUT). Fix the request first.
-    - PERMISSION_DENIED: policy or tenant refusal (reason POLICY_DENIED or
-      TENANT_MISMATCH); audited as DENIED. Not retry safe.
-    - NOT_FOUND: unknown action id or execution (other tenants' executions are
-      not found either).
-    - UNAVAILABLE: the provider is unreachable or unhealthy; nothing ran; audited
-      as UNAVAILABLE; RetryInfo says when to retry. Retry safe.
+    ExecuteAction, outcome by outcome (the Execution's `outcome` when the status is OK):
+    | outcome          | gRPC status                          | retry safe?                    |
+    |------------------|--------------------------------------|--------------------------------|
+    | SUCCEEDED        | OK                                   | n/a (a repeat returns it)      |
+    | PENDING_APPROVAL | OK                                   | n/a; approve or reject it      |
+    | REJECTED         | OK (reason from the provider)        | no; fix the cause first        |
+    | PARTIAL          | OK (reason, what did/did not happen) | no; human follow-up            |
+    | TIMED_OUT        | OK (reason DEADLINE_EXCEEDED)        | only with the same key         |
+    | DENIED (policy)  | PERMISSION_DENIED POLICY_DENIED      | no                             |
+    | DENIED (tenant)  | PERMISSION_DENIED TENANT_MISMATCH    | no                             |
+    | DENIED (input)   | INVALID_ARGUMENT INVALID_INPUT/...   | no; fix the request            |
+    | UNAVAILABLE      | UNAVAILABLE PROVIDER_UNAVAILABLE     | yes, after RetryInfo's delay   |
+    Refusals are audited as DENIED or UNAVAILABLE attempts before the error returns.
+    Other statuses: UNAUTHENTICATED (token missing, malformed, expired, untrusted;
+    not retry safe), NOT_FOUND (UNKNOWN_ACTION, EXECUTION_NOT_FOUND; other
+    tenants' executions are not found either), ALREADY_EXISTS
+    IDEMPOTENCY_KEY_REUSED (same key, different request), FAILED_PRECONDITION
+    EXECUTION_IN_PROGRESS (same key still running; retry later with it).
     """
 
     @_abc_1.abstractmethod
@@ -119,7 +186,8 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.DiscoverActionsResponse, _abc.Awaitable[_gateway_pb2.DiscoverActionsResponse]]:
         """Actions visible to the caller for a record, with availability, fanned out to
-        the providers that handle the record type.
+        the providers that handle the record type. Policy-hidden actions are not
+        listed; slow or unhealthy providers are listed as degraded.
         """
 
     @_abc_1.abstractmethod
@@ -128,7 +196,7 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.ExecuteActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.ExecuteActionResponse, _abc.Awaitable[_gateway_pb2.ExecuteActionResponse]]:
-        """Authorize, validate and run one action."""
+        """Authorize, validate and run one action (or hold it for approval)."""
 
     @_abc_1.abstractmethod
     def GetExecution(
@@ -144,5 +212,51 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetRecordHistoryResponse, _abc.Awaitable[_gateway_pb2.GetRecordHistoryResponse]]:
         """The record's audit timeline, for the caller's tenant only."""
+
+    @_abc_1.abstractmethod
+    def ListPendingApprovals(
+        self,
+        request: _gateway_pb2.ListPendingApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListPendingApprovalsResponse, _abc.Awaitable[_gateway_pb2.ListPendingApprovalsResponse]]:
+        """Executions of the caller's tenant waiting for approval that the caller may
+        decide (the approve permission in policy; never their own requests).
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveExecution(
+        self,
+        request: _gateway_pb2.ApproveExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ApproveExecutionResponse, _abc.Awaitable[_gateway_pb2.ApproveExecutionResponse]]:
+        """Approve a pending execution, then dispatch its frozen payload after
+        re-authorizing the requester against the record as it is now. Returns the
+        execution with its final outcome (DENIED if the requester is no longer
+        allowed, UNAVAILABLE if the provider is down). Errors: NOT_FOUND
+        (EXECUTION_NOT_FOUND), PERMISSION_DENIED (POLICY_DENIED,
+        SELF_APPROVAL_FORBIDDEN), FAILED_PRECONDITION (APPROVAL_NOT_PENDING,
+        APPROVAL_EXPIRED), INVALID_ARGUMENT (RECORD_MISMATCH). Not retry safe
+        after OK; a repeat answers APPROVAL_NOT_PENDING.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectExecution(
+        self,
+        request: _gateway_pb2.RejectExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RejectExecutionResponse, _abc.Awaitable[_gateway_pb2.RejectExecutionResponse]]:
+        """Reject a pending execution with a comment; its outcome becomes DENIED
+        (reason APPROVAL_REJECTED). Same errors as ApproveExecution.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicyStatus(
+        self,
+        request: _gateway_pb2.GetPolicyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetPolicyStatusResponse, _abc.Awaitable[_gateway_pb2.GetPolicyStatusResponse]]:
+        """Which policy file is in force, and the last reload error if the file on
+        disk failed to parse (the previous policies then stay in force).
+        """
 
 def add_ActionGatewayServiceServicer_to_server(servicer: ActionGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
