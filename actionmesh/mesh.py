@@ -27,6 +27,7 @@ from actionmesh.rpc.db import sqlite_url
 from gateway.config import DEFAULT_POLICY_FILE
 
 SIGNING_KEY_FILE = "dev-signing-key"
+REDACTION_KEY_FILE = "redaction-key"
 POLICY_FILE = "policies.cedar"
 STATE_FILE = "mesh.json"
 DEFAULT_PROVIDERS = ("providers.workitems",)
@@ -85,6 +86,10 @@ class Mesh:
         return self.data_dir / SIGNING_KEY_FILE
 
     @property
+    def redaction_key_path(self) -> Path:
+        return self.data_dir / REDACTION_KEY_FILE
+
+    @property
     def policy_path(self) -> Path:
         return self.data_dir / POLICY_FILE
 
@@ -97,9 +102,10 @@ class Mesh:
     def prepare(self) -> None:
         for sub in ("run", "logs", "data"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        if not self.signing_key_path.exists():
-            self.signing_key_path.write_text(secrets.token_hex(32))
-            self.signing_key_path.chmod(0o600)
+        for key_path in (self.signing_key_path, self.redaction_key_path):
+            if not key_path.exists():
+                key_path.write_text(secrets.token_hex(32))
+                key_path.chmod(0o600)
         if not self.policy_path.exists():
             shutil.copyfile(DEFAULT_POLICY_FILE, self.policy_path)
 
@@ -183,7 +189,16 @@ class Mesh:
             sqlite_url(self.data_dir / "data" / "audit.db"),
         ]
 
-    def _gateway_command(self) -> list[str]:
+    def start_gateway(self, name: str, *flags: str, database_url: str = "") -> Service:
+        """Another gateway process on the same registry and audit log (replicas, tests).
+
+        ``flags`` are extra gateway flags (e.g. ``--approval-ttl-s 1``); by default
+        it gets a database of its own.
+        """
+        url = database_url or sqlite_url(self.data_dir / "data" / f"{name}.db")
+        return self._launch(name, [*self._gateway_command(url), *flags], 0)
+
+    def _gateway_command(self, database_url: str = "") -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -193,11 +208,13 @@ class Mesh:
             "--auditlog",
             self.address("auditlog"),
             "--database-url",
-            sqlite_url(self.data_dir / "data" / "gateway.db"),
+            database_url or sqlite_url(self.data_dir / "data" / "gateway.db"),
             "--policy-file",
             str(self.policy_path),
             "--jwt-secret-file",
             str(self.signing_key_path),
+            "--redaction-key-file",
+            str(self.redaction_key_path),
         ]
 
     def _launch(self, name: str, command: list[str], port: int) -> Service:
@@ -252,6 +269,7 @@ class Mesh:
                 s.name: s.address
                 for s in self.services.values()
                 if s.name not in ("gateway", "registry", "auditlog")
+                and not s.name.startswith("gateway")
             },
             "signing_key_file": str(self.signing_key_path),
             "policy_file": str(self.policy_path),

@@ -178,12 +178,20 @@ class AuditLog:
         *,
         page_size: int = 0,
         page_token: str = "",
+        types: Sequence[int] = (),
     ) -> TimelinePage:
         """One page of a record's events in store order, for one tenant only."""
         _require(
             [("tenant", tenant), ("record.type", record_type), ("record.id", record_id)],
             reason="INVALID_TIMELINE_REQUEST",
         )
+        unknown = [t for t in types if t not in audit_pb2.AuditEventType.values()]
+        if unknown or audit_pb2.AUDIT_EVENT_TYPE_UNSPECIFIED in types:
+            raise InvalidArgument(
+                "unknown event type in the filter",
+                reason="INVALID_TIMELINE_REQUEST",
+                violations=[FieldViolation("types", f"unknown event types {sorted(set(unknown))}")],
+            )
         after = decode_page_token(page_token)
         size = effective_page_size(page_size)
         # One extra row tells whether another page exists without a second query.
@@ -194,6 +202,7 @@ class AuditLog:
             record_id,
             after_sequence=after,
             limit=size + 1,
+            types=[audit_pb2.AuditEventType.Name(t) for t in types],  # type: ignore[arg-type]
         )
         more = len(rows) > size
         events: list[audit_pb2.AuditEvent] = []

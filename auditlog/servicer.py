@@ -29,6 +29,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             request.record.id,
             page_size=request.page_size,
             page_token=request.page_token,
+            types=list(request.types),
         )
         return audit_pb2.ListTimelineResponse(
             events=page.events, next_page_token=page.next_page_token

@@ -201,14 +201,19 @@ class AuditRepository:
         *,
         after_sequence: int = 0,
         limit: int = 100,
+        types: Sequence[str] = (),
     ) -> list[audit_pb2.AuditEvent]:
-        """One record's events after ``after_sequence``, oldest first, ``sequence`` set."""
-        return self._list(
-            tenant,
-            [AuditEventRow.record_type == record_type, AuditEventRow.record_id == record_id],
-            after_sequence=after_sequence,
-            limit=limit,
-        )
+        """One record's events after ``after_sequence``, oldest first, ``sequence`` set.
+
+        ``types`` (AuditEventType names) narrows the events; empty means all.
+        """
+        conditions = [
+            AuditEventRow.record_type == record_type,
+            AuditEventRow.record_id == record_id,
+        ]
+        if types:
+            conditions.append(AuditEventRow.type.in_(types))
+        return self._list(tenant, conditions, after_sequence=after_sequence, limit=limit)
 
     def list_by_execution(
         self, tenant: str, execution_id: str, *, after_sequence: int = 0, limit: int = 500

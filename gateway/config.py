@@ -40,6 +40,23 @@ class GatewayConfig:
     """Execute deadline for actions that declare none."""
     max_execute_timeout_s: float = 60.0
     """Upper bound on any action's declared Execute deadline."""
+    late_result_grace_s: float = 60.0
+    """How long after an action's deadline the gateway still waits for the provider's
+    answer, to record it on the TIMED_OUT execution; 0 stops listening at the deadline."""
+    approval_ttl_s: float = 86400.0
+    """How long an execution may wait for approval before it expires (DENIED)."""
+    approval_sweep_interval_s: float = 30.0
+    """How often pending approvals past their window are expired and audited."""
+    discover_cache_ttl_s: float = 5.0
+    """How long a provider's Discover answer is reused for the same record state and
+    caller roles; 0 turns the cache off."""
+    discover_cache_max_entries: int = 10000
+    """Most cached Discover answers kept (least recently used are dropped)."""
+    policy_reload_interval_s: float = 2.0
+    """How often the policy file is checked for changes; 0 turns hot reload off."""
+    redaction_key_file: str = ""
+    """Key for HMAC digests of sensitive records' inputs in audit events; without it
+    the digests are plain SHA-256."""
     audit_batch_size: int = 200
     """Most audit events the outbox shipper sends in one AppendEvents call."""
     audit_retry_max_s: float = 5.0
@@ -52,3 +69,10 @@ class GatewayConfig:
             raise ValueError("set jwt_secret_file or jwt_public_key_file to verify caller tokens")
         if self.discover_timeout_s <= 0 or self.default_execute_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.approval_ttl_s <= 0 or self.approval_sweep_interval_s <= 0:
+            raise ValueError("approval_ttl_s and approval_sweep_interval_s must be positive")
+        if (
+            min(self.late_result_grace_s, self.discover_cache_ttl_s, self.policy_reload_interval_s)
+            < 0
+        ):
+            raise ValueError("grace, cache and reload intervals cannot be negative")

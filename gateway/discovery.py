@@ -3,26 +3,48 @@
 Policy runs on the descriptors the registry already holds, so providers are only
 asked about actions the caller could see; a slow or unhealthy provider is
 reported as degraded and never holds the others' answer past its deadline.
+
+Each provider's answer is cached for a few seconds per (provider registration,
+tenant, record, record version and content, caller roles), so a UI refresh does
+not fan out again; ``skip_cache`` asks again. Discover is side-effect free by
+contract, which is what makes this safe. The policy decisions (shown and hidden
+actions, with the policies that decided) are recorded as one audit event per
+call: hidden actions are never revealed to the caller, but operators can see why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc.aio
+from cachetools import TTLCache
 from opentelemetry import trace
 
-from actionmesh.v1 import common_pb2, provider_pb2
+from actionmesh.v1 import audit_pb2, common_pb2, provider_pb2
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry
-from gateway.policy import ActionSubject, Operation, PolicyEngine
+from gateway.events import audit_event
+from gateway.policy import (
+    ActionSubject,
+    Decision,
+    Operation,
+    PolicyEngine,
+    decision_evidence,
+    policy_context,
+)
 from gateway.requests import check_record
+from gateway.storage import GatewayStore
 from gateway.tenancy import require_same_tenant
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
+
+DISCOVERED = audit_pb2.AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED
+Availability = dict[str, tuple[bool, str]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,7 @@ class VisibleAction:
     provider_id: str
     available: bool
     unavailable_reason: str
+    from_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,14 +64,32 @@ class DiscoveryResult:
 
 class Discoverer:
     def __init__(
-        self, directory: ProviderDirectory, policy: PolicyEngine, timeout_s: float
+        self,
+        directory: ProviderDirectory,
+        policy: PolicyEngine,
+        timeout_s: float,
+        *,
+        store: GatewayStore,
+        on_audit_written: Callable[[], None],
+        cache_ttl_s: float,
+        cache_max_entries: int,
     ) -> None:
         self._directory = directory
         self._policy = policy
         self._timeout_s = timeout_s
+        self._store = store
+        self._on_audit_written = on_audit_written
+        self._cache: TTLCache[tuple[str, ...], Availability] | None = (
+            TTLCache(maxsize=cache_max_entries, ttl=cache_ttl_s) if cache_ttl_s > 0 else None
+        )
 
     async def discover(
-        self, caller: Caller, record: common_pb2.RecordContext, has_record: bool
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        has_record: bool,
+        *,
+        skip_cache: bool = False,
     ) -> DiscoveryResult:
         check_record(record, has_record)
         require_same_tenant(caller, record)
@@ -65,26 +106,79 @@ class Discoverer:
             if decision.allowed:
                 visible.setdefault(subject.provider_id, []).append(subject.descriptor)
         asked = [e for e in entries if e.provider_id in visible]
-        answers = await asyncio.gather(*(self._ask(e, caller, record) for e in asked))
+        answers = await asyncio.gather(
+            *(self._availability(e, caller, record, skip_cache) for e in asked)
+        )
         actions: list[VisibleAction] = []
         degraded: list[tuple[str, str]] = []
         for entry, answer in zip(asked, answers, strict=True):
             if isinstance(answer, str):
                 degraded.append((entry.provider_id, answer))
                 continue
+            availability, cached = answer
             for descriptor in visible[entry.provider_id]:
-                found = answer.get(descriptor.action_id)
+                found = availability.get(descriptor.action_id)
                 if found is None:
                     continue
-                actions.append(VisibleAction(descriptor, entry.provider_id, found[0], found[1]))
+                actions.append(
+                    VisibleAction(descriptor, entry.provider_id, found[0], found[1], cached)
+                )
+        if subjects:
+            await self._record_decisions(caller, record, subjects, decisions, degraded)
         return DiscoveryResult(actions=actions, degraded=degraded)
+
+    async def _record_decisions(
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: list[ActionSubject],
+        decisions: list[Decision],
+        degraded: list[tuple[str, str]],
+    ) -> None:
+        hidden = sum(1 for d in decisions if not d.allowed)
+        event = audit_event(
+            DISCOVERED,
+            caller=caller,
+            record=record,
+            reason="",
+            message=f"{len(subjects) - hidden} shown, {hidden} hidden by policy"
+            + (f"; degraded: {', '.join(p for p, _ in degraded)}" if degraded else ""),
+            policy_ids=sorted({p for d in decisions for p in d.policy_ids}),
+            policy_decisions=[
+                decision_evidence(Operation.DISCOVER, s, d)
+                for s, d in zip(subjects, decisions, strict=True)
+            ],
+            policy_context=policy_context(caller, record),
+        )
+        await asyncio.to_thread(self._store.record_attempt, [event])
+        self._on_audit_written()
+
+    async def _availability(
+        self,
+        entry: ProviderEntry,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        skip_cache: bool,
+    ) -> tuple[Availability, bool] | str:
+        """The provider's availability per action id (and whether cached), or why not."""
+        if entry.not_serving:
+            return "NOT_SERVING"
+        key = cache_key(entry, caller, record)
+        if self._cache is not None and not skip_cache:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached, True
+        answer = await self._ask(entry, caller, record)
+        if isinstance(answer, str):
+            return answer
+        if self._cache is not None:
+            self._cache[key] = answer
+        return answer, False
 
     async def _ask(
         self, entry: ProviderEntry, caller: Caller, record: common_pb2.RecordContext
-    ) -> dict[str, tuple[bool, str]] | str:
+    ) -> Availability | str:
         """The provider's availability per action id, or a degradation reason."""
-        if entry.not_serving:
-            return "NOT_SERVING"
         with tracer.start_as_current_span(
             "discover provider", attributes={"actionmesh.provider": entry.provider_id}
         ):
@@ -102,3 +196,22 @@ class Discoverer:
                 log.info("discover on %s failed: %s", entry.provider_id, exc.code().name)
                 return exc.code().name
         return {a.action_id: (a.available, a.unavailable_reason) for a in reply.actions}
+
+
+def cache_key(
+    entry: ProviderEntry, caller: Caller, record: common_pb2.RecordContext
+) -> tuple[str, ...]:
+    """Who answered (this registration), about which record state, for which roles."""
+    registration = entry.registration
+    content = hashlib.sha256(
+        record.SerializeToString(deterministic=True)
+    ).hexdigest()  # status, sensitivity, attributes and version all count
+    return (
+        registration.provider_id,
+        registration.endpoint,
+        registration.version,
+        str(registration.registered_at.ToNanoseconds()),
+        caller.tenant,
+        ",".join(sorted(caller.roles)),
+        content,
+    )

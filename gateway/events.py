@@ -1,4 +1,4 @@
-"""Builds the audit events the gateway emits for executions and attempts."""
+"""Builds the audit events the gateway emits for executions, approvals and discovery."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from actionmesh.rpc.convert import display_input, to_timestamp, utcnow
+from actionmesh.rpc.convert import to_timestamp, utcnow
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.v1 import audit_pb2, common_pb2
 from gateway.auth import Caller
@@ -16,22 +16,26 @@ def audit_event(
     event_type: audit_pb2.AuditEventType.ValueType,
     *,
     caller: Caller,
-    record: common_pb2.RecordContext,
-    execution_id: str,
-    action_id: str,
+    record: common_pb2.RecordContext | common_pb2.RecordRef,
+    execution_id: str = "",
+    action_id: str = "",
     provider_id: str = "",
     outcome: common_pb2.Outcome.ValueType = common_pb2.OUTCOME_UNSPECIFIED,
     reason: str = "",
     message: str = "",
     idempotency_key: str = "",
-    inputs: Mapping[str, common_pb2.InputValue] | None = None,
+    inputs: Mapping[str, str] | None = None,
+    inputs_redacted: bool = False,
     policy_ids: Sequence[str] = (),
+    policy_decisions: Sequence[audit_pb2.PolicyDecision] = (),
+    policy_context: Mapping[str, str] | None = None,
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     external_ref: str = "",
     changes: Sequence[tuple[str, str, str]] = (),
     warnings: Sequence[str] = (),
 ) -> audit_pb2.AuditEvent:
+    """One event; ``inputs`` are already display strings or digests (see Redactor)."""
     trace_id, span_id = current_trace_ids()
     event = audit_pb2.AuditEvent(
         event_id=uuid.uuid4().hex,
@@ -54,7 +58,10 @@ def audit_event(
         span_id=span_id,
         idempotency_key=idempotency_key,
         policy_ids=list(policy_ids),
-        inputs={name: display_input(value) for name, value in (inputs or {}).items()},
+        policy_decisions=list(policy_decisions),
+        policy_context=dict(policy_context or {}),
+        inputs=dict(inputs or {}),
+        inputs_redacted=inputs_redacted,
     )
     if started_at is not None:
         event.started_at.CopyFrom(to_timestamp(started_at))

@@ -3,19 +3,26 @@
 Every attempt leaves audit evidence: refusals (invalid input, tenant, policy,
 unknown action, unhealthy provider) as one EXECUTION_FINISHED event, dispatched
 executions as EXECUTION_STARTED then EXECUTION_FINISHED, written in the same
-transaction as the execution row they describe.
+transaction as the execution row they describe. Actions that require approval
+stop at APPROVAL_REQUESTED with their payload frozen (see gateway.approvals).
+
+A dispatched execution runs in its own task: the caller gets TIMED_OUT at the
+action's deadline, or goes away, but the gateway keeps listening for the
+provider's answer (for ``late_result_grace_s``) and records it when it comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
@@ -34,13 +41,28 @@ from actionmesh.rpc.errors import (
 )
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.schema import validate_inputs
-from actionmesh.v1 import audit_pb2, common_pb2, provider_pb2
+from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, provider_pb2
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry
 from gateway.events import audit_event
-from gateway.policy import ActionSubject, Operation, PolicyEngine
+from gateway.policy import (
+    ActionSubject,
+    Decision,
+    Operation,
+    PolicyEngine,
+    decision_evidence,
+    policy_context,
+)
+from gateway.redaction import Redactor, is_sensitive
 from gateway.requests import execute_violations
-from gateway.storage import RUNNING, ExecutionRecord, GatewayStore, KeyConflict
+from gateway.storage import (
+    APPROVAL_PENDING,
+    PENDING_APPROVAL,
+    RUNNING,
+    ExecutionRecord,
+    GatewayStore,
+    KeyConflict,
+)
 from gateway.tenancy import require_same_tenant
 
 log = logging.getLogger(__name__)
@@ -54,6 +76,11 @@ PROVIDER_OUTCOMES = {
 UNAVAILABLE_RETRY_S = 1.0
 STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
 FINISHED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
+LATE_RESULT = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT
+APPROVAL_REQUESTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REQUESTED
+# Longest pause between looks at an execution another request (or replica) runs.
+MAX_WAIT_POLL_S = 0.25
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,41 @@ class ExecuteCommand:
     has_record: bool
     inputs: Mapping[str, common_pb2.InputValue]
     idempotency_key: str
+
+    @property
+    def sensitive(self) -> bool:
+        return is_sensitive(self.record)
+
+    def frozen(self) -> bytes:
+        """The request exactly as authorized, kept with the execution."""
+        return gateway_pb2.ExecuteActionRequest(
+            action_id=self.action_id,
+            record=self.record,
+            inputs=dict(self.inputs),
+            idempotency_key=self.idempotency_key,
+        ).SerializeToString(deterministic=True)
+
+    @classmethod
+    def thaw(cls, payload: bytes) -> ExecuteCommand:
+        request = gateway_pb2.ExecuteActionRequest.FromString(payload)
+        return cls(
+            action_id=request.action_id,
+            record=request.record,
+            has_record=request.HasField("record"),
+            inputs=dict(request.inputs),
+            idempotency_key=request.idempotency_key,
+        )
+
+
+@dataclass(frozen=True)
+class Authorized:
+    """An execute request that passed every platform check, with the evidence."""
+
+    entry: ProviderEntry
+    descriptor: common_pb2.ActionDescriptor
+    decision: Decision
+    evidence: list[audit_pb2.PolicyDecision] = field(default_factory=list)
+    context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,37 +146,76 @@ class Executor:
         store: GatewayStore,
         directory: ProviderDirectory,
         policy: PolicyEngine,
+        redactor: Redactor,
         on_audit_written: Callable[[], None],
         default_timeout_s: float,
         max_timeout_s: float,
+        late_result_grace_s: float,
+        approval_ttl_s: float,
     ) -> None:
         self._store = store
         self._directory = directory
         self._policy = policy
+        self._redactor = redactor
         self._on_audit_written = on_audit_written
         self._default_timeout_s = default_timeout_s
         self._max_timeout_s = max_timeout_s
+        self._late_result_grace_s = late_result_grace_s
+        self._approval_ttl_s = approval_ttl_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Executions this process is running, so same-key waiters here need not poll.
+        self._running: dict[str, asyncio.Task[ExecutionRecord]] = {}
+
+    @property
+    def store(self) -> GatewayStore:
+        return self._store
+
+    @property
+    def directory(self) -> ProviderDirectory:
+        return self._directory
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
+
+    def audit_written(self) -> None:
+        self._on_audit_written()
 
     async def execute(self, caller: Caller, command: ExecuteCommand) -> ExecutionRecord:
         span = trace.get_current_span()
         span.set_attribute("actionmesh.action_id", command.action_id)
         span.set_attribute("actionmesh.tenant", caller.tenant)
         attempt_id = uuid.uuid4().hex
+        authorized = await self._authorize(caller, command, attempt_id)
+        record = await self._claim(caller, command, attempt_id, authorized)
+        if not record.finished:
+            record = await self.run(
+                caller, command, record, authorized.entry, authorized.descriptor
+            )
+        if record.outcome == "UNAVAILABLE":
+            raise Unavailable(
+                record.message or "the provider could not be reached; nothing ran",
+                reason="PROVIDER_UNAVAILABLE",
+                retry_after_s=UNAVAILABLE_RETRY_S,
+                metadata={"execution_id": record.execution_id},
+            )
+        return record
+
+    async def _authorize(
+        self, caller: Caller, command: ExecuteCommand, attempt_id: str
+    ) -> Authorized:
+        """Every platform check, in order; a refusal is audited, then raised."""
         problems = execute_violations(
             command.action_id, command.record, command.has_record, command.idempotency_key
         )
         if problems:
+            invalid = InvalidArgument(
+                "invalid request", reason="INVALID_REQUEST", violations=problems
+            )
             # A malformed record cannot be filed on any timeline; refuse without evidence.
             if any(p.field.startswith("record") for p in problems):
-                raise InvalidArgument(
-                    "invalid request", reason="INVALID_REQUEST", violations=problems
-                )
-            await self._refuse(
-                caller,
-                command,
-                attempt_id,
-                InvalidArgument("invalid request", reason="INVALID_REQUEST", violations=problems),
-            )
+                raise invalid
+            await self._refuse(caller, command, attempt_id, invalid)
         try:
             require_same_tenant(caller, command.record)
         except PermissionDenied as denied:
@@ -130,7 +231,7 @@ class Executor:
                 ),
             )
         entry, descriptor = found
-        span.set_attribute("actionmesh.provider", entry.provider_id)
+        trace.get_current_span().set_attribute("actionmesh.provider", entry.provider_id)
         if command.record.type not in descriptor.record_types:
             await self._refuse(
                 caller,
@@ -146,20 +247,15 @@ class Executor:
             validate_inputs(descriptor.inputs, command.inputs)
         except InvalidArgument as invalid:
             await self._refuse(caller, command, attempt_id, invalid, provider_id=entry.provider_id)
-        decision = self._policy.authorize(
-            Operation.EXECUTE,
-            caller,
-            command.record,
-            [ActionSubject(command.action_id, entry.provider_id, descriptor)],
-        )[0]
-        if not decision.allowed:
+        authorized = self.authorize_execute(caller, command.record, entry, descriptor)
+        if not authorized.decision.allowed:
             await self._refuse(
                 caller,
                 command,
                 attempt_id,
                 PermissionDenied("not permitted by policy", reason="POLICY_DENIED"),
                 provider_id=entry.provider_id,
-                policy_ids=decision.policy_ids,
+                authorized=authorized,
             )
         if entry.not_serving:
             await self._refuse(
@@ -172,58 +268,74 @@ class Executor:
                     retry_after_s=UNAVAILABLE_RETRY_S,
                 ),
                 provider_id=entry.provider_id,
-                policy_ids=decision.policy_ids,
+                authorized=authorized,
             )
-        record = await self._claim(
-            caller, command, attempt_id, entry, descriptor, decision.policy_ids
+        return authorized
+
+    def authorize_execute(
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        """The execute decision for one action, with the evidence an audit event keeps."""
+        subject = ActionSubject(descriptor.action_id, entry.provider_id, descriptor)
+        decision = self._policy.authorize(Operation.EXECUTE, caller, record, [subject])[0]
+        return Authorized(
+            entry=entry,
+            descriptor=descriptor,
+            decision=decision,
+            evidence=[decision_evidence(Operation.EXECUTE, subject, decision)],
+            context=policy_context(caller, record),
         )
-        if record.finished:
-            return record
-        answer = await self._dispatch(caller, command, record, entry, descriptor)
-        return await self._finish(caller, command, record, answer)
 
     async def _claim(
         self,
         caller: Caller,
         command: ExecuteCommand,
         execution_id: str,
-        entry: ProviderEntry,
-        descriptor: common_pb2.ActionDescriptor,
-        policy_ids: Sequence[str],
+        authorized: Authorized,
     ) -> ExecutionRecord:
         """Create the execution row, or return the one this idempotency key already made."""
         trace_id, _ = current_trace_ids()
+        now = utcnow()
         record = ExecutionRecord(
             execution_id=execution_id,
             tenant=caller.tenant,
             idempotency_key=command.idempotency_key,
             request_hash=request_hash(caller, command),
             action_id=command.action_id,
-            provider_id=entry.provider_id,
+            provider_id=authorized.entry.provider_id,
             record_type=command.record.type,
             record_id=command.record.id,
             actor=caller.subject,
             outcome=RUNNING,
-            started_at=utcnow(),
+            started_at=now,
             trace_id=trace_id,
+            request_payload=command.frozen(),
+            requester_roles=list(caller.roles),
+            sensitive=command.sensitive,
         )
-        pending = descriptor.requires_approval
+        pending = authorized.descriptor.requires_approval
         if pending:
-            record.outcome = "PENDING_APPROVAL"
+            record.outcome = PENDING_APPROVAL
             record.reason = "APPROVAL_REQUIRED"
             record.message = "the action needs a second person's approval; nothing ran yet"
-        started = self._event(
-            FINISHED if pending else STARTED,
+            record.approval_state = APPROVAL_PENDING
+            record.approval_expires_at = now + timedelta(seconds=self._approval_ttl_s)
+        first = self.event(
+            APPROVAL_REQUESTED if pending else STARTED,
             caller,
             command,
             record,
-            policy_ids=policy_ids,
             outcome=common_pb2.OUTCOME_PENDING_APPROVAL
             if pending
             else common_pb2.OUTCOME_UNSPECIFIED,
+            authorized=authorized,
         )
         try:
-            await asyncio.to_thread(self._store.insert_execution, record, [started])
+            await asyncio.to_thread(self._store.insert_execution, record, [first])
         except KeyConflict as conflict:
             return await self._existing(record, conflict.existing, command)
         self._on_audit_written()
@@ -238,9 +350,18 @@ class Executor:
                 reason="IDEMPOTENCY_KEY_REUSED",
                 metadata={"execution_id": existing.execution_id},
             )
-        deadline = asyncio.get_running_loop().time() + self._max_timeout_s
-        while not existing.finished and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_timeout_s
+        pause = 0.02
+        while not existing.finished and loop.time() < deadline:
+            local = self._running.get(existing.execution_id)
+            if local is not None:
+                # Run here: wait for it instead of polling (bounded; it may outlive us).
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(local), deadline - loop.time())
+            else:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_WAIT_POLL_S)
             fresh = await asyncio.to_thread(
                 self._store.find_by_key, existing.tenant, command.idempotency_key
             )
@@ -259,17 +380,32 @@ class Executor:
             )
         return existing
 
-    async def _dispatch(
+    def timeout_for(self, descriptor: common_pb2.ActionDescriptor) -> float:
+        return min((descriptor.timeout_ms / 1000.0) or self._default_timeout_s, self._max_timeout_s)
+
+    async def run(
         self,
         caller: Caller,
         command: ExecuteCommand,
         record: ExecutionRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
-    ) -> ProviderAnswer:
-        timeout_s = min(
-            (descriptor.timeout_ms / 1000.0) or self._default_timeout_s, self._max_timeout_s
-        )
+    ) -> ExecutionRecord:
+        """Dispatch a RUNNING execution and record its outcome, even if the caller leaves."""
+        task = self.spawn(self._dispatch_and_finish(caller, command, record, entry, descriptor))
+        self._running[record.execution_id] = task
+        task.add_done_callback(lambda _: self._running.pop(record.execution_id, None))
+        return await asyncio.shield(task)
+
+    async def _dispatch_and_finish(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> ExecutionRecord:
+        timeout_s = self.timeout_for(descriptor)
         request = provider_pb2.ExecuteRequest(
             action_id=command.action_id,
             record=command.record,
@@ -280,6 +416,24 @@ class Executor:
             idempotency_key=command.idempotency_key,
             request_id=record.execution_id,
         )
+        if self._late_result_grace_s <= 0:
+            answer = await self._call_provider(entry, request, timeout_s)
+            return await self._finish(caller, command, record, answer)
+        # The provider may keep working past the deadline the caller is given;
+        # its gRPC deadline covers the grace window so a late answer can arrive.
+        call = asyncio.ensure_future(
+            self._call_provider(entry, request, timeout_s + self._late_result_grace_s)
+        )
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except TimeoutError:
+            answer = TIMED_OUT_ANSWER
+            self.spawn(self._record_late(caller, command, record, call))
+        return await self._finish(caller, command, record, answer)
+
+    async def _call_provider(
+        self, entry: ProviderEntry, request: provider_pb2.ExecuteRequest, timeout_s: float
+    ) -> ProviderAnswer:
         try:
             reply = await self._directory.stub(entry).Execute(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -299,6 +453,23 @@ class Executor:
             warnings=list(reply.warnings),
         )
 
+    def _scrubbed(self, command: ExecuteCommand, answer: ProviderAnswer) -> ProviderAnswer:
+        """A sensitive record's provider texts, without the input values they echo."""
+        if not command.sensitive:
+            return answer
+
+        def scrub(text: str) -> str:
+            return Redactor.scrub(text, command.inputs, True)
+
+        return ProviderAnswer(
+            outcome=answer.outcome,
+            reason=scrub(answer.reason),
+            message=scrub(answer.message),
+            external_ref=answer.external_ref,
+            changes=answer.changes,
+            warnings=[scrub(w) for w in answer.warnings],
+        )
+
     async def _finish(
         self,
         caller: Caller,
@@ -306,6 +477,7 @@ class Executor:
         record: ExecutionRecord,
         answer: ProviderAnswer,
     ) -> ExecutionRecord:
+        answer = self._scrubbed(command, answer)
         record.outcome = answer.outcome
         record.reason = answer.reason
         record.message = answer.message
@@ -314,7 +486,7 @@ class Executor:
         record.warnings = list(answer.warnings)
         record.finished_at = utcnow()
         trace.get_current_span().set_attribute("actionmesh.outcome", record.outcome)
-        finished = self._event(
+        finished = self.event(
             FINISHED,
             caller,
             command,
@@ -323,14 +495,43 @@ class Executor:
         )
         await asyncio.to_thread(self._store.finish_execution, record, [finished])
         self._on_audit_written()
-        if record.outcome == "UNAVAILABLE":
-            raise Unavailable(
-                record.message or "the provider could not be reached; nothing ran",
-                reason="PROVIDER_UNAVAILABLE",
-                retry_after_s=UNAVAILABLE_RETRY_S,
-                metadata={"execution_id": record.execution_id},
-            )
         return record
+
+    async def _record_late(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        call: asyncio.Future[ProviderAnswer],
+    ) -> None:
+        """Attach the provider's answer to a TIMED_OUT execution once it arrives."""
+        answer = await call
+        if answer.outcome in ("TIMED_OUT", "UNAVAILABLE"):
+            log.warning(
+                "execution %s: no late answer from %s (%s); its outcome stays unknown",
+                record.execution_id,
+                record.provider_id,
+                answer.reason,
+            )
+            return
+        answer = self._scrubbed(command, answer)
+        record.late_outcome = answer.outcome
+        record.late_result_at = utcnow()
+        record.external_ref = answer.external_ref
+        record.changes = list(answer.changes)
+        record.warnings = list(answer.warnings)
+        event = self.event(
+            LATE_RESULT,
+            caller,
+            command,
+            record,
+            outcome=common_pb2.Outcome.Value(f"OUTCOME_{answer.outcome}"),
+            reason=answer.reason,
+            message=answer.message or "the provider answered after the deadline",
+        )
+        if await asyncio.to_thread(self._store.record_late_result, record, [event]):
+            self._on_audit_written()
+            log.info("execution %s: late result %s recorded", record.execution_id, answer.outcome)
 
     async def _refuse(
         self,
@@ -340,7 +541,7 @@ class Executor:
         error: ActionMeshError,
         *,
         provider_id: str = "",
-        policy_ids: Sequence[str] = (),
+        authorized: Authorized | None = None,
     ) -> NoReturn:
         """Record a refused attempt as evidence, then raise the refusal to the caller."""
         outcome = (
@@ -349,6 +550,7 @@ class Executor:
             else common_pb2.OUTCOME_DENIED
         )
         now = utcnow()
+        sensitive = command.sensitive
         event = audit_event(
             FINISHED,
             caller=caller,
@@ -360,8 +562,11 @@ class Executor:
             reason=error.reason,
             message=error.message,
             idempotency_key=command.idempotency_key,
-            inputs=command.inputs,
-            policy_ids=policy_ids,
+            inputs=self._redactor.evidence(command.inputs, sensitive),
+            inputs_redacted=sensitive,
+            policy_ids=authorized.decision.policy_ids if authorized else (),
+            policy_decisions=authorized.evidence if authorized else (),
+            policy_context=authorized.context if authorized else None,
             started_at=now,
             finished_at=now,
         )
@@ -372,7 +577,7 @@ class Executor:
         self._on_audit_written()
         raise error
 
-    def _event(
+    def event(
         self,
         event_type: audit_pb2.AuditEventType.ValueType,
         caller: Caller,
@@ -380,8 +585,12 @@ class Executor:
         record: ExecutionRecord,
         *,
         outcome: common_pb2.Outcome.ValueType,
-        policy_ids: Sequence[str] = (),
+        authorized: Authorized | None = None,
+        reason: str | None = None,
+        message: str | None = None,
     ) -> audit_pb2.AuditEvent:
+        """An event about one execution, with its inputs redacted when the record is sensitive."""
+        sensitive = record.sensitive or command.sensitive
         return audit_event(
             event_type,
             caller=caller,
@@ -390,17 +599,51 @@ class Executor:
             action_id=record.action_id,
             provider_id=record.provider_id,
             outcome=outcome,
-            reason=record.reason,
-            message=record.message,
+            reason=record.reason if reason is None else reason,
+            message=record.message if message is None else message,
             idempotency_key=record.idempotency_key,
-            inputs=command.inputs,
-            policy_ids=policy_ids,
+            inputs=self._redactor.evidence(command.inputs, sensitive),
+            inputs_redacted=sensitive,
+            policy_ids=authorized.decision.policy_ids if authorized else (),
+            policy_decisions=authorized.evidence if authorized else (),
+            policy_context=authorized.context if authorized else None,
             started_at=record.started_at,
             finished_at=record.finished_at,
             external_ref=record.external_ref,
             changes=record.changes,
             warnings=record.warnings,
         )
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run work the caller must not be able to cancel; kept until it ends."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background execution work failed", exc_info=task.exception())
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Let executions (and late answers) finish for a while, then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+
+
+TIMED_OUT_ANSWER = ProviderAnswer(
+    "TIMED_OUT",
+    reason="DEADLINE_EXCEEDED",
+    message=(
+        "the provider did not answer in time; it may or may not have acted. Retry only with the "
+        "same idempotency key; a late answer is recorded on the execution"
+    ),
+)
 
 
 def answer_for_error(exc: grpc.aio.AioRpcError) -> ProviderAnswer:

@@ -8,17 +8,21 @@ for the operators who edit the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import cedarpy
 
-from actionmesh.v1 import common_pb2
+from actionmesh.rpc.convert import utcnow
+from actionmesh.v1 import audit_pb2, common_pb2
 from gateway.auth import Caller
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,7 @@ ACTION_TYPE = "ActionMesh::Action"
 class Operation(StrEnum):
     DISCOVER = "discover"
     EXECUTE = "execute"
+    APPROVE = "approve"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,19 @@ class Decision:
     allowed: bool
     policy_ids: tuple[str, ...]
     errors: tuple[str, ...] = ()
+
+
+def decision_evidence(
+    operation: Operation, subject: ActionSubject, decision: Decision
+) -> audit_pb2.PolicyDecision:
+    return audit_pb2.PolicyDecision(
+        operation=operation.value,
+        action_id=subject.action_id,
+        provider_id=subject.provider_id,
+        allowed=decision.allowed,
+        policy_ids=list(decision.policy_ids),
+        errors=list(decision.errors),
+    )
 
 
 @dataclass(frozen=True)
@@ -78,17 +96,119 @@ def record_context(record: common_pb2.RecordContext) -> dict[str, Any]:
     }
 
 
+def policy_context(caller: Caller, record: common_pb2.RecordContext) -> dict[str, str]:
+    """The inputs a decision was taken on, flattened for the audit event."""
+    context = {
+        "principal.subject": caller.subject,
+        "principal.tenant": caller.tenant,
+        "principal.roles": ",".join(sorted(caller.roles)),
+        "record.status": record.status,
+        "record.sensitivity": sensitivity_name(record.sensitivity),
+    }
+    for name, value in sorted(record.attributes.items()):
+        context[f"record.attributes.{name}"] = value
+    return context
+
+
+@dataclass(frozen=True)
+class LoadedPolicies:
+    """One parsed policy file: what is in force and how to name it in evidence."""
+
+    policies: cedarpy.PolicySet
+    names: dict[str, str]
+    digest: str
+    loaded_at: datetime
+
+    @property
+    def policy_ids(self) -> list[str]:
+        return sorted(self.names.values())
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    path: str
+    digest: str
+    loaded_at: datetime
+    policy_ids: list[str]
+    reload_error: str
+    reload_error_at: datetime | None
+
+
+def parse_policies(path: Path, text: str) -> LoadedPolicies:
+    try:
+        policies = cedarpy.PolicySet.from_str(text)
+        names = _policy_names(text)
+    except ValueError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    return LoadedPolicies(
+        policies=policies,
+        names=names,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+        loaded_at=utcnow(),
+    )
+
+
 class PolicyEngine:
-    """Evaluates the operator's Cedar policy file."""
+    """Evaluates the operator's Cedar policy file, reloading it when it changes.
+
+    A file that fails to parse never replaces the policies in force: the error
+    is logged and reported by :meth:`status` until a good file is saved.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        text = self.path.read_text()
-        try:
-            self._policies = cedarpy.PolicySet.from_str(text)
-            self._names = _policy_names(text)
-        except ValueError as exc:
-            raise PolicyError(f"{self.path}: {exc}") from exc
+        self._loaded = parse_policies(self.path, self.path.read_text())
+        self._reload_error = ""
+        self._reload_error_at: datetime | None = None
+        self._failed_digest = ""
+        self._lock = threading.Lock()
+
+    def reload_if_changed(self) -> bool | None:
+        """Reload when the file's content changed: True loaded, False refused, None unchanged."""
+        with self._lock:
+            try:
+                text = self.path.read_text()
+            except OSError as exc:
+                return self._refuse(hashlib.sha256(str(exc).encode()).hexdigest(), str(exc))
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest == self._loaded.digest:
+                if self._reload_error:
+                    # The file was put back as it is in force: nothing is pending any more.
+                    self._reload_error, self._reload_error_at, self._failed_digest = "", None, ""
+                return None
+            if digest == self._failed_digest:
+                return None
+            try:
+                loaded = parse_policies(self.path, text)
+            except PolicyError as exc:
+                return self._refuse(digest, str(exc))
+            self._loaded = loaded
+            self._reload_error, self._reload_error_at, self._failed_digest = "", None, ""
+            log.info(
+                "policies reloaded from %s (sha256 %s): %s",
+                self.path,
+                loaded.digest[:12],
+                ", ".join(loaded.policy_ids),
+            )
+            return True
+
+    def _refuse(self, digest: str, error: str) -> bool:
+        log.error("policy file %s rejected, previous policies stay in force: %s", self.path, error)
+        self._failed_digest = digest
+        self._reload_error = error
+        self._reload_error_at = utcnow()
+        return False
+
+    def status(self) -> PolicyStatus:
+        loaded = self._loaded
+        return PolicyStatus(
+            path=str(self.path),
+            digest=loaded.digest,
+            loaded_at=loaded.loaded_at,
+            policy_ids=loaded.policy_ids,
+            reload_error=self._reload_error,
+            reload_error_at=self._reload_error_at,
+        )
 
     def authorize(
         self,
@@ -97,9 +217,10 @@ class PolicyEngine:
         record: common_pb2.RecordContext,
         subjects: Sequence[ActionSubject],
     ) -> list[Decision]:
-        """One decision per subject, evaluated in one batch."""
+        """One decision per subject, evaluated in one batch against the policies in force."""
         if not subjects:
             return []
+        loaded = self._loaded
         principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
         entities: list[dict[str, Any]] = [
             {
@@ -132,7 +253,7 @@ class PolicyEngine:
                     "context": context,
                 }
             )
-        results = cedarpy.is_authorized_batch(requests, self._policies, entities)
+        results = cedarpy.is_authorized_batch(requests, loaded.policies, entities)
         decisions = []
         for result in results:
             errors = tuple(str(e) for e in result.diagnostics.errors)
@@ -141,7 +262,7 @@ class PolicyEngine:
             decisions.append(
                 Decision(
                     allowed=bool(result.allowed),
-                    policy_ids=tuple(self._names.get(p, p) for p in result.diagnostics.reasons),
+                    policy_ids=tuple(loaded.names.get(p, p) for p in result.diagnostics.reasons),
                     errors=errors,
                 )
             )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+
+from grpc_health.v1 import health_pb2
 
 from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.server import RunningServer, start_server
 from actionmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.approvals import Approvals
 from gateway.auth import TokenVerifier
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
@@ -16,11 +20,15 @@ from gateway.execution import Executor
 from gateway.history import HistoryReader
 from gateway.outbox import OutboxShipper
 from gateway.policy import PolicyEngine
+from gateway.redaction import Redactor
 from gateway.servicer import GatewayServicer
 from gateway.storage import GatewayStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["ActionGatewayService"].full_name
+# grpc.health.v1 service name that is NOT_SERVING while the policy file on disk
+# failed to load (the previous policies stay in force; GetPolicyStatus says why).
+POLICY_HEALTH_NAME = "actionmesh.gateway.policy"
 
 
 async def start_gateway(config: GatewayConfig) -> RunningServer:
@@ -40,31 +48,83 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         retry_max_s=config.audit_retry_max_s,
     )
     shipper.start()
+    executor = Executor(
+        store=store,
+        directory=directory,
+        policy=policy,
+        redactor=Redactor.from_key_file(config.redaction_key_file),
+        on_audit_written=shipper.notify,
+        default_timeout_s=config.default_execute_timeout_s,
+        max_timeout_s=config.max_execute_timeout_s,
+        late_result_grace_s=config.late_result_grace_s,
+        approval_ttl_s=config.approval_ttl_s,
+    )
+    approvals = Approvals(executor, policy)
     servicer = GatewayServicer(
         verifier=verifier,
-        discoverer=Discoverer(directory, policy, config.discover_timeout_s),
-        executor=Executor(
+        discoverer=Discoverer(
+            directory,
+            policy,
+            config.discover_timeout_s,
             store=store,
-            directory=directory,
-            policy=policy,
             on_audit_written=shipper.notify,
-            default_timeout_s=config.default_execute_timeout_s,
-            max_timeout_s=config.max_execute_timeout_s,
+            cache_ttl_s=config.discover_cache_ttl_s,
+            cache_max_entries=config.discover_cache_max_entries,
         ),
+        executor=executor,
+        approvals=approvals,
         history=HistoryReader(audit_channel),
         store=store,
+        policy=policy,
     )
     running = await start_server(
         [(gateway_pb2_grpc.add_ActionGatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
         host=config.host,
         port=config.port,
     )
+    await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+    background = [
+        asyncio.create_task(approvals.sweep_forever(config.approval_sweep_interval_s)),
+    ]
+    if config.policy_reload_interval_s > 0:
+        background.append(
+            asyncio.create_task(watch_policy(policy, running, config.policy_reload_interval_s))
+        )
+
+    async def stop_background() -> None:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def close_dependencies() -> None:
+        await executor.close()
         await shipper.close()
         await directory.close()
         await audit_channel.close()
         store.close()
 
-    running.on_stop.append(close_dependencies)
+    running.on_stop.append(stop_background)
+    running.after_drain.append(close_dependencies)
     return running
+
+
+async def watch_policy(policy: PolicyEngine, running: RunningServer, interval_s: float) -> None:
+    """Reload the policy file when it changes; a bad file never replaces a good one."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            changed = await asyncio.to_thread(policy.reload_if_changed)
+        except Exception:
+            log.exception("policy reload check failed")
+            continue
+        healthy = not policy.status().reload_error
+        await running.health.set(
+            POLICY_HEALTH_NAME,
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        if changed is not None:
+            log.info("policy reload: %s", "loaded" if changed else "refused")

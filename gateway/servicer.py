@@ -9,10 +9,12 @@ import grpc.aio
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.approvals import Approvals
 from gateway.auth import TokenVerifier
 from gateway.discovery import Discoverer
 from gateway.execution import ExecuteCommand, Executor
 from gateway.history import HistoryReader
+from gateway.policy import PolicyEngine
 from gateway.storage import ExecutionRecord, GatewayStore
 
 
@@ -23,20 +25,26 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         verifier: TokenVerifier,
         discoverer: Discoverer,
         executor: Executor,
+        approvals: Approvals,
         history: HistoryReader,
         store: GatewayStore,
+        policy: PolicyEngine,
     ) -> None:
         self._verifier = verifier
         self._discoverer = discoverer
         self._executor = executor
+        self._approvals = approvals
         self._history = history
         self._store = store
+        self._policy = policy
 
     async def DiscoverActions(
         self, request: gateway_pb2.DiscoverActionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DiscoverActionsResponse:
         caller = self._verifier.authenticate(context.invocation_metadata())
-        result = await self._discoverer.discover(caller, request.record, request.HasField("record"))
+        result = await self._discoverer.discover(
+            caller, request.record, request.HasField("record"), skip_cache=request.skip_cache
+        )
         return gateway_pb2.DiscoverActionsResponse(
             actions=[
                 gateway_pb2.DiscoveredActionView(
@@ -44,6 +52,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
                     provider_id=a.provider_id,
                     available=a.available,
                     unavailable_reason=a.unavailable_reason,
+                    from_cache=a.from_cache,
                 )
                 for a in result.actions
             ],
@@ -82,11 +91,82 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     ) -> gateway_pb2.GetRecordHistoryResponse:
         caller = self._verifier.authenticate(context.invocation_metadata())
         page = await self._history.timeline(
-            caller, request.record, request.page_size, request.page_token
+            caller,
+            request.record,
+            request.page_size,
+            request.page_token,
+            include_discovery=request.include_discovery,
         )
         return gateway_pb2.GetRecordHistoryResponse(
             events=page.events, next_page_token=page.next_page_token
         )
+
+    async def ListPendingApprovals(
+        self, request: gateway_pb2.ListPendingApprovalsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListPendingApprovalsResponse:
+        caller = self._verifier.authenticate(context.invocation_metadata())
+        page = await self._approvals.list_pending(
+            caller,
+            request.record if request.HasField("record") else None,
+            request.page_size,
+            request.page_token,
+        )
+        return gateway_pb2.ListPendingApprovalsResponse(
+            approvals=[
+                gateway_pb2.PendingApproval(
+                    execution=execution_proto(p.record),
+                    record=p.command.record,
+                    inputs=dict(p.command.inputs),
+                    requester_roles=p.record.requester_roles,
+                )
+                for p in page.approvals
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ApproveExecution(
+        self, request: gateway_pb2.ApproveExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ApproveExecutionResponse:
+        caller = self._verifier.authenticate(context.invocation_metadata())
+        record = await self._approvals.approve(
+            caller,
+            request.execution_id,
+            request.comment,
+            request.record,
+            request.HasField("record"),
+        )
+        return gateway_pb2.ApproveExecutionResponse(execution=execution_proto(record))
+
+    async def RejectExecution(
+        self, request: gateway_pb2.RejectExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RejectExecutionResponse:
+        caller = self._verifier.authenticate(context.invocation_metadata())
+        record = await self._approvals.reject(caller, request.execution_id, request.comment)
+        return gateway_pb2.RejectExecutionResponse(execution=execution_proto(record))
+
+    async def GetPolicyStatus(
+        self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetPolicyStatusResponse:
+        self._verifier.authenticate(context.invocation_metadata())
+        status = self._policy.status()
+        reply = gateway_pb2.GetPolicyStatusResponse(
+            policy_file=status.path,
+            digest=status.digest,
+            loaded_at=to_timestamp(status.loaded_at),
+            policy_ids=status.policy_ids,
+            reload_error=status.reload_error,
+        )
+        if status.reload_error_at is not None:
+            reply.reload_error_at.CopyFrom(to_timestamp(status.reload_error_at))
+        return reply
+
+
+APPROVAL_STATES = {
+    "PENDING": gateway_pb2.APPROVAL_STATE_PENDING,
+    "APPROVED": gateway_pb2.APPROVAL_STATE_APPROVED,
+    "REJECTED": gateway_pb2.APPROVAL_STATE_REJECTED,
+    "EXPIRED": gateway_pb2.APPROVAL_STATE_EXPIRED,
+}
 
 
 def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
@@ -114,4 +194,16 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
     )
     if record.finished_at is not None:
         message.finished_at.CopyFrom(to_timestamp(record.finished_at))
+    if record.approval_state:
+        message.approval.state = APPROVAL_STATES[record.approval_state]
+        message.approval.approver = record.approver
+        message.approval.comment = record.approval_comment
+        if record.approval_expires_at is not None:
+            message.approval.expires_at.CopyFrom(to_timestamp(record.approval_expires_at))
+        if record.approval_decided_at is not None:
+            message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
+    if record.late_outcome:
+        message.late_outcome = common_pb2.Outcome.Value(f"OUTCOME_{record.late_outcome}")
+        if record.late_result_at is not None:
+            message.late_result_at.CopyFrom(to_timestamp(record.late_result_at))
     return message

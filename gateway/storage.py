@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import (
+    Boolean,
     Integer,
     LargeBinary,
     String,
@@ -55,6 +56,18 @@ class ExecutionRow(Base):
     trace_id: Mapped[str] = mapped_column(String(32), default="")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The request exactly as authorized (ExecuteActionRequest bytes): what an
+    # approver approves and what is dispatched after approval.
+    request_payload: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    requester_roles_json: Mapped[str] = mapped_column(Text, default="[]")
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    approval_state: Mapped[str] = mapped_column(String(16), default="", index=True)
+    approval_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    approval_decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    approver: Mapped[str] = mapped_column(String(256), default="")
+    approval_comment: Mapped[str] = mapped_column(Text, default="")
+    late_outcome: Mapped[str] = mapped_column(String(32), default="")
+    late_result_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class OutboxRow(Base):
@@ -78,6 +91,12 @@ class ParkedEventRow(Base):
 
 # The outcome a running execution has until it finishes.
 RUNNING = "RUNNING"
+PENDING_APPROVAL = "PENDING_APPROVAL"
+# Approval states (ExecutionRow.approval_state); "" for actions without approval.
+APPROVAL_PENDING = "PENDING"
+APPROVAL_APPROVED = "APPROVED"
+APPROVAL_REJECTED = "REJECTED"
+APPROVAL_EXPIRED = "EXPIRED"
 
 
 @dataclass
@@ -102,10 +121,34 @@ class ExecutionRecord:
     warnings: list[str] = field(default_factory=list)
     trace_id: str = ""
     finished_at: datetime | None = None
+    request_payload: bytes = b""
+    requester_roles: list[str] = field(default_factory=list)
+    sensitive: bool = False
+    approval_state: str = ""
+    approval_expires_at: datetime | None = None
+    approval_decided_at: datetime | None = None
+    approver: str = ""
+    approval_comment: str = ""
+    late_outcome: str = ""
+    late_result_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
+        """No dispatch is under way (pending approval counts: nothing runs until decided)."""
         return self.outcome != RUNNING
+
+
+@dataclass(frozen=True)
+class ApprovalDecision:
+    """How a pending execution leaves PENDING_APPROVAL."""
+
+    state: str
+    outcome: str
+    approver: str
+    comment: str
+    decided_at: datetime
+    reason: str = ""
+    message: str = ""
 
 
 class KeyConflict(Exception):
@@ -161,6 +204,109 @@ class GatewayStore:
             row.warnings_json = json.dumps(record.warnings)
             row.finished_at = record.finished_at
             _enqueue(session, events)
+
+    def decide_approval(
+        self,
+        execution_id: str,
+        decision: ApprovalDecision,
+        events: Sequence[audit_pb2.AuditEvent],
+    ) -> bool:
+        """Move a pending execution on, exactly once across gateway replicas.
+
+        False when it was no longer pending (another approver or the expiry
+        sweep decided first); the events are then not written.
+        """
+        values: dict[str, object] = {
+            "outcome": decision.outcome,
+            "approval_state": decision.state,
+            "approver": decision.approver,
+            "approval_comment": decision.comment,
+            "approval_decided_at": decision.decided_at,
+        }
+        if decision.outcome != RUNNING:
+            values.update(
+                reason=decision.reason, message=decision.message, finished_at=decision.decided_at
+            )
+        with self._session.begin() as session:
+            result = session.execute(
+                update(ExecutionRow)
+                .where(
+                    ExecutionRow.execution_id == execution_id,
+                    ExecutionRow.outcome == PENDING_APPROVAL,
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            _enqueue(session, events)
+            return True
+
+    def pending_approvals(
+        self,
+        tenant: str,
+        *,
+        record: tuple[str, str] | None,
+        not_expired_at: datetime,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[ExecutionRecord]:
+        """Pending executions of one tenant, oldest first, keyset-paged."""
+        query = select(ExecutionRow).where(
+            ExecutionRow.tenant == tenant,
+            ExecutionRow.outcome == PENDING_APPROVAL,
+            ExecutionRow.approval_expires_at > not_expired_at,
+        )
+        if record is not None:
+            query = query.where(
+                ExecutionRow.record_type == record[0], ExecutionRow.record_id == record[1]
+            )
+        if after is not None:
+            query = query.where(
+                (ExecutionRow.started_at > after[0])
+                | ((ExecutionRow.started_at == after[0]) & (ExecutionRow.execution_id > after[1]))
+            )
+        query = query.order_by(ExecutionRow.started_at, ExecutionRow.execution_id).limit(limit)
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def expired_approvals(self, now: datetime, limit: int) -> list[ExecutionRecord]:
+        """Pending executions (any tenant) whose approval window has closed."""
+        query = (
+            select(ExecutionRow)
+            .where(
+                ExecutionRow.outcome == PENDING_APPROVAL,
+                ExecutionRow.approval_expires_at <= now,
+            )
+            .order_by(ExecutionRow.approval_expires_at)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def record_late_result(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> bool:
+        """Attach a provider's late answer to a TIMED_OUT execution (its outcome stays)."""
+        with self._session.begin() as session:
+            result = session.execute(
+                update(ExecutionRow)
+                .where(
+                    ExecutionRow.execution_id == record.execution_id,
+                    ExecutionRow.outcome == "TIMED_OUT",
+                    ExecutionRow.late_outcome == "",
+                )
+                .values(
+                    late_outcome=record.late_outcome,
+                    late_result_at=record.late_result_at,
+                    external_ref=record.external_ref,
+                    changes_json=json.dumps(record.changes),
+                    warnings_json=json.dumps(record.warnings),
+                )
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            _enqueue(session, events)
+            return True
 
     def reclaim_unavailable(self, execution_id: str) -> bool:
         """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
@@ -242,6 +388,16 @@ def _to_row(record: ExecutionRecord) -> ExecutionRow:
         trace_id=record.trace_id,
         started_at=record.started_at,
         finished_at=record.finished_at,
+        request_payload=record.request_payload,
+        requester_roles_json=json.dumps(record.requester_roles),
+        sensitive=record.sensitive,
+        approval_state=record.approval_state,
+        approval_expires_at=record.approval_expires_at,
+        approval_decided_at=record.approval_decided_at,
+        approver=record.approver,
+        approval_comment=record.approval_comment,
+        late_outcome=record.late_outcome,
+        late_result_at=record.late_result_at,
     )
 
 
@@ -265,4 +421,14 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         trace_id=row.trace_id,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        request_payload=row.request_payload,
+        requester_roles=list(json.loads(row.requester_roles_json)),
+        sensitive=row.sensitive,
+        approval_state=row.approval_state,
+        approval_expires_at=row.approval_expires_at,
+        approval_decided_at=row.approval_decided_at,
+        approver=row.approver,
+        approval_comment=row.approval_comment,
+        late_outcome=row.late_outcome,
+        late_result_at=row.late_result_at,
     )

@@ -34,8 +34,8 @@ def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
     actions = cli(mesh, "actions", "workitem/wi-2001", "--status", "failed", "--json", token=token)
     assert actions.returncode == 0, actions.stdout + actions.stderr
     views = json.loads(actions.stdout)["actions"]
-    assert [(v["descriptor"]["action_id"], v["available"]) for v in views] == [
-        ("workitem.retry", True)
+    assert ("workitem.retry", True) in [
+        (v["descriptor"]["action_id"], v["available"]) for v in views
     ]
 
     key = uuid.uuid4().hex

@@ -298,7 +298,7 @@ async def test_restricted_record_is_visible_to_supervisor_but_not_executable(
     discovered = await gateway.DiscoverActions(
         gateway_pb2.DiscoverActionsRequest(record=locked), metadata=bearer(supervisor)
     )
-    assert [a.descriptor.action_id for a in discovered.actions] == ["workitem.retry"]
+    assert "workitem.retry" in [a.descriptor.action_id for a in discovered.actions]
     request = retry_request("wi-1002", status="stuck")
     request.record.CopyFrom(locked)
     with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -42,7 +42,10 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: Sequence[str]
+    # Run before draining (e.g. deregister, so no new work is routed here).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run once in-flight calls have drained (e.g. close stores they write to).
+    after_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -58,14 +61,19 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Graceful shutdown: NOT_SERVING first, run stop hooks, then drain calls."""
+        """Graceful shutdown: NOT_SERVING, stop hooks, drain calls, then after-drain hooks."""
         await self.set_serving(False)
-        for hook in self.on_stop:
-            try:
-                await hook()
-            except Exception:
-                log.exception("stop hook failed")
+        await _run_hooks(self.on_stop)
         await self.server.stop(grace_s)
+        await _run_hooks(self.after_drain)
+
+
+async def _run_hooks(hooks: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("stop hook failed")
 
 
 async def start_server(
