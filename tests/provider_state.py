@@ -1,9 +1,10 @@
-"""Read the workitems provider's own database, to prove what really changed."""
+"""Read the providers' own databases, to prove what really changed."""
 
 from __future__ import annotations
 
 from actionmesh.mesh import Mesh
 from actionmesh.rpc.db import sqlite_url
+from providers.records.store import ChangeRecord, RecordStore, Ticket
 from providers.workitems.store import WorkItemStore
 
 
@@ -14,5 +15,16 @@ def item_state(mesh: Mesh, tenant: str, item_id: str) -> tuple[str, list[str]]:
         item = store.get(tenant, item_id)
         assert item is not None, f"{tenant}/{item_id} is not in the provider's store"
         return item.status, [a.trace_id for a in store.attempts(tenant, item_id)]
+    finally:
+        store.close()
+
+
+def ticket_state(mesh: Mesh, tenant: str, ticket_id: str) -> tuple[Ticket, list[ChangeRecord]]:
+    """The ticket and its change log as the records provider stored them."""
+    store = RecordStore.open(sqlite_url(mesh.data_dir / "data" / "providers" / "records.db"))
+    try:
+        ticket = store.get(tenant, ticket_id)
+        assert ticket is not None, f"{tenant}/{ticket_id} is not in the provider's store"
+        return ticket, store.changes(tenant, ticket_id)
     finally:
         store.close()

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.telemetry import configure_tracing
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 from providers.sdk import ProviderConfig, start_provider
-from providers.workitems import WorkItem, WorkItemStore, workitems
+from providers.workitems import InboundEmail, WorkItem, WorkItemStore, workitems
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,8 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 ALICE = common_pb2.Operator(subject="alice", tenant="acme", roles=["operator"])
 
 
-def record(item_id: str, status: str = "failed", tenant: str = "acme") -> common_pb2.RecordContext:
-    return common_pb2.RecordContext(tenant=tenant, type="workitem", id=item_id, status=status)
+def record(
+    item_id: str, status: str = "failed", tenant: str = "acme", **attributes: str
+) -> common_pb2.RecordContext:
+    return common_pb2.RecordContext(
+        tenant=tenant, type="workitem", id=item_id, status=status, attributes=attributes
+    )
 
 
 def retry(
@@ -118,10 +122,22 @@ async def test_discovery_follows_the_record_status(served: Served) -> None:
         )
         return [(a.action_id, a.available, a.unavailable_reason) for a in reply.actions]
 
-    assert await discover(record("wi-1001", "failed")) == [("workitem.retry", True, "")]
-    assert await discover(record("wi-1002", "stuck")) == [("workitem.retry", True, "")]
+    assert await discover(record("wi-1001", "failed")) == [
+        ("workitem.retry", True, ""),
+        ("workitem.reprocess_email", True, ""),
+    ]
+    assert await discover(record("wi-1004", "stuck", kind="inbound_email")) == [
+        ("workitem.retry", True, ""),
+        ("workitem.reprocess_email", True, ""),
+    ]
+    # With the kind in the caller's context, only emails are offered for reprocessing.
+    assert await discover(record("wi-1002", "stuck", kind="customer_update")) == [
+        ("workitem.retry", True, ""),
+        ("workitem.reprocess_email", False, "NOT_INBOUND_EMAIL"),
+    ]
     assert await discover(record("wi-1003", "processed")) == [
-        ("workitem.retry", False, "STATUS_NOT_FAILED")
+        ("workitem.retry", False, "STATUS_NOT_FAILED"),
+        ("workitem.reprocess_email", False, "STATUS_NOT_FAILED"),
     ]
     other = common_pb2.RecordContext(tenant="acme", type="invoice", id="inv-1", status="failed")
     assert await discover(other) == []
@@ -129,7 +145,8 @@ async def test_discovery_follows_the_record_status(served: Served) -> None:
 
 async def test_describe_declares_the_retry_schema(served: Served) -> None:
     reply = await served.stub.Describe(provider_pb2.DescribeRequest(), timeout=5)
-    (action,) = reply.actions
+    assert [a.action_id for a in reply.actions] == ["workitem.retry", "workitem.reprocess_email"]
+    action = reply.actions[0]
     assert (reply.provider_id, reply.version, action.action_id) == (
         "workitems",
         "1.0.0",
@@ -258,10 +275,147 @@ async def test_invalid_inputs_are_refused_and_change_nothing(served: Served) -> 
     assert item is not None and item.status == "failed"
 
 
+# -- reprocessing a stuck inbound email into a ticket --------------------------------
+
+
+def reprocess(
+    item_id: str,
+    *,
+    key: str,
+    status: str = "stuck",
+    reason: str = "routing rules restored",
+    queue: str | None = None,
+) -> provider_pb2.ExecuteRequest:
+    inputs = {"reason": common_pb2.InputValue(string_value=reason)}
+    if queue is not None:
+        inputs["queue"] = common_pb2.InputValue(string_value=queue)
+    return provider_pb2.ExecuteRequest(
+        action_id="workitem.reprocess_email",
+        record=record(item_id, status),
+        operator=ALICE,
+        inputs=inputs,
+        idempotency_key=key,
+        request_id=f"req-{key}",
+    )
+
+
+async def test_describe_declares_the_reprocess_email_schema(served: Served) -> None:
+    reply = await served.stub.Describe(provider_pb2.DescribeRequest(), timeout=5)
+    action = {a.action_id: a for a in reply.actions}["workitem.reprocess_email"]
+    assert (action.risk, action.reversible, action.requires_approval, action.timeout_ms) == (
+        common_pb2.RISK_LOW,
+        False,
+        False,
+        5000,
+    )
+    assert [(f.name, f.required, list(f.allowed_values)) for f in action.inputs] == [
+        ("reason", True, []),
+        ("queue", False, ["support", "billing", "technical"]),
+    ]
+
+
+async def test_reprocess_email_creates_a_ticket_and_records_before_and_after(
+    served: Served,
+) -> None:
+    reply = await execute(served, reprocess("wi-1004", key="e-1", queue="technical"))
+    assert reply.outcome == common_pb2.OUTCOME_SUCCEEDED
+    (ticket,) = served.store.tickets("acme", "wi-1004")
+    assert reply.external_ref == ticket.ticket_id
+    assert ticket.ticket_id.startswith("t-")
+    assert (ticket.queue, ticket.sender, ticket.subject, ticket.attempt) == (
+        "technical",
+        "dana@acme.example",
+        "Cannot log in to the portal",
+        2,
+    )
+    assert [(c.field, c.before, c.after) for c in reply.changes] == [
+        ("status", "stuck", "processed"),
+        ("attempts", "1", "2"),
+        ("ticket", "", ticket.ticket_id),
+    ]
+    assert ticket.ticket_id in reply.message and list(reply.warnings) == []
+
+    item = served.store.get("acme", "wi-1004")
+    assert item is not None and (item.status, item.attempts, item.last_error) == (
+        "processed",
+        2,
+        "",
+    )
+    (attempt,) = served.store.attempts("acme", "wi-1004")
+    assert (attempt.action_id, attempt.status_before, attempt.status_after, attempt.actor) == (
+        "workitem.reprocess_email",
+        "stuck",
+        "processed",
+        "alice",
+    )
+    assert attempt.reason == "routing rules restored"
+
+    # Processed now: a second reprocess (stale caller view) is refused and creates nothing.
+    again = await execute(served, reprocess("wi-1004", key="e-2"))
+    assert (again.outcome, again.reason) == (common_pb2.OUTCOME_REJECTED, "NOT_FAILED")
+    assert len(served.store.tickets("acme", "wi-1004")) == 1
+
+
+async def test_reprocess_email_with_a_repeated_key_creates_one_ticket(served: Served) -> None:
+    first = await execute(served, reprocess("wi-1001", key="same", status="failed"))
+    second = await execute(served, reprocess("wi-1001", key="same", status="failed"))
+    assert first == second and first.outcome == common_pb2.OUTCOME_SUCCEEDED
+    assert [t.ticket_id for t in served.store.tickets("acme", "wi-1001")] == [first.external_ref]
+    assert len(served.store.attempts("acme", "wi-1001")) == 1
+
+
+async def test_reprocess_email_refuses_what_is_not_a_stuck_email(served: Served) -> None:
+    # The caller claims nothing about the kind; the provider checks its own store.
+    update = await execute(served, reprocess("wi-1002", key="r-1"))
+    assert (update.outcome, update.reason) == (common_pb2.OUTCOME_REJECTED, "NOT_INBOUND_EMAIL")
+    processed = await execute(served, reprocess("wi-1003", key="r-2", status="failed"))
+    assert (processed.outcome, processed.reason) == (common_pb2.OUTCOME_REJECTED, "NOT_FAILED")
+    served.store.put(WorkItem("acme", "wi-3003", "inbound_email", "failed", attempts=1))
+    lost = await execute(served, reprocess("wi-3003", key="r-3", status="failed"))
+    assert (lost.outcome, lost.reason) == (common_pb2.OUTCOME_REJECTED, "EMAIL_MISSING")
+
+    for tenant, item_id, status in (
+        ("acme", "wi-1002", "stuck"),
+        ("acme", "wi-1003", "processed"),
+        ("acme", "wi-3003", "failed"),
+    ):
+        item = served.store.get(tenant, item_id)
+        assert item is not None and item.status == status
+        assert served.store.tickets(tenant, item_id) == []
+        assert served.store.attempts(tenant, item_id) == []
+
+
+async def test_reprocess_and_retry_share_the_attempt_budget(served: Served) -> None:
+    spent = await execute(served, reprocess("wi-1005", key="b-1", status="failed"))
+    assert (spent.outcome, spent.reason) == (common_pb2.OUTCOME_REJECTED, "MAX_ATTEMPTS_REACHED")
+    assert served.store.tickets("acme", "wi-1005") == []
+
+    served.store.put(WorkItem("acme", "wi-3004", "inbound_email", "failed", attempts=2))
+    served.store.put_email(InboundEmail("acme", "wi-3004", "kim@acme.example", "Refund request"))
+    last = await execute(served, reprocess("wi-3004", key="b-2", status="failed"))
+    assert last.outcome == common_pb2.OUTCOME_SUCCEEDED
+    assert list(last.warnings) == ["This was the last allowed attempt for this work item."]
+
+    # It fails again downstream: neither action has an attempt left.
+    item = served.store.get("acme", "wi-3004")
+    assert item is not None and item.attempts == 3
+    served.store.put(replace(item, status="failed"))
+    for request in (
+        reprocess("wi-3004", key="b-3", status="failed"),
+        retry("wi-3004", key="b-4"),
+    ):
+        reply = await execute(served, request)
+        assert (reply.outcome, reply.reason) == (
+            common_pb2.OUTCOME_REJECTED,
+            "MAX_ATTEMPTS_REACHED",
+        )
+    assert len(served.store.tickets("acme", "wi-3004")) == 1
+
+
 async def test_seeding_again_keeps_existing_state(tmp_path: Path) -> None:
     store = WorkItemStore.open(f"sqlite:///{tmp_path / 'w.db'}")
     try:
-        assert store.seed_demo() == 4
+        assert store.seed_demo() == 6
         store.put(WorkItem("acme", "wi-1001", "inbound_email", "processed", attempts=2))
         assert store.seed_demo() == 0
         item = store.get("acme", "wi-1001")

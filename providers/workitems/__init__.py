@@ -1,9 +1,25 @@
-"""Example provider: retries failed or stuck work items kept in its own SQLite store.
+"""Example provider: retries failed or stuck work items kept in its own SQLite store, and
+reprocesses stuck inbound emails into tickets.
 
 Run it with ``python -m providers.workitems --port 0 --registry 127.0.0.1:NNNN``.
 """
 
-from providers.workitems.provider import RetryInputs, current_store, workitems
-from providers.workitems.store import Attempt, WorkItem, WorkItemStore
+from providers.workitems.provider import (
+    ReprocessEmailInputs,
+    RetryInputs,
+    current_store,
+    workitems,
+)
+from providers.workitems.store import Attempt, EmailTicket, InboundEmail, WorkItem, WorkItemStore
 
-__all__ = ["Attempt", "RetryInputs", "WorkItem", "WorkItemStore", "current_store", "workitems"]
+__all__ = [
+    "Attempt",
+    "EmailTicket",
+    "InboundEmail",
+    "ReprocessEmailInputs",
+    "RetryInputs",
+    "WorkItem",
+    "WorkItemStore",
+    "current_store",
+    "workitems",
+]
