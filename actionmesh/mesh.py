@@ -30,7 +30,7 @@ SIGNING_KEY_FILE = "dev-signing-key"
 REDACTION_KEY_FILE = "redaction-key"
 POLICY_FILE = "policies.cedar"
 STATE_FILE = "mesh.json"
-DEFAULT_PROVIDERS = ("providers.workitems",)
+DEFAULT_PROVIDERS = ("providers.workitems", "providers.records")
 
 
 class MeshError(RuntimeError):
