@@ -5,6 +5,10 @@
     actionmesh actions workitem/wi-1001 --status failed
     actionmesh run workitem.retry workitem/wi-1001 --status failed --input reason="parser fixed"
     actionmesh history workitem/wi-1001
+    actionmesh approvals                       # what waits for a second person
+    actionmesh approve EXECUTION_ID ticket/t-100 --status open --comment "checked"
+    actionmesh reject EXECUTION_ID --comment "wrong customer"
+    actionmesh policy                          # which policy file is in force
 
 Every command but ``up`` and ``token`` takes ``--json`` for scripts.
 """
@@ -265,18 +269,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key or uuid.uuid4().hex,
     )
     reply = asyncio.run(call_gateway(args, "ExecuteAction", request))
-    execution = reply.execution
+    return show_execution(args, reply.execution)
+
+
+def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -> int:
+    """Print an execution; exit 0 only for SUCCEEDED (3 otherwise, e.g. PENDING_APPROVAL)."""
     if args.json:
         print(json.dumps(to_dict(execution), indent=2))
-        return 0
+        return 0 if execution.outcome == common_pb2.OUTCOME_SUCCEEDED else 3
     outcome = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.outcome))
     console.print(f"[bold]{outcome}[/bold]  execution {execution.execution_id}")
-    for label, value in (
+    approval = execution.approval
+    lines = [
+        ("action", f"{execution.action_id} on {execution.record.type}/{execution.record.id}"),
+        ("requested by", execution.actor),
         ("reason", execution.reason),
         ("message", execution.message),
         ("external ref", execution.external_ref),
         ("trace id", execution.trace_id),
-    ):
+    ]
+    if approval.state:
+        state = enum_label("APPROVAL_STATE_", gateway_pb2.ApprovalState.Name(approval.state))
+        by = f" by {approval.approver}" if approval.approver else ""
+        note = f" ({approval.comment})" if approval.comment else ""
+        lines.append(("approval", f"{state.lower()}{by}{note}"))
+        if approval.state == gateway_pb2.APPROVAL_STATE_PENDING:
+            lines.append(("expires", approval.expires_at.ToDatetime().isoformat(" ", "seconds")))
+    if execution.late_outcome:
+        late = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.late_outcome))
+        lines.append(("late result", f"{late}, after the deadline"))
+    for label, value in lines:
         if value:
             console.print(f"  {label}: {value}")
     for change in execution.changes:
@@ -286,9 +308,96 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if execution.outcome == common_pb2.OUTCOME_SUCCEEDED else 3
 
 
+def cmd_execution(args: argparse.Namespace) -> int:
+    request = gateway_pb2.GetExecutionRequest(execution_id=args.execution_id)
+    reply = asyncio.run(call_gateway(args, "GetExecution", request))
+    show_execution(args, reply.execution)
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    request = gateway_pb2.ListPendingApprovalsRequest(page_size=args.limit)
+    if args.record:
+        request.record.CopyFrom(parse_record_ref(args.record))
+    reply = asyncio.run(call_gateway(args, "ListPendingApprovals", request))
+    if args.json:
+        print(json.dumps([to_dict(a) for a in reply.approvals], indent=2))
+        return 0
+    table = Table(title="waiting for your approval")
+    for column in ("execution", "requested by", "action", "record", "inputs", "expires"):
+        table.add_column(column)
+    for pending in reply.approvals:
+        execution = pending.execution
+        table.add_row(
+            execution.execution_id,
+            f"{execution.actor} ({', '.join(pending.requester_roles)})",
+            execution.action_id,
+            f"{execution.record.type}/{execution.record.id} [{pending.record.status}]",
+            ", ".join(f"{k}={display_value(v)}" for k, v in sorted(pending.inputs.items())),
+            execution.approval.expires_at.ToDatetime().isoformat(" ", "seconds"),
+        )
+    console.print(table)
+    if not reply.approvals:
+        console.print("nothing waits for your approval")
+    return 0
+
+
+def display_value(value: common_pb2.InputValue) -> str:
+    kind = value.WhichOneof("kind")
+    return "" if kind is None else str(getattr(value, kind))
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    token = caller_token(args)
+    request = gateway_pb2.ApproveExecutionRequest(
+        execution_id=args.execution_id,
+        comment=args.comment or "",
+        record=record_context(args, token),
+    )
+    reply = asyncio.run(call_gateway(args, "ApproveExecution", request))
+    return show_execution(args, reply.execution)
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    request = gateway_pb2.RejectExecutionRequest(
+        execution_id=args.execution_id, comment=args.comment
+    )
+    reply = asyncio.run(call_gateway(args, "RejectExecution", request))
+    show_execution(args, reply.execution)
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    reply = asyncio.run(call_gateway(args, "GetPolicyStatus", gateway_pb2.GetPolicyStatusRequest()))
+    if args.json:
+        print(json.dumps(to_dict(reply), indent=2))
+        return 0 if not reply.reload_error else 4
+    console.print(f"policy file: {reply.policy_file}")
+    console.print(f"  in force since {reply.loaded_at.ToDatetime().isoformat(' ', 'seconds')} UTC")
+    console.print(f"  sha256 {reply.digest}")
+    console.print(f"  policies: {', '.join(reply.policy_ids)}")
+    if reply.reload_error:
+        console.print(
+            "[red]the file on disk was refused; the policies above stay in force:[/red]\n"
+            f"  {reply.reload_error}"
+        )
+        return 4
+    return 0
+
+
+# Events whose message says more than their reason (an approver's comment, a count).
+TYPES_WITH_MESSAGE = (
+    audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_GRANTED,
+    audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REJECTED,
+    audit_pb2.AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED,
+)
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     request = gateway_pb2.GetRecordHistoryRequest(
-        record=parse_record_ref(args.record), page_size=args.limit
+        record=parse_record_ref(args.record),
+        page_size=args.limit,
+        include_discovery=args.include_discovery,
     )
     reply = asyncio.run(call_gateway(args, "GetRecordHistory", request))
     if args.json:
@@ -311,11 +420,11 @@ def cmd_history(args: argparse.Namespace) -> int:
             event.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
             event.actor,
             event.action_id,
-            enum_label(
-                "AUDIT_EVENT_TYPE_EXECUTION_", audit_pb2.AuditEventType.Name(event.type)
-            ).lower(),
+            enum_label("AUDIT_EVENT_TYPE_", audit_pb2.AuditEventType.Name(event.type))
+            .lower()
+            .replace("_", " "),
             enum_label("OUTCOME_", common_pb2.Outcome.Name(event.outcome)) if event.outcome else "",
-            event.reason,
+            event.reason if event.type not in TYPES_WITH_MESSAGE else event.message,
             event.external_ref,
             "; ".join(f"{c.field}: {c.before} -> {c.after}" for c in event.changes),
         )
@@ -408,7 +517,35 @@ def build_parser() -> argparse.ArgumentParser:
     history = client("history", "show a record's audit timeline")
     history.add_argument("record", help="TYPE/ID")
     history.add_argument("--limit", type=int, default=100)
+    history.add_argument(
+        "--include-discovery",
+        action="store_true",
+        help="also show discovery decisions (what policy showed or hid)",
+    )
     history.set_defaults(func=cmd_history)
+
+    execution = client("execution", "show one execution (approval, late result)")
+    execution.add_argument("execution_id")
+    execution.set_defaults(func=cmd_execution)
+
+    approvals = client("approvals", "list executions waiting for your approval")
+    approvals.add_argument("--record", help="only this record (TYPE/ID)")
+    approvals.add_argument("--limit", type=int, default=50)
+    approvals.set_defaults(func=cmd_approvals)
+
+    approve = client("approve", "approve a pending execution, which then runs")
+    approve.add_argument("execution_id")
+    with_record(approve)
+    approve.add_argument("--comment", help="why it is fine")
+    approve.set_defaults(func=cmd_approve)
+
+    reject = client("reject", "reject a pending execution")
+    reject.add_argument("execution_id")
+    reject.add_argument("--comment", required=True, help="why not")
+    reject.set_defaults(func=cmd_reject)
+
+    policy = client("policy", "show the policy file in force and any reload error")
+    policy.set_defaults(func=cmd_policy)
 
     providers = client("providers", "list registered providers and their health")
     providers.add_argument("--registry", help="registry address (default: from the running mesh)")

@@ -100,3 +100,62 @@ def test_cli_reports_errors_without_a_traceback(mesh: Mesh) -> None:
     assert bad.returncode == 2
     assert "INVALID_ARGUMENT" in bad.stdout and "inputs.colour" in bad.stdout
     assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_four_eyes_from_the_command_line(mesh: Mesh) -> None:
+    def mint(subject: str, roles: str) -> str:
+        return cli(
+            mesh, "token", "--subject", subject, "--tenant", "acme", "--roles", roles
+        ).stdout.strip()
+
+    alice, sam = mint("alice", "operator"), mint("sam", "supervisor")
+    asked = cli(
+        mesh,
+        "run",
+        "ticket.change_service_level",
+        "ticket/t-100",
+        "--status",
+        "open",
+        "--input",
+        "level=critical",
+        "--input",
+        "reason=customer outage",
+        "--json",
+        token=alice,
+    )
+    assert asked.returncode == 3, asked.stdout + asked.stderr  # not SUCCEEDED (yet)
+    held = json.loads(asked.stdout)
+    assert held["outcome"] == "OUTCOME_PENDING_APPROVAL"
+    execution_id = held["execution_id"]
+
+    listed = cli(mesh, "approvals", "--json", token=sam)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    [mine] = [
+        a for a in json.loads(listed.stdout) if a["execution"]["execution_id"] == execution_id
+    ]
+    assert mine["inputs"]["level"] == {"string_value": "critical"}
+    assert execution_id in cli(mesh, "approvals", token=sam).stdout
+
+    own = cli(mesh, "approve", execution_id, "ticket/t-100", "--status", "open", token=alice)
+    assert own.returncode == 2 and "SELF_APPROVAL_FORBIDDEN" in own.stdout
+
+    approved = cli(
+        mesh,
+        "approve",
+        execution_id,
+        "ticket/t-100",
+        "--status",
+        "open",
+        "--comment",
+        "outage confirmed",
+        token=sam,
+    )
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert (
+        "SUCCEEDED" in approved.stdout and "approved by sam (outage confirmed)" in approved.stdout
+    )
+    shown = cli(mesh, "execution", execution_id, token=alice)
+    assert "approved by sam" in shown.stdout and "service_level" in shown.stdout
+
+    policy = cli(mesh, "policy", token=sam)
+    assert policy.returncode == 0 and "supervisors-approve" in policy.stdout
