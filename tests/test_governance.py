@@ -243,6 +243,32 @@ async def test_timed_out_returns_at_the_deadline_and_the_late_result_is_recorded
     assert len(provider_calls(govtest, key=key)) == 1
 
 
+async def test_an_execution_finishes_and_is_recorded_when_the_caller_hangs_up(
+    gov: Stub, token: TokenFactory, govtest: Path
+) -> None:
+    key = uuid.uuid4().hex
+    slow = request("slow", case("c-hangup"), key=key, sleep_ms=350)  # deadline: 500 ms
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await gov.ExecuteAction(slow, metadata=bearer(token()), timeout=0.15)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    # Nobody asks again, yet the execution finishes and its outcome is recorded.
+    async def finished() -> list[audit_pb2.AuditEvent]:
+        return [
+            e
+            for e in await history(gov, token(), "c-hangup")
+            if e.idempotency_key == key and e.type == audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
+        ]
+
+    found = await eventually(finished)
+    assert isinstance(found, list)
+    (event,) = found
+    assert event.outcome == common_pb2.OUTCOME_SUCCEEDED and event.external_ref == "slow/c-hangup"
+    again = (await gov.ExecuteAction(slow, metadata=bearer(token()))).execution
+    assert again.execution_id == event.execution_id
+    assert len(provider_calls(govtest, key=key)) == 1
+
+
 # -- idempotency ---------------------------------------------------------------------
 
 
