@@ -51,6 +51,17 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
         assert details.reason == "PROVIDER_UNAVAILABLE", details
         assert details.retry_after_s is not None and details.retry_after_s > 0
 
+        # Discovery still answers, naming the provider as degraded instead of hiding it.
+        discovered = await gateway.DiscoverActions(
+            gateway_pb2.DiscoverActionsRequest(record=request.record, skip_cache=True),
+            metadata=bearer(token),
+        )
+        assert [
+            (d.provider_id, d.reason in ("UNAVAILABLE", "NOT_SERVING"))
+            for d in discovered.degraded_providers
+        ] == [("workitems", True)]
+        assert not any(a.provider_id == "workitems" for a in discovered.actions)
+
         async def gone() -> bool:
             reply = await registry.ListProviders(registry_pb2.ListProvidersRequest())
             return all(p.provider_id != "workitems" for p in reply.providers)
