@@ -35,7 +35,6 @@ from actionmesh.rpc.errors import (
 )
 from actionmesh.v1 import audit_pb2, common_pb2
 from gateway.auth import Caller
-from gateway.events import audit_event
 from gateway.execution import Authorized, ExecuteCommand, Executor
 from gateway.policy import (
     ActionSubject,
@@ -467,25 +466,16 @@ class Approvals:
         message: str = "",
         authorized: Authorized | None = None,
     ) -> audit_pb2.AuditEvent:
-        sensitive = row.sensitive or command.sensitive
-        return audit_event(
+        """An approval step's event: no result yet, so reason and message are the step's."""
+        return self._executor.event(
             event_type,
-            caller=actor,
-            record=command.record,
-            execution_id=row.execution_id,
-            action_id=row.action_id,
-            provider_id=row.provider_id,
+            actor,
+            command,
+            row,
             outcome=outcome,
+            authorized=authorized,
             reason=reason,
             message=message,
-            idempotency_key=row.idempotency_key,
-            inputs=self._executor.redactor.evidence(command.inputs, sensitive),
-            inputs_redacted=sensitive,
-            policy_ids=authorized.decision.policy_ids if authorized else (),
-            policy_decisions=authorized.evidence if authorized else (),
-            policy_context=authorized.context if authorized else None,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
         )
 
 
