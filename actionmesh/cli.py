@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
+from actionmesh.provider_cli import add_provider_commands
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import (
     audit_pb2,
@@ -154,6 +155,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         registry_port=args.registry_port,
         auditlog_port=args.auditlog_port,
         gateway_port=args.gateway_port,
+        supportdesk_port=args.supportdesk_port,
         seed_demo=not args.no_seed,
     )
     mesh = Mesh(settings)
@@ -170,7 +172,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     table.add_column("address")
     table.add_column("log")
     for service in mesh.services.values():
-        table.add_row(service.name, service.address, str(service.log_path))
+        table.add_row(service.name, service.url or service.address, str(service.log_path))
     console.print(table)
     exe = "actionmesh"
     # Plain print: these lines are meant to be copied, so they must not be re-wrapped.
@@ -474,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gateway-port", type=int, default=50050)
     up.add_argument("--registry-port", type=int, default=50051)
     up.add_argument("--auditlog-port", type=int, default=50052)
+    up.add_argument(
+        "--supportdesk-port", type=int, default=8780, help="stand-in external platform (HTTP)"
+    )
     up.add_argument("--no-seed", action="store_true", help="do not seed demo records")
     up.set_defaults(func=cmd_up)
 
@@ -550,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     providers = client("providers", "list registered providers and their health")
     providers.add_argument("--registry", help="registry address (default: from the running mesh)")
     providers.set_defaults(func=cmd_providers)
+
+    add_provider_commands(sub)
     return parser
 
 

@@ -25,12 +25,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actionmesh.rpc.db import sqlite_url
 from gateway.config import DEFAULT_POLICY_FILE
+from providers.supportdesk.server import is_healthy
 
 SIGNING_KEY_FILE = "dev-signing-key"
 REDACTION_KEY_FILE = "redaction-key"
 POLICY_FILE = "policies.cedar"
 STATE_FILE = "mesh.json"
-DEFAULT_PROVIDERS = ("providers.workitems", "providers.records")
+DEFAULT_PROVIDERS = ("providers.workitems", "providers.records", "providers.escalation")
+ESCALATION_PROVIDER = "providers.escalation"
+# The escalation provider's downstream: a stand-in external platform (HTTP), not a provider.
+PLATFORM_URL_ENV = "ACTIONMESH_ESCALATION_PLATFORM_URL"
 
 
 class MeshError(RuntimeError):
@@ -49,6 +53,9 @@ class MeshSettings:
     """Audit log port (0 = any free port)."""
     gateway_port: int = 50050
     """Gateway port (0 = any free port)."""
+    supportdesk_port: int = 8780
+    """Port of the stand-in external support platform (HTTP; 0 = any free port).
+    Started only when the escalation provider runs and extra_env names no platform."""
     provider_modules: tuple[str, ...] = DEFAULT_PROVIDERS
     """Provider modules to run, each as ``python -m MODULE``, on free ports."""
     seed_demo: bool = True
@@ -70,6 +77,7 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     log_path: Path | None = None
+    url: str = ""
 
 
 class Mesh:
@@ -116,6 +124,19 @@ class Mesh:
             self._launch("registry", self._registry_command(), self.settings.registry_port)
             self._launch("auditlog", self._auditlog_command(), self.settings.auditlog_port)
             self._launch("gateway", self._gateway_command(), self.settings.gateway_port)
+            if self._needs_platform():
+                self._launch(
+                    "supportdesk",
+                    [
+                        sys.executable,
+                        "-m",
+                        "providers.supportdesk",
+                        "--data-dir",
+                        str(self.data_dir / "data" / "supportdesk"),
+                    ],
+                    self.settings.supportdesk_port,
+                    http=True,
+                )
             for module in self.settings.provider_modules:
                 self.start_provider(module)
         except BaseException:
@@ -136,7 +157,16 @@ class Mesh:
             "--seed-demo",
             "true" if self.settings.seed_demo else "false",
         ]
-        return self._launch(name, command, 0)
+        env = {}
+        if module == ESCALATION_PROVIDER and "supportdesk" in self.services:
+            env[PLATFORM_URL_ENV] = self.services["supportdesk"].url
+        return self._launch(name, command, 0, env=env)
+
+    def _needs_platform(self) -> bool:
+        return (
+            ESCALATION_PROVIDER in self.settings.provider_modules
+            and PLATFORM_URL_ENV not in self.settings.extra_env
+        )
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM in reverse start order (providers deregister first), then SIGKILL."""
@@ -217,7 +247,16 @@ class Mesh:
             str(self.redaction_key_path),
         ]
 
-    def _launch(self, name: str, command: list[str], port: int) -> Service:
+    def _launch(
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        http: bool = False,
+    ) -> Service:
+        """Start one child; ``http`` services are probed on /healthz instead of grpc health."""
         ready_file = self.data_dir / "run" / f"{name}.json"
         ready_file.unlink(missing_ok=True)
         log_path = self.data_dir / "logs" / f"{name}.log"
@@ -230,30 +269,37 @@ class Mesh:
             "--ready-file",
             str(ready_file),
         ]
-        env = {**os.environ, **self.settings.extra_env, "PYTHONUNBUFFERED": "1"}
+        child_env = {
+            **os.environ,
+            **(env or {}),
+            **self.settings.extra_env,
+            "PYTHONUNBUFFERED": "1",
+        }
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                full, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                full, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
             )
         service = Service(name=name, command=full, process=process, log_path=log_path)
         self.services[name] = service
-        service.address = self._wait_ready(service, ready_file)
+        self._wait_ready(service, ready_file, http=http)
         return service
 
-    def _wait_ready(self, service: Service, ready_file: Path) -> str:
+    def _wait_ready(self, service: Service, ready_file: Path, *, http: bool = False) -> None:
         assert service.process is not None
         deadline = time.monotonic() + self.settings.start_timeout_s
-        address = ""
         while time.monotonic() < deadline:
             if service.process.poll() is not None:
                 raise MeshError(
                     f"{service.name} exited with {service.process.returncode}; "
                     f"last log lines:\n{tail(service.log_path)}"
                 )
-            if not address and ready_file.exists():
-                address = json.loads(ready_file.read_text())["address"]
-            if address and is_serving(address):
-                return address
+            if not service.address and ready_file.exists():
+                ready = json.loads(ready_file.read_text())
+                service.address, service.url = ready["address"], ready.get("url", "")
+            if service.address and (
+                is_healthy(service.url) if http else is_serving(service.address)
+            ):
+                return
             time.sleep(0.05)
         raise MeshError(
             f"{service.name} was not healthy within {self.settings.start_timeout_s}s; "
@@ -268,9 +314,12 @@ class Mesh:
             "providers": {
                 s.name: s.address
                 for s in self.services.values()
-                if s.name not in ("gateway", "registry", "auditlog")
+                if s.name not in ("gateway", "registry", "auditlog", "supportdesk")
                 and not s.name.startswith("gateway")
             },
+            "supportdesk": self.services["supportdesk"].url
+            if "supportdesk" in self.services
+            else "",
             "signing_key_file": str(self.signing_key_path),
             "policy_file": str(self.policy_path),
         }

@@ -195,7 +195,7 @@ class Executor:
         if record.outcome == "UNAVAILABLE":
             raise Unavailable(
                 record.message or "the provider could not be reached; nothing ran",
-                reason="PROVIDER_UNAVAILABLE",
+                reason=record.reason or "PROVIDER_UNAVAILABLE",
                 retry_after_s=UNAVAILABLE_RETRY_S,
                 metadata={"execution_id": record.execution_id},
             )
@@ -651,10 +651,13 @@ def answer_for_error(exc: grpc.aio.AioRpcError) -> ProviderAnswer:
     code = exc.code()
     details = error_details(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
+        # A reason means the provider answered: its own downstream is down (nothing ran).
         return ProviderAnswer(
             "UNAVAILABLE",
-            reason="PROVIDER_UNAVAILABLE",
-            message="the provider could not be reached; nothing ran",
+            reason=details.reason or "PROVIDER_UNAVAILABLE",
+            message=details.message
+            if details.reason
+            else "the provider could not be reached; nothing ran",
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ProviderAnswer(

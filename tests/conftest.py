@@ -19,6 +19,7 @@ TEST_MESH = dict(
     registry_port=0,
     auditlog_port=0,
     gateway_port=0,
+    supportdesk_port=0,
     lease_ttl_s=2.0,
     health_check_interval_s=0.3,
     extra_env={"ACTIONMESH_LOG_LEVEL": "INFO"},

@@ -1,0 +1,57 @@
+"""Settings of the escalation provider beyond the SDK's (ACTIONMESH_ESCALATION_* variables).
+
+The SDK owns the provider's command line (``ProviderConfig``), so these are read
+from the environment only, with :meth:`EscalationConfig.from_env`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from actionmesh.rpc.config import load_config
+
+ENV_PREFIX = "ACTIONMESH_ESCALATION"
+
+
+class PlatformNotConfigured(RuntimeError):
+    """The provider was started without the support platform's URL."""
+
+
+@dataclass(frozen=True)
+class EscalationConfig:
+    """How the escalation provider reaches the external support platform."""
+
+    platform_url: str = ""
+    """Base URL of the support platform, e.g. http://127.0.0.1:8780 (required: the
+    provider refuses to start without it)."""
+
+    request_timeout_s: float = 8.0
+    """Upper bound of one call to the platform; the caller's deadline shortens it."""
+
+    connect_timeout_s: float = 2.0
+    """How long to wait for a connection. A platform not reachable within it is
+    UNAVAILABLE: nothing was sent, so a retry is safe."""
+
+    trust_env_proxy: bool = False
+    """Reach the platform through HTTP(S)_PROXY / NO_PROXY from the environment."""
+
+    def __post_init__(self) -> None:
+        url = urlsplit(self.platform_url)
+        if self.platform_url and (url.scheme not in ("http", "https") or not url.netloc):
+            raise ValueError(f"platform_url must be an http(s) URL, got {self.platform_url!r}")
+        for name in ("request_timeout_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @classmethod
+    def from_env(cls) -> EscalationConfig:
+        """Read ``ACTIONMESH_ESCALATION_*``; the URL is required."""
+        # argv=[]: the SDK owns the provider's command line.
+        config = load_config(cls, env_prefix=ENV_PREFIX, argv=[])
+        if not config.platform_url:
+            raise PlatformNotConfigured(
+                f"set {ENV_PREFIX}_PLATFORM_URL to the support platform's base URL "
+                "(e.g. http://127.0.0.1:8780); the escalation provider does not start without it"
+            )
+        return config

@@ -1,0 +1,191 @@
+"""A deliberately broken provider, written without the SDK, for the conformance kit's tests.
+
+A raw grpc.aio ActionProviderServiceServicer whose flaws can be switched on one
+by one. With the default flaws it has no health service, answers Discover with an
+undeclared action and a changing reason, executes unknown actions, accepts any
+inputs and tenant, needs no idempotency key, acts again on a repeated key and
+refuses with bare statuses. With ``Flaws.none()`` it honours the contract,
+which shows the kit passes providers not written with the SDK.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from actionmesh.rpc.errors import (
+    ActionMeshError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from actionmesh.schema import validate_inputs
+from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
+
+ACTION_ID = "thing.poke"
+RECORD_TYPE = "thing"
+# Records with this status are eligible for ACTION_ID.
+READY = "ready"
+
+
+@dataclass(frozen=True)
+class Flaws:
+    """Which contract rules the broken provider breaks."""
+
+    no_health: bool = True
+    bad_describe: bool = False
+    undeclared_discover: bool = True
+    unstable_discover: bool = True
+    executes_unknown_actions: bool = True
+    no_validation: bool = True
+    ignores_tenant: bool = True
+    acts_twice: bool = True
+    bare_errors: bool = True
+
+    @classmethod
+    def none(cls) -> Flaws:
+        return cls(**{name: False for name in cls.__dataclass_fields__})
+
+
+def _descriptor(action_id: str = ACTION_ID) -> common_pb2.ActionDescriptor:
+    return common_pb2.ActionDescriptor(
+        action_id=action_id,
+        label="Poke a thing",
+        record_types=[RECORD_TYPE],
+        inputs=[
+            common_pb2.InputField(
+                name="reason",
+                type=common_pb2.INPUT_TYPE_STRING,
+                required=True,
+                min_length=3,
+                max_length=50,
+            ),
+            common_pb2.InputField(
+                name="times",
+                type=common_pb2.INPUT_TYPE_INTEGER,
+                required=False,
+                minimum=1,
+                maximum=5,
+            ),
+        ],
+        risk=common_pb2.RISK_LOW,
+    )
+
+
+class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
+    """Breaks the contract as its :class:`Flaws` say."""
+
+    def __init__(self, flaws: Flaws) -> None:
+        self.flaws = flaws
+        self.pokes = itertools.count(1)
+        self.discovers = itertools.count(1)
+        # Idempotency keys of the executions that really acted, in order.
+        self.executed: list[str] = []
+        self.done: dict[str, provider_pb2.ExecuteResponse] = {}
+
+    async def Describe(
+        self, request: provider_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.DescribeResponse:
+        actions = [_descriptor()]
+        if self.flaws.bad_describe:
+            bad_schema = _descriptor("Not An Id")
+            bad_schema.inputs[0].min_length = 60  # more than max_length 50
+            actions += [_descriptor(), bad_schema]
+        return provider_pb2.DescribeResponse(
+            provider_id="broken",
+            version="" if self.flaws.bad_describe else "0.0.1",
+            actions=actions,
+        )
+
+    async def Discover(
+        self, request: provider_pb2.DiscoverRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.DiscoverResponse:
+        if request.record.status == READY:
+            found = [provider_pb2.DiscoveredAction(action_id=ACTION_ID, available=True)]
+        else:
+            # With the flaw, a counter in the reason: the answer changes on every call.
+            reason = f"BUSY_{next(self.discovers)}" if self.flaws.unstable_discover else "NOT_READY"
+            found = [
+                provider_pb2.DiscoveredAction(
+                    action_id=ACTION_ID, available=False, unavailable_reason=reason
+                )
+            ]
+        if self.flaws.undeclared_discover:
+            found.append(provider_pb2.DiscoveredAction(action_id="thing.ghost", available=True))
+        return provider_pb2.DiscoverResponse(actions=found)
+
+    async def Execute(
+        self, request: provider_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.ExecuteResponse:
+        try:
+            return self._execute(request)
+        except ActionMeshError as exc:
+            if self.flaws.bare_errors:
+                # A bare status: no google.rpc.Status details, so no ErrorInfo reason.
+                await context.abort(exc.code, exc.message)
+            await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+            raise  # unreachable: abort raises
+
+    def _execute(self, request: provider_pb2.ExecuteRequest) -> provider_pb2.ExecuteResponse:
+        flaws = self.flaws
+        if request.action_id != ACTION_ID and not flaws.executes_unknown_actions:
+            raise NotFound("no such action", reason="UNKNOWN_ACTION")
+        if not flaws.no_validation:
+            if not request.idempotency_key:
+                raise InvalidArgument(
+                    "idempotency key required",
+                    reason="MISSING_IDEMPOTENCY_KEY",
+                    violations=[FieldViolation("idempotency_key", "is required")],
+                )
+            validate_inputs(_descriptor().inputs, request.inputs)
+        if request.operator.tenant != request.record.tenant and not flaws.ignores_tenant:
+            raise PermissionDenied("another tenant's record", reason="TENANT_MISMATCH")
+        key = request.idempotency_key
+        if not flaws.acts_twice and key in self.done:
+            return self.done[key]
+        poke = next(self.pokes)
+        self.executed.append(key)
+        reply = provider_pb2.ExecuteResponse(
+            outcome=common_pb2.OUTCOME_SUCCEEDED,
+            external_ref=f"poke-{poke}",
+            changes=[common_pb2.FieldChange(field="pokes", before=str(poke - 1), after=str(poke))],
+        )
+        self.done[key] = reply
+        return reply
+
+
+@dataclass
+class BrokenServer:
+    """The running broken provider."""
+
+    server: grpc.aio.Server
+    servicer: BrokenServicer
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+
+
+async def start_broken_provider(flaws: Flaws | None = None) -> BrokenServer:
+    """Serve the broken provider on 127.0.0.1 with a free port."""
+    flaws = flaws or Flaws()
+    server = grpc.aio.server()
+    servicer = BrokenServicer(flaws)
+    provider_pb2_grpc.add_ActionProviderServiceServicer_to_server(servicer, server)
+    if not flaws.no_health:
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return BrokenServer(server=server, servicer=servicer, port=port)

@@ -1,0 +1,499 @@
+"""The escalation provider against the support platform running as its own process.
+
+The platform (providers.supportdesk) is started with its real command line and
+ready file; faults are real too: the platform process is stopped, or the
+provider talks to a socket that accepts connections and never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+
+from actionmesh.mesh import Mesh, MeshSettings, tail
+from actionmesh.rpc.errors import error_details
+from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, provider_pb2, provider_pb2_grpc
+from gateway.auth import mint_token
+from providers.escalation import EscalationLog, PlatformNotConfigured, escalation
+from providers.escalation.config import ENV_PREFIX
+from providers.escalation.provider import ACTION_TIMEOUT_S, call_budget
+from providers.sdk import ProviderConfig, start_provider
+from providers.supportdesk import is_healthy
+from tests.conftest import TEST_MESH, bearer, eventually
+
+pytestmark = pytest.mark.timeout(90)
+
+URL_ENV = f"{ENV_PREFIX}_PLATFORM_URL"
+ALICE = common_pb2.Operator(subject="alice", tenant="acme", roles=["operator"])
+START_TIMEOUT_S = 20.0
+
+
+class Platform:
+    """The support platform as a child process, restartable on the same data directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.log_path = root / "supportdesk.log"
+
+    def start(self) -> None:
+        ready = self.root / "supportdesk.json"
+        ready.unlink(missing_ok=True)
+        port = self.url.rsplit(":", 1)[1] if self.url else "0"  # a restart keeps its URL
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "providers.supportdesk",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    port,
+                    "--data-dir",
+                    str(self.root / "data"),
+                    "--ready-file",
+                    str(ready),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"supportdesk exited:\n{tail(self.log_path)}")
+            if ready.exists():
+                info = json.loads(ready.read_text())
+                assert info["address"] == f"127.0.0.1:{info['port']}"
+                self.url = info["url"]
+                if is_healthy(self.url):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"supportdesk not ready in {START_TIMEOUT_S}s:\n{tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            returncode = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            raise AssertionError("supportdesk did not stop on SIGTERM") from None
+        assert returncode == 0, tail(self.log_path)
+
+    def escalations(self, tenant: str = "acme") -> list[dict[str, Any]]:
+        reply = httpx.get(f"{self.url}/v1/escalations", params={"tenant": tenant}, timeout=5)
+        reply.raise_for_status()
+        found: list[dict[str, Any]] = reply.json()["escalations"]
+        return found
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    running = Platform(tmp_path / "platform")
+    running.root.mkdir()
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@asynccontextmanager
+async def served(
+    data_dir: Path, platform_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[provider_pb2_grpc.ActionProviderServiceStub]:
+    """The provider in-process with the binary's start-up code, pointed at ``platform_url``."""
+    monkeypatch.setenv(URL_ENV, platform_url)
+    server = await start_provider(escalation, ProviderConfig(port=0, data_dir=str(data_dir)))
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            yield provider_pb2_grpc.ActionProviderServiceStub(channel)
+    finally:
+        await server.stop(1.0)
+
+
+def provider_log(data_dir: Path) -> EscalationLog:
+    return EscalationLog.open(ProviderConfig(data_dir=str(data_dir)).database_url_for("escalation"))
+
+
+def escalate_request(
+    key: str,
+    *,
+    record_id: str = "T-1001",
+    record_type: str = "ticket",
+    status: str = "open",
+    summary: str = "Customer cannot log in since the SSO change",
+    severity: str = "high",
+    target_queue: str | None = None,
+) -> provider_pb2.ExecuteRequest:
+    inputs = {
+        "summary": common_pb2.InputValue(string_value=summary),
+        "severity": common_pb2.InputValue(string_value=severity),
+    }
+    if target_queue is not None:
+        inputs["target_queue"] = common_pb2.InputValue(string_value=target_queue)
+    return provider_pb2.ExecuteRequest(
+        action_id="case.escalate",
+        record=common_pb2.RecordContext(
+            tenant="acme", type=record_type, id=record_id, status=status
+        ),
+        operator=ALICE,
+        inputs=inputs,
+        idempotency_key=key,
+        request_id=f"req-{key}",
+    )
+
+
+# -- the platform on its own ------------------------------------------------------------
+
+
+async def test_platform_creates_once_per_key_and_validates_strictly(platform: Platform) -> None:
+    body = {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-7", "status": "open"},
+        "summary": "Invoice totals are wrong",
+        "severity": "medium",
+        "requested_by": "alice",
+        "trace": {"trace_id": "ab" * 16, "correlation_id": "req-1"},
+    }
+    async with httpx.AsyncClient(base_url=platform.url, timeout=5) as http:
+        created = await http.post("/v1/escalations", json=body, headers={"Idempotency-Key": "k-1"})
+        assert created.status_code == 201, created.text
+        escalation_id = created.json()["id"]
+        assert created.headers["Location"] == f"/v1/escalations/{escalation_id}"
+        assert created.headers["Idempotent-Replayed"] == "false"
+
+        # A retry in another trace is the same request: the same escalation, 200.
+        retry = {**body, "trace": {"trace_id": "cd" * 16, "correlation_id": "req-2"}}
+        again = await http.post("/v1/escalations", json=retry, headers={"Idempotency-Key": "k-1"})
+        assert (again.status_code, again.json()["id"]) == (200, escalation_id)
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+        other = {**body, "summary": "Something else entirely"}
+        conflict = await http.post(
+            "/v1/escalations", json=other, headers={"Idempotency-Key": "k-1"}
+        )
+        assert conflict.status_code == 409
+        assert conflict.json()["error"]["code"] == "idempotency_key_reused"
+
+        no_key = await http.post("/v1/escalations", json=body)
+        assert no_key.status_code == 400
+        assert no_key.json()["error"]["fields"] == [
+            {"field": "Idempotency-Key", "description": "is required"}
+        ]
+
+        bad = {"tenant": "acme", "source": {"type": "ticket"}, "severity": "urgent", "extra": 1}
+        invalid = await http.post("/v1/escalations", json=bad, headers={"Idempotency-Key": "k-2"})
+        assert invalid.status_code == 400
+        fields = {f["field"] for f in invalid.json()["error"]["fields"]}
+        assert fields == {"extra", "source.id", "summary", "severity", "requested_by"}
+
+        not_json = await http.post(
+            "/v1/escalations",
+            content=b"summary=hi",
+            headers={"Idempotency-Key": "k-3", "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert not_json.status_code == 415
+
+        # Concurrent first uses of one key: one creates, the others replay it.
+        racing = {**body, "source": {"type": "ticket", "id": "T-8"}}
+        replies = await asyncio.gather(
+            *(
+                http.post("/v1/escalations", json=racing, headers={"Idempotency-Key": "k-race"})
+                for _ in range(6)
+            )
+        )
+        assert sorted(r.status_code for r in replies) == [200] * 5 + [201]
+        raced_id = replies[0].json()["id"]
+        assert {r.json()["id"] for r in replies} == {raced_id}
+
+        fetched = await http.get(f"/v1/escalations/{escalation_id}")
+        assert fetched.status_code == 200
+        assert fetched.json()["source"] == {"type": "ticket", "id": "T-7", "status": "open"}
+        assert (await http.get("/v1/escalations/SD-NOPE")).status_code == 404
+        assert (await http.get("/v1/escalations")).status_code == 400  # tenant is required
+
+    # Of all those requests exactly two created something: one per key.
+    assert [e["id"] for e in await asyncio.to_thread(platform.escalations)] == [
+        escalation_id,
+        raced_id,
+    ]
+    assert await asyncio.to_thread(platform.escalations, "globex") == []
+
+
+# -- the provider against the platform --------------------------------------------------
+
+
+async def test_escalate_hands_off_the_structured_payload(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "provider"
+    async with served(data_dir, platform.url, monkeypatch) as stub:
+        reply = await stub.Execute(escalate_request("key-1", target_queue="identity"), timeout=15)
+
+    assert reply.outcome == common_pb2.OUTCOME_SUCCEEDED, reply
+    [held] = await asyncio.to_thread(platform.escalations)
+    assert reply.external_ref == held["id"]
+    assert held["id"].startswith("SD-")
+    assert {k: held[k] for k in ("tenant", "source", "summary", "severity", "queue")} == {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-1001", "status": "open"},
+        "summary": "Customer cannot log in since the SSO change",
+        "severity": "high",
+        "queue": "identity",
+    }
+    # The operator comes from the verified request, the key from the gateway.
+    assert held["requested_by"] == "alice"
+    assert held["idempotency_key"] == "key-1"
+    assert held["trace"]["correlation_id"] == "req-key-1"
+    assert [(c.field, c.before, c.after) for c in reply.changes] == [
+        ("escalation", "", held["id"]),
+        ("escalation_queue", "", "identity"),
+    ]
+    log = provider_log(data_dir)
+    try:
+        [entry] = log.entries()
+        assert (entry.state, entry.external_ref, entry.record_id) == (
+            "opened",
+            held["id"],
+            "T-1001",
+        )
+    finally:
+        log.close()
+
+
+async def test_the_same_key_never_opens_two_escalations(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = escalate_request("key-same")
+    async with served(tmp_path / "provider-a", platform.url, monkeypatch) as stub:
+        first = await stub.Execute(request, timeout=15)
+        repeat = await stub.Execute(request, timeout=15)  # the SDK's stored result
+    assert first.outcome == repeat.outcome == common_pb2.OUTCOME_SUCCEEDED
+    assert repeat.external_ref == first.external_ref
+
+    # A provider that lost its state (or another replica) sends the key again:
+    # the platform's Idempotency-Key handling answers with the same escalation.
+    async with served(tmp_path / "provider-b", platform.url, monkeypatch) as stub:
+        fresh = await stub.Execute(request, timeout=15)
+    assert fresh.outcome == common_pb2.OUTCOME_SUCCEEDED, fresh
+    assert fresh.external_ref == first.external_ref
+    assert "already open" in fresh.message
+    assert [e["id"] for e in await asyncio.to_thread(platform.escalations)] == [first.external_ref]
+
+
+async def test_platform_down_is_unavailable_and_nothing_is_kept_as_success(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "provider"
+    request = escalate_request("key-down")
+    async with served(data_dir, platform.url, monkeypatch) as stub:
+        await asyncio.to_thread(platform.stop)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            reply = await stub.Execute(request, timeout=15)
+            pytest.fail(f"expected UNAVAILABLE, got {reply}")
+        details = error_details(raised.value)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert details.reason == "DOWNSTREAM_UNAVAILABLE"
+        assert details.retry_after_s is not None and details.retry_after_s > 0
+        assert "nothing was escalated" in details.message
+
+        # No result was stored for the key: once the platform is back, the same key runs.
+        await asyncio.to_thread(platform.start)
+        reply = await stub.Execute(request, timeout=15)
+    assert reply.outcome == common_pb2.OUTCOME_SUCCEEDED, reply
+    assert [e["id"] for e in await asyncio.to_thread(platform.escalations)] == [reply.external_ref]
+    log = provider_log(data_dir)
+    try:
+        assert [(e.state, e.external_ref) for e in log.entries()] == [
+            ("opened", reply.external_ref)
+        ]
+    finally:
+        log.close()
+
+
+async def test_a_refused_request_is_rejected_and_creates_nothing(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
+        # The platform owns queue names; this one breaks its rules.
+        reply = await stub.Execute(
+            escalate_request("key-bad-queue", target_queue="Billing Team!"), timeout=15
+        )
+        closed = await stub.Execute(escalate_request("key-closed", status="resolved"), timeout=15)
+        discovered = await stub.Discover(
+            provider_pb2.DiscoverRequest(
+                record=common_pb2.RecordContext(
+                    tenant="acme", type="workitem", id="wi-1003", status="closed"
+                ),
+                operator=ALICE,
+            ),
+            timeout=5,
+        )
+    assert reply.outcome == common_pb2.OUTCOME_REJECTED, reply
+    assert reply.reason == "DOWNSTREAM_REJECTED"
+    assert "target_queue" in reply.message
+    assert (closed.outcome, closed.reason) == (common_pb2.OUTCOME_REJECTED, "RECORD_CLOSED")
+    assert [(a.action_id, a.available, a.unavailable_reason) for a in discovered.actions] == [
+        ("case.escalate", False, "RECORD_CLOSED")
+    ]
+    assert await asyncio.to_thread(platform.escalations) == []
+
+
+async def test_no_answer_after_sending_is_partial_with_outcome_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Accepts connections (the kernel completes the handshake) and never answers.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        data_dir = tmp_path / "provider"
+        async with served(data_dir, url, monkeypatch) as stub:
+            started = time.monotonic()
+            reply = await stub.Execute(escalate_request("key-silent"), timeout=3.0)
+            took = time.monotonic() - started
+    assert reply.outcome == common_pb2.OUTCOME_PARTIAL, reply
+    assert reply.reason == "DOWNSTREAM_OUTCOME_UNKNOWN"
+    assert "key-silent" in reply.message and "same idempotency key" in reply.message
+    assert reply.external_ref == ""
+    # Answered within the caller's deadline, with the budget derived from it.
+    assert 2.0 < took < 3.0
+    log = provider_log(data_dir)
+    try:
+        assert [(e.state, e.idempotency_key) for e in log.entries()] == [
+            ("outcome_unknown", "key-silent")
+        ]
+    finally:
+        log.close()
+
+
+async def test_a_failed_write_back_is_partial_with_the_external_ref(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "provider"
+    async with served(data_dir, platform.url, monkeypatch) as stub:
+        # The provider's own log breaks after start-up; the platform is fine.
+        with sqlite3.connect(data_dir / "escalation.db") as db:
+            db.execute("DROP TABLE escalation_log")
+        reply = await stub.Execute(escalate_request("key-writeback"), timeout=15)
+    assert reply.outcome == common_pb2.OUTCOME_PARTIAL, reply
+    assert reply.reason == "ESCALATION_LOG_FAILED"
+    [held] = await asyncio.to_thread(platform.escalations)
+    assert reply.external_ref == held["id"]
+    assert held["id"] in reply.message
+
+
+async def test_the_provider_does_not_start_without_a_platform_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(URL_ENV, raising=False)
+    with pytest.raises(PlatformNotConfigured, match=URL_ENV):
+        await start_provider(escalation, ProviderConfig(port=0, data_dir=str(tmp_path)))
+    assert not escalation.running
+
+
+def test_the_platform_call_stays_inside_the_callers_deadline() -> None:
+    assert call_budget(None, 8.0) == 8.0
+    assert call_budget(ACTION_TIMEOUT_S, 8.0) == 8.0
+    assert call_budget(2.0, 8.0) == pytest.approx(1.6)
+    assert call_budget(20.0, 8.0) == 8.0
+    assert call_budget(-1.0, 8.0) < 0
+
+
+# -- through the real gateway -----------------------------------------------------------
+
+
+async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path) -> None:
+    settings = {**TEST_MESH, "extra_env": {**TEST_MESH["extra_env"], URL_ENV: platform.url}}  # type: ignore[dict-item]
+    mesh = Mesh(
+        MeshSettings(
+            data_dir=tmp_path / "mesh",
+            provider_modules=("providers.escalation",),
+            **settings,  # type: ignore[arg-type]
+        )
+    )
+    mesh.start()
+    try:
+        token = mint_token(mesh.signing_key(), subject="alice", tenant="acme", roles=["operator"])
+        ticket = common_pb2.RecordContext(tenant="acme", type="ticket", id="T-2001", status="open")
+        async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+            gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
+
+            async def offered() -> list[tuple[str, bool]]:
+                found = await gateway.DiscoverActions(
+                    gateway_pb2.DiscoverActionsRequest(record=ticket, skip_cache=True),
+                    metadata=bearer(token),
+                    timeout=10,
+                )
+                return [(a.descriptor.action_id, a.available) for a in found.actions]
+
+            # The gateway learns of the provider through the registry's watch stream.
+            assert await eventually(offered, timeout_s=15) == [("case.escalate", True)]
+
+            def request(key: str) -> gateway_pb2.ExecuteActionRequest:
+                return gateway_pb2.ExecuteActionRequest(
+                    action_id="case.escalate",
+                    record=ticket,
+                    inputs={
+                        "summary": common_pb2.InputValue(string_value="Refund stuck for 3 days"),
+                        "severity": common_pb2.InputValue(string_value="critical"),
+                    },
+                    idempotency_key=key,
+                )
+
+            reply = await gateway.ExecuteAction(
+                request(uuid.uuid4().hex), metadata=bearer(token), timeout=20
+            )
+            execution = reply.execution
+            assert execution.outcome == common_pb2.OUTCOME_SUCCEEDED, execution
+            [held] = await asyncio.to_thread(platform.escalations)
+            assert execution.external_ref == held["id"]
+            assert held["requested_by"] == "alice"
+            assert held["severity"] == "critical"
+            # The gateway's execution id and trace reach the external platform.
+            assert held["trace"]["correlation_id"] == execution.execution_id
+            assert held["trace"]["trace_id"] == execution.trace_id
+
+            # The platform down: never SUCCEEDED; nothing was sent, so UNAVAILABLE.
+            await asyncio.to_thread(platform.stop)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                down = await gateway.ExecuteAction(
+                    request(uuid.uuid4().hex), metadata=bearer(token), timeout=20
+                )
+                pytest.fail(f"expected UNAVAILABLE, got {down.execution}")
+            details = error_details(raised.value)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+            assert details.retry_after_s is not None
+            # The gateway's record of that attempt says UNAVAILABLE, not a success.
+            recorded = await gateway.GetExecution(
+                gateway_pb2.GetExecutionRequest(execution_id=details.metadata["execution_id"]),
+                metadata=bearer(token),
+                timeout=10,
+            )
+            assert recorded.execution.outcome == common_pb2.OUTCOME_UNAVAILABLE
+            assert recorded.execution.external_ref == ""
+    except BaseException:
+        for service in mesh.services.values():
+            print(f"--- {service.name} log ---\n{tail(service.log_path, 40)}")
+        raise
+    finally:
+        await asyncio.to_thread(mesh.stop)
