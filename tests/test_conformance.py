@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from actionmesh.conformance import (
     run_checks,
     valid_inputs,
 )
+from actionmesh.mesh import Mesh
 from actionmesh.rpc.errors import ActionMeshError
 from actionmesh.rpc.server import RunningServer
 from actionmesh.schema import validate_inputs
@@ -311,3 +313,52 @@ def test_results_serialise_for_json() -> None:
         "summary": "0 passed, 1 failed, 0 skipped",
         "checks": [{"name": "health", "status": "fail", "detail": "no"}],
     }
+
+
+# Each example provider as `actionmesh up` runs it (its own process, its own state), with
+# a record it may really act on: the idempotency check executes the action once.
+EXAMPLES = {
+    "workitems": (
+        "acme/workitem/wi-1004:stuck",
+        "workitem.reprocess_email",
+        {"reason": "conformance run"},
+    ),
+    "records": (
+        "acme/ticket/t-102:pending",
+        "ticket.link",
+        {"target_type": "customer", "target_id": "c-101", "reason": "conformance run"},
+    ),
+    "escalation": (
+        "acme/ticket/t-101:open",
+        "case.escalate",
+        {"summary": "conformance run of the escalation provider", "severity": "low"},
+    ),
+}
+
+
+@pytest.mark.parametrize("provider", sorted(EXAMPLES))
+def test_every_example_provider_passes_the_kit_from_the_command_line(
+    mesh: Mesh, provider: str
+) -> None:
+    record, action, inputs = EXAMPLES[provider]
+    command = [
+        sys.executable,
+        "-m",
+        "actionmesh.cli",
+        "provider",
+        "check",
+        mesh.address(provider),
+        "--record",
+        record,
+        "--action",
+        action,
+        "--require-all",
+        "--json",
+    ]
+    for name, value in inputs.items():
+        command += ["--input", f"{name}={value}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is True
+    assert {c["name"]: c["status"] for c in report["checks"]} == {name: PASS for name in CHECKS}
