@@ -14,7 +14,6 @@ provider's answer (for ``late_result_grace_s``) and records it when it comes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -356,9 +355,9 @@ class Executor:
         while not existing.finished and loop.time() < deadline:
             local = self._running.get(existing.execution_id)
             if local is not None:
-                # Run here: wait for it instead of polling (bounded; it may outlive us).
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(asyncio.shield(local), deadline - loop.time())
+                # Run here: wait for it instead of polling (bounded). asyncio.wait neither
+                # raises the task's error nor cancels it, and our own cancellation still works.
+                await asyncio.wait({local}, timeout=max(0.0, deadline - loop.time()))
             else:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_WAIT_POLL_S)

@@ -890,3 +890,17 @@ async def test_registers_renews_and_deregisters(tmp_path: Path) -> None:
             await server.stop(0.5)
         if registry is not None:
             await registry.stop(0.5)
+
+
+def test_resource_holds_what_a_running_provider_opened() -> None:
+    from providers.sdk import Resource
+
+    store: Resource[list[str]] = Resource("the test store")
+    with pytest.raises(RuntimeError, match="the test store is not open"):
+        store.get()
+    opened = ["row"]
+    store.set(opened)
+    assert store.get() is opened
+    assert store.take() is opened and store.take() is None
+    with pytest.raises(RuntimeError):
+        store.get()

@@ -37,6 +37,7 @@ from providers.sdk import (
     Provider,
     ProviderConfig,
     RecordView,
+    Resource,
     Result,
     Risk,
     Unavailable,
@@ -54,26 +55,10 @@ CLOSED_STATUSES = frozenset({"closed", "resolved", "cancelled"})
 DEFAULT_RETRY_S = 2.0
 
 
-class _Runtime:
-    """State opened by on_start; one Provider object is served once per process."""
-
-    log: EscalationLog | None = None
-    client: SupportDeskClient | None = None
-
-
-_runtime = _Runtime()
-
-
-def current_log() -> EscalationLog:
-    if _runtime.log is None:
-        raise RuntimeError("the escalation log is not open; is the provider running?")
-    return _runtime.log
-
-
-def _client() -> SupportDeskClient:
-    if _runtime.client is None:
-        raise RuntimeError("the support platform client is not open; is the provider running?")
-    return _runtime.client
+_escalation_log: Resource[EscalationLog] = Resource("the escalation log")
+_platform: Resource[SupportDeskClient] = Resource("the support platform client")
+current_log = _escalation_log.get
+_client = _platform.get
 
 
 @escalation.on_start
@@ -81,16 +66,15 @@ async def open_state(config: ProviderConfig) -> None:
     # A missing URL stops the start: the action is never registered without a
     # platform to send it to.
     settings = EscalationConfig.from_env()
-    _runtime.log = await asyncio.to_thread(
-        EscalationLog.open, config.database_url_for(escalation.id)
+    _escalation_log.set(
+        await asyncio.to_thread(EscalationLog.open, config.database_url_for(escalation.id))
     )
-    _runtime.client = SupportDeskClient(settings)
+    _platform.set(SupportDeskClient(settings))
 
 
 @escalation.on_stop
 async def close_state() -> None:
-    client, _runtime.client = _runtime.client, None
-    log, _runtime.log = _runtime.log, None
+    client, log = _platform.take(), _escalation_log.take()
     if client is not None:
         await client.aclose()
     if log is not None:

@@ -35,6 +35,7 @@ from providers.sdk import (
     Provider,
     ProviderConfig,
     RecordView,
+    Resource,
     Result,
     Risk,
     Unavailable,
@@ -46,19 +47,8 @@ CHANGE_ID_PATTERN = re.compile(r"^chg-[0-9a-f]{16}$")
 TARGET_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class _Runtime:
-    """The store opened by on_start; one Provider object is served once per process."""
-
-    store: RecordStore | None = None
-
-
-_runtime = _Runtime()
-
-
-def current_store() -> RecordStore:
-    if _runtime.store is None:
-        raise RuntimeError("the records store is not open; is the provider running?")
-    return _runtime.store
+_store: Resource[RecordStore] = Resource("the records store")
+current_store = _store.get
 
 
 @records.on_start
@@ -66,12 +56,12 @@ async def open_store(config: ProviderConfig) -> None:
     store = await asyncio.to_thread(RecordStore.open, config.database_url_for(records.id))
     if config.seed_demo:
         await asyncio.to_thread(store.seed_demo)
-    _runtime.store = store
+    _store.set(store)
 
 
 @records.on_stop
 async def close_store() -> None:
-    store, _runtime.store = _runtime.store, None
+    store = _store.take()
     if store is not None:
         await asyncio.to_thread(store.close)
 

@@ -51,6 +51,7 @@ from providers.sdk.dedupe import (
 from providers.sdk.inputs import Input, NoInputs, ProviderDefinitionError
 from providers.sdk.provider import ActionDefinition, Provider
 from providers.sdk.registration import RegistryLink
+from providers.sdk.resource import Resource
 from providers.sdk.runtime import serve, start_provider
 from providers.sdk.servicer import ActionProviderServicer
 from providers.sdk.types import (
@@ -80,6 +81,7 @@ __all__ = [
     "ProviderDefinitionError",
     "RecordView",
     "RegistryLink",
+    "Resource",
     "Result",
     "Risk",
     "SqlIdempotencyStore",

@@ -18,6 +18,7 @@ from providers.sdk import (
     Provider,
     ProviderConfig,
     RecordView,
+    Resource,
     Result,
     Risk,
     Unavailable,
@@ -27,19 +28,8 @@ from providers.workitems.store import RETRYABLE, Refused, WorkItemStore
 workitems = Provider("workitems", version="1.0.0", dedupe=True)
 
 
-class _Runtime:
-    """The store opened by on_start; one Provider object is served once per process."""
-
-    store: WorkItemStore | None = None
-
-
-_runtime = _Runtime()
-
-
-def current_store() -> WorkItemStore:
-    if _runtime.store is None:
-        raise RuntimeError("the workitems store is not open; is the provider running?")
-    return _runtime.store
+_store: Resource[WorkItemStore] = Resource("the workitems store")
+current_store = _store.get
 
 
 @workitems.on_start
@@ -47,12 +37,12 @@ async def open_store(config: ProviderConfig) -> None:
     store = await asyncio.to_thread(WorkItemStore.open, config.database_url_for(workitems.id))
     if config.seed_demo:
         await asyncio.to_thread(store.seed_demo)
-    _runtime.store = store
+    _store.set(store)
 
 
 @workitems.on_stop
 async def close_store() -> None:
-    store, _runtime.store = _runtime.store, None
+    store = _store.take()
     if store is not None:
         await asyncio.to_thread(store.close)
 
