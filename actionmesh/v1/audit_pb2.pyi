@@ -197,6 +197,9 @@ class AuditEvent(_message.Message):
     POLICY_DECISIONS_FIELD_NUMBER: _builtins.int
     POLICY_CONTEXT_FIELD_NUMBER: _builtins.int
     INPUTS_REDACTED_FIELD_NUMBER: _builtins.int
+    CHAIN_INDEX_FIELD_NUMBER: _builtins.int
+    PREV_CHAIN_HASH_FIELD_NUMBER: _builtins.int
+    CHAIN_HASH_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -220,6 +223,17 @@ class AuditEvent(_message.Message):
     inputs_redacted: _builtins.bool
     """True when the record was sensitive: `inputs` then hold digests
     ("sha256:<hex>" or "hmac-sha256:<hex>"), never the values.
+    """
+    chain_index: _builtins.int
+    """Position in the tenant's hash chain (1, 2, ...), assigned by the audit log;
+    ignored on append, like sequence.
+    """
+    prev_chain_hash: _builtins.str
+    """Hex SHA-256 of the previous event of the tenant's chain (64 zeros for the first)."""
+    chain_hash: _builtins.str
+    """Hex SHA-256 over "actionmesh.audit.chain.v1", the tenant, chain_index,
+    prev_chain_hash and the event's stored bytes (the event with sequence and the
+    chain fields cleared, serialized deterministically). See VerifyChain.
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -280,10 +294,13 @@ class AuditEvent(_message.Message):
         policy_decisions: _abc.Iterable[Global___PolicyDecision] | None = ...,
         policy_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         inputs_redacted: _builtins.bool = ...,
+        chain_index: _builtins.int = ...,
+        prev_chain_hash: _builtins.str = ...,
+        chain_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,3 +406,328 @@ class ListTimelineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTimelineResponse: _TypeAlias = ListTimelineResponse  # noqa: Y015
+
+@_typing.final
+class ListExecutionSummariesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    STARTED_AFTER_FIELD_NUMBER: _builtins.int
+    STARTED_BEFORE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    actor: _builtins.str
+    """Requester or approver subject; empty means anyone."""
+    action_id: _builtins.str
+    page_size: _builtins.int
+    """At most 500; 0 means 100."""
+    page_token: _builtins.str
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Outcome.ValueType]:
+        """Current outcome is one of these; empty means any."""
+
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordRef:
+        """Only this record, when set."""
+
+    @_builtins.property
+    def started_after(self) -> _timestamp_pb2.Timestamp:
+        """Executions that started at or after this instant, when set."""
+
+    @_builtins.property
+    def started_before(self) -> _timestamp_pb2.Timestamp:
+        """Executions that started before this instant, when set."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        outcomes: _abc.Iterable[_common_pb2.Outcome.ValueType] | None = ...,
+        record: _common_pb2.RecordRef | None = ...,
+        started_after: _timestamp_pb2.Timestamp | None = ...,
+        started_before: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "outcomes", b"outcomes", "page_size", b"page_size", "page_token", b"page_token", "record", b"record", "started_after", b"started_after", "started_before", b"started_before", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutionSummariesRequest: _TypeAlias = ListExecutionSummariesRequest  # noqa: Y015
+
+@_typing.final
+class ExecutionSummary(_message.Message):
+    """One execution as the audit trail tells it: who asked, who approved, what it
+    came to. Derived from the execution's events (which remain the evidence).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXTERNAL_REF_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    LATE_OUTCOME_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    tenant: _builtins.str
+    action_id: _builtins.str
+    provider_id: _builtins.str
+    actor: _builtins.str
+    """Who requested the execution."""
+    approver: _builtins.str
+    """Who approved or rejected it, for actions that require approval."""
+    outcome: _common_pb2.Outcome.ValueType
+    """The latest outcome: PENDING_APPROVAL while waiting, unspecified while running."""
+    reason: _builtins.str
+    external_ref: _builtins.str
+    trace_id: _builtins.str
+    late_outcome: _common_pb2.Outcome.ValueType
+    """What the provider reported after a TIMED_OUT answer, if it did."""
+    last_event_type: Global___AuditEventType.ValueType
+    """The type of the latest event of this execution."""
+    event_count: _builtins.int
+    """How many events this execution has."""
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordRef: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """When the latest outcome was recorded; unset while running or pending."""
+
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        record: _common_pb2.RecordRef | None = ...,
+        action_id: _builtins.str = ...,
+        provider_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        approver: _builtins.str = ...,
+        outcome: _common_pb2.Outcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        external_ref: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
+        late_outcome: _common_pb2.Outcome.ValueType = ...,
+        last_event_type: Global___AuditEventType.ValueType = ...,
+        event_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approver", b"approver", "event_count", b"event_count", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "last_event_type", b"last_event_type", "late_outcome", b"late_outcome", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutionSummary: _TypeAlias = ExecutionSummary  # noqa: Y015
+
+@_typing.final
+class ListExecutionSummariesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutionSummary]: ...
+    def __init__(
+        self,
+        *,
+        executions: _abc.Iterable[Global___ExecutionSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutionSummariesResponse: _TypeAlias = ListExecutionSummariesResponse  # noqa: Y015
+
+@_typing.final
+class ListTraceEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    trace_id: _builtins.str
+    """32 lowercase hex digits."""
+    page_size: _builtins.int
+    """At most 500; 0 means 100."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTraceEventsRequest: _TypeAlias = ListTraceEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListTraceEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTraceEventsResponse: _TypeAlias = ListTraceEventsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyChainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant whose chain to verify; empty means every tenant."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChainRequest: _TypeAlias = VerifyChainRequest  # noqa: Y015
+
+@_typing.final
+class ChainBreak(_message.Message):
+    """The first link that does not hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_INDEX_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    chain_index: _builtins.int
+    sequence: _builtins.int
+    """Store position of the offending event (0 when the event is missing)."""
+    event_id: _builtins.str
+    problem: _builtins.str
+    """What is wrong, e.g. "hash mismatch: the event was changed after it was stored"."""
+    def __init__(
+        self,
+        *,
+        chain_index: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_index", b"chain_index", "event_id", b"event_id", "problem", b"problem", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainBreak: _TypeAlias = ChainBreak  # noqa: Y015
+
+@_typing.final
+class ChainVerification(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    INTACT_FIELD_NUMBER: _builtins.int
+    EVENTS_CHECKED_FIELD_NUMBER: _builtins.int
+    HEAD_INDEX_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    FIRST_BREAK_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    intact: _builtins.bool
+    events_checked: _builtins.int
+    """Events whose link was checked (all of them when intact)."""
+    head_index: _builtins.int
+    """The last link (index and hash): record it elsewhere to detect a rewrite of
+    the whole chain later.
+    """
+    head_hash: _builtins.str
+    @_builtins.property
+    def first_break(self) -> Global___ChainBreak:
+        """Set when intact is false."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        intact: _builtins.bool = ...,
+        events_checked: _builtins.int = ...,
+        head_index: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        first_break: Global___ChainBreak | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_break", b"first_break"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_checked", b"events_checked", "first_break", b"first_break", "head_hash", b"head_hash", "head_index", b"head_index", "intact", b"intact", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainVerification: _TypeAlias = ChainVerification  # noqa: Y015
+
+@_typing.final
+class VerifyChainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chains(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainVerification]: ...
+    def __init__(
+        self,
+        *,
+        chains: _abc.Iterable[Global___ChainVerification] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chains", b"chains"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChainResponse: _TypeAlias = VerifyChainResponse  # noqa: Y015

@@ -26,8 +26,10 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     def __init__(self, channel):
@@ -46,15 +48,33 @@ class AuditServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_audit__pb2.ListTimelineRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListTimelineResponse.FromString,
                 _registered_method=True)
+        self.ListExecutionSummaries = channel.unary_unary(
+                '/actionmesh.v1.AuditService/ListExecutionSummaries',
+                request_serializer=actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesResponse.FromString,
+                _registered_method=True)
+        self.ListTraceEvents = channel.unary_unary(
+                '/actionmesh.v1.AuditService/ListTraceEvents',
+                request_serializer=actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsResponse.FromString,
+                _registered_method=True)
+        self.VerifyChain = channel.unary_unary(
+                '/actionmesh.v1.AuditService/VerifyChain',
+                request_serializer=actionmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     def AppendEvents(self, request, context):
-        """Store events. Idempotent on event_id: a repeated event is counted, not stored twice.
+        """Store events. Idempotent on event_id: a repeated event is counted, not stored
+        twice. Each stored event is appended to its tenant's hash chain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +82,29 @@ class AuditServiceServicer:
 
     def ListTimeline(self, request, context):
         """One record's events in the order they were stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExecutionSummaries(self, request, context):
+        """Executions (one summary each, newest first), filtered by actor, action,
+        outcome, record and time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTraceEvents(self, request, context):
+        """Every event carrying one OpenTelemetry trace id, in store order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyChain(self, request, context):
+        """Recompute a tenant's hash chain (or every tenant's) and report the first
+        broken link: an edited, removed or reordered event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +123,21 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     request_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListTimelineRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_audit__pb2.ListTimelineResponse.SerializeToString,
             ),
+            'ListExecutionSummaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutionSummaries,
+                    request_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesResponse.SerializeToString,
+            ),
+            'ListTraceEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTraceEvents,
+                    request_deserializer=actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsResponse.SerializeToString,
+            ),
+            'VerifyChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyChain,
+                    request_deserializer=actionmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'actionmesh.v1.AuditService', rpc_method_handlers)
@@ -89,8 +147,10 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     @staticmethod
@@ -137,6 +197,87 @@ class AuditService:
             '/actionmesh.v1.AuditService/ListTimeline',
             actionmesh_dot_v1_dot_audit__pb2.ListTimelineRequest.SerializeToString,
             actionmesh_dot_v1_dot_audit__pb2.ListTimelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutionSummaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.AuditService/ListExecutionSummaries',
+            actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesRequest.SerializeToString,
+            actionmesh_dot_v1_dot_audit__pb2.ListExecutionSummariesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTraceEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.AuditService/ListTraceEvents',
+            actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsRequest.SerializeToString,
+            actionmesh_dot_v1_dot_audit__pb2.ListTraceEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.AuditService/VerifyChain',
+            actionmesh_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
+            actionmesh_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditServiceStub:
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     @_typing.overload
@@ -36,25 +38,53 @@ class AuditServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     AppendEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AppendEventsRequest, _audit_pb2.AppendEventsResponse]
-    """Store events. Idempotent on event_id: a repeated event is counted, not stored twice."""
+    """Store events. Idempotent on event_id: a repeated event is counted, not stored
+    twice. Each stored event is appended to its tenant's hash chain.
+    """
     ListTimeline: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListTimelineRequest, _audit_pb2.ListTimelineResponse]
     """One record's events in the order they were stored."""
+    ListExecutionSummaries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListExecutionSummariesRequest, _audit_pb2.ListExecutionSummariesResponse]
+    """Executions (one summary each, newest first), filtered by actor, action,
+    outcome, record and time range.
+    """
+    ListTraceEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListTraceEventsRequest, _audit_pb2.ListTraceEventsResponse]
+    """Every event carrying one OpenTelemetry trace id, in store order."""
+    VerifyChain: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]
+    """Recompute a tenant's hash chain (or every tenant's) and report the first
+    broken link: an edited, removed or reordered event.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     AppendEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.AppendEventsRequest, _audit_pb2.AppendEventsResponse]  # type: ignore[assignment]
-    """Store events. Idempotent on event_id: a repeated event is counted, not stored twice."""
+    """Store events. Idempotent on event_id: a repeated event is counted, not stored
+    twice. Each stored event is appended to its tenant's hash chain.
+    """
     ListTimeline: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListTimelineRequest, _audit_pb2.ListTimelineResponse]  # type: ignore[assignment]
     """One record's events in the order they were stored."""
+    ListExecutionSummaries: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListExecutionSummariesRequest, _audit_pb2.ListExecutionSummariesResponse]  # type: ignore[assignment]
+    """Executions (one summary each, newest first), filtered by actor, action,
+    outcome, record and time range.
+    """
+    ListTraceEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListTraceEventsRequest, _audit_pb2.ListTraceEventsResponse]  # type: ignore[assignment]
+    """Every event carrying one OpenTelemetry trace id, in store order."""
+    VerifyChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]  # type: ignore[assignment]
+    """Recompute a tenant's hash chain (or every tenant's) and report the first
+    broken link: an edited, removed or reordered event.
+    """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Receives every execution event and answers a record's timeline.
-    Internal: only the gateway calls it; tenant scoping is passed explicitly.
+    """Receives every execution event, keeps them in a per-tenant hash chain, and
+    answers timeline, execution and trace queries.
+    Internal: the gateway (and operators' tooling) call it; every query names its
+    tenant explicitly and never returns another tenant's events.
     """
 
     @_abc_1.abstractmethod
@@ -63,7 +93,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.AppendEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.AppendEventsResponse, _abc.Awaitable[_audit_pb2.AppendEventsResponse]]:
-        """Store events. Idempotent on event_id: a repeated event is counted, not stored twice."""
+        """Store events. Idempotent on event_id: a repeated event is counted, not stored
+        twice. Each stored event is appended to its tenant's hash chain.
+        """
 
     @_abc_1.abstractmethod
     def ListTimeline(
@@ -72,5 +104,33 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.ListTimelineResponse, _abc.Awaitable[_audit_pb2.ListTimelineResponse]]:
         """One record's events in the order they were stored."""
+
+    @_abc_1.abstractmethod
+    def ListExecutionSummaries(
+        self,
+        request: _audit_pb2.ListExecutionSummariesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListExecutionSummariesResponse, _abc.Awaitable[_audit_pb2.ListExecutionSummariesResponse]]:
+        """Executions (one summary each, newest first), filtered by actor, action,
+        outcome, record and time range.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTraceEvents(
+        self,
+        request: _audit_pb2.ListTraceEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListTraceEventsResponse, _abc.Awaitable[_audit_pb2.ListTraceEventsResponse]]:
+        """Every event carrying one OpenTelemetry trace id, in store order."""
+
+    @_abc_1.abstractmethod
+    def VerifyChain(
+        self,
+        request: _audit_pb2.VerifyChainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.VerifyChainResponse, _abc.Awaitable[_audit_pb2.VerifyChainResponse]]:
+        """Recompute a tenant's hash chain (or every tenant's) and report the first
+        broken link: an edited, removed or reordered event.
+        """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

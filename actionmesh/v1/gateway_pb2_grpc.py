@@ -98,6 +98,16 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.FromString,
                 _registered_method=True)
+        self.ListExecutions = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/ListExecutions',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsResponse.FromString,
+                _registered_method=True)
+        self.GetTrace = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/GetTrace',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.FromString,
+                _registered_method=True)
 
 
 class ActionGatewayServiceServicer:
@@ -194,6 +204,22 @@ class ActionGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecutions(self, request, context):
+        """The caller's tenant's executions from the audit trail, newest first,
+        filtered by actor, action, outcome, record and time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrace(self, request, context):
+        """Every audit event of one trace id in the caller's tenant (what an SRE
+        follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +262,16 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     servicer.GetPolicyStatus,
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.SerializeToString,
+            ),
+            'ListExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutions,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsResponse.SerializeToString,
+            ),
+            'GetTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrace,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +514,60 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/GetPolicyStatus',
             actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.GetPolicyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/ListExecutions',
+            actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.ListExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/GetTrace',
+            actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

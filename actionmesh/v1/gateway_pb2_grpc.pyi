@@ -89,6 +89,14 @@ class ActionGatewayServiceStub:
     """Which policy file is in force, and the last reload error if the file on
     disk failed to parse (the previous policies then stay in force).
     """
+    ListExecutions: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListExecutionsRequest, _gateway_pb2.ListExecutionsResponse]
+    """The caller's tenant's executions from the audit trail, newest first,
+    filtered by actor, action, outcome, record and time range.
+    """
+    GetTrace: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetTraceRequest, _gateway_pb2.GetTraceResponse]
+    """Every audit event of one trace id in the caller's tenant (what an SRE
+    follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
@@ -150,6 +158,14 @@ class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     GetPolicyStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetPolicyStatusRequest, _gateway_pb2.GetPolicyStatusResponse]  # type: ignore[assignment]
     """Which policy file is in force, and the last reload error if the file on
     disk failed to parse (the previous policies then stay in force).
+    """
+    ListExecutions: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListExecutionsRequest, _gateway_pb2.ListExecutionsResponse]  # type: ignore[assignment]
+    """The caller's tenant's executions from the audit trail, newest first,
+    filtered by actor, action, outcome, record and time range.
+    """
+    GetTrace: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetTraceRequest, _gateway_pb2.GetTraceResponse]  # type: ignore[assignment]
+    """Every audit event of one trace id in the caller's tenant (what an SRE
+    follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
     """
 
 class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -257,6 +273,26 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.GetPolicyStatusResponse, _abc.Awaitable[_gateway_pb2.GetPolicyStatusResponse]]:
         """Which policy file is in force, and the last reload error if the file on
         disk failed to parse (the previous policies then stay in force).
+        """
+
+    @_abc_1.abstractmethod
+    def ListExecutions(
+        self,
+        request: _gateway_pb2.ListExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListExecutionsResponse, _abc.Awaitable[_gateway_pb2.ListExecutionsResponse]]:
+        """The caller's tenant's executions from the audit trail, newest first,
+        filtered by actor, action, outcome, record and time range.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTrace(
+        self,
+        request: _gateway_pb2.GetTraceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetTraceResponse, _abc.Awaitable[_gateway_pb2.GetTraceResponse]]:
+        """Every audit event of one trace id in the caller's tenant (what an SRE
+        follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
         """
 
 def add_ActionGatewayServiceServicer_to_server(servicer: ActionGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
