@@ -16,10 +16,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from actionmesh.rpc.convert import from_timestamp
 from actionmesh.rpc.errors import FieldViolation, InvalidArgument
 from actionmesh.v1 import audit_pb2, common_pb2
 from auditlog import storage
-from auditlog.storage import AppendResult, AuditRepository
+from auditlog.chain import Verification
+from auditlog.storage import AppendResult, AuditRepository, SummaryFilter
 
 MAX_EVENTS_PER_APPEND = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -34,6 +36,7 @@ MAX_REPORTED_VIOLATIONS = 25
 _TOKEN_PREFIX = "v1:"
 _TOKEN_PATTERN = re.compile(r"v1:([1-9][0-9]{0,18})")
 _MAX_TOKEN_CHARS = 64
+TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 # (path below the event, max characters, required): the bounded, indexed columns.
 _STRING_FIELDS: tuple[tuple[str, int, bool], ...] = (
@@ -204,40 +207,111 @@ class AuditLog:
             limit=size + 1,
             types=[audit_pb2.AuditEventType.Name(t) for t in types],  # type: ignore[arg-type]
         )
-        more = len(rows) > size
-        events: list[audit_pb2.AuditEvent] = []
-        total_bytes = 0
-        for event in rows[:size]:
-            event_bytes = event.ByteSize()
-            if events and total_bytes + event_bytes > MAX_PAGE_BYTES:
-                more = True
-                break
-            events.append(event)
-            total_bytes += event_bytes
-        next_token = encode_page_token(events[-1].sequence) if more and events else ""
-        return TimelinePage(events=events, next_page_token=next_token)
+        return _page(rows, size)
 
-    async def list_by_execution(
-        self, tenant: str, execution_id: str, *, limit: int = MAX_PAGE_SIZE
-    ) -> list[audit_pb2.AuditEvent]:
-        """The events of one execution for one tenant, oldest first."""
-        _require(
-            [("tenant", tenant), ("execution_id", execution_id)], reason="INVALID_EXECUTION_QUERY"
+    async def summaries(
+        self, request: audit_pb2.ListExecutionSummariesRequest
+    ) -> audit_pb2.ListExecutionSummariesResponse:
+        """One page of a tenant's executions, newest first, narrowed by the request."""
+        where = summary_filter(request)
+        before = decode_page_token(request.page_token)
+        size = effective_page_size(request.page_size)
+        rows = await asyncio.to_thread(
+            self._repository.list_summaries,
+            request.tenant,
+            where,
+            before_sequence=before,
+            limit=size + 1,
         )
-        return await asyncio.to_thread(
-            self._repository.list_by_execution, tenant, execution_id, limit=limit
+        response = audit_pb2.ListExecutionSummariesResponse(
+            executions=[summary for _, summary in rows[:size]]
         )
+        if len(rows) > size:
+            response.next_page_token = encode_page_token(rows[size - 1][0])
+        return response
 
-    async def list_by_trace(
-        self, tenant: str, trace_id: str, *, limit: int = MAX_PAGE_SIZE
-    ) -> list[audit_pb2.AuditEvent]:
-        """The events of one trace for one tenant, oldest first."""
+    async def trace(
+        self, tenant: str, trace_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> TimelinePage:
+        """One page of the events carrying a trace id, for one tenant, in store order."""
         _require([("tenant", tenant), ("trace_id", trace_id)], reason="INVALID_TRACE_QUERY")
-        return await asyncio.to_thread(
-            self._repository.list_by_trace, tenant, trace_id, limit=limit
+        if not TRACE_ID.fullmatch(trace_id):
+            raise InvalidArgument(
+                "trace_id must be 32 lowercase hex digits",
+                reason="INVALID_TRACE_QUERY",
+                violations=[FieldViolation("trace_id", "must be 32 lowercase hex digits")],
+            )
+        after = decode_page_token(page_token)
+        size = effective_page_size(page_size)
+        rows = await asyncio.to_thread(
+            self._repository.list_by_trace, tenant, trace_id, after_sequence=after, limit=size + 1
         )
+        return _page(rows, size)
 
-    async def count(self, tenant: str) -> int:
-        """How many events one tenant has stored."""
-        _require([("tenant", tenant)], reason="INVALID_COUNT_QUERY")
-        return await asyncio.to_thread(self._repository.count, tenant)
+    async def verify_chain(self, tenant: str) -> list[Verification]:
+        """Verify one tenant's chain, or every tenant's when ``tenant`` is empty."""
+        if len(tenant) > storage.TENANT_MAX:
+            raise InvalidArgument(
+                "tenant is too long",
+                reason="INVALID_CHAIN_QUERY",
+                violations=[FieldViolation("tenant", f"at most {storage.TENANT_MAX} characters")],
+            )
+        tenants = [tenant] if tenant else await asyncio.to_thread(self._repository.chain_tenants)
+        return [await asyncio.to_thread(self._repository.verify_chain, name) for name in tenants]
+
+
+def _page(rows: list[audit_pb2.AuditEvent], size: int) -> TimelinePage:
+    """Cut ``rows`` (fetched with one extra) into a page that fits a gRPC message."""
+    more = len(rows) > size
+    events: list[audit_pb2.AuditEvent] = []
+    total_bytes = 0
+    for event in rows[:size]:
+        event_bytes = event.ByteSize()
+        if events and total_bytes + event_bytes > MAX_PAGE_BYTES:
+            more = True
+            break
+        events.append(event)
+        total_bytes += event_bytes
+    next_token = encode_page_token(events[-1].sequence) if more and events else ""
+    return TimelinePage(events=events, next_page_token=next_token)
+
+
+def summary_filter(request: audit_pb2.ListExecutionSummariesRequest) -> SummaryFilter:
+    """The request's filters, validated: bad values are named, never ignored."""
+    violations: list[FieldViolation] = []
+    if not request.tenant:
+        violations.append(FieldViolation("tenant", "must not be empty"))
+    for name, value, limit in (
+        ("tenant", request.tenant, storage.TENANT_MAX),
+        ("actor", request.actor, storage.ACTOR_MAX),
+        ("action_id", request.action_id, storage.ACTOR_MAX),
+        ("record.type", request.record.type, storage.RECORD_TYPE_MAX),
+        ("record.id", request.record.id, storage.RECORD_ID_MAX),
+    ):
+        if len(value) > limit:
+            violations.append(FieldViolation(name, f"must be at most {limit} characters"))
+    if bool(request.record.type) != bool(request.record.id):
+        violations.append(FieldViolation("record", "give both type and id, or neither"))
+    known = common_pb2.Outcome.values()
+    for index, outcome in enumerate(request.outcomes):
+        if outcome not in known or outcome == common_pb2.OUTCOME_UNSPECIFIED:
+            violations.append(FieldViolation(f"outcomes[{index}]", f"unknown outcome {outcome}"))
+    after = from_timestamp(request.started_after) if request.HasField("started_after") else None
+    before = from_timestamp(request.started_before) if request.HasField("started_before") else None
+    if after is not None and before is not None and after >= before:
+        violations.append(FieldViolation("started_before", "must be later than started_after"))
+    if violations:
+        raise InvalidArgument(
+            "invalid execution query: " + ", ".join(v.field for v in violations),
+            reason="INVALID_EXECUTION_QUERY",
+            violations=violations,
+        )
+    return SummaryFilter(
+        actor=request.actor,
+        action_id=request.action_id,
+        outcomes=tuple(common_pb2.Outcome.Name(o) for o in request.outcomes),
+        record_type=request.record.type,
+        record_id=request.record.id,
+        started_after=after,
+        started_before=before,
+    )

@@ -1,15 +1,29 @@
 """The audit event store: SQLAlchemy 2.x models and the repository.
 
 Each event is kept twice: as the serialized ``AuditEvent`` (the evidence, read
-back verbatim) and as a few indexed columns that exist only to find it. The
-repository is synchronous; async callers run it with ``asyncio.to_thread``.
+back verbatim) and as a few indexed columns that exist only to find it. Every
+event is also a link of its tenant's hash chain (:mod:`auditlog.chain`), and
+the events of an execution are folded into one ``audit_executions`` summary row
+(:mod:`auditlog.summaries`) in the same transaction.
+
+The repository is synchronous; async callers run it with ``asyncio.to_thread``.
 Only portable SQL is used, so the same code runs on SQLite and PostgreSQL.
+
+Chains and concurrency: a tenant's chain head (``audit_chain_heads``) is read,
+the batch is linked after it, and the head moves with a compare-and-set
+``UPDATE ... WHERE head_index = <read>``. A concurrent writer (another thread,
+another audit log replica) makes that update miss, and the batch is retried
+from scratch. On PostgreSQL the head row is also locked ``FOR UPDATE`` so
+writers queue instead of retrying. ``(tenant, chain_index)`` is unique, so a
+forked chain cannot be stored whatever happens.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,16 +38,22 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     func,
     insert,
+    or_,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
 from actionmesh.rpc.convert import from_timestamp
-from actionmesh.v1 import audit_pb2, common_pb2
+from actionmesh.rpc.db import UTCDateTime
+from actionmesh.v1 import audit_pb2
+from auditlog import chain as audit_chain
+from auditlog.summaries import Summary, fold, to_message
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +68,13 @@ RECORD_TYPE_MAX = 128
 RECORD_ID_MAX = 256
 EXECUTION_ID_MAX = 128
 TRACE_ID_MAX = 64
+ACTOR_MAX = 256
 _ENUM_NAME_MAX = 64
+_HASH_CHARS = 64
+# A batch that keeps losing the chain head race gives up (UNAVAILABLE upstream,
+# the outbox retries) rather than spinning.
+_MAX_APPEND_ATTEMPTS = 50
+_VERIFY_BATCH = 1000
 
 # Stable constraint names, so that later Alembic migrations can refer to them.
 _NAMING = {
@@ -72,6 +98,7 @@ class AuditEventRow(AuditBase):
         Index("ix_audit_events_record", "tenant", "record_type", "record_id", "sequence"),
         Index("ix_audit_events_trace", "tenant", "trace_id"),
         Index("ix_audit_events_execution", "tenant", "execution_id"),
+        UniqueConstraint("tenant", "chain_index", name="uq_audit_events_tenant_chain_index"),
         # SQLite would otherwise reuse the highest rowid after a delete (retention),
         # which would break "sequence only grows". PostgreSQL ignores the option.
         {"sqlite_autoincrement": True},
@@ -93,6 +120,75 @@ class AuditEventRow(AuditBase):
     occurred_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     trace_id: Mapped[str] = mapped_column(String(TRACE_ID_MAX))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(_HASH_CHARS))
+    chain_hash: Mapped[str] = mapped_column(String(_HASH_CHARS))
+
+
+class ChainHeadRow(AuditBase):
+    """The end of one tenant's hash chain: the index and hash of its newest event."""
+
+    __tablename__ = "audit_chain_heads"
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_MAX), primary_key=True)
+    head_index: Mapped[int] = mapped_column(BigInteger)
+    head_hash: Mapped[str] = mapped_column(String(_HASH_CHARS))
+
+
+class ExecutionSummaryRow(AuditBase):
+    """One execution folded from its events (see :mod:`auditlog.summaries`); derived data."""
+
+    __tablename__ = "audit_executions"
+    __table_args__ = (
+        Index("ix_audit_executions_recent", "tenant", "first_sequence"),
+        Index("ix_audit_executions_actor", "tenant", "actor"),
+        Index("ix_audit_executions_approver", "tenant", "approver"),
+        Index("ix_audit_executions_action", "tenant", "action_id"),
+        Index("ix_audit_executions_record", "tenant", "record_type", "record_id"),
+    )
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_MAX), primary_key=True)
+    execution_id: Mapped[str] = mapped_column(String(EXECUTION_ID_MAX), primary_key=True)
+    first_sequence: Mapped[int] = mapped_column(BigInteger)
+    record_type: Mapped[str] = mapped_column(String(RECORD_TYPE_MAX))
+    record_id: Mapped[str] = mapped_column(String(RECORD_ID_MAX))
+    action_id: Mapped[str] = mapped_column(Text)
+    provider_id: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    approver: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(_ENUM_NAME_MAX))
+    reason: Mapped[str] = mapped_column(Text)
+    external_ref: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    trace_id: Mapped[str] = mapped_column(String(TRACE_ID_MAX))
+    late_outcome: Mapped[str] = mapped_column(String(_ENUM_NAME_MAX))
+    last_event_type: Mapped[str] = mapped_column(String(_ENUM_NAME_MAX))
+    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    event_count: Mapped[int] = mapped_column(Integer)
+
+
+_SUMMARY_FIELDS = (
+    "first_sequence",
+    "record_type",
+    "record_id",
+    "action_id",
+    "provider_id",
+    "actor",
+    "approver",
+    "outcome",
+    "reason",
+    "external_ref",
+    "started_at",
+    "finished_at",
+    "trace_id",
+    "late_outcome",
+    "last_event_type",
+    "last_event_at",
+    "state_at",
+    "event_count",
+)
 
 
 @dataclass(frozen=True)
@@ -115,31 +211,49 @@ def _first_occurrences(events: Iterable[audit_pb2.AuditEvent]) -> list[audit_pb2
 
 
 def _row(event: audit_pb2.AuditEvent) -> dict[str, Any]:
-    evidence = audit_pb2.AuditEvent()
-    evidence.CopyFrom(event)
-    # The sender cannot choose a position in the store.
-    evidence.ClearField("sequence")
+    """The row of a new event; the sender cannot choose its position in store or chain."""
     return {
-        "event_id": event.event_id,
-        "tenant": event.tenant,
-        "record_type": event.record.type,
-        "record_id": event.record.id,
-        "execution_id": event.execution_id,
-        "action_id": event.action_id,
-        "actor": event.actor,
-        "type": audit_pb2.AuditEventType.Name(event.type),
-        "outcome": common_pb2.Outcome.Name(event.outcome),
+        **audit_chain.indexed_columns(event),
         "occurred_at": from_timestamp(event.occurred_at) if event.HasField("occurred_at") else None,
-        "trace_id": event.trace_id,
-        # Deterministic bytes (sorted map entries), so a later hash chain is reproducible.
-        "payload": evidence.SerializeToString(deterministic=True),
+        "payload": audit_chain.stored_bytes(event),
     }
 
 
-def _event(sequence: int, payload: bytes) -> audit_pb2.AuditEvent:
+def _event(
+    sequence: int, payload: bytes, chain_index: int, prev_hash: str, chain_hash: str
+) -> audit_pb2.AuditEvent:
     event = audit_pb2.AuditEvent.FromString(payload)
     event.sequence = sequence
+    event.chain_index = chain_index
+    event.prev_chain_hash = prev_hash
+    event.chain_hash = chain_hash
     return event
+
+
+_EVENT_COLUMNS = (
+    AuditEventRow.sequence,
+    AuditEventRow.payload,
+    AuditEventRow.chain_index,
+    AuditEventRow.prev_hash,
+    AuditEventRow.chain_hash,
+)
+
+
+class _ChainMoved(Exception):
+    """Another writer extended a chain between our read of its head and our update."""
+
+
+@dataclass(frozen=True)
+class SummaryFilter:
+    """What ListExecutionSummaries narrows to; empty values mean "any"."""
+
+    actor: str = ""
+    action_id: str = ""
+    outcomes: tuple[str, ...] = ()
+    record_type: str = ""
+    record_id: str = ""
+    started_after: datetime | None = None
+    started_before: datetime | None = None
 
 
 class AuditRepository:
@@ -148,10 +262,16 @@ class AuditRepository:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._append_lock = threading.Lock()
 
-    def create_schema(self) -> None:
-        """Create missing tables and indexes (until Alembic migrations take over)."""
-        AuditBase.metadata.create_all(self._engine)
+    def create_schema(self, *, migrate: bool = True) -> None:
+        """Bring the tables to the latest Alembic revision (auditlog/migrations).
+
+        With ``migrate=False`` only check they are there: SchemaNotCurrentError otherwise.
+        """
+        from actionmesh.rpc.migrations import prepare_schema
+
+        prepare_schema(self._engine, "auditlog", migrate=migrate)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -160,29 +280,126 @@ class AuditRepository:
         """Store the events not stored yet, all in one transaction, in the given order.
 
         Events whose id is already stored, or repeats an earlier event of the same
-        batch, are counted as duplicates. Two writers may check the same new id at
-        once; the loser's insert then violates the unique event id, and the whole
-        batch is checked and written again. A retry happens only when the recheck
-        finds more stored ids than before, so it ends, and any other integrity
-        error is raised, not retried.
+        batch, are counted as duplicates. Stored events extend their tenant's
+        chain and their executions' summaries in the same transaction. When a
+        concurrent writer stored one of the ids or moved a chain head first, the
+        whole batch is checked and written again (bounded); an integrity error
+        that no concurrent write explains is raised, not retried.
         """
         unique = _first_occurrences(events)
         ids = [event.event_id for event in unique]
-        while True:
-            with self._sessions() as session:
+        for attempt in range(_MAX_APPEND_ATTEMPTS):
+            # One writer per process at a time: threads of this process never race
+            # each other for a chain head, only other processes can.
+            with self._append_lock, self._sessions() as session:
                 existing = self._existing_ids(session, ids)
                 fresh = [event for event in unique if event.event_id not in existing]
                 try:
                     if fresh:
-                        session.execute(insert(AuditEventRow), [_row(event) for event in fresh])
+                        self._store(session, fresh)
                     session.commit()
-                except IntegrityError:
+                except (IntegrityError, _ChainMoved) as exc:
                     session.rollback()
-                    if self._existing_ids(session, ids) <= existing:
+                    concurrent = isinstance(exc, _ChainMoved)
+                    if not concurrent and not self._explained(session, ids, existing):
                         raise
-                    log.info("event ids of a batch were stored concurrently; appending again")
+                    log.info("a concurrent writer stored events first; appending again")
+                    time.sleep(min(0.001 * (attempt + 1), 0.05))
                     continue
             return AppendResult(stored=len(fresh), duplicates=len(events) - len(fresh))
+        raise RuntimeError(f"gave up appending after {_MAX_APPEND_ATTEMPTS} concurrent conflicts")
+
+    def _explained(self, session: Session, ids: Sequence[str], existing: set[str]) -> bool:
+        """Whether an integrity error came from a concurrent writer of the same event ids."""
+        return bool(self._existing_ids(session, ids) - existing)
+
+    def _store(self, session: Session, fresh: Sequence[audit_pb2.AuditEvent]) -> None:
+        rows = [_row(event) for event in fresh]
+        by_tenant: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_tenant.setdefault(row["tenant"], []).append(row)
+        # A fixed order of head locks, so two writers of several tenants cannot deadlock.
+        for tenant in sorted(by_tenant):
+            self._link(session, tenant, by_tenant[tenant])
+        session.execute(insert(AuditEventRow), rows)
+        self._fold_summaries(session, fresh)
+
+    def _link(self, session: Session, tenant: str, rows: list[dict[str, Any]]) -> None:
+        """Give the rows the next links of the tenant's chain and move its head."""
+        head = session.execute(
+            select(ChainHeadRow.head_index, ChainHeadRow.head_hash)
+            .where(ChainHeadRow.tenant == tenant)
+            .with_for_update()
+        ).one_or_none()
+        if head is None:
+            try:
+                session.execute(
+                    insert(ChainHeadRow),
+                    [{"tenant": tenant, "head_index": 0, "head_hash": audit_chain.GENESIS_HASH}],
+                )
+            except IntegrityError as exc:
+                # Two first writers of a tenant: the loser retries behind the new head.
+                raise _ChainMoved(tenant) from exc
+            head_index, head_hash = 0, audit_chain.GENESIS_HASH
+        else:
+            head_index, head_hash = int(head.head_index), str(head.head_hash)
+        links = audit_chain.chain(tenant, head_index, head_hash, (row["payload"] for row in rows))
+        last_index, last_hash = head_index, head_hash
+        for row, (index, prev_hash, current) in zip(rows, links, strict=True):
+            row.update(chain_index=index, prev_hash=prev_hash, chain_hash=current)
+            last_index, last_hash = index, current
+        moved = session.execute(
+            update(ChainHeadRow)
+            .where(ChainHeadRow.tenant == tenant, ChainHeadRow.head_index == head_index)
+            .values(head_index=last_index, head_hash=last_hash)
+        )
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            raise _ChainMoved(tenant)
+
+    def _fold_summaries(self, session: Session, fresh: Sequence[audit_pb2.AuditEvent]) -> None:
+        """Fold the new events into their executions' summaries (insert or update)."""
+        with_execution = [event for event in fresh if event.execution_id]
+        if not with_execution:
+            return
+        found = session.execute(
+            select(AuditEventRow.event_id, AuditEventRow.sequence).where(
+                AuditEventRow.event_id.in_([event.event_id for event in with_execution])
+            )
+        )
+        sequences = {event_id: sequence for event_id, sequence in found}
+        keys = {(event.tenant, event.execution_id) for event in with_execution}
+        summaries = self._summaries(session, keys)
+        for event in with_execution:
+            key = (event.tenant, event.execution_id)
+            summary = summaries.get(key)
+            if summary is None:
+                sequence = sequences[event.event_id]
+                summary = summaries[key] = Summary(event.tenant, event.execution_id, sequence)
+            fold(summary, event, sequences[event.event_id])
+        new = [_summary_row(summary) for summary in summaries.values() if not summary.stored]
+        old = [_summary_row(summary) for summary in summaries.values() if summary.stored]
+        if new:
+            session.execute(insert(ExecutionSummaryRow), new)
+        if old:
+            # Bulk UPDATE by primary key (tenant, execution_id).
+            session.execute(update(ExecutionSummaryRow), old)
+
+    @staticmethod
+    def _summaries(session: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Summary]:
+        found: dict[tuple[str, str], Summary] = {}
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, execution_id in keys:
+            by_tenant.setdefault(tenant, []).append(execution_id)
+        for tenant, execution_ids in by_tenant.items():
+            rows = session.scalars(
+                select(ExecutionSummaryRow).where(
+                    ExecutionSummaryRow.tenant == tenant,
+                    ExecutionSummaryRow.execution_id.in_(execution_ids),
+                )
+            )
+            for row in rows:
+                found[(row.tenant, row.execution_id)] = _summary(row, stored=True)
+        return found
 
     @staticmethod
     def _existing_ids(session: Session, ids: Sequence[str]) -> set[str]:
@@ -271,11 +488,119 @@ class AuditRepository:
         limit: int,
     ) -> list[audit_pb2.AuditEvent]:
         query = (
-            select(AuditEventRow.sequence, AuditEventRow.payload)
+            select(*_EVENT_COLUMNS)
             .where(AuditEventRow.tenant == tenant, *conditions)
             .where(AuditEventRow.sequence > after_sequence)
             .order_by(AuditEventRow.sequence)
             .limit(limit)
         )
         with self._sessions() as session:
-            return [_event(sequence, payload) for sequence, payload in session.execute(query)]
+            return [_event(*row) for row in session.execute(query)]
+
+    # -- execution summaries -------------------------------------------------------
+    def list_summaries(
+        self, tenant: str, where: SummaryFilter, *, before_sequence: int = 0, limit: int = 100
+    ) -> list[tuple[int, audit_pb2.ExecutionSummary]]:
+        """One tenant's execution summaries, newest first, as (position, summary).
+
+        ``before_sequence`` (a position from the previous page) continues a listing.
+        """
+        query = select(ExecutionSummaryRow).where(ExecutionSummaryRow.tenant == tenant)
+        if before_sequence:
+            query = query.where(ExecutionSummaryRow.first_sequence < before_sequence)
+        if where.actor:
+            query = query.where(
+                or_(
+                    ExecutionSummaryRow.actor == where.actor,
+                    ExecutionSummaryRow.approver == where.actor,
+                )
+            )
+        if where.action_id:
+            query = query.where(ExecutionSummaryRow.action_id == where.action_id)
+        if where.outcomes:
+            query = query.where(ExecutionSummaryRow.outcome.in_(where.outcomes))
+        if where.record_type:
+            query = query.where(ExecutionSummaryRow.record_type == where.record_type)
+        if where.record_id:
+            query = query.where(ExecutionSummaryRow.record_id == where.record_id)
+        if where.started_after is not None:
+            query = query.where(ExecutionSummaryRow.started_at >= where.started_after)
+        if where.started_before is not None:
+            query = query.where(ExecutionSummaryRow.started_at < where.started_before)
+        query = query.order_by(ExecutionSummaryRow.first_sequence.desc()).limit(limit)
+        with self._sessions() as session:
+            rows = session.scalars(query).all()
+        return [(row.first_sequence, to_message(_summary(row))) for row in rows]
+
+    # -- the hash chain ------------------------------------------------------------
+    def chain_tenants(self) -> list[str]:
+        """Every tenant that has a chain (operations, not callers)."""
+        with self._sessions() as session:
+            return list(session.scalars(select(ChainHeadRow.tenant).order_by(ChainHeadRow.tenant)))
+
+    def verify_chain(self, tenant: str) -> audit_chain.Verification:
+        """Walk the tenant's chain from its first event and report the first broken link."""
+        with self._sessions() as session:
+            head = session.execute(
+                select(ChainHeadRow.head_index, ChainHeadRow.head_hash).where(
+                    ChainHeadRow.tenant == tenant
+                )
+            ).one_or_none()
+        head_index, head_hash = (
+            (int(head.head_index), str(head.head_hash))
+            if head is not None
+            else (0, audit_chain.GENESIS_HASH)
+        )
+        return audit_chain.verify_links(
+            tenant, self._links(tenant), head_index=head_index, head_hash=head_hash
+        )
+
+    def _links(self, tenant: str) -> Iterator[audit_chain.StoredLink]:
+        """The tenant's stored links in chain order, read in bounded batches."""
+        names = tuple(audit_chain.indexed_columns(audit_pb2.AuditEvent()))
+        columns = [getattr(AuditEventRow, name) for name in names]
+        after = 0
+        while True:
+            query = (
+                select(
+                    AuditEventRow.sequence,
+                    AuditEventRow.chain_index,
+                    AuditEventRow.prev_hash,
+                    AuditEventRow.chain_hash,
+                    AuditEventRow.payload,
+                    *columns,
+                )
+                .where(AuditEventRow.tenant == tenant, AuditEventRow.chain_index > after)
+                .order_by(AuditEventRow.chain_index)
+                .limit(_VERIFY_BATCH)
+            )
+            with self._sessions() as session:
+                rows = session.execute(query).all()
+            for sequence, index, prev_hash, chain_hash, payload, *values in rows:
+                yield audit_chain.StoredLink(
+                    sequence=sequence,
+                    event_id=str(values[0]),
+                    tenant=str(values[1]),
+                    chain_index=index,
+                    prev_hash=prev_hash,
+                    chain_hash=chain_hash,
+                    payload=payload,
+                    columns=dict(zip(names, (str(v) for v in values), strict=True)),
+                )
+            if len(rows) < _VERIFY_BATCH:
+                return
+            after = rows[-1][1]
+
+
+def _summary_row(summary: Summary) -> dict[str, Any]:
+    row = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
+    row.update(tenant=summary.tenant, execution_id=summary.execution_id)
+    return row
+
+
+def _summary(row: ExecutionSummaryRow, *, stored: bool = False) -> Summary:
+    summary = Summary(
+        row.tenant, row.execution_id, **{name: getattr(row, name) for name in _SUMMARY_FIELDS}
+    )
+    summary.stored = stored
+    return summary

@@ -118,9 +118,11 @@ async def audit(tmp_path: Path) -> AsyncIterator[AuditClient]:
 
 
 def without_sequence(event: audit_pb2.AuditEvent) -> audit_pb2.AuditEvent:
+    """The event as sent: without the positions the store assigns (sequence, chain)."""
     copy = audit_pb2.AuditEvent()
     copy.CopyFrom(event)
-    copy.ClearField("sequence")
+    for name in ("sequence", "chain_index", "prev_chain_hash", "chain_hash"):
+        copy.ClearField(name)  # type: ignore[arg-type]
     return copy
 
 
