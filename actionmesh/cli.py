@@ -5,6 +5,9 @@
     actionmesh actions workitem/wi-1001 --status failed
     actionmesh run workitem.retry workitem/wi-1001 --status failed --input reason="parser fixed"
     actionmesh history workitem/wi-1001
+    actionmesh executions --actor alice --since 2h    # who ran what, and how it ended
+    actionmesh trace TRACE_ID                  # the audit events of one trace
+    actionmesh audit verify                    # recompute the tamper-evident hash chains
     actionmesh approvals                       # what waits for a second person
     actionmesh approve EXECUTION_ID ticket/t-100 --status open --comment "checked"
     actionmesh reject EXECUTION_ID --comment "wrong customer"
@@ -19,11 +22,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +39,13 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from actionmesh.db_cli import add_db_commands
 from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
 from actionmesh.provider_cli import add_provider_commands
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import (
     audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
@@ -395,17 +402,9 @@ TYPES_WITH_MESSAGE = (
 )
 
 
-def cmd_history(args: argparse.Namespace) -> int:
-    request = gateway_pb2.GetRecordHistoryRequest(
-        record=parse_record_ref(args.record),
-        page_size=args.limit,
-        include_discovery=args.include_discovery,
-    )
-    reply = asyncio.run(call_gateway(args, "GetRecordHistory", request))
-    if args.json:
-        print(json.dumps([to_dict(e) for e in reply.events], indent=2))
-        return 0
-    table = Table(title=f"history of {args.record}")
+def event_table(title: str, events: Sequence[audit_pb2.AuditEvent]) -> Table:
+    """Audit events as a readable table: when, who, what, outcome, external ref, changes."""
+    table = Table(title=title)
     for column in (
         "when",
         "who",
@@ -417,7 +416,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         "changes",
     ):
         table.add_column(column)
-    for event in reply.events:
+    for event in events:
         table.add_row(
             event.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
             event.actor,
@@ -430,10 +429,160 @@ def cmd_history(args: argparse.Namespace) -> int:
             event.external_ref,
             "; ".join(f"{c.field}: {c.before} -> {c.after}" for c in event.changes),
         )
-    console.print(table)
+    return table
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    request = gateway_pb2.GetRecordHistoryRequest(
+        record=parse_record_ref(args.record),
+        page_size=args.limit,
+        include_discovery=args.include_discovery,
+    )
+    reply = asyncio.run(call_gateway(args, "GetRecordHistory", request))
+    if args.json:
+        print(json.dumps([to_dict(e) for e in reply.events], indent=2))
+        return 0
+    console.print(event_table(f"history of {args.record}", reply.events))
     if not reply.events:
         console.print("no events yet for this record")
     return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    request = gateway_pb2.GetTraceRequest(trace_id=args.trace_id, page_size=args.limit)
+    reply = asyncio.run(call_gateway(args, "GetTrace", request))
+    if args.json:
+        print(json.dumps([to_dict(e) for e in reply.events], indent=2))
+        return 0
+    console.print(event_table(f"audit events of trace {args.trace_id}", reply.events))
+    return 0
+
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 instant (UTC when no offset is given), or a duration ago: 30m, 2h, 7d."""
+    duration = _DURATION.fullmatch(text)
+    if duration:
+        amount, unit = duration.groups()
+        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"{text!r} is neither an ISO 8601 time nor a duration like 2h") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def cmd_executions(args: argparse.Namespace) -> int:
+    outcomes = []
+    for name in args.outcome or []:
+        try:
+            outcomes.append(common_pb2.Outcome.Value(f"OUTCOME_{name.upper()}"))
+        except ValueError as exc:
+            raise CliError(f"unknown outcome {name!r}") from exc
+    request = gateway_pb2.ListExecutionsRequest(
+        actor=args.actor or "",
+        action_id=args.action or "",
+        outcomes=outcomes,
+        page_size=args.limit,
+        page_token=args.page_token or "",
+    )
+    if args.record:
+        request.record.CopyFrom(parse_record_ref(args.record))
+    if args.since:
+        request.started_after.FromDatetime(parse_instant(args.since))
+    if args.until:
+        request.started_before.FromDatetime(parse_instant(args.until))
+    reply = asyncio.run(call_gateway(args, "ListExecutions", request))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "executions": [to_dict(e) for e in reply.executions],
+                    "next_page_token": reply.next_page_token,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    table = Table(title="executions, newest first")
+    for column in (
+        "started",
+        "execution",
+        "who",
+        "approver",
+        "action",
+        "record",
+        "outcome",
+        "reason",
+        "external ref",
+    ):
+        table.add_column(column)
+    for summary in reply.executions:
+        outcome = common_pb2.Outcome.Name(summary.outcome)
+        table.add_row(
+            summary.started_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            summary.execution_id,
+            summary.actor,
+            summary.approver,
+            summary.action_id,
+            f"{summary.record.type}/{summary.record.id}",
+            enum_label("OUTCOME_", outcome) if summary.outcome else "RUNNING",
+            summary.reason,
+            summary.external_ref,
+        )
+    console.print(table)
+    if reply.next_page_token:
+        console.print(f"more: --page-token {reply.next_page_token}")
+    return 0
+
+
+def auditlog_address(args: argparse.Namespace) -> str:
+    explicit = args.auditlog or os.environ.get("ACTIONMESH_AUDITLOG")
+    return explicit or mesh_state(args.data_dir).get("auditlog", "127.0.0.1:50052")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the hash chains; exit 5 when a link is broken (scripts and cron can alert)."""
+    address = auditlog_address(args)
+
+    async def verify() -> audit_pb2.VerifyChainResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = audit_pb2_grpc.AuditServiceStub(channel)
+            return await stub.VerifyChain(
+                audit_pb2.VerifyChainRequest(tenant=args.tenant or ""), timeout=args.timeout
+            )
+
+    reply = asyncio.run(verify())
+    broken = [chain for chain in reply.chains if not chain.intact]
+    if args.json:
+        print(json.dumps([to_dict(c) for c in reply.chains], indent=2))
+        return 5 if broken else 0
+    table = Table(title=f"audit chains in {address}")
+    for column in ("tenant", "events", "head", "head hash", "status"):
+        table.add_column(column)
+    for chain in reply.chains:
+        status = "[green]intact[/green]"
+        if not chain.intact:
+            where = chain.first_break
+            status = (
+                f"[red]BROKEN[/red] at #{where.chain_index}"
+                + (
+                    f" (event {where.event_id}, sequence {where.sequence})"
+                    if where.event_id
+                    else ""
+                )
+                + f": {where.problem}"
+            )
+        table.add_row(
+            chain.tenant, str(chain.events_checked), str(chain.head_index), chain.head_hash, status
+        )
+    console.print(table)
+    if not reply.chains:
+        console.print("no audit events stored yet")
+    return 5 if broken else 0
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
@@ -552,11 +701,41 @@ def build_parser() -> argparse.ArgumentParser:
     policy = client("policy", "show the policy file in force and any reload error")
     policy.set_defaults(func=cmd_policy)
 
+    trace = client("trace", "show every audit event of one trace id")
+    trace.add_argument("trace_id", help="32 hex digits, as shown by `execution` or in Jaeger")
+    trace.add_argument("--limit", type=int, default=100)
+    trace.set_defaults(func=cmd_trace)
+
+    executions = client("executions", "list executions: who ran what, and how it ended")
+    executions.add_argument("--actor", help="requester or approver subject")
+    executions.add_argument("--action", help="action id")
+    executions.add_argument(
+        "--outcome", action="append", help="e.g. succeeded, denied, partial (repeatable)"
+    )
+    executions.add_argument("--record", help="only this record (TYPE/ID)")
+    executions.add_argument("--since", help="started at or after: ISO 8601 time or 30m/2h/7d ago")
+    executions.add_argument("--until", help="started before: ISO 8601 time or 30m/2h/7d ago")
+    executions.add_argument("--limit", type=int, default=50)
+    executions.add_argument("--page-token", help="continue a listing")
+    executions.set_defaults(func=cmd_executions)
+
+    audit = sub.add_parser("audit", help="operator tools for the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="recompute the per-tenant hash chains; exit 5 if one is broken"
+    )
+    verify.add_argument("--tenant", help="only this tenant (default: every tenant)")
+    verify.add_argument("--auditlog", help="audit log address (default: from the running mesh)")
+    verify.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_audit_verify)
+
     providers = client("providers", "list registered providers and their health")
     providers.add_argument("--registry", help="registry address (default: from the running mesh)")
     providers.set_defaults(func=cmd_providers)
 
     add_provider_commands(sub)
+    add_db_commands(sub)
     return parser
 
 

@@ -78,6 +78,11 @@ class Service:
     address: str = ""
     log_path: Path | None = None
     url: str = ""
+    metrics_url: str = ""
+    # How it was launched, so restart_service can launch it again the same way.
+    base_command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    http: bool = False
 
 
 class Mesh:
@@ -184,6 +189,14 @@ class Mesh:
             service.process.kill()
             service.process.wait(timeout=5)
 
+    def restart_service(self, name: str) -> Service:
+        """Start a stopped or killed service again: same command, same data, same port."""
+        old = self.services[name]
+        if old.process is not None and old.process.poll() is None:
+            raise MeshError(f"{name} is still running; stop it first")
+        port = int(old.address.rsplit(":", 1)[1])
+        return self._launch(name, old.base_command, port, env=old.env, http=old.http)
+
     def __enter__(self) -> Mesh:
         self.start()
         return self
@@ -279,7 +292,15 @@ class Mesh:
             process = subprocess.Popen(
                 full, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
             )
-        service = Service(name=name, command=full, process=process, log_path=log_path)
+        service = Service(
+            name=name,
+            command=full,
+            process=process,
+            log_path=log_path,
+            base_command=command,
+            env=dict(env or {}),
+            http=http,
+        )
         self.services[name] = service
         self._wait_ready(service, ready_file, http=http)
         return service
@@ -296,6 +317,7 @@ class Mesh:
             if not service.address and ready_file.exists():
                 ready = json.loads(ready_file.read_text())
                 service.address, service.url = ready["address"], ready.get("url", "")
+                service.metrics_url = ready.get("metrics_url", "")
             if service.address and (
                 is_healthy(service.url) if http else is_serving(service.address)
             ):
@@ -320,6 +342,7 @@ class Mesh:
             "supportdesk": self.services["supportdesk"].url
             if "supportdesk" in self.services
             else "",
+            "metrics": {s.name: s.metrics_url for s in self.services.values() if s.metrics_url},
             "signing_key_file": str(self.signing_key_path),
             "policy_file": str(self.policy_path),
         }

@@ -101,6 +101,26 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
             events=page.events, next_page_token=page.next_page_token
         )
 
+    async def ListExecutions(
+        self, request: gateway_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListExecutionsResponse:
+        caller = self._verifier.authenticate(context.invocation_metadata())
+        page = await self._history.executions(caller, request)
+        return gateway_pb2.ListExecutionsResponse(
+            executions=page.executions, next_page_token=page.next_page_token
+        )
+
+    async def GetTrace(
+        self, request: gateway_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetTraceResponse:
+        caller = self._verifier.authenticate(context.invocation_metadata())
+        page = await self._history.trace(
+            caller, request.trace_id, request.page_size, request.page_token
+        )
+        return gateway_pb2.GetTraceResponse(
+            events=page.events, next_page_token=page.next_page_token
+        )
+
     async def ListPendingApprovals(
         self, request: gateway_pb2.ListPendingApprovalsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListPendingApprovalsResponse:

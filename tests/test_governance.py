@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -22,19 +22,13 @@ from actionmesh.mesh import Mesh, Service
 from actionmesh.rpc.errors import ErrorDetails, error_details
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import TokenFactory, bearer, eventually
+from tests.governance_fixtures import case
 
 pytestmark = pytest.mark.timeout(90)
 
 Stub = gateway_pb2_grpc.ActionGatewayServiceStub
 EXECUTE_LOG = "govtest-execute.jsonl"
 DISCOVER_LOG = "govtest-discover.jsonl"
-
-
-@pytest.fixture(scope="session")
-def govtest(mesh: Mesh) -> Iterator[Path]:
-    """The governance provider in the session mesh; yields the folder of its call logs."""
-    mesh.start_provider("tests.governance_provider")
-    yield mesh.data_dir / "data" / "providers"
 
 
 @pytest.fixture(scope="session")
@@ -48,39 +42,6 @@ def short_gateway(mesh: Mesh, govtest: Path) -> Service:
         "0.2",
         "--discover-cache-ttl-s",
         "0",
-    )
-
-
-@pytest.fixture
-async def gov(gateway: Stub, govtest: Path, token: TokenFactory) -> Stub:
-    """The gateway stub, once the gateway's directory knows the governance provider."""
-
-    async def visible() -> bool:
-        reply = await gateway.DiscoverActions(
-            gateway_pb2.DiscoverActionsRequest(record=case("probe"), skip_cache=True),
-            metadata=bearer(token(roles=("supervisor",))),
-        )
-        return any(a.provider_id == "govtest" for a in reply.actions)
-
-    await eventually(visible, timeout_s=20)
-    return gateway
-
-
-def case(
-    record_id: str,
-    status: str = "open",
-    *,
-    tenant: str = "acme",
-    sensitivity: int = common_pb2.SENSITIVITY_NORMAL,
-    version: str = "",
-) -> common_pb2.RecordContext:
-    return common_pb2.RecordContext(
-        tenant=tenant,
-        type="govtest",
-        id=record_id,
-        status=status,
-        sensitivity=sensitivity,  # type: ignore[arg-type]
-        version=version,
     )
 
 
