@@ -177,9 +177,17 @@ async def test_verify_chain_of_an_unknown_tenant_is_an_empty_intact_chain(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_concurrent_writers_extend_one_linear_chain(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh audit database: a SQLite file, or a database on the throwaway PostgreSQL."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "audit.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def test_concurrent_writers_extend_one_linear_chain(database_url: str) -> None:
     """Two repositories (as two audit log replicas would) and several threads each."""
-    url = sqlite_url(tmp_path / "audit.db")
+    url = database_url
     first = AuditRepository(make_engine(url))
     first.create_schema()
     second = AuditRepository(make_engine(url))
