@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import sqlite3
 import struct
+import sys
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -434,3 +437,36 @@ async def test_trace_events_are_tenant_scoped_paged_and_validated(audit: AuditCl
                 audit_pb2.ListTraceEventsRequest(tenant="acme", trace_id=bad), timeout=10
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_audit_verify_command_exits_5_and_names_the_tampered_event(
+    audit: AuditClient,
+) -> None:
+    await seed_chain(audit, 4, "acme")
+
+    async def run_cli(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "actionmesh.cli",
+            "audit",
+            "verify",
+            "--auditlog",
+            audit.running.address,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+        return int(process.returncode or 0), output.decode()
+
+    code, output = await run_cli()
+    assert code == 0 and "intact" in output
+    edit(
+        audit.db_path,
+        "UPDATE audit_events SET outcome = 'OUTCOME_SUCCEEDED' WHERE event_id = 'acme-1'",
+    )
+    code, output = await run_cli("--tenant", "acme")
+    assert code == 5, output
+    assert "BROKEN" in output and "acme-1" in output and "'outcome'" in output
