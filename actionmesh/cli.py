@@ -164,6 +164,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         supportdesk_port=args.supportdesk_port,
         seed_demo=not args.no_seed,
+        # Prometheus /metrics on a free port per service unless the environment says otherwise.
+        extra_env={
+            name: "0"
+            for name in (
+                "ACTIONMESH_GATEWAY_METRICS_PORT",
+                "ACTIONMESH_AUDITLOG_METRICS_PORT",
+                "ACTIONMESH_REGISTRY_METRICS_PORT",
+            )
+            if name not in os.environ
+        },
     )
     mesh = Mesh(settings)
     stop = threading.Event()
@@ -177,9 +187,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     table = Table(title="actionmesh is up")
     table.add_column("service")
     table.add_column("address")
+    table.add_column("metrics")
     table.add_column("log")
     for service in mesh.services.values():
-        table.add_row(service.name, service.url or service.address, str(service.log_path))
+        table.add_row(
+            service.name,
+            service.url or service.address,
+            service.metrics_url,
+            str(service.log_path),
+        )
     console.print(table)
     exe = "actionmesh"
     # Plain print: these lines are meant to be copied, so they must not be re-wrapped.

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.server import configure_logging, run_service
-from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.rpc.telemetry import configure_process_tracing
 from auditlog.config import AuditLogConfig
 from auditlog.server import start_auditlog
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
-    configure_tracing("actionmesh-auditlog")
+    configure_process_tracing("actionmesh-auditlog")
     cfg = load_config(AuditLogConfig, env_prefix="ACTIONMESH_AUDITLOG", argv=argv)
     asyncio.run(
         run_service(lambda: start_auditlog(cfg), name="auditlog", ready_file=cfg.ready_file)

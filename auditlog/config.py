@@ -18,5 +18,13 @@ class AuditLogConfig:
     database_url: str = "sqlite:///.actionmesh/audit.db"
     """SQLAlchemy URL of the event store: a SQLite file locally, PostgreSQL in production."""
 
+    migrate_on_start: bool = True
+    """Apply the schema migrations at start; when false, refuse to start unless the
+    database is already at the latest revision (run `actionmesh db upgrade` first)."""
+
+    metrics_port: int = -1
+    """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
+    a free port (written to the ready file as metrics_port)."""
+
     ready_file: str | None = None
     """When set, a JSON file written once the server listens (pid, port, address)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.metrics import expose_metrics
 from actionmesh.rpc.server import RunningServer, start_server
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc
 from auditlog.config import AuditLogConfig
@@ -19,7 +20,7 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
     """Start AuditService on ``config.host:config.port``; stopping it closes the database."""
     repository = AuditRepository(make_engine(config.database_url))
     try:
-        await asyncio.to_thread(repository.create_schema)
+        await asyncio.to_thread(repository.create_schema, migrate=config.migrate_on_start)
         running = await start_server(
             [
                 (
@@ -40,4 +41,7 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
         await asyncio.to_thread(repository.close)
 
     running.on_stop.append(close_database)
+    expose_metrics(
+        running, host=config.host, port=config.metrics_port, service_name="actionmesh-auditlog"
+    )
     return running

@@ -6,7 +6,7 @@ import asyncio
 
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.server import configure_logging, run_service
-from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.rpc.telemetry import configure_process_tracing
 from gateway.config import GatewayConfig
 from gateway.server import start_gateway
 
@@ -14,7 +14,7 @@ from gateway.server import start_gateway
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
     config = load_config(GatewayConfig, env_prefix="ACTIONMESH_GATEWAY", argv=argv)
-    configure_tracing("actionmesh-gateway")
+    configure_process_tracing("actionmesh-gateway")
     asyncio.run(
         run_service(lambda: start_gateway(config), name="gateway", ready_file=config.ready_file)
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+from opentelemetry import trace
 
 from actionmesh.rpc.errors import Unauthenticated
 from gateway.config import GatewayConfig
@@ -21,6 +22,7 @@ from gateway.config import GatewayConfig
 # Claims end up in audit columns of bounded width.
 MAX_CLAIM_LENGTH = 128
 HMAC_ALGORITHMS = ["HS256"]
+tracer = trace.get_tracer("actionmesh.gateway")
 ASYMMETRIC_ALGORITHMS = ["RS256", "ES256"]
 
 
@@ -48,6 +50,15 @@ class TokenVerifier:
         self._leeway = config.jwt_leeway_s
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
+        """The verified caller; also names the tenant on the call's span (the RPC's own)."""
+        call_span = trace.get_current_span()
+        with tracer.start_as_current_span("auth.authenticate") as span:
+            caller = self._verify(metadata)
+            span.set_attribute("actionmesh.tenant", caller.tenant)
+        call_span.set_attribute("actionmesh.tenant", caller.tenant)
+        return caller
+
+    def _verify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
         token = bearer_token(metadata)
         try:
             claims = jwt.decode(

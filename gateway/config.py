@@ -22,6 +22,9 @@ class GatewayConfig:
     """Address (host:port) of the AuditService."""
     database_url: str = "sqlite:///.actionmesh/gateway.db"
     """SQLAlchemy URL for executions and the audit outbox."""
+    migrate_on_start: bool = True
+    """Apply the schema migrations at start; when false, refuse to start unless the
+    database is already at the latest revision (run `actionmesh db upgrade` first)."""
     policy_file: str = DEFAULT_POLICY_FILE
     """Cedar policy file the operator edits."""
     jwt_issuer: str = "actionmesh-dev"
@@ -61,6 +64,9 @@ class GatewayConfig:
     """Most audit events the outbox shipper sends in one AppendEvents call."""
     audit_retry_max_s: float = 5.0
     """Longest backoff between failed audit deliveries."""
+    metrics_port: int = -1
+    """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
+    a free port (written to the ready file as metrics_port)."""
     ready_file: str | None = None
     """Where to write {"port": ...} once serving (used by supervisors and tests)."""
 

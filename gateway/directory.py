@@ -80,6 +80,10 @@ class ProviderDirectory:
             await channel.close()
         self._channels.clear()
 
+    def entries(self) -> list[ProviderEntry]:
+        """Every provider the directory knows, healthy or not."""
+        return list(self._providers.values())
+
     def providers_for(self, record_type: str) -> list[ProviderEntry]:
         return [p for p in self._providers.values() if p.handles(record_type)]
 

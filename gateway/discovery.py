@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from actionmesh.v1 import audit_pb2, common_pb2, provider_pb2
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry
 from gateway.events import audit_event
+from gateway.metrics import record_discover
 from gateway.policy import (
     ActionSubject,
     Decision,
@@ -91,6 +93,7 @@ class Discoverer:
         *,
         skip_cache: bool = False,
     ) -> DiscoveryResult:
+        started = time.monotonic()
         check_record(record, has_record)
         require_same_tenant(caller, record)
         entries = self._directory.providers_for(record.type)
@@ -106,9 +109,17 @@ class Discoverer:
             if decision.allowed:
                 visible.setdefault(subject.provider_id, []).append(subject.descriptor)
         asked = [e for e in entries if e.provider_id in visible]
-        answers = await asyncio.gather(
-            *(self._availability(e, caller, record, skip_cache) for e in asked)
-        )
+        with tracer.start_as_current_span(
+            "discover.fan_out",
+            attributes={
+                "actionmesh.tenant": caller.tenant,
+                "actionmesh.record.type": record.type,
+                "actionmesh.discover.providers": [e.provider_id for e in asked],
+            },
+        ):
+            answers = await asyncio.gather(
+                *(self._availability(e, caller, record, skip_cache) for e in asked)
+            )
         actions: list[VisibleAction] = []
         degraded: list[tuple[str, str]] = []
         for entry, answer in zip(asked, answers, strict=True):
@@ -125,6 +136,7 @@ class Discoverer:
                 )
         if subjects:
             await self._record_decisions(caller, record, subjects, decisions, degraded)
+        record_discover(record.type, time.monotonic() - started, bool(degraded))
         return DiscoveryResult(actions=actions, degraded=degraded)
 
     async def _record_decisions(
@@ -180,8 +192,8 @@ class Discoverer:
     ) -> Availability | str:
         """The provider's availability per action id, or a degradation reason."""
         with tracer.start_as_current_span(
-            "discover provider", attributes={"actionmesh.provider": entry.provider_id}
-        ):
+            "discover.provider", attributes={"actionmesh.provider_id": entry.provider_id}
+        ) as span:
             try:
                 reply = await self._directory.stub(entry).Discover(
                     provider_pb2.DiscoverRequest(
@@ -194,6 +206,7 @@ class Discoverer:
                 )
             except grpc.aio.AioRpcError as exc:
                 log.info("discover on %s failed: %s", entry.provider_id, exc.code().name)
+                span.set_attribute("actionmesh.discover.degraded", exc.code().name)
                 return exc.code().name
         return {a.action_id: (a.available, a.unavailable_reason) for a in reply.actions}
 

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, provider_pb2
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry
 from gateway.events import audit_event
+from gateway.metrics import record_execution
 from gateway.policy import (
     ActionSubject,
     Decision,
@@ -184,6 +186,7 @@ class Executor:
         span = trace.get_current_span()
         span.set_attribute("actionmesh.action_id", command.action_id)
         span.set_attribute("actionmesh.tenant", caller.tenant)
+        span.set_attribute("actionmesh.record.type", command.record.type)
         attempt_id = uuid.uuid4().hex
         authorized = await self._authorize(caller, command, attempt_id)
         record = await self._claim(caller, command, attempt_id, authorized)
@@ -191,6 +194,8 @@ class Executor:
             record = await self.run(
                 caller, command, record, authorized.entry, authorized.descriptor
             )
+        span.set_attribute("actionmesh.execution_id", record.execution_id)
+        span.set_attribute("actionmesh.outcome", record.outcome)
         if record.outcome == "UNAVAILABLE":
             raise Unavailable(
                 record.message or "the provider could not be reached; nothing ran",
@@ -230,7 +235,7 @@ class Executor:
                 ),
             )
         entry, descriptor = found
-        trace.get_current_span().set_attribute("actionmesh.provider", entry.provider_id)
+        trace.get_current_span().set_attribute("actionmesh.provider_id", entry.provider_id)
         if command.record.type not in descriptor.record_types:
             await self._refuse(
                 caller,
@@ -404,6 +409,32 @@ class Executor:
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
     ) -> ExecutionRecord:
+        # Measured from dispatch, so an approval's wait does not count as latency.
+        started = time.monotonic()
+        with tracer.start_as_current_span(
+            "execute.dispatch",
+            attributes={
+                "actionmesh.action_id": command.action_id,
+                "actionmesh.provider_id": entry.provider_id,
+                "actionmesh.tenant": caller.tenant,
+                "actionmesh.execution_id": record.execution_id,
+                "actionmesh.record.type": command.record.type,
+            },
+        ):
+            record = await self._dispatch_then_finish(caller, command, record, entry, descriptor)
+        record_execution(
+            record.action_id, record.provider_id, record.outcome, time.monotonic() - started
+        )
+        return record
+
+    async def _dispatch_then_finish(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> ExecutionRecord:
         timeout_s = self.timeout_for(descriptor)
         request = provider_pb2.ExecuteRequest(
             action_id=command.action_id,
@@ -569,9 +600,9 @@ class Executor:
             started_at=now,
             finished_at=now,
         )
-        trace.get_current_span().set_attribute(
-            "actionmesh.outcome", common_pb2.Outcome.Name(outcome).removeprefix("OUTCOME_")
-        )
+        outcome_name = common_pb2.Outcome.Name(outcome).removeprefix("OUTCOME_")
+        trace.get_current_span().set_attribute("actionmesh.outcome", outcome_name)
+        record_execution(command.action_id, provider_id, outcome_name)
         await asyncio.to_thread(self._store.record_attempt, [event])
         self._on_audit_written()
         raise error

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from contextlib import AbstractContextManager
 
 import grpc
 import grpc.aio
+from opentelemetry import context, trace
 
+from actionmesh.rpc.telemetry import link_to
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc
 from gateway.storage import GatewayStore
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("actionmesh.gateway")
 
 
 class OutboxShipper:
@@ -71,7 +75,10 @@ class OutboxShipper:
                 continue
             events = [audit_pb2.AuditEvent.FromString(payload) for _, payload in batch]
             try:
-                await stub.AppendEvents(audit_pb2.AppendEventsRequest(events=events), timeout=5.0)
+                with ship_span(events):
+                    await stub.AppendEvents(
+                        audit_pb2.AppendEventsRequest(events=events), timeout=5.0
+                    )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     await self._ship_one_by_one(stub, batch)
@@ -95,7 +102,10 @@ class OutboxShipper:
         for row_id, payload in batch:
             event = audit_pb2.AuditEvent.FromString(payload)
             try:
-                await stub.AppendEvents(audit_pb2.AppendEventsRequest(events=[event]), timeout=5.0)
+                with ship_span([event]):
+                    await stub.AppendEvents(
+                        audit_pb2.AppendEventsRequest(events=[event]), timeout=5.0
+                    )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     return  # a transient failure: the main loop retries with backoff
@@ -103,3 +113,20 @@ class OutboxShipper:
                 await asyncio.to_thread(self._store.park_event, row_id, exc.details() or "")
                 continue
             await asyncio.to_thread(self._store.delete_events, [row_id])
+
+
+def ship_span(events: list[audit_pb2.AuditEvent]) -> AbstractContextManager[trace.Span]:
+    """The span of one delivery: a trace of its own (batches mix executions), linked to
+    the span each event was written in, so an execution's trace leads to its delivery."""
+    links = {}
+    for event in events:
+        link = link_to(event.trace_id, event.span_id)
+        if link is not None:
+            links[(event.trace_id, event.span_id)] = link
+    return tracer.start_as_current_span(
+        "audit.ship",
+        context=context.Context(),
+        kind=trace.SpanKind.PRODUCER,
+        links=list(links.values()),
+        attributes={"actionmesh.audit.batch_size": len(events)},
+    )

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import cedarpy
+from opentelemetry import trace
 
 from actionmesh.rpc.convert import utcnow
 from actionmesh.v1 import audit_pb2, common_pb2
 from gateway.auth import Caller
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("actionmesh.gateway")
 
 PRINCIPAL_TYPE = "ActionMesh::Operator"
 RESOURCE_TYPE = "ActionMesh::ProviderAction"
@@ -220,6 +222,30 @@ class PolicyEngine:
         """One decision per subject, evaluated in one batch against the policies in force."""
         if not subjects:
             return []
+        with tracer.start_as_current_span(
+            "policy.authorize",
+            attributes={
+                "actionmesh.policy.operation": operation.value,
+                "actionmesh.tenant": caller.tenant,
+                "actionmesh.record.type": record.type,
+                "actionmesh.policy.subjects": len(subjects),
+            },
+        ) as span:
+            decisions = self._authorize(operation, caller, record, subjects)
+            span.set_attribute("actionmesh.policy.allowed", sum(d.allowed for d in decisions))
+            if len(subjects) == 1:
+                span.set_attribute("actionmesh.action_id", subjects[0].action_id)
+                span.set_attribute("actionmesh.provider_id", subjects[0].provider_id)
+                span.set_attribute("actionmesh.policy.ids", list(decisions[0].policy_ids))
+            return decisions
+
+    def _authorize(
+        self,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: Sequence[ActionSubject],
+    ) -> list[Decision]:
         loaded = self._loaded
         principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
         entities: list[dict[str, Any]] = [

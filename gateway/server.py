@@ -9,6 +9,7 @@ import logging
 from grpc_health.v1 import health_pb2
 
 from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.metrics import expose_metrics
 from actionmesh.rpc.server import RunningServer, start_server
 from actionmesh.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.approvals import Approvals
@@ -18,6 +19,7 @@ from gateway.directory import ProviderDirectory
 from gateway.discovery import Discoverer
 from gateway.execution import Executor
 from gateway.history import HistoryReader
+from gateway.metrics import observe_gateway
 from gateway.outbox import OutboxShipper
 from gateway.policy import PolicyEngine
 from gateway.redaction import Redactor
@@ -34,7 +36,9 @@ POLICY_HEALTH_NAME = "actionmesh.gateway.policy"
 async def start_gateway(config: GatewayConfig) -> RunningServer:
     verifier = TokenVerifier(config)
     policy = PolicyEngine(config.policy_file)
-    store = await asyncio.to_thread(GatewayStore, config.database_url)
+    store = await asyncio.to_thread(
+        GatewayStore, config.database_url, migrate=config.migrate_on_start
+    )
     directory = ProviderDirectory(config.registry)
     directory.start()
     if not await directory.wait_synced(5.0):
@@ -83,6 +87,10 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         port=config.port,
     )
     await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+    observe_gateway(running, store, directory)
+    expose_metrics(
+        running, host=config.host, port=config.metrics_port, service_name="actionmesh-gateway"
+    )
     background = [
         asyncio.create_task(approvals.sweep_forever(config.approval_sweep_interval_s)),
     ]

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from actionmesh.rpc.db import UTCDateTime, make_engine
+from actionmesh.rpc.migrations import prepare_schema
 from actionmesh.v1 import audit_pb2
 
 
@@ -162,9 +163,17 @@ class KeyConflict(Exception):
 class GatewayStore:
     """Repository for executions and the audit outbox."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Open the store at ``url`` and bring its schema to the latest Alembic revision.
+
+        With ``migrate=False`` the schema must already be there (SchemaNotCurrentError).
+        """
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        try:
+            prepare_schema(self.engine, "gateway", migrate=migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

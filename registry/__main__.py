@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.server import configure_logging, run_service
-from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.rpc.telemetry import configure_process_tracing
 from registry.config import ENV_PREFIX, RegistryConfig
 from registry.server import start_registry
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     configure_logging()
-    configure_tracing("actionmesh-registry")
+    configure_process_tracing("actionmesh-registry")
     cfg = load_config(RegistryConfig, env_prefix=ENV_PREFIX, argv=argv)
     asyncio.run(
         run_service(lambda: start_registry(cfg), name="registry", ready_file=cfg.ready_file)

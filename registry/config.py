@@ -20,6 +20,10 @@ class RegistryConfig:
     database_url: str = "sqlite:///.actionmesh/registry.db"
     """SQLAlchemy URL of the provider store (SQLite file or PostgreSQL)."""
 
+    migrate_on_start: bool = True
+    """Apply the schema migrations at start; when false, refuse to start unless the
+    database is already at the latest revision (run `actionmesh db upgrade` first)."""
+
     lease_ttl_s: float = 10.0
     """Seconds a registration lives without a RenewLease."""
 
@@ -28,6 +32,10 @@ class RegistryConfig:
 
     health_check_timeout_s: float = 1.0
     """Deadline in seconds of one provider health check."""
+
+    metrics_port: int = -1
+    """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
+    a free port (written to the ready file as metrics_port)."""
 
     ready_file: str | None = None
     """Write a JSON file with pid, port and address here once listening."""

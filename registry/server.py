@@ -7,11 +7,13 @@ import contextlib
 from datetime import timedelta
 
 from actionmesh.rpc.db import make_engine
+from actionmesh.rpc.metrics import expose_metrics
 from actionmesh.rpc.server import RunningServer, start_server
 from actionmesh.v1 import registry_pb2_grpc
 from registry.config import RegistryConfig
 from registry.directory import Directory
 from registry.health import GrpcHealthProber
+from registry.metrics import observe_registry
 from registry.servicer import SERVICE_NAME, RegistryServicer
 from registry.storage import ProviderRepository
 
@@ -29,7 +31,9 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
         max_reconnect_backoff_s=config.health_check_interval_s,
     )
     directory = Directory(
-        ProviderRepository(engine), prober, lease_ttl=timedelta(seconds=config.lease_ttl_s)
+        ProviderRepository(engine, migrate=config.migrate_on_start),
+        prober,
+        lease_ttl=timedelta(seconds=config.lease_ttl_s),
     )
     try:
         await directory.open()
@@ -71,4 +75,8 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
         await asyncio.to_thread(engine.dispose)
 
     running.on_stop.append(stop_background)
+    observe_registry(running, directory)
+    expose_metrics(
+        running, host=config.host, port=config.metrics_port, service_name="actionmesh-registry"
+    )
     return running

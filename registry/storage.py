@@ -17,6 +17,7 @@ from sqlalchemy import CursorResult, Engine, LargeBinary, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from actionmesh.rpc.db import UTCDateTime
+from actionmesh.rpc.migrations import prepare_schema
 from actionmesh.v1 import common_pb2, registry_pb2
 from registry.model import Health, Provider
 
@@ -73,12 +74,18 @@ def _to_provider(row: ProviderRow) -> Provider:
 class ProviderRepository:
     """Reads and writes provider registrations."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, migrate: bool = True) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._migrate = migrate
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self._engine)
+        """Bring the table to the latest Alembic revision (registry/migrations).
+
+        A repository made with ``migrate=False`` only checks it is there
+        (SchemaNotCurrentError otherwise).
+        """
+        prepare_schema(self._engine, "registry", migrate=self._migrate)
 
     def list_providers(self) -> list[Provider]:
         with self._sessions() as session:

@@ -15,6 +15,9 @@ from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import gateway_pb2_grpc
 from gateway.auth import mint_token
 
+# The throwaway PostgreSQL fixtures (postgres_server, postgres_url) for any test file.
+pytest_plugins = ["tests.postgres", "tests.governance_fixtures"]
+
 TEST_MESH = dict(
     registry_port=0,
     auditlog_port=0,

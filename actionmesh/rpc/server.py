@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from actionmesh.rpc.errors import ErrorInterceptor
+from actionmesh.rpc.telemetry import shutdown_tracing, untraced_rpcs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class RunningServer:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run once in-flight calls have drained (e.g. close stores they write to).
     after_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Extra facts for the ready file (e.g. metrics_port), set by the service's wiring.
+    ready_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -85,7 +88,7 @@ async def start_server(
 ) -> RunningServer:
     """Start a grpc.aio server with health, reflection and interceptors."""
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+        interceptors=[aio_server_interceptor(filter_=untraced_rpcs()), ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -146,7 +149,9 @@ async def run_service(
         loop.add_signal_handler(sig, stop_requested.set)
     running = await start()
     log.info("%s listening on %s", name, running.address)
-    write_ready_file(ready_file, name=name, port=running.port, address=running.address)
+    write_ready_file(
+        ready_file, name=name, port=running.port, address=running.address, **running.ready_info
+    )
     waiter = asyncio.ensure_future(running.server.wait_for_termination())
     stopper = asyncio.ensure_future(stop_requested.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -156,3 +161,5 @@ async def run_service(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    # After the drain, so the spans of the last calls (and of the shutdown) are exported.
+    await asyncio.to_thread(shutdown_tracing)

@@ -1,42 +1,141 @@
-"""OpenTelemetry setup shared by every process.
+"""OpenTelemetry tracing shared by every process.
 
-Each service calls :func:`configure_tracing` once at start. The exporter is
-chosen by config: ``none`` (spans are still created, so trace ids exist and
-propagate), ``console``, or ``otlp`` (needs opentelemetry-exporter-otlp).
+Each service calls :func:`configure_tracing` once at start and
+:func:`shutdown_tracing` after its drain (``run_service`` does), so spans still
+queued are flushed before the process exits. The exporter is chosen by
+``ACTIONMESH_TRACE_EXPORTER`` (or the standard ``OTEL_TRACES_EXPORTER``):
+
+- ``none`` (default): spans are still created, so trace ids exist, propagate
+  and land in audit records; nothing is exported.
+- ``console``: spans are printed as JSON on stdout (the service's log).
+- ``otlp``: OTLP/gRPC to a collector. The endpoint, headers, TLS and timeout come
+  from the standard variables SREs already use: ``OTEL_EXPORTER_OTLP_ENDPOINT``
+  or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (``http://host:4317`` is plain text,
+  ``https://`` is TLS), ``OTEL_EXPORTER_OTLP_HEADERS``,
+  ``OTEL_EXPORTER_OTLP_INSECURE``, ``OTEL_EXPORTER_OTLP_TIMEOUT``; batching from
+  ``OTEL_BSP_*`` and sampling from ``OTEL_TRACES_SAMPLER``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+log = logging.getLogger(__name__)
 
 EXPORTER_ENV = "ACTIONMESH_TRACE_EXPORTER"
-_configured = False
+# The SDK's own variable, honoured when the actionmesh one is not set.
+STANDARD_EXPORTER_ENV = "OTEL_TRACES_EXPORTER"
+EXPORTERS = ("none", "console", "otlp")
+SERVICE_NAMESPACE = "actionmesh"
+# How long a stopping process waits for its last spans to reach the exporter.
+DEFAULT_FLUSH_TIMEOUT_S = 5.0
+
+_installed: TracerProvider | None = None
+
+
+class TracingConfigError(ValueError):
+    """The trace exporter configuration cannot be used."""
+
+
+def exporter_choice(exporter: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The exporter to use: the argument, else the environment, else ``none``."""
+    env = os.environ if env is None else env
+    raw = exporter or env.get(EXPORTER_ENV) or env.get(STANDARD_EXPORTER_ENV) or "none"
+    choice = raw.strip().lower()
+    if choice not in EXPORTERS:
+        source = (
+            "the argument"
+            if exporter
+            else (EXPORTER_ENV if env.get(EXPORTER_ENV) else STANDARD_EXPORTER_ENV)
+        )
+        raise TracingConfigError(
+            f"unknown trace exporter {raw!r} (from {source}); use one of: {', '.join(EXPORTERS)}"
+        )
+    return choice
+
+
+def build_tracer_provider(
+    service_name: str,
+    exporter: str | None = None,
+    *,
+    console_out: IO[str] | None = None,
+) -> TracerProvider:
+    """A tracer provider for ``service_name`` exporting as configured (not installed)."""
+    choice = exporter_choice(exporter)
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": service_name, "service.namespace": SERVICE_NAMESPACE}
+        )
+    )
+    if choice == "console":
+        provider.add_span_processor(
+            BatchSpanProcessor(ConsoleSpanExporter(service_name=service_name, out=console_out))
+            if console_out is not None
+            else BatchSpanProcessor(ConsoleSpanExporter(service_name=service_name))
+        )
+    elif choice == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        # Endpoint, headers, TLS and timeout are read by the exporter from OTEL_EXPORTER_OTLP_*.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
 
 
 def configure_tracing(service_name: str, exporter: str | None = None) -> None:
     """Install the SDK tracer provider for this process (idempotent)."""
-    global _configured
-    if _configured:
+    global _installed
+    if _installed is not None:
         return
-    choice = (exporter or os.environ.get(EXPORTER_ENV, "none")).lower()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if choice == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter,
-        )
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    elif choice != "none":
-        raise ValueError(f"unknown trace exporter {choice!r}; use none, console or otlp")
+    provider = build_tracer_provider(service_name, exporter)
     trace.set_tracer_provider(provider)
-    _configured = True
+    _installed = provider
+    log.debug("tracing for %s exports to %s", service_name, exporter_choice(exporter))
+
+
+def configure_process_tracing(service_name: str) -> None:
+    """:func:`configure_tracing` for a binary: a bad setting exits with its message."""
+    try:
+        configure_tracing(service_name)
+    except TracingConfigError as exc:
+        raise SystemExit(f"{service_name}: {exc}") from None
+
+
+def shutdown_tracing(timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> bool:
+    """Flush queued spans and stop exporting; bounded, so an absent collector cannot
+    hold up a stopping process. True when the flush finished in time."""
+    global _installed
+    provider, _installed = _installed, None
+    if provider is None:
+        return True
+    # The SDK's shutdown does not honour a timeout (an unreachable collector means
+    # retries); a daemon thread lets the process leave regardless.
+    worker = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("spans not flushed within %.1fs; the rest are dropped", timeout_s)
+        return False
+    return True
+
+
+def untraced_rpcs() -> Callable[[Any], bool]:
+    """The gRPC filter that keeps health checks and reflection out of traces (pure noise:
+    the registry probes every provider every few seconds)."""
+    keep: Callable[[Any], bool] = filters.negate(
+        filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+    )
+    return keep
 
 
 def current_trace_ids() -> tuple[str, str]:
@@ -45,3 +144,23 @@ def current_trace_ids() -> tuple[str, str]:
     if not context.is_valid:
         return "", ""
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def span_context_from_ids(trace_id: str, span_id: str) -> SpanContext | None:
+    """The remote span context that hex ids (as audit events carry them) name, if valid."""
+    try:
+        context = SpanContext(
+            trace_id=int(trace_id, 16),
+            span_id=int(span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    return context if context.is_valid else None
+
+
+def link_to(trace_id: str, span_id: str) -> Link | None:
+    """A span link to the span that hex ids name, or None when they name none."""
+    context = span_context_from_ids(trace_id, span_id)
+    return Link(context) if context is not None else None

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.server import RunningServer, configure_logging, run_service, start_server
-from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.rpc.telemetry import configure_process_tracing
 from actionmesh.v1 import provider_pb2, provider_pb2_grpc
 from providers.sdk.config import ENV_PREFIX, ProviderConfig
 from providers.sdk.dedupe import IdempotencyStore, SqlIdempotencyStore
@@ -130,7 +130,7 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
 def serve(provider: Provider, argv: Sequence[str] | None = None) -> None:
     """The provider binary: read config, serve until SIGTERM/SIGINT, deregister, drain."""
     configure_logging()
-    configure_tracing(f"actionmesh-provider-{provider.id}")
+    configure_process_tracing(f"actionmesh-provider-{provider.id}")
     config = load_config(
         ProviderConfig,
         env_prefix=ENV_PREFIX,

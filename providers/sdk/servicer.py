@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import grpc
 import grpc.aio
 from opentelemetry import trace
 
@@ -270,15 +271,15 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         operator: OperatorView,
         deadline: float | None,
     ) -> provider_pb2.ExecuteResponse:
+        # The gateway's execution id travels as request_id.
         attributes = {
-            "actionmesh.provider": self.provider.id,
+            "actionmesh.provider_id": self.provider.id,
             "actionmesh.action_id": action.action_id,
             "actionmesh.tenant": record.tenant,
-            "actionmesh.request_id": request.request_id,
+            "actionmesh.execution_id": request.request_id,
+            "actionmesh.record.type": record.type,
         }
-        with tracer.start_as_current_span(
-            f"execute {action.action_id}", attributes=attributes
-        ) as span:
+        with tracer.start_as_current_span("action.handle", attributes=attributes) as span:
             trace_id, _ = current_trace_ids()
             logger = logging.LoggerAdapter(
                 logging.getLogger(f"providers.{self.provider.id}"),
@@ -306,9 +307,10 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                     result = await action.handler(ctx, inputs)
                 if not isinstance(result, Result):
                     raise TypeError(f"handler returned {type(result).__name__}, expected a Result")
-            except ActionMeshError:
+            except ActionMeshError as refused:
                 # Deliberate statuses (e.g. Unavailable: downstream unreachable,
                 # nothing ran) go to the caller as raised.
+                span.set_attribute("actionmesh.outcome", outcome_of(refused))
                 raise
             except Exception as exc:
                 log.exception(
@@ -322,7 +324,12 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 raise HandlerFailed(
                     "the action handler failed; see the provider's logs", reason="HANDLER_FAILED"
                 ) from exc
-            span.set_attribute("actionmesh.outcome", common_pb2.Outcome.Name(result.outcome))
+            span.set_attribute(
+                "actionmesh.outcome",
+                common_pb2.Outcome.Name(result.outcome).removeprefix("OUTCOME_"),
+            )
+            if result.reason:
+                span.set_attribute("actionmesh.reason", result.reason)
             return result.to_proto()
 
     # -- Shutdown -----------------------------------------------------------
@@ -339,3 +346,17 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=1.0)
+
+
+def outcome_of(error: ActionMeshError) -> str:
+    """The outcome the gateway records for a handler's deliberate status (see
+    gateway.execution.answer_for_error)."""
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        return "UNAVAILABLE"
+    if error.code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
+        return "REJECTED"
+    return "PARTIAL"
