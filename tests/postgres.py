@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,7 +53,6 @@ class PostgresServer:
     user: str = SUPERUSER
     password: str = ""
     admin_database: str = "postgres"
-    _created: list[str] = field(default_factory=list)
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
         auth = f"{self.user}:{self.password}" if self.password else self.user
@@ -75,7 +74,6 @@ class PostgresServer:
         name = f"t_{uuid.uuid4().hex[:16]}"
         with self._admin() as connection:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self._created.append(name)
         return self.url(name)
 
     def drop_database(self, url: str) -> None:

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from actionmesh.rpc.errors import ErrorInterceptor
+from actionmesh.rpc.migrations import MigrationError
 from actionmesh.rpc.telemetry import shutdown_tracing, untraced_rpcs
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,12 @@ async def run_service(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    running = await start()
+    try:
+        running = await start()
+    except MigrationError as exc:
+        # An operator's problem (schema not current, foreign tables), not a crash: one line.
+        log.error("%s cannot start: %s", name, exc)
+        raise SystemExit(1) from None
     log.info("%s listening on %s", name, running.address)
     write_ready_file(
         ready_file, name=name, port=running.port, address=running.address, **running.ready_info
