@@ -32,6 +32,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from actionmesh.mesh import mesh_database_url
 from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.migrations import (
     SERVICES,
@@ -44,8 +45,6 @@ from actionmesh.rpc.migrations import (
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("ACTIONMESH_DATA_DIR", ".actionmesh"))
-# The files actionmesh.mesh gives each service under DATA_DIR/data.
-MESH_DATABASE_FILES = {"gateway": "gateway.db", "auditlog": "audit.db", "registry": "registry.db"}
 ENV_PREFIXES = {
     "gateway": "ACTIONMESH_GATEWAY",
     "auditlog": "ACTIONMESH_AUDITLOG",
@@ -60,11 +59,6 @@ class DbCliError(Exception):
 def _console() -> Console:
     # Built per command so the width follows the environment of the call (COLUMNS).
     return Console()
-
-
-def mesh_database_url(data_dir: Path, service: str) -> str:
-    """Where ``actionmesh up`` keeps ``service``'s database under ``data_dir``."""
-    return sqlite_url(data_dir / "data" / MESH_DATABASE_FILES[service])
 
 
 def database_url(args: argparse.Namespace, service: str) -> str:

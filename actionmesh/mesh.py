@@ -35,6 +35,13 @@ DEFAULT_PROVIDERS = ("providers.workitems", "providers.records", "providers.esca
 ESCALATION_PROVIDER = "providers.escalation"
 # The escalation provider's downstream: a stand-in external platform (HTTP), not a provider.
 PLATFORM_URL_ENV = "ACTIONMESH_ESCALATION_PLATFORM_URL"
+# Each service's SQLite file under DATA_DIR/data (also what `actionmesh db` upgrades).
+DATABASE_FILES = {"gateway": "gateway.db", "auditlog": "audit.db", "registry": "registry.db"}
+
+
+def mesh_database_url(data_dir: Path, service: str) -> str:
+    """Where the mesh under ``data_dir`` keeps ``service``'s database."""
+    return sqlite_url(data_dir / "data" / DATABASE_FILES[service])
 
 
 class MeshError(RuntimeError):
@@ -216,7 +223,7 @@ class Mesh:
             "-m",
             "registry",
             "--database-url",
-            sqlite_url(self.data_dir / "data" / "registry.db"),
+            mesh_database_url(self.data_dir, "registry"),
             "--lease-ttl-s",
             str(self.settings.lease_ttl_s),
             "--health-check-interval-s",
@@ -229,7 +236,7 @@ class Mesh:
             "-m",
             "auditlog",
             "--database-url",
-            sqlite_url(self.data_dir / "data" / "audit.db"),
+            mesh_database_url(self.data_dir, "auditlog"),
         ]
 
     def start_gateway(self, name: str, *flags: str, database_url: str = "") -> Service:
@@ -251,7 +258,7 @@ class Mesh:
             "--auditlog",
             self.address("auditlog"),
             "--database-url",
-            database_url or sqlite_url(self.data_dir / "data" / "gateway.db"),
+            database_url or mesh_database_url(self.data_dir, "gateway"),
             "--policy-file",
             str(self.policy_path),
             "--jwt-secret-file",

@@ -53,7 +53,7 @@ from actionmesh.rpc.convert import from_timestamp
 from actionmesh.rpc.db import UTCDateTime
 from actionmesh.v1 import audit_pb2
 from auditlog import chain as audit_chain
-from auditlog.summaries import Summary, fold, to_message
+from auditlog.summaries import SUMMARY_FIELDS, Summary, fold, to_message
 
 log = logging.getLogger(__name__)
 
@@ -167,28 +167,6 @@ class ExecutionSummaryRow(AuditBase):
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     event_count: Mapped[int] = mapped_column(Integer)
-
-
-_SUMMARY_FIELDS = (
-    "first_sequence",
-    "record_type",
-    "record_id",
-    "action_id",
-    "provider_id",
-    "actor",
-    "approver",
-    "outcome",
-    "reason",
-    "external_ref",
-    "started_at",
-    "finished_at",
-    "trace_id",
-    "late_outcome",
-    "last_event_type",
-    "last_event_at",
-    "state_at",
-    "event_count",
-)
 
 
 @dataclass(frozen=True)
@@ -321,8 +299,12 @@ class AuditRepository:
         # A fixed order of head locks, so two writers of several tenants cannot deadlock.
         for tenant in sorted(by_tenant):
             self._link(session, tenant, by_tenant[tenant])
-        session.execute(insert(AuditEventRow), rows)
-        self._fold_summaries(session, fresh)
+        # RETURNING gives the assigned positions without reading the rows back.
+        stored = session.execute(
+            insert(AuditEventRow).returning(AuditEventRow.event_id, AuditEventRow.sequence), rows
+        )
+        sequences = {event_id: sequence for event_id, sequence in stored}
+        self._fold_summaries(session, fresh, sequences)
 
     def _link(self, session: Session, tenant: str, rows: list[dict[str, Any]]) -> None:
         """Give the rows the next links of the tenant's chain and move its head."""
@@ -356,17 +338,16 @@ class AuditRepository:
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             raise _ChainMoved(tenant)
 
-    def _fold_summaries(self, session: Session, fresh: Sequence[audit_pb2.AuditEvent]) -> None:
-        """Fold the new events into their executions' summaries (insert or update)."""
+    def _fold_summaries(
+        self,
+        session: Session,
+        fresh: Sequence[audit_pb2.AuditEvent],
+        sequences: dict[str, int],
+    ) -> None:
+        """Fold the new events (``sequences``: event id -> position) into their summaries."""
         with_execution = [event for event in fresh if event.execution_id]
         if not with_execution:
             return
-        found = session.execute(
-            select(AuditEventRow.event_id, AuditEventRow.sequence).where(
-                AuditEventRow.event_id.in_([event.event_id for event in with_execution])
-            )
-        )
-        sequences = {event_id: sequence for event_id, sequence in found}
         keys = {(event.tenant, event.execution_id) for event in with_execution}
         summaries = self._summaries(session, keys)
         for event in with_execution:
@@ -593,14 +574,14 @@ class AuditRepository:
 
 
 def _summary_row(summary: Summary) -> dict[str, Any]:
-    row = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
+    row = {name: getattr(summary, name) for name in SUMMARY_FIELDS}
     row.update(tenant=summary.tenant, execution_id=summary.execution_id)
     return row
 
 
 def _summary(row: ExecutionSummaryRow, *, stored: bool = False) -> Summary:
     summary = Summary(
-        row.tenant, row.execution_id, **{name: getattr(row, name) for name in _SUMMARY_FIELDS}
+        row.tenant, row.execution_id, **{name: getattr(row, name) for name in SUMMARY_FIELDS}
     )
     summary.stored = stored
     return summary

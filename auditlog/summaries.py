@@ -9,7 +9,7 @@ current state when it did not happen earlier than what set that state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from actionmesh.rpc.convert import from_timestamp, to_timestamp
@@ -64,6 +64,13 @@ class Summary:
     event_count: int = 0
     # Set by the store: whether this summary already has a row.
     stored: bool = field(default=False, compare=False)
+
+
+# The stored state of a summary besides its key (tenant, execution_id): the
+# columns of ``audit_executions`` that a fold writes.
+SUMMARY_FIELDS = tuple(
+    f.name for f in fields(Summary) if f.name not in ("tenant", "execution_id", "stored")
+)
 
 
 def _when(event: audit_pb2.AuditEvent) -> datetime:

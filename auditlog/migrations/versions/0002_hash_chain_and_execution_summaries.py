@@ -21,7 +21,7 @@ from alembic import op
 from actionmesh.rpc.db import UTCDateTime
 from actionmesh.v1 import audit_pb2
 from auditlog.chain import GENESIS_HASH, link_hash
-from auditlog.summaries import Summary, fold
+from auditlog.summaries import SUMMARY_FIELDS, Summary, fold
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -29,26 +29,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _BATCH = 1000
-_SUMMARY_COLUMNS = (
-    "first_sequence",
-    "record_type",
-    "record_id",
-    "action_id",
-    "provider_id",
-    "actor",
-    "approver",
-    "outcome",
-    "reason",
-    "external_ref",
-    "started_at",
-    "finished_at",
-    "trace_id",
-    "late_outcome",
-    "last_event_type",
-    "last_event_at",
-    "state_at",
-    "event_count",
-)
 
 
 def upgrade() -> None:
@@ -161,7 +141,7 @@ def _backfill(heads: sa.Table, summaries_table: sa.Table) -> None:
                 {
                     "tenant": summary.tenant,
                     "execution_id": summary.execution_id,
-                    **{name: getattr(summary, name) for name in _SUMMARY_COLUMNS},
+                    **{name: getattr(summary, name) for name in SUMMARY_FIELDS},
                 }
                 for summary in summaries.values()
             ],
