@@ -41,6 +41,7 @@ from auditlog.server import SERVICE_NAME as AUDIT_SERVICE
 from gateway.auth import mint_token
 from gateway.server import SERVICE_NAME as GATEWAY_SERVICE
 from providers.sdk.runtime import SERVICE_NAME as PROVIDER_SERVICE
+from providers.supportdesk.server import is_healthy
 from registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from tests.conftest import bearer, eventually
 from tests.containers import (
@@ -57,13 +58,27 @@ from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(900)
 
-TARGETS = ("cli", "registry", "auditlog", "gateway", "workitems", "provider-base")
+TARGETS = (
+    "cli",
+    "registry",
+    "auditlog",
+    "gateway",
+    "workitems",
+    "provider-base",
+    "records",
+    "escalation",
+    "supportdesk",
+)
 SERVERS = {
     "registry": ("ACTIONMESH_REGISTRY_PORT", REGISTRY_SERVICE),
     "auditlog": ("ACTIONMESH_AUDITLOG_PORT", AUDIT_SERVICE),
     "gateway": ("ACTIONMESH_GATEWAY_PORT", GATEWAY_SERVICE),
     "workitems": ("ACTIONMESH_PROVIDER_PORT", PROVIDER_SERVICE),
+    "records": ("ACTIONMESH_PROVIDER_PORT", PROVIDER_SERVICE),
+    "escalation": ("ACTIONMESH_PROVIDER_PORT", PROVIDER_SERVICE),
 }
+# Started by the fixture; records, escalation and the support desk by their own test.
+CORE = ("registry", "auditlog", "gateway", "workitems")
 # Quicker than production so the test does not wait: spans leave every 200 ms, and a
 # provider that stops renewing is gone after 3 s.
 FAST_SPANS = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
@@ -124,13 +139,13 @@ def deployed(images: dict[str, str], postgres_server: PostgresServer) -> Iterato
     database = postgres_server.create_database()
     with running_receiver() as receiver:
         containers = ContainerMesh(images, exact={}, substrings={})
-        for name in SERVERS:
+        for name in (*SERVERS, "supportdesk"):
             containers.reserve_port(name)
         containers.exact.update(
             {
                 compose["x-database-url"]: database,
                 # How providers are reached: the service name in compose, loopback here.
-                "workitems": "127.0.0.1",
+                **{provider: "127.0.0.1" for provider in ("workitems", "records", "escalation")},
             }
         )
         containers.substrings.update(
@@ -138,13 +153,14 @@ def deployed(images: dict[str, str], postgres_server: PostgresServer) -> Iterato
                 "registry:50051": containers.address("registry"),
                 "auditlog:50052": containers.address("auditlog"),
                 "http://otel-collector:4317": receiver.endpoint,
+                "http://supportdesk:8780": f"http://{containers.address('supportdesk')}",
             }
         )
         try:
             containers.start("migrate")
             code = containers.wait_exit("migrate", timeout_s=120)
             assert code == 0, f"migrate exited {code}\n{containers.logs('migrate')}"
-            for service in ("registry", "auditlog", "gateway", "workitems"):
+            for service in CORE:
                 start_server(containers, service)
             signing_key = (REPO / "deploy/compose/dev-jwt-signing-key").read_text().strip()
             yield Deployed(containers, receiver, signing_key)
@@ -268,6 +284,53 @@ async def test_a_team_provider_is_two_lines_on_the_provider_base(
         deployed.containers.remove("teamnotes")
 
 
+async def test_the_other_example_providers_and_the_support_desk_join(
+    deployed: Deployed,
+) -> None:
+    """records and escalation join; escalation calls the support desk's container."""
+    containers = deployed.containers
+    containers.start("supportdesk", port_variable="ACTIONMESH_SUPPORTDESK_PORT")
+    desk = f"http://{containers.address('supportdesk')}"
+    wait_until(
+        lambda: is_healthy(desk, 2.0),
+        timeout_s=90,
+        what="the support desk container never answered",
+        logs=containers.all_logs,
+    )
+    start_server(containers, "records")
+    start_server(containers, "escalation")
+    token = deployed.token()
+    ticket = common_pb2.RecordContext(tenant="acme", type="ticket", id="T-2001", status="open")
+    async with grpc.aio.insecure_channel(containers.address("gateway")) as channel:
+        gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
+
+        async def offered() -> set[str]:
+            reply = await gateway.DiscoverActions(
+                gateway_pb2.DiscoverActionsRequest(record=ticket, skip_cache=True),
+                metadata=bearer(token),
+                timeout=10,
+            )
+            ids = {a.descriptor.action_id for a in reply.actions if a.available}
+            return ids if {"case.escalate", "ticket.update_routing"} <= ids else set()
+
+        await eventually(offered, timeout_s=30)
+        reply = await gateway.ExecuteAction(
+            gateway_pb2.ExecuteActionRequest(
+                action_id="case.escalate",
+                record=ticket,
+                inputs={
+                    "summary": common_pb2.InputValue(string_value="Refund stuck for 3 days"),
+                    "severity": common_pb2.InputValue(string_value="critical"),
+                },
+                idempotency_key=uuid.uuid4().hex,
+            ),
+            metadata=bearer(token),
+            timeout=30,
+        )
+    assert reply.execution.outcome == common_pb2.OUTCOME_SUCCEEDED, reply.execution
+    assert reply.execution.external_ref, reply.execution
+
+
 def run_in(containers: ContainerMesh, name: str, *command: str) -> tuple[int, str]:
     code, output = containers.container(name).exec_run(list(command))
     return int(code), bytes(output).decode(errors="replace").strip()
@@ -275,7 +338,9 @@ def run_in(containers: ContainerMesh, name: str, *command: str) -> tuple[int, st
 
 def test_the_images_keep_their_promises(deployed: Deployed) -> None:
     containers = deployed.containers
-    for name in SERVERS:
+    running = [name for name in containers.containers if name != "migrate"]
+    assert len(running) == 7, running
+    for name in running:
         attributes: dict[str, Any] = containers.container(name).attrs
         assert attributes["Config"]["User"] == "10001:10001"
         assert attributes["HostConfig"]["ReadonlyRootfs"] is True
@@ -291,7 +356,7 @@ def test_the_images_keep_their_promises(deployed: Deployed) -> None:
     # ... and the secrets compose mounts are readable by the unprivileged user.
     assert run_in(containers, "gateway", "cat", "/run/secrets/jwt-signing-key")[0] == 0
     # The engine's own HEALTHCHECK (the image's grpc.health.v1 probe) says healthy.
-    for name in SERVERS:
+    for name in running:
         wait_until(
             lambda name=name: docker_health(containers.container(name)) == "healthy",
             timeout_s=60,
@@ -341,7 +406,11 @@ async def test_a_killed_provider_container_gives_unavailable_then_leaves_the_reg
 
 def test_every_container_stops_cleanly_on_sigterm(deployed: Deployed) -> None:
     containers = deployed.containers
-    for name in ("gateway", "workitems-again", "auditlog", "registry"):
+    # The gateway first (it drains and ships its outbox), the registry last.
+    names = ["gateway", *(n for n in containers.containers if n not in ("gateway", "registry"))]
+    for name in [*names, "registry"]:
+        if name in ("migrate", "workitems"):  # ran once; killed by the test before
+            continue
         container = containers.container(name)
         container.stop(timeout=15)
         code = containers.wait_exit(name, timeout_s=30)

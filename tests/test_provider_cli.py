@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -24,6 +23,7 @@ from actionmesh.provider_cli import ProviderCliError, load_provider, new_project
 from actionmesh.v1 import provider_pb2, provider_pb2_grpc
 from providers.workitems import workitems
 from tests.broken_provider import BrokenServer, start_broken_provider
+from tests.containers import require_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -254,21 +254,11 @@ async def test_check_exit_codes_for_skips_and_usage_errors(tmp_path: Path) -> No
 
 
 # -- the generated Dockerfile ----------------------------------------------------
-def docker_available() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(
-    not docker_available(),
-    reason="no Docker engine (on the dev machines: ../shared/containers/local-python-image)",
-)
 async def test_the_generated_image_builds_runs_as_non_root_and_passes_the_kit(
     tmp_path: Path,
 ) -> None:
+    require_engine()
     assert new_project("dockdemo", tmp_path)
     project = tmp_path / "dockdemo"
     # Build actionmesh's wheel from a copy, so the repository gets no build/ folder.
