@@ -39,6 +39,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from actionmesh.bench import add_bench_command
 from actionmesh.db_cli import add_db_commands
 from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
 from actionmesh.provider_cli import add_provider_commands
@@ -752,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provider_commands(sub)
     add_db_commands(sub)
+    add_bench_command(sub)
     return parser
 
 

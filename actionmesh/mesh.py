@@ -261,6 +261,9 @@ class Mesh:
             database_url or mesh_database_url(self.data_dir, "gateway"),
             "--policy-file",
             str(self.policy_path),
+            # A generated HS256 key: development mode, which `actionmesh up` is.
+            "--jwt-dev-mode",
+            "true",
             "--jwt-secret-file",
             str(self.signing_key_path),
             "--redaction-key-file",

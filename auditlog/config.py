@@ -22,6 +22,11 @@ class AuditLogConfig:
     """Apply the schema migrations at start; when false, refuse to start unless the
     database is already at the latest revision (run `actionmesh db upgrade` first)."""
 
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Largest request message accepted, in bytes; bigger ones are refused with
+    RESOURCE_EXHAUSTED before decoding. AppendEvents batches (up to the gateway's
+    audit_batch_size events, each with its inputs) must fit."""
+
     metrics_port: int = -1
     """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
     a free port (written to the ready file as metrics_port)."""

@@ -31,6 +31,7 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
             ],
             host=config.host,
             port=config.port,
+            max_receive_bytes=config.max_request_bytes,
         )
     except BaseException:
         repository.close()

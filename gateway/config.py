@@ -4,8 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.admission import parse_rate
 
 DEFAULT_POLICY_FILE = str(Path(__file__).parent / "policies" / "default.cedar")
+# Signature algorithms a JWKS or PEM key may be used with. HS256 is not among them: a
+# shared secret is for development only (jwt_secret_file with jwt_dev_mode).
+JWT_ASYMMETRIC_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+# A wider clock-skew window would keep expired tokens alive for minutes.
+MAX_JWT_LEEWAY_S = 300.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -28,15 +48,37 @@ class GatewayConfig:
     policy_file: str = DEFAULT_POLICY_FILE
     """Cedar policy file the operator edits."""
     jwt_issuer: str = "actionmesh-dev"
-    """Required `iss` claim of caller tokens."""
+    """Required `iss` claim of caller tokens (your identity provider's issuer)."""
     jwt_audience: str = "actionmesh"
     """Required `aud` claim of caller tokens."""
-    jwt_secret_file: str = ""
-    """File with the HS256 shared secret (development signing key)."""
+    jwt_jwks_file: str = ""
+    """JSON Web Key Set file with the public keys that sign caller tokens; tokens name
+    their key with `kid`. Re-read when a token names an unknown key and every
+    jwt_jwks_refresh_s, so keys rotate without a restart."""
+    jwt_jwks_url: str = ""
+    """URL of the identity provider's JSON Web Key Set (https; plain http only for
+    127.0.0.1/localhost). Fetched at start, then re-read like jwt_jwks_file."""
     jwt_public_key_file: str = ""
-    """PEM public key for RS256/ES256 tokens; used instead of the secret when set."""
+    """PEM public key (RSA, EC or Ed25519) that signs caller tokens: one key, no `kid`
+    needed, rotation means a restart."""
+    jwt_secret_file: str = ""
+    """File with an HS256 shared secret (at least 32 bytes); accepted only with
+    jwt_dev_mode."""
+    jwt_dev_mode: bool = False
+    """Development mode: verify HS256 tokens with jwt_secret_file (what `actionmesh up`
+    does). Never in production: whoever reads the secret can mint any identity."""
+    jwt_algorithms: str = "RS256,ES256"
+    """Comma-separated signature algorithms accepted with a JWKS or public key
+    (asymmetric only: RS*, PS*, ES*, EdDSA); a token's own `alg` never widens it."""
     jwt_leeway_s: float = 30.0
-    """Clock skew tolerated on exp/nbf/iat, in seconds."""
+    """Clock skew tolerated on exp/nbf/iat, in seconds (at most 300)."""
+    jwt_jwks_refresh_s: float = 300.0
+    """How often the JWKS is re-read in the background: a key removed from the set is
+    refused within this time. 0: re-read only when a token names an unknown key."""
+    jwt_jwks_min_reload_interval_s: float = 30.0
+    """Least time between two JWKS re-reads caused by tokens naming an unknown `kid`
+    (a new key is picked up without a restart; made-up key ids cannot hammer the
+    file or the identity provider)."""
     discover_timeout_s: float = 0.5
     """Deadline of each provider's Discover call during fan-out."""
     default_execute_timeout_s: float = 10.0
@@ -50,6 +92,17 @@ class GatewayConfig:
     """How long an execution may wait for approval before it expires (DENIED)."""
     approval_sweep_interval_s: float = 30.0
     """How often pending approvals past their window are expired and audited."""
+    tenant_rate_limit: str = "200/second"
+    """Requests per tenant, counted separately for ExecuteAction and DiscoverActions, in
+    `limits` notation (`200/second`, `5000/minute`); over it a call gets
+    RESOURCE_EXHAUSTED `TENANT_RATE_LIMITED` with RetryInfo. Empty turns it off. Per
+    gateway replica."""
+    tenant_max_concurrent_executions: int = 64
+    """Executions one tenant may have in flight on this replica; more get
+    RESOURCE_EXHAUSTED `TENANT_CONCURRENCY_LIMITED`. 0 turns it off."""
+    provider_max_concurrent_executions: int = 128
+    """Executions one provider may have in flight from this replica, across tenants; more
+    get RESOURCE_EXHAUSTED `PROVIDER_CONCURRENCY_LIMITED`. 0 turns it off."""
     discover_cache_ttl_s: float = 5.0
     """How long a provider's Discover answer is reused for the same record state and
     caller roles; 0 turns the cache off."""
@@ -64,6 +117,10 @@ class GatewayConfig:
     """Most audit events the outbox shipper sends in one AppendEvents call."""
     audit_retry_max_s: float = 5.0
     """Longest backoff between failed audit deliveries."""
+    max_request_bytes: int = 1024 * 1024
+    """Largest request message accepted, in bytes; bigger ones are refused with
+    RESOURCE_EXHAUSTED before they are decoded. The largest valid ExecuteAction (32
+    inputs of 4096 characters) is about 0.5 MiB even in 4-byte UTF-8."""
     metrics_port: int = -1
     """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
     a free port (written to the ready file as metrics_port)."""
@@ -71,14 +128,64 @@ class GatewayConfig:
     """Where to write {"port": ...} once serving (used by supervisors and tests)."""
 
     def __post_init__(self) -> None:
-        if not (self.jwt_secret_file or self.jwt_public_key_file):
-            raise ValueError("set jwt_secret_file or jwt_public_key_file to verify caller tokens")
+        self._check_token_settings()
         if self.discover_timeout_s <= 0 or self.default_execute_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if self.approval_ttl_s <= 0 or self.approval_sweep_interval_s <= 0:
             raise ValueError("approval_ttl_s and approval_sweep_interval_s must be positive")
+        parse_rate(self.tenant_rate_limit)  # refuse a malformed rate at start, not per call
+        if min(self.tenant_max_concurrent_executions, self.provider_max_concurrent_executions) < 0:
+            raise ValueError("concurrency limits must be 0 (off) or positive")
         if (
             min(self.late_result_grace_s, self.discover_cache_ttl_s, self.policy_reload_interval_s)
             < 0
         ):
             raise ValueError("grace, cache and reload intervals cannot be negative")
+
+    @property
+    def jwt_algorithm_list(self) -> tuple[str, ...]:
+        """jwt_algorithms as a tuple, in the configured order."""
+        return tuple(a.strip() for a in self.jwt_algorithms.split(",") if a.strip())
+
+    def _check_token_settings(self) -> None:
+        sources = [
+            name
+            for name in ("jwt_jwks_file", "jwt_jwks_url", "jwt_public_key_file", "jwt_secret_file")
+            if getattr(self, name)
+        ]
+        if not sources:
+            raise ValueError(
+                "set jwt_jwks_file, jwt_jwks_url or jwt_public_key_file to verify caller "
+                "tokens (or jwt_secret_file with jwt_dev_mode=true for development)"
+            )
+        if len(sources) > 1:
+            raise ValueError(f"set only one source of token keys, not {' and '.join(sources)}")
+        if self.jwt_secret_file and not self.jwt_dev_mode:
+            raise ValueError(
+                "jwt_secret_file (an HS256 shared secret) is accepted only with "
+                "jwt_dev_mode=true; in production set jwt_jwks_file, jwt_jwks_url or "
+                "jwt_public_key_file"
+            )
+        if self.jwt_jwks_url:
+            url = urlsplit(self.jwt_jwks_url)
+            loopback = url.scheme == "http" and url.hostname in LOOPBACK_HOSTS
+            if not (url.scheme == "https" or loopback) or not url.hostname:
+                raise ValueError(
+                    "jwt_jwks_url must be an https URL (plain http only for 127.0.0.1/localhost)"
+                )
+        algorithms = self.jwt_algorithm_list
+        refused = [a for a in algorithms if a not in JWT_ASYMMETRIC_ALGORITHMS]
+        if not algorithms or refused:
+            raise ValueError(
+                "jwt_algorithms accepts asymmetric algorithms only "
+                f"({', '.join(JWT_ASYMMETRIC_ALGORITHMS)}); HS256 is for development "
+                "(jwt_secret_file with jwt_dev_mode=true) and 'none' is never accepted"
+            )
+        if not self.jwt_issuer or not self.jwt_audience:
+            raise ValueError("jwt_issuer and jwt_audience are required (tokens must carry both)")
+        if not 0 <= self.jwt_leeway_s <= MAX_JWT_LEEWAY_S:
+            raise ValueError(f"jwt_leeway_s must be between 0 and {MAX_JWT_LEEWAY_S:g} seconds")
+        if self.jwt_jwks_refresh_s < 0 or self.jwt_jwks_min_reload_interval_s < 0:
+            raise ValueError(
+                "jwt_jwks_refresh_s and jwt_jwks_min_reload_interval_s cannot be negative"
+            )

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -42,6 +42,7 @@ from actionmesh.rpc.errors import (
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.schema import validate_inputs
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, provider_pb2
+from gateway.admission import Admission, Slot
 from gateway.auth import Caller
 from gateway.directory import ProviderDirectory, ProviderEntry
 from gateway.events import audit_event
@@ -153,7 +154,9 @@ class Executor:
         max_timeout_s: float,
         late_result_grace_s: float,
         approval_ttl_s: float,
+        admission: Admission,
     ) -> None:
+        self._admission = admission
         self._store = store
         self._directory = directory
         self._policy = policy
@@ -189,11 +192,17 @@ class Executor:
         span.set_attribute("actionmesh.record.type", command.record.type)
         attempt_id = uuid.uuid4().hex
         authorized = await self._authorize(caller, command, attempt_id)
-        record = await self._claim(caller, command, attempt_id, authorized)
-        if not record.finished:
-            record = await self.run(
-                caller, command, record, authorized.entry, authorized.descriptor
-            )
+        # Before the claim: a refused call leaves no row, so the same key may come back.
+        slot = self._admission.enter(caller.tenant, authorized.entry.provider_id)
+        try:
+            record = await self._claim(caller, command, attempt_id, authorized)
+            if not record.finished:
+                record = await self.run(
+                    caller, command, record, authorized.entry, authorized.descriptor, slot=slot
+                )
+        finally:
+            if not slot.handed_over:
+                slot.release()
         span.set_attribute("actionmesh.execution_id", record.execution_id)
         span.set_attribute("actionmesh.outcome", record.outcome)
         if record.outcome == "UNAVAILABLE":
@@ -210,7 +219,11 @@ class Executor:
     ) -> Authorized:
         """Every platform check, in order; a refusal is audited, then raised."""
         problems = execute_violations(
-            command.action_id, command.record, command.has_record, command.idempotency_key
+            command.action_id,
+            command.record,
+            command.has_record,
+            command.idempotency_key,
+            command.inputs,
         )
         if problems:
             invalid = InvalidArgument(
@@ -219,6 +232,9 @@ class Executor:
             # A malformed record cannot be filed on any timeline; refuse without evidence.
             if any(p.field.startswith("record") for p in problems):
                 raise invalid
+            if any(p.field.startswith("inputs") for p in problems):
+                # Inputs beyond the limits never become evidence; the attempt still does.
+                command = replace(command, inputs={})
             await self._refuse(caller, command, attempt_id, invalid)
         try:
             require_same_tenant(caller, command.record)
@@ -394,11 +410,20 @@ class Executor:
         record: ExecutionRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
+        slot: Slot | None = None,
     ) -> ExecutionRecord:
-        """Dispatch a RUNNING execution and record its outcome, even if the caller leaves."""
-        task = self.spawn(self._dispatch_and_finish(caller, command, record, entry, descriptor))
+        """Dispatch a RUNNING execution and record its outcome, even if the caller leaves.
+
+        The admission ``slot`` is held until the dispatch ends, not until the caller does.
+        """
+        task = self.spawn(
+            self._dispatch_and_finish(caller, command, record, entry, descriptor, slot)
+        )
         self._running[record.execution_id] = task
         task.add_done_callback(lambda _: self._running.pop(record.execution_id, None))
+        if slot is not None:
+            slot.handed_over = True
+            task.add_done_callback(lambda _: slot.release())
         return await asyncio.shield(task)
 
     async def _dispatch_and_finish(
@@ -408,6 +433,7 @@ class Executor:
         record: ExecutionRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
+        slot: Slot | None = None,
     ) -> ExecutionRecord:
         # Measured from dispatch, so an approval's wait does not count as latency.
         started = time.monotonic()
@@ -421,7 +447,9 @@ class Executor:
                 "actionmesh.record.type": command.record.type,
             },
         ):
-            record = await self._dispatch_then_finish(caller, command, record, entry, descriptor)
+            record = await self._dispatch_then_finish(
+                caller, command, record, entry, descriptor, slot
+            )
         record_execution(
             record.action_id, record.provider_id, record.outcome, time.monotonic() - started
         )
@@ -434,6 +462,7 @@ class Executor:
         record: ExecutionRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
+        slot: Slot | None = None,
     ) -> ExecutionRecord:
         timeout_s = self.timeout_for(descriptor)
         request = provider_pb2.ExecuteRequest(
@@ -458,6 +487,8 @@ class Executor:
             answer = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except TimeoutError:
             answer = TIMED_OUT_ANSWER
+            if slot is not None:
+                slot.outlive(call)
             self.spawn(self._record_late(caller, command, record, call))
         return await self._finish(caller, command, record, answer)
 

@@ -42,6 +42,11 @@ DISCOVER_DURATION = _meter.create_histogram(
     "type and whether a provider was degraded.",
     explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
 )
+ADMISSION_REFUSED = _meter.create_counter(
+    "actionmesh.admission.refused",
+    unit="{call}",
+    description="Calls refused by a tenant rate or a tenant/provider concurrency limit, by reason.",
+)
 OUTBOX_DEPTH = ObservedGauge(
     METER,
     "actionmesh.audit.outbox.depth",
@@ -65,6 +70,10 @@ def record_execution(
         EXECUTION_DURATION.record(
             max(duration_s, 0.0), {"action_id": action_id, "outcome": outcome}
         )
+
+
+def record_admission_refused(reason: str) -> None:
+    ADMISSION_REFUSED.add(1, {"reason": reason})
 
 
 def record_discover(record_type: str, duration_s: float, degraded: bool) -> None:

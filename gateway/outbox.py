@@ -80,7 +80,12 @@ class OutboxShipper:
                         audit_pb2.AppendEventsRequest(events=events), timeout=5.0
                     )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # One bad event, or a batch over the audit log's message size: find out
+                # event by event instead of retrying the same batch forever.
+                if exc.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ):
                     await self._ship_one_by_one(stub, batch)
                     continue
                 log.warning(

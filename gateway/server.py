@@ -12,6 +12,7 @@ from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.metrics import expose_metrics
 from actionmesh.rpc.server import RunningServer, start_server
 from actionmesh.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.admission import Admission
 from gateway.approvals import Approvals
 from gateway.auth import TokenVerifier
 from gateway.config import GatewayConfig
@@ -52,7 +53,13 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         retry_max_s=config.audit_retry_max_s,
     )
     shipper.start()
+    admission = Admission.from_settings(
+        config.tenant_rate_limit,
+        config.tenant_max_concurrent_executions,
+        config.provider_max_concurrent_executions,
+    )
     executor = Executor(
+        admission=admission,
         store=store,
         directory=directory,
         policy=policy,
@@ -80,11 +87,13 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         history=HistoryReader(audit_channel),
         store=store,
         policy=policy,
+        admission=admission,
     )
     running = await start_server(
         [(gateway_pb2_grpc.add_ActionGatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
         host=config.host,
         port=config.port,
+        max_receive_bytes=config.max_request_bytes,
     )
     await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
     observe_gateway(running, store, directory)
@@ -93,6 +102,8 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     )
     background = [
         asyncio.create_task(approvals.sweep_forever(config.approval_sweep_interval_s)),
+        # Re-reads a JWKS so removed keys stop working (returns at once for a fixed key).
+        asyncio.create_task(verifier.refresh_keys_forever()),
     ]
     if config.policy_reload_interval_s > 0:
         background.append(

@@ -9,6 +9,7 @@ import grpc.aio
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from gateway.admission import Admission
 from gateway.approvals import Approvals
 from gateway.auth import TokenVerifier
 from gateway.discovery import Discoverer
@@ -29,7 +30,9 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         history: HistoryReader,
         store: GatewayStore,
         policy: PolicyEngine,
+        admission: Admission,
     ) -> None:
+        self._admission = admission
         self._verifier = verifier
         self._discoverer = discoverer
         self._executor = executor
@@ -41,7 +44,8 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def DiscoverActions(
         self, request: gateway_pb2.DiscoverActionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DiscoverActionsResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        await self._admission.check_rate(caller.tenant, "discover")
         result = await self._discoverer.discover(
             caller, request.record, request.HasField("record"), skip_cache=request.skip_cache
         )
@@ -64,7 +68,8 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ExecuteAction(
         self, request: gateway_pb2.ExecuteActionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ExecuteActionResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        await self._admission.check_rate(caller.tenant, "execute")
         record = await self._executor.execute(
             caller,
             ExecuteCommand(
@@ -80,7 +85,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetExecution(
         self, request: gateway_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetExecutionResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         record = await asyncio.to_thread(self._store.get, caller.tenant, request.execution_id)
         if record is None:
             raise NotFound("no such execution", reason="EXECUTION_NOT_FOUND")
@@ -89,7 +94,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetRecordHistory(
         self, request: gateway_pb2.GetRecordHistoryRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetRecordHistoryResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         page = await self._history.timeline(
             caller,
             request.record,
@@ -104,7 +109,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ListExecutions(
         self, request: gateway_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListExecutionsResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         page = await self._history.executions(caller, request)
         return gateway_pb2.ListExecutionsResponse(
             executions=page.executions, next_page_token=page.next_page_token
@@ -113,7 +118,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetTrace(
         self, request: gateway_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetTraceResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         page = await self._history.trace(
             caller, request.trace_id, request.page_size, request.page_token
         )
@@ -124,7 +129,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ListPendingApprovals(
         self, request: gateway_pb2.ListPendingApprovalsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListPendingApprovalsResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         page = await self._approvals.list_pending(
             caller,
             request.record if request.HasField("record") else None,
@@ -147,7 +152,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ApproveExecution(
         self, request: gateway_pb2.ApproveExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ApproveExecutionResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         record = await self._approvals.approve(
             caller,
             request.execution_id,
@@ -160,14 +165,14 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def RejectExecution(
         self, request: gateway_pb2.RejectExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RejectExecutionResponse:
-        caller = self._verifier.authenticate(context.invocation_metadata())
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
         record = await self._approvals.reject(caller, request.execution_id, request.comment)
         return gateway_pb2.RejectExecutionResponse(execution=execution_proto(record))
 
     async def GetPolicyStatus(
         self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetPolicyStatusResponse:
-        self._verifier.authenticate(context.invocation_metadata())
+        await self._verifier.authenticate_async(context.invocation_metadata())
         status = self._policy.status()
         reply = gateway_pb2.GetPolicyStatusResponse(
             policy_file=status.path,

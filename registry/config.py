@@ -33,6 +33,10 @@ class RegistryConfig:
     health_check_timeout_s: float = 1.0
     """Deadline in seconds of one provider health check."""
 
+    max_request_bytes: int = 4 * 1024 * 1024
+    """Largest request message accepted, in bytes (a registration with all its action
+    descriptors); bigger ones are refused with RESOURCE_EXHAUSTED before decoding."""
+
     metrics_port: int = -1
     """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
     a free port (written to the ready file as metrics_port)."""

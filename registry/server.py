@@ -47,6 +47,7 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
             ],
             host=config.host,
             port=config.port,
+            max_receive_bytes=config.max_request_bytes,
         )
     except BaseException:
         await directory.close()

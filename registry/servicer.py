@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from google.protobuf import duration_pb2
 
 from actionmesh.rpc.convert import to_timestamp
-from actionmesh.v1 import registry_pb2, registry_pb2_grpc
+from actionmesh.rpc.errors import ActionMeshError, FieldViolation, InvalidArgument
+from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from registry.directory import Directory
 from registry.model import Change, ChangeType, Health, Provider, Registration
 
@@ -44,6 +45,96 @@ def change_to_proto(change: Change) -> registry_pb2.WatchProvidersResponse:
     )
 
 
+# Every gateway holds every descriptor and returns them in DiscoverActions answers
+# (4 MiB at most), and an ENUM refusal lists the allowed values in its error
+# details (an 8 KiB trailer): bound what one registration may declare.
+MAX_ACTIONS = 64
+MAX_ACTION_ID = 128
+MAX_LABEL_CHARS = 200
+MAX_DESCRIPTION_CHARS = 2048
+MAX_RECORD_TYPES = 16
+MAX_ALLOWED_VALUES = 32
+MAX_ALLOWED_VALUE_CHARS = 64
+# Error details travel in trailing metadata, which gRPC refuses past 8 KiB (soft
+# limit; base64 grows the details by a third): keep the listed problems well below.
+MAX_VIOLATION_CHARS = 4000
+MAX_MESSAGE_CHARS = 500
+
+
+def size_violations(actions: Sequence[common_pb2.ActionDescriptor]) -> list[FieldViolation]:
+    """Problems of size only; the shape rules are :mod:`registry.validation`'s."""
+    if len(actions) > MAX_ACTIONS:
+        return [FieldViolation("actions", f"at most {MAX_ACTIONS} actions per provider")]
+    problems = []
+    for index, action in enumerate(actions):
+        path = f"actions[{index}]"
+        if len(action.action_id) > MAX_ACTION_ID:
+            problems.append(
+                FieldViolation(f"{path}.action_id", f"must be at most {MAX_ACTION_ID} characters")
+            )
+        if len(action.label) > MAX_LABEL_CHARS:
+            problems.append(
+                FieldViolation(f"{path}.label", f"must be at most {MAX_LABEL_CHARS} characters")
+            )
+        if len(action.description) > MAX_DESCRIPTION_CHARS:
+            problems.append(
+                FieldViolation(
+                    f"{path}.description", f"must be at most {MAX_DESCRIPTION_CHARS} characters"
+                )
+            )
+        if len(action.record_types) > MAX_RECORD_TYPES:
+            problems.append(
+                FieldViolation(f"{path}.record_types", f"at most {MAX_RECORD_TYPES} record types")
+            )
+        for field_index, field in enumerate(action.inputs):
+            where = f"{path}.inputs[{field_index}]"
+            if len(field.description) > MAX_DESCRIPTION_CHARS:
+                problems.append(
+                    FieldViolation(
+                        f"{where}.description",
+                        f"must be at most {MAX_DESCRIPTION_CHARS} characters",
+                    )
+                )
+            if len(field.allowed_values) > MAX_ALLOWED_VALUES or any(
+                len(value) > MAX_ALLOWED_VALUE_CHARS for value in field.allowed_values
+            ):
+                problems.append(
+                    FieldViolation(
+                        f"{where}.allowed_values",
+                        f"at most {MAX_ALLOWED_VALUES} values of at most "
+                        f"{MAX_ALLOWED_VALUE_CHARS} characters",
+                    )
+                )
+    return problems
+
+
+def deliverable(error: ActionMeshError) -> ActionMeshError:
+    """The same error, cut to what fits in a gRPC trailer (a provider may declare a lot)."""
+    kept: list[FieldViolation] = []
+    budget = MAX_VIOLATION_CHARS
+    for violation in error.violations:
+        cost = len(violation.field) + len(violation.description) + 8
+        if cost > budget:
+            break
+        kept.append(violation)
+        budget -= cost
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    if len(kept) == len(error.violations) and message == error.message:
+        return error
+    if len(kept) < len(error.violations):
+        hidden = len(error.violations) - len(kept)
+        kept.append(FieldViolation("actions", f"{hidden} more problems not listed"))
+    return type(error)(
+        message,
+        reason=error.reason,
+        violations=kept,
+        retry_after_s=error.retry_after_s,
+        metadata=error.metadata,
+    )
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, directory: Directory) -> None:
         self._directory = directory
@@ -51,14 +142,24 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterProvider(
         self, request: registry_pb2.RegisterProviderRequest, context: object
     ) -> registry_pb2.RegisterProviderResponse:
-        lease = await self._directory.register(
-            Registration(
-                provider_id=request.provider_id,
-                endpoint=request.endpoint,
-                version=request.version,
-                actions=tuple(request.actions),
+        try:
+            oversize = size_violations(request.actions)
+            if oversize:
+                raise InvalidArgument(
+                    f"invalid registration: {len(oversize)} problem(s)",
+                    reason="INVALID_REGISTRATION",
+                    violations=oversize,
+                )
+            lease = await self._directory.register(
+                Registration(
+                    provider_id=request.provider_id,
+                    endpoint=request.endpoint,
+                    version=request.version,
+                    actions=tuple(request.actions),
+                )
             )
-        )
+        except ActionMeshError as error:
+            raise deliverable(error) from None
         ttl = duration_pb2.Duration()
         ttl.FromTimedelta(lease.ttl)
         return registry_pb2.RegisterProviderResponse(lease_id=lease.lease_id, lease_ttl=ttl)

@@ -374,6 +374,7 @@ async def test_services_that_may_not_migrate_refuse_a_database_behind_head(
                 port=0,
                 database_url=database_url,
                 jwt_secret_file=str(secret),
+                jwt_dev_mode=True,
                 registry="127.0.0.1:9",
                 auditlog="127.0.0.1:9",
                 migrate_on_start=False,

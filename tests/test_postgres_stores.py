@@ -392,6 +392,7 @@ async def test_discover_execute_history_with_every_service_on_postgresql(
             registry=registry.address,
             auditlog=audit.address,
             jwt_secret_file=str(secret),
+            jwt_dev_mode=True,
         )
     )
     items = await start_provider(

@@ -6,6 +6,7 @@ several readers and one writer coexist, and their parent folder is created.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +14,7 @@ from typing import Any, cast
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -30,12 +32,34 @@ def make_engine(url: str) -> Engine:
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     return engine
+
+
+def _database_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+@retry(
+    retry=retry_if_exception(_database_locked),
+    wait=wait_exponential(multiplier=0.01, max=0.2),
+    stop=stop_after_delay(30),
+    reraise=True,
+)
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch a SQLite file to WAL once; other connections only see that it is WAL.
+
+    Switching takes an exclusive lock and SQLite answers "database is locked" at once,
+    without its busy timeout, when another connection holds one, as happens when
+    several processes open a new file together. So retry, bounded.
+    """
+    (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
 
 
 class UTCDateTime(TypeDecorator[datetime]):

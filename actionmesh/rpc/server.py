@@ -1,7 +1,8 @@
 """Builds the grpc.aio server every actionmesh service runs.
 
 Binaries and tests use the same :func:`start_server`: it adds the error
-interceptor, OpenTelemetry instrumentation, grpc.health.v1 and reflection,
+interceptor (and a guard turning undecodable requests into INVALID_ARGUMENT),
+OpenTelemetry instrumentation, grpc.health.v1 and reflection,
 binds the address (port 0 picks a free port) and returns the bound port.
 :func:`run_service` is the process entry point: it waits for SIGTERM/SIGINT,
 marks health NOT_SERVING first, then drains in-flight calls.
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from actionmesh.rpc.errors import ErrorInterceptor
+from actionmesh.rpc.errors import ErrorInterceptor, FieldViolation, InvalidArgument
 from actionmesh.rpc.migrations import MigrationError
 from actionmesh.rpc.telemetry import shutdown_tracing, untraced_rpcs
 
@@ -80,18 +81,102 @@ async def _run_hooks(hooks: Sequence[Callable[[], Awaitable[None]]]) -> None:
             log.exception("stop hook failed")
 
 
+class _Undecodable:
+    """Stands in for request bytes that are not the method's message."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes become INVALID_ARGUMENT with a field violation.
+
+    grpc answers UNKNOWN when a request deserializer raises, which reads as a
+    server fault; bytes that are not the method's message (corrupt wire format,
+    invalid UTF-8 in a string field) are the caller's bad input. Installed inside
+    :class:`ErrorInterceptor`, so the refusal carries the usual details.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def guarded_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:  # whatever the parser objects to, the bytes are at fault
+                return _UNDECODABLE
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _refuse_undecodable(request)
+                return await unary(request, context)
+
+            return handler._replace(request_deserializer=guarded_decode, unary_unary=checked_unary)
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def checked_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                _refuse_undecodable(request)
+                async for item in stream(request, context):
+                    yield item
+
+            return handler._replace(
+                request_deserializer=guarded_decode, unary_stream=checked_stream
+            )
+        return handler
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if request is _UNDECODABLE:
+        raise InvalidArgument(
+            "the request is not a valid protobuf message for this method",
+            reason="MALFORMED_REQUEST",
+            violations=[
+                FieldViolation("request", "malformed protobuf wire format or invalid UTF-8")
+            ],
+        )
+
+
+# Requests above this size are refused by grpc itself with RESOURCE_EXHAUSTED,
+# before any bytes are decoded. Services pass their own bound (the gateway 1 MiB).
+DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_SEND_BYTES = 4 * 1024 * 1024
+
+
 async def start_server(
     registrations: Sequence[Registration],
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    max_message_bytes: int = 4 * 1024 * 1024,
+    max_message_bytes: int = DEFAULT_MAX_SEND_BYTES,
+    max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
 ) -> RunningServer:
-    """Start a grpc.aio server with health, reflection and interceptors."""
+    """Start a grpc.aio server with health, reflection and interceptors.
+
+    ``max_receive_bytes`` bounds every request (larger ones get RESOURCE_EXHAUSTED
+    from grpc); ``max_message_bytes`` bounds every response.
+    """
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(filter_=untraced_rpcs()), ErrorInterceptor()],
+        interceptors=[
+            aio_server_interceptor(filter_=untraced_rpcs()),
+            ErrorInterceptor(),
+            DecodeGuard(),
+        ],
         options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],

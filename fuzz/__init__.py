@@ -1,0 +1,1 @@
+"""Fuzz targets (atheris) for the gateway's input validator and token parser."""
