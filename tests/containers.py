@@ -101,9 +101,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def compose_services() -> dict[str, Any]:
-    """docker-compose.yml's services with anchors and merge keys resolved."""
-    return dict(yaml.safe_load(COMPOSE_FILE.read_text())["services"])
+def compose_document() -> dict[str, Any]:
+    """docker-compose.yml with anchors and merge keys resolved."""
+    return dict(yaml.safe_load(COMPOSE_FILE.read_text()))
 
 
 @dataclass
@@ -121,7 +121,8 @@ class ContainerMesh:
     ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.compose = compose_services()
+        self.document = compose_document()
+        self.compose: dict[str, Any] = self.document["services"]
         self.client = docker.from_env(timeout=60)
 
     def _rewrite(self, value: str) -> str:
@@ -178,7 +179,7 @@ class ContainerMesh:
                 volume_name = f"actionmesh-test-{self.run_id}-{volumes_of or name}-{source}"
                 self.volumes.add(volume_name)
                 container.with_volume_mapping(volume_name, target_path, *(mode or ["rw"]))
-        top_secrets = yaml.safe_load(COMPOSE_FILE.read_text()).get("secrets", {})
+        top_secrets = self.document.get("secrets", {})
         for secret in spec.get("secrets", []):
             container.with_volume_mapping(
                 REPO / top_secrets[secret]["file"], f"/run/secrets/{secret}", "ro"

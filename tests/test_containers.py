@@ -23,10 +23,9 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from testcontainers.core.image import DockerImage
 
+from actionmesh.conformance.health import is_serving
 from actionmesh.provider_cli import new_project
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import (
@@ -45,7 +44,6 @@ from providers.supportdesk.server import is_healthy
 from registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from tests.conftest import bearer, eventually
 from tests.containers import (
-    COMPOSE_FILE,
     REPO,
     ContainerMesh,
     build_images,
@@ -98,17 +96,6 @@ class Deployed:
         return mint_token(self.signing_key, subject=subject, tenant="acme", roles=roles)
 
 
-def serving(address: str, service: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def start_server(
     containers: ContainerMesh, service: str, name: str | None = None, **options: Any
 ) -> None:
@@ -120,7 +107,7 @@ def start_server(
         service, name=name, port_variable=port_variable, env={**FAST_SPANS, **extra}, **options
     )
     wait_until(
-        lambda: serving(containers.address(name), health_name),
+        lambda: is_serving(containers.address(name), service=health_name, timeout_s=2),
         timeout_s=90,
         what=f"the {name} container never answered its health check",
         logs=containers.all_logs,
@@ -135,7 +122,6 @@ def images() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def deployed(images: dict[str, str], postgres_server: PostgresServer) -> Iterator[Deployed]:
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
     database = postgres_server.create_database()
     with running_receiver() as receiver:
         containers = ContainerMesh(images, exact={}, substrings={})
@@ -143,7 +129,7 @@ def deployed(images: dict[str, str], postgres_server: PostgresServer) -> Iterato
             containers.reserve_port(name)
         containers.exact.update(
             {
-                compose["x-database-url"]: database,
+                containers.document["x-database-url"]: database,
                 # How providers are reached: the service name in compose, loopback here.
                 **{provider: "127.0.0.1" for provider in ("workitems", "records", "escalation")},
             }
