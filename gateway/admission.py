@@ -21,28 +21,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from actionmesh.rpc.errors import ResourceExhausted
+from gateway.config import parse_rate
 from gateway.metrics import record_admission_refused
 
 # How soon a caller refused for concurrency should try again: in-flight executions
 # usually finish within a few hundred milliseconds.
 CONCURRENCY_RETRY_S = 0.5
-
-
-def parse_rate(text: str) -> RateLimitItem | None:
-    """``"200/second"`` (limits notation) as a rate item; empty means no rate limit."""
-    if not text.strip():
-        return None
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise ValueError(
-            f"tenant_rate_limit {text!r} is not a rate such as '200/second' or '5000/minute'"
-        ) from exc
 
 
 @dataclass

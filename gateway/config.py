@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.admission import parse_rate
+from limits import RateLimitItem, parse
 
 DEFAULT_POLICY_FILE = str(Path(__file__).parent / "policies" / "default.cedar")
 # Signature algorithms a JWKS or PEM key may be used with. HS256 is not among them: a
@@ -26,6 +26,18 @@ JWT_ASYMMETRIC_ALGORITHMS = (
 # A wider clock-skew window would keep expired tokens alive for minutes.
 MAX_JWT_LEEWAY_S = 300.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_rate(text: str) -> RateLimitItem | None:
+    """``"200/second"`` (limits notation) as a rate item; empty means no rate limit."""
+    if not text.strip():
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"tenant_rate_limit {text!r} is not a rate such as '200/second' or '5000/minute'"
+        ) from exc
 
 
 @dataclass(frozen=True)
