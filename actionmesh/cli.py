@@ -1,6 +1,7 @@
 """The ``actionmesh`` command: run the mesh locally and drive it like a backend would.
 
     actionmesh up                      # registry, auditlog, gateway, providers on loopback
+    actionmesh up --tls                # the same over mutual TLS with a development CA
     export ACTIONMESH_TOKEN=$(actionmesh token --subject alice --tenant acme --roles operator)
     actionmesh actions workitem/wi-1001 --status failed
     actionmesh run workitem.retry workitem/wi-1001 --status failed --input reason="parser fixed"
@@ -43,7 +44,9 @@ from actionmesh.bench import add_bench_command
 from actionmesh.db_cli import add_db_commands
 from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
 from actionmesh.provider_cli import add_provider_commands
+from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.errors import error_details
+from actionmesh.rpc.tls import TlsConfig, TlsConfigError
 from actionmesh.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -54,6 +57,7 @@ from actionmesh.v1 import (
     registry_pb2_grpc,
 )
 from gateway.auth import mint_token
+from registry.admin import add_registry_commands
 
 DEFAULT_DATA_DIR = Path(os.environ.get("ACTIONMESH_DATA_DIR", ".actionmesh"))
 console = Console()
@@ -74,6 +78,55 @@ def mesh_state(data_dir: Path) -> dict[str, Any]:
 def gateway_address(args: argparse.Namespace) -> str:
     explicit = args.gateway or os.environ.get("ACTIONMESH_GATEWAY")
     return explicit or mesh_state(args.data_dir).get("gateway", "127.0.0.1:50050")
+
+
+def client_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """TLS files from --tls-* flags, else ACTIONMESH_TLS_* variables, else the running mesh."""
+    given = TlsConfig(
+        cert_file=args.tls_cert or os.environ.get("ACTIONMESH_TLS_CERT", ""),
+        key_file=args.tls_key or os.environ.get("ACTIONMESH_TLS_KEY", ""),
+        ca_file=args.tls_ca or os.environ.get("ACTIONMESH_TLS_CA", ""),
+    )
+    if not given.enabled:
+        # `actionmesh up --tls` records its client certificate next to the addresses.
+        files = mesh_state(args.data_dir).get("tls") or {}
+        given = TlsConfig(
+            cert_file=files.get("cert_file", ""),
+            key_file=files.get("key_file", ""),
+            ca_file=files.get("ca_file", ""),
+        )
+    if not given.enabled:
+        return None
+    try:
+        given.check(server=False)
+    except TlsConfigError as exc:
+        # The flags of a client are spelt --tls-ca/--tls-cert/--tls-key, not tls_*_file.
+        message = str(exc)
+        for field, flag in (
+            ("tls_ca_file", "--tls-ca"),
+            ("tls_cert_file", "--tls-cert"),
+            ("tls_key_file", "--tls-key"),
+        ):
+            message = message.replace(field, flag)
+        raise CliError(message) from None
+    return given
+
+
+def add_tls_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tls-ca",
+        default="",
+        help="CA certificate (PEM) the server's certificate must chain to; turns TLS on "
+        "(default: $ACTIONMESH_TLS_CA, else the running mesh's)",
+    )
+    command.add_argument(
+        "--tls-cert",
+        default="",
+        help="client certificate (PEM) for servers that require one ($ACTIONMESH_TLS_CERT)",
+    )
+    command.add_argument(
+        "--tls-key", default="", help="key (PEM) of --tls-cert ($ACTIONMESH_TLS_KEY)"
+    )
 
 
 def caller_token(args: argparse.Namespace) -> str:
@@ -149,7 +202,7 @@ def enum_label(prefix: str, name: str) -> str:
 
 async def call_gateway(args: argparse.Namespace, method: str, request: Any) -> Any:
     token = caller_token(args)
-    async with grpc.aio.insecure_channel(gateway_address(args)) as channel:
+    async with open_channel(gateway_address(args), client_tls(args)) as channel:
         stub = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
         return await getattr(stub, method)(
             request, metadata=(("authorization", f"Bearer {token}"),), timeout=args.timeout
@@ -165,6 +218,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         supportdesk_port=args.supportdesk_port,
         seed_demo=not args.no_seed,
+        tls=args.tls,
         # Prometheus /metrics on a free port per service unless the environment says otherwise.
         extra_env={
             name: "0"
@@ -210,6 +264,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"\nPolicies: {mesh.policy_path}   Press Ctrl-C to stop.",
         flush=True,
     )
+    client = mesh.client_tls
+    if client is not None:
+        print(
+            f"\nMutual TLS is on. Development CA: {client.ca_file}\n"
+            f"The CLI uses {mesh.data_dir / STATE_FILE} to connect; elsewhere a client "
+            "verifies servers with the CA and presents a certificate it signed:\n"
+            f"  export ACTIONMESH_TLS_CA={client.ca_file}\n"
+            f"  export ACTIONMESH_TLS_CERT={client.cert_file}\n"
+            f"  export ACTIONMESH_TLS_KEY={client.key_file}\n"
+            f"  grpcurl -cacert {client.ca_file} -cert {client.cert_file} "
+            f"-key {client.key_file} {mesh.address('gateway')} list",
+            flush=True,
+        )
     try:
         while not stop.wait(0.5):
             dead = mesh.dead_services()
@@ -566,7 +633,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     address = auditlog_address(args)
 
     async def verify() -> audit_pb2.VerifyChainResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, client_tls(args)) as channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             return await stub.VerifyChain(
                 audit_pb2.VerifyChainRequest(tenant=args.tenant or ""), timeout=args.timeout
@@ -606,7 +673,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
     address = args.registry or mesh_state(args.data_dir).get("registry", "127.0.0.1:50051")
 
     async def fetch() -> registry_pb2.ListProvidersResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, client_tls(args)) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             return await stub.ListProviders(
                 registry_pb2.ListProvidersRequest(), timeout=args.timeout
@@ -646,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--supportdesk-port", type=int, default=8780, help="stand-in external platform (HTTP)"
     )
     up.add_argument("--no-seed", action="store_true", help="do not seed demo records")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between all services: makes a development CA and certificates "
+        "under DATA_DIR/tls",
+    )
     up.set_defaults(func=cmd_up)
 
     token = sub.add_parser("token", help="mint a development JWT (HS256, local key)")
@@ -663,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--token", help="caller JWT (default: $ACTIONMESH_TOKEN)")
         command.add_argument("--timeout", type=float, default=15.0, help="seconds")
         command.add_argument("--json", action="store_true", help="machine-readable output")
+        add_tls_flags(command)
         return command
 
     def with_record(command: argparse.ArgumentParser) -> None:
@@ -745,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--auditlog", help="audit log address (default: from the running mesh)")
     verify.add_argument("--timeout", type=float, default=120.0, help="seconds")
     verify.add_argument("--json", action="store_true")
+    add_tls_flags(verify)
     verify.set_defaults(func=cmd_audit_verify)
 
     providers = client("providers", "list registered providers and their health")
@@ -753,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provider_commands(sub)
     add_db_commands(sub)
+    add_registry_commands(sub)
     add_bench_command(sub)
     return parser
 

@@ -180,6 +180,24 @@ CLI_VARIABLES: tuple[EnvVar, ...] = (
         "unset",
         "Caller JWT sent as the bearer token (see `actionmesh token`).",
     ),
+    EnvVar(
+        "ACTIONMESH_TLS_CA",
+        "`actionmesh` client commands",
+        "the mesh's (`up --tls`), else plaintext",
+        "CA certificate (PEM) the server's certificate must chain to; turns TLS on (`--tls-ca`).",
+    ),
+    EnvVar(
+        "ACTIONMESH_TLS_CERT",
+        "`actionmesh` client commands",
+        "the mesh's (`up --tls`), else none",
+        "Client certificate (PEM) presented to services that require one (`--tls-cert`).",
+    ),
+    EnvVar(
+        "ACTIONMESH_TLS_KEY",
+        "`actionmesh` client commands",
+        "the mesh's (`up --tls`), else none",
+        "Private key (PEM) of ACTIONMESH_TLS_CERT (`--tls-key`).",
+    ),
 )
 
 

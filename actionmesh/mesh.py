@@ -23,7 +23,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from actionmesh.devpki import DevPki, create_dev_pki
 from actionmesh.rpc.db import sqlite_url
+from actionmesh.rpc.tls import TlsConfig
 from gateway.config import DEFAULT_POLICY_FILE
 from providers.supportdesk.server import is_healthy
 
@@ -31,6 +33,10 @@ SIGNING_KEY_FILE = "dev-signing-key"
 REDACTION_KEY_FILE = "redaction-key"
 POLICY_FILE = "policies.cedar"
 STATE_FILE = "mesh.json"
+REGISTRATION_TOKENS_DIR = "registration-tokens"
+TLS_DIR = "tls"
+# The certificate the supervisor's health probes, the CLI and tests present.
+CLIENT_CERT_NAME = "client"
 DEFAULT_PROVIDERS = ("providers.workitems", "providers.records", "providers.escalation")
 ESCALATION_PROVIDER = "providers.escalation"
 # The escalation provider's downstream: a stand-in external platform (HTTP), not a provider.
@@ -75,6 +81,9 @@ class MeshSettings:
     """How long one service may take to become healthy."""
     extra_env: dict[str, str] = field(default_factory=dict)
     """Environment added to every child (e.g. log level, trace exporter)."""
+    tls: bool = False
+    """Mutual TLS between every gRPC service, with a development CA and one certificate
+    per service under DATA_DIR/tls (made on first use, reused while valid)."""
 
 
 @dataclass
@@ -99,6 +108,7 @@ class Mesh:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.services: dict[str, Service] = {}
+        self.pki: DevPki | None = None
 
     # -- layout -------------------------------------------------------------
     @property
@@ -119,6 +129,28 @@ class Mesh:
     def address(self, name: str) -> str:
         return self.services[name].address
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / TLS_DIR
+
+    def tls_for(self, name: str) -> TlsConfig | None:
+        """The TLS files of workload ``name`` (issued on first use), or None without TLS."""
+        if not self.settings.tls:
+            return None
+        cert_name = name.lower().replace("_", "-")
+        if self.pki is None or cert_name not in self.pki.names:
+            # Idempotent: reuses the CA and every certificate already on disk.
+            self.pki = create_dev_pki(
+                self.tls_dir, [*(self.pki.names if self.pki else ()), cert_name]
+            )
+        cert_file, key_file = self.pki.files(cert_name)
+        return TlsConfig(str(cert_file), str(key_file), str(self.pki.ca_file))
+
+    @property
+    def client_tls(self) -> TlsConfig | None:
+        """What a client of this mesh (CLI, tests, health probes) presents, or None."""
+        return self.tls_for(CLIENT_CERT_NAME)
+
     def prepare(self) -> None:
         for sub in ("run", "logs", "data"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -128,6 +160,15 @@ class Mesh:
                 key_path.chmod(0o600)
         if not self.policy_path.exists():
             shutil.copyfile(DEFAULT_POLICY_FILE, self.policy_path)
+        if self.settings.tls:
+            names = [
+                "registry",
+                "auditlog",
+                "gateway",
+                CLIENT_CERT_NAME,
+                *(m.rsplit(".", 1)[-1] for m in self.settings.provider_modules),
+            ]
+            self.pki = create_dev_pki(self.tls_dir, [n.lower().replace("_", "-") for n in names])
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -156,8 +197,12 @@ class Mesh:
             raise
         self._write_state()
 
-    def start_provider(self, module: str) -> Service:
-        name = module.rsplit(".", 1)[-1]
+    def start_provider(
+        self, module: str, *, name: str = "", env: dict[str, str] | None = None
+    ) -> Service:
+        """Run ``python -m module`` as a provider; ``name`` and ``env`` allow several
+        processes of one module (tests run one module as two providers)."""
+        name = name or module.rsplit(".", 1)[-1]
         command = [
             sys.executable,
             "-m",
@@ -168,11 +213,26 @@ class Mesh:
             str(self.data_dir / "data" / "providers"),
             "--seed-demo",
             "true" if self.settings.seed_demo else "false",
+            # Its own token: the registry binds the provider id to it, so another local
+            # process cannot take the id over or deregister it.
+            "--registration-token-file",
+            str(self.registration_token_file(name)),
         ]
-        env = {}
+        env = dict(env or {})
         if module == ESCALATION_PROVIDER and "supportdesk" in self.services:
             env[PLATFORM_URL_ENV] = self.services["supportdesk"].url
         return self._launch(name, command, 0, env=env)
+
+    def registration_token_file(self, name: str) -> Path:
+        """The registration token of provider ``name``: made once, kept with the data,
+        because the registry's database remembers which token owns the id."""
+        directory = self.data_dir / REGISTRATION_TOKENS_DIR
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / f"{name}.token"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32))
+        return path
 
     def _needs_platform(self) -> bool:
         return (
@@ -210,6 +270,13 @@ class Mesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def signal_service(self, name: str, sig: signal.Signals) -> None:
+        """Send one signal to a running service (SIGSTOP/SIGCONT to make it hang, fault tests)."""
+        service = self.services[name]
+        if service.process is None or service.process.poll() is not None:
+            raise MeshError(f"{name} is not running")
+        service.process.send_signal(sig)
 
     def dead_services(self) -> list[str]:
         return [
@@ -292,6 +359,16 @@ class Mesh:
             "--ready-file",
             str(ready_file),
         ]
+        tls = None if http else self.tls_for(name)
+        if tls is not None:
+            full += [
+                "--tls-cert-file",
+                tls.cert_file,
+                "--tls-key-file",
+                tls.key_file,
+                "--tls-ca-file",
+                tls.ca_file,
+            ]
         child_env = {
             **os.environ,
             **(env or {}),
@@ -329,7 +406,9 @@ class Mesh:
                 service.address, service.url = ready["address"], ready.get("url", "")
                 service.metrics_url = ready.get("metrics_url", "")
             if service.address and (
-                is_healthy(service.url) if http else is_serving(service.address)
+                is_healthy(service.url)
+                if http
+                else is_serving(service.address, tls=self.client_tls)
             ):
                 return
             time.sleep(0.05)
@@ -356,11 +435,25 @@ class Mesh:
             "signing_key_file": str(self.signing_key_path),
             "policy_file": str(self.policy_path),
         }
+        client_tls = self.client_tls
+        if client_tls is not None:
+            # The CLI reads these, so `actionmesh run ...` works against `up --tls` as is.
+            state["tls"] = {
+                "ca_file": client_tls.ca_file,
+                "cert_file": client_tls.cert_file,
+                "key_file": client_tls.key_file,
+            }
         (self.data_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def is_serving(address: str, timeout_s: float = 0.5) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout_s: float = 0.5, *, tls: TlsConfig | None = None) -> bool:
+    """Whether the gRPC server at ``address`` answers SERVING (over TLS with ``tls``)."""
+    channel = (
+        grpc.secure_channel(address, tls.channel_credentials())
+        if tls is not None and tls.enabled
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s

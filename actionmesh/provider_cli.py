@@ -39,6 +39,7 @@ from actionmesh.conformance import (
     run_checks,
     summary,
 )
+from actionmesh.rpc.tls import TlsConfig, TlsConfigError
 
 if TYPE_CHECKING:
     from providers.sdk import Provider
@@ -136,6 +137,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not sep or not name:
             return _fail(f"--input takes NAME=VALUE (got {item!r})")
         inputs[name] = value
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    try:
+        tls.check(server=False)
+    except TlsConfigError as exc:
+        return _fail(str(exc))
     results = asyncio.run(
         run_checks(
             args.address,
@@ -144,6 +150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             inputs=inputs,
             timeout_s=args.timeout,
             require_all=args.require_all,
+            tls=tls,
         )
     )
     if args.json:
@@ -265,6 +272,9 @@ def add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     check.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
     check.add_argument("--require-all", action="store_true", help="a skipped check fails too")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--tls-ca", default="", help="CA (PEM) of a provider serving TLS")
+    check.add_argument("--tls-cert", default="", help="client certificate (PEM) to present")
+    check.add_argument("--tls-key", default="", help="key (PEM) of --tls-cert")
     check.set_defaults(func=cmd_check)
 
     new = commands.add_parser(

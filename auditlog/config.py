@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actionmesh.rpc.tls import TlsConfig
+
 
 @dataclass(frozen=True)
 class AuditLogConfig:
@@ -31,5 +33,25 @@ class AuditLogConfig:
     """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
     a free port (written to the ready file as metrics_port)."""
 
+    tls_cert_file: str = ""
+    """Certificate (PEM) the audit log presents to its clients. Set with tls_key_file and
+    tls_ca_file to serve mutual TLS only; all three empty: plaintext."""
+
+    tls_key_file: str = ""
+    """Private key (PEM, unencrypted) of tls_cert_file; readable by this service only."""
+
+    tls_ca_file: str = ""
+    """CA certificates (PEM) that clients' certificates must chain to; a client without a
+    certificate is refused."""
+
     ready_file: str | None = None
     """When set, a JSON file written once the server listens (pid, port, address)."""
+
+    def __post_init__(self) -> None:
+        # Incomplete TLS settings fail at start, not as handshake errors on the first call.
+        self.tls.check(server=True)
+
+    @property
+    def tls(self) -> TlsConfig:
+        """The TLS files as one setting (disabled when all are empty)."""
+        return TlsConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)

@@ -32,6 +32,11 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
             host=config.host,
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
+            credentials=(
+                config.tls.server_credentials(require_client_cert=True)
+                if config.tls.enabled
+                else None
+            ),
         )
     except BaseException:
         repository.close()

@@ -52,6 +52,8 @@ from gateway.storage import (
     RUNNING,
     ApprovalDecision,
     ExecutionRecord,
+    decide_approval_op,
+    record_attempt_op,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class Approvals:
     def __init__(self, executor: Executor, policy: PolicyEngine) -> None:
         self._executor = executor
         self._store = executor.store
+        self._writer = executor.writer
         self._policy = policy
         self._directory = executor.directory
 
@@ -292,9 +295,7 @@ class Approvals:
             reason="APPROVAL_EXPIRED",
             message="nobody approved the execution in time; nothing ran",
         )
-        done = await asyncio.to_thread(
-            self._store.decide_approval, row.execution_id, decision, [event]
-        )
+        done = await self._writer.write(decide_approval_op(row.execution_id, decision, [event]))
         if done:
             self._executor.audit_written()
             log.info("approval of execution %s expired", row.execution_id)
@@ -395,7 +396,7 @@ class Approvals:
             message=error.message,
             authorized=authorized,
         )
-        await asyncio.to_thread(self._store.record_attempt, [event])
+        await self._writer.write(record_attempt_op([event]))
         self._executor.audit_written()
         raise error
 
@@ -439,9 +440,7 @@ class Approvals:
     async def _decide(
         self, row: ExecutionRecord, decision: ApprovalDecision, events: list[audit_pb2.AuditEvent]
     ) -> None:
-        done = await asyncio.to_thread(
-            self._store.decide_approval, row.execution_id, decision, events
-        )
+        done = await self._writer.write(decide_approval_op(row.execution_id, decision, events))
         if not done:
             raise FailedPrecondition(
                 "the execution was decided by someone else first",

@@ -64,6 +64,10 @@ tracer = trace.get_tracer("actionmesh.gateway")
 
 # Claims end up in audit columns of bounded width.
 MAX_CLAIM_LENGTH = 128
+# Roles feed every policy evaluation and are copied into audit events and approvals:
+# a signed but huge list must not cost each request (or each stored event) that much.
+MAX_ROLES = 64
+MAX_ROLE_LENGTH = 128
 # Every token must carry these; nbf is verified when present.
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub")
 DEV_ALGORITHM = "HS256"
@@ -509,6 +513,15 @@ def caller_from_claims(claims: dict[str, object]) -> Caller:
         raise Unauthenticated("token has no usable tenant claim", reason="TOKEN_INVALID")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise Unauthenticated("token roles claim must be a list of strings", reason="TOKEN_INVALID")
+    if len(roles) > MAX_ROLES:
+        raise Unauthenticated(
+            f"token roles claim lists more than {MAX_ROLES} roles", reason="TOKEN_INVALID"
+        )
+    if any(len(role) > MAX_ROLE_LENGTH for role in roles):
+        raise Unauthenticated(
+            f"token roles claim has a role longer than {MAX_ROLE_LENGTH} characters",
+            reason="TOKEN_INVALID",
+        )
     return Caller(subject=subject, tenant=tenant, roles=tuple(roles))
 
 

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse
 
+from actionmesh.rpc.tls import TlsConfig
+
 DEFAULT_POLICY_FILE = str(Path(__file__).parent / "policies" / "default.cedar")
 # Signature algorithms a JWKS or PEM key may be used with. HS256 is not among them: a
 # shared secret is for development only (jwt_secret_file with jwt_dev_mode).
@@ -129,6 +131,10 @@ class GatewayConfig:
     """Most audit events the outbox shipper sends in one AppendEvents call."""
     audit_retry_max_s: float = 5.0
     """Longest backoff between failed audit deliveries."""
+    audit_linger_s: float = 0.02
+    """How long the outbox shipper waits after new events before it reads them, so one
+    delivery carries the events of many calls; the audit timeline lags by this much more.
+    0 ships at once."""
     max_request_bytes: int = 1024 * 1024
     """Largest request message accepted, in bytes; bigger ones are refused with
     RESOURCE_EXHAUSTED before they are decoded. The largest valid ExecuteAction (32
@@ -136,11 +142,28 @@ class GatewayConfig:
     metrics_port: int = -1
     """Port of the Prometheus /metrics endpoint on the same host; -1 turns it off, 0 picks
     a free port (written to the ready file as metrics_port)."""
+    tls_cert_file: str = ""
+    """Certificate (PEM) the gateway presents to its clients and on its calls to the
+    registry, the audit log and providers. Set with tls_key_file and tls_ca_file to serve
+    TLS only; all three empty: plaintext."""
+    tls_key_file: str = ""
+    """Private key (PEM, unencrypted) of tls_cert_file; readable by this service only."""
+    tls_ca_file: str = ""
+    """CA certificates (PEM) that the registry's, audit log's and providers' certificates
+    (and clients' ones, with tls_require_client_cert) must chain to."""
+    tls_require_client_cert: bool = False
+    """Refuse clients without a certificate from tls_ca_file (mutual TLS). Off by default:
+    the gateway's callers are backend services identified by their operators' JWTs."""
     ready_file: str | None = None
     """Where to write {"port": ...} once serving (used by supervisors and tests)."""
 
     def __post_init__(self) -> None:
         self._check_token_settings()
+        self.tls.check(server=True)
+        if self.tls_require_client_cert and not self.tls.enabled:
+            raise ValueError(
+                "tls_require_client_cert needs tls_cert_file, tls_key_file and tls_ca_file"
+            )
         if self.discover_timeout_s <= 0 or self.default_execute_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if self.approval_ttl_s <= 0 or self.approval_sweep_interval_s <= 0:
@@ -149,10 +172,20 @@ class GatewayConfig:
         if min(self.tenant_max_concurrent_executions, self.provider_max_concurrent_executions) < 0:
             raise ValueError("concurrency limits must be 0 (off) or positive")
         if (
-            min(self.late_result_grace_s, self.discover_cache_ttl_s, self.policy_reload_interval_s)
+            min(
+                self.late_result_grace_s,
+                self.discover_cache_ttl_s,
+                self.policy_reload_interval_s,
+                self.audit_linger_s,
+            )
             < 0
         ):
-            raise ValueError("grace, cache and reload intervals cannot be negative")
+            raise ValueError("grace, linger, cache and reload intervals cannot be negative")
+
+    @property
+    def tls(self) -> TlsConfig:
+        """The TLS files as one setting (disabled when all are empty)."""
+        return TlsConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
 
     @property
     def jwt_algorithm_list(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.tls import TlsConfig
 from actionmesh.v1 import (
     common_pb2,
     provider_pb2_grpc,
@@ -53,8 +54,10 @@ class ProviderEntry:
 class ProviderDirectory:
     """Providers by id and by action id, plus one reusable channel per endpoint."""
 
-    def __init__(self, registry_address: str) -> None:
+    def __init__(self, registry_address: str, *, tls: TlsConfig | None = None) -> None:
         self._registry_address = registry_address
+        # Registry and provider channels alike: the gateway's certificate and CA.
+        self._tls = tls
         self._providers: dict[str, ProviderEntry] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._synced = asyncio.Event()
@@ -100,7 +103,7 @@ class ProviderDirectory:
         endpoint = entry.registration.endpoint
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = open_channel(endpoint)
+            channel = open_channel(endpoint, self._tls)
             self._channels[endpoint] = channel
         return provider_pb2_grpc.ActionProviderServiceStub(channel)
 
@@ -108,7 +111,7 @@ class ProviderDirectory:
         backoff = 0.1
         while True:
             try:
-                async with open_channel(self._registry_address) as channel:
+                async with open_channel(self._registry_address, self._tls) as channel:
                     stub = registry_pb2_grpc.RegistryServiceStub(channel)
                     async for message in stub.WatchProviders(registry_pb2.WatchProvidersRequest()):
                         self._apply(message)

@@ -39,8 +39,9 @@ from gateway.policy import (
     policy_context,
 )
 from gateway.requests import check_record
-from gateway.storage import GatewayStore
+from gateway.storage import record_attempt_op
 from gateway.tenancy import require_same_tenant
+from gateway.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
@@ -71,7 +72,7 @@ class Discoverer:
         policy: PolicyEngine,
         timeout_s: float,
         *,
-        store: GatewayStore,
+        writer: GroupCommitWriter,
         on_audit_written: Callable[[], None],
         cache_ttl_s: float,
         cache_max_entries: int,
@@ -79,7 +80,7 @@ class Discoverer:
         self._directory = directory
         self._policy = policy
         self._timeout_s = timeout_s
-        self._store = store
+        self._writer = writer
         self._on_audit_written = on_audit_written
         self._cache: TTLCache[tuple[str, ...], Availability] | None = (
             TTLCache(maxsize=cache_max_entries, ttl=cache_ttl_s) if cache_ttl_s > 0 else None
@@ -109,6 +110,14 @@ class Discoverer:
             if decision.allowed:
                 visible.setdefault(subject.provider_id, []).append(subject.descriptor)
         asked = [e for e in entries if e.provider_id in visible]
+        # The same question goes to every provider: build it (and its cache digest) once.
+        request = provider_pb2.DiscoverRequest(
+            record=record,
+            operator=common_pb2.Operator(
+                subject=caller.subject, tenant=caller.tenant, roles=caller.roles
+            ),
+        )
+        content = record_digest(record)
         with tracer.start_as_current_span(
             "discover.fan_out",
             attributes={
@@ -118,7 +127,7 @@ class Discoverer:
             },
         ):
             answers = await asyncio.gather(
-                *(self._availability(e, caller, record, skip_cache) for e in asked)
+                *(self._availability(e, caller, request, content, skip_cache) for e in asked)
             )
         actions: list[VisibleAction] = []
         degraded: list[tuple[str, str]] = []
@@ -162,25 +171,26 @@ class Discoverer:
             ],
             policy_context=policy_context(caller, record),
         )
-        await asyncio.to_thread(self._store.record_attempt, [event])
+        await self._writer.write(record_attempt_op([event]))
         self._on_audit_written()
 
     async def _availability(
         self,
         entry: ProviderEntry,
         caller: Caller,
-        record: common_pb2.RecordContext,
+        request: provider_pb2.DiscoverRequest,
+        content: str,
         skip_cache: bool,
     ) -> tuple[Availability, bool] | str:
         """The provider's availability per action id (and whether cached), or why not."""
         if entry.not_serving:
             return "NOT_SERVING"
-        key = cache_key(entry, caller, record)
+        key = cache_key(entry, caller, content)
         if self._cache is not None and not skip_cache:
             cached = self._cache.get(key)
             if cached is not None:
                 return cached, True
-        answer = await self._ask(entry, caller, record)
+        answer = await self._ask(entry, request)
         if isinstance(answer, str):
             return answer
         if self._cache is not None:
@@ -188,22 +198,14 @@ class Discoverer:
         return answer, False
 
     async def _ask(
-        self, entry: ProviderEntry, caller: Caller, record: common_pb2.RecordContext
+        self, entry: ProviderEntry, request: provider_pb2.DiscoverRequest
     ) -> Availability | str:
         """The provider's availability per action id, or a degradation reason."""
         with tracer.start_as_current_span(
             "discover.provider", attributes={"actionmesh.provider_id": entry.provider_id}
         ) as span:
             try:
-                reply = await self._directory.stub(entry).Discover(
-                    provider_pb2.DiscoverRequest(
-                        record=record,
-                        operator=common_pb2.Operator(
-                            subject=caller.subject, tenant=caller.tenant, roles=caller.roles
-                        ),
-                    ),
-                    timeout=self._timeout_s,
-                )
+                reply = await self._directory.stub(entry).Discover(request, timeout=self._timeout_s)
             except grpc.aio.AioRpcError as exc:
                 log.info("discover on %s failed: %s", entry.provider_id, exc.code().name)
                 span.set_attribute("actionmesh.discover.degraded", exc.code().name)
@@ -211,14 +213,15 @@ class Discoverer:
         return {a.action_id: (a.available, a.unavailable_reason) for a in reply.actions}
 
 
-def cache_key(
-    entry: ProviderEntry, caller: Caller, record: common_pb2.RecordContext
-) -> tuple[str, ...]:
-    """Who answered (this registration), about which record state, for which roles."""
+def record_digest(record: common_pb2.RecordContext) -> str:
+    """The record as the providers see it: status, sensitivity, attributes and version."""
+    return hashlib.sha256(record.SerializeToString(deterministic=True)).hexdigest()
+
+
+def cache_key(entry: ProviderEntry, caller: Caller, content: str) -> tuple[str, ...]:
+    """Who answered (this registration), about which record state (``content``, a
+    :func:`record_digest`), for which roles."""
     registration = entry.registration
-    content = hashlib.sha256(
-        record.SerializeToString(deterministic=True)
-    ).hexdigest()  # status, sensitivity, attributes and version all count
     return (
         registration.provider_id,
         registration.endpoint,

@@ -63,9 +63,15 @@ from gateway.storage import (
     RUNNING,
     ExecutionRecord,
     GatewayStore,
+    InsertExecution,
     KeyConflict,
+    finish_execution_op,
+    reclaim_unavailable_op,
+    record_attempt_op,
+    record_late_result_op,
 )
 from gateway.tenancy import require_same_tenant
+from gateway.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
@@ -146,6 +152,7 @@ class Executor:
         self,
         *,
         store: GatewayStore,
+        writer: GroupCommitWriter,
         directory: ProviderDirectory,
         policy: PolicyEngine,
         redactor: Redactor,
@@ -158,6 +165,7 @@ class Executor:
     ) -> None:
         self._admission = admission
         self._store = store
+        self._writer = writer
         self._directory = directory
         self._policy = policy
         self._redactor = redactor
@@ -173,6 +181,10 @@ class Executor:
     @property
     def store(self) -> GatewayStore:
         return self._store
+
+    @property
+    def writer(self) -> GroupCommitWriter:
+        return self._writer
 
     @property
     def directory(self) -> ProviderDirectory:
@@ -355,7 +367,7 @@ class Executor:
             authorized=authorized,
         )
         try:
-            await asyncio.to_thread(self._store.insert_execution, record, [first])
+            await self._writer.write(InsertExecution(record, (first,)))
         except KeyConflict as conflict:
             return await self._existing(record, conflict.existing, command)
         self._on_audit_written()
@@ -386,8 +398,8 @@ class Executor:
                 self._store.find_by_key, existing.tenant, command.idempotency_key
             )
             existing = fresh or existing
-        if existing.outcome == "UNAVAILABLE" and await asyncio.to_thread(
-            self._store.reclaim_unavailable, existing.execution_id
+        if existing.outcome == "UNAVAILABLE" and await self._writer.write(
+            reclaim_unavailable_op(existing.execution_id)
         ):
             # Nothing ran the first time, so the same key may dispatch again.
             existing.outcome = RUNNING
@@ -554,7 +566,7 @@ class Executor:
             record,
             outcome=common_pb2.Outcome.Value(f"OUTCOME_{record.outcome}"),
         )
-        await asyncio.to_thread(self._store.finish_execution, record, [finished])
+        await self._writer.write(finish_execution_op(record, [finished]))
         self._on_audit_written()
         return record
 
@@ -590,7 +602,7 @@ class Executor:
             reason=answer.reason,
             message=answer.message or "the provider answered after the deadline",
         )
-        if await asyncio.to_thread(self._store.record_late_result, record, [event]):
+        if await self._writer.write(record_late_result_op(record, [event])):
             self._on_audit_written()
             log.info("execution %s: late result %s recorded", record.execution_id, answer.outcome)
 
@@ -634,7 +646,7 @@ class Executor:
         outcome_name = common_pb2.Outcome.Name(outcome).removeprefix("OUTCOME_")
         trace.get_current_span().set_attribute("actionmesh.outcome", outcome_name)
         record_execution(command.action_id, provider_id, outcome_name)
-        await asyncio.to_thread(self._store.record_attempt, [event])
+        await self._writer.write(record_attempt_op([event]))
         self._on_audit_written()
         raise error
 

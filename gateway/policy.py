@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import cedarpy
+from cachetools import LRUCache
 from opentelemetry import trace
 
 from actionmesh.rpc.convert import utcnow
@@ -32,6 +33,8 @@ tracer = trace.get_tracer("actionmesh.gateway")
 PRINCIPAL_TYPE = "ActionMesh::Operator"
 RESOURCE_TYPE = "ActionMesh::ProviderAction"
 ACTION_TYPE = "ActionMesh::Action"
+# Decisions remembered per exact input (see PolicyEngine._authorize).
+DECISION_CACHE_ENTRIES = 8192
 
 
 class Operation(StrEnum):
@@ -164,6 +167,12 @@ class PolicyEngine:
         self._reload_error_at: datetime | None = None
         self._failed_digest = ""
         self._lock = threading.Lock()
+        # A decision is a pure function of the policies in force and of the request
+        # entities and context. The key holds all of them (the policy digest too, so a
+        # reload starts afresh): a repeated call (a UI refresh, the same operator acting
+        # on the same record) is a dictionary lookup instead of a Cedar evaluation.
+        self._decisions: LRUCache[tuple[Any, ...], Decision] = LRUCache(DECISION_CACHE_ENTRIES)
+        self._decisions_lock = threading.Lock()
 
     def reload_if_changed(self) -> bool | None:
         """Reload when the file's content changed: True loaded, False refused, None unchanged."""
@@ -247,6 +256,50 @@ class PolicyEngine:
         subjects: Sequence[ActionSubject],
     ) -> list[Decision]:
         loaded = self._loaded
+        shared = (
+            loaded.digest,
+            operation.value,
+            caller.subject,
+            caller.tenant,
+            tuple(caller.roles),
+            record.tenant,
+            record.type,
+            record.id,
+            record.status,
+            record.sensitivity,
+            tuple(sorted(record.attributes.items())),
+        )
+        keys = [
+            (
+                *shared,
+                subject.action_id,
+                subject.provider_id,
+                subject.descriptor.risk,
+                subject.descriptor.reversible,
+                subject.descriptor.requires_approval,
+            )
+            for subject in subjects
+        ]
+        with self._decisions_lock:
+            known = [self._decisions.get(key) for key in keys]
+        missing = [i for i, decision in enumerate(known) if decision is None]
+        if missing:
+            fresh = self._evaluate(
+                loaded, operation, caller, record, [subjects[i] for i in missing]
+            )
+            with self._decisions_lock:
+                for i, decision in zip(missing, fresh, strict=True):
+                    known[i] = self._decisions[keys[i]] = decision
+        return [decision for decision in known if decision is not None]
+
+    @staticmethod
+    def _evaluate(
+        loaded: LoadedPolicies,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: Sequence[ActionSubject],
+    ) -> list[Decision]:
         principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
         entities: list[dict[str, Any]] = [
             {

@@ -26,6 +26,7 @@ from gateway.policy import PolicyEngine
 from gateway.redaction import Redactor
 from gateway.servicer import GatewayServicer
 from gateway.storage import GatewayStore
+from gateway.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["ActionGatewayService"].full_name
@@ -40,17 +41,21 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     store = await asyncio.to_thread(
         GatewayStore, config.database_url, migrate=config.migrate_on_start
     )
-    directory = ProviderDirectory(config.registry)
+    writer = GroupCommitWriter(store)
+    writer.start()
+    directory = ProviderDirectory(config.registry, tls=config.tls)
     directory.start()
     if not await directory.wait_synced(5.0):
         log.warning("registry %s not reachable yet; discovery starts empty", config.registry)
     # One channel to the audit log serves both the outbox shipper and history reads.
-    audit_channel = open_channel(config.auditlog)
+    audit_channel = open_channel(config.auditlog, config.tls)
     shipper = OutboxShipper(
         store,
+        writer,
         audit_channel,
         batch_size=config.audit_batch_size,
         retry_max_s=config.audit_retry_max_s,
+        linger_s=config.audit_linger_s,
     )
     shipper.start()
     admission = Admission.from_settings(
@@ -61,6 +66,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     executor = Executor(
         admission=admission,
         store=store,
+        writer=writer,
         directory=directory,
         policy=policy,
         redactor=Redactor.from_key_file(config.redaction_key_file),
@@ -77,7 +83,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
             directory,
             policy,
             config.discover_timeout_s,
-            store=store,
+            writer=writer,
             on_audit_written=shipper.notify,
             cache_ttl_s=config.discover_cache_ttl_s,
             cache_max_entries=config.discover_cache_max_entries,
@@ -94,6 +100,11 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         host=config.host,
         port=config.port,
         max_receive_bytes=config.max_request_bytes,
+        credentials=(
+            config.tls.server_credentials(require_client_cert=config.tls_require_client_cert)
+            if config.tls.enabled
+            else None
+        ),
     )
     await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
     observe_gateway(running, store, directory)
@@ -120,6 +131,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     async def close_dependencies() -> None:
         await executor.close()
         await shipper.close()
+        await writer.close()
         await directory.close()
         await audit_channel.close()
         store.close()

@@ -7,19 +7,22 @@ the same transaction, so the audit trail can lag but never lose an event.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     delete,
     func,
+    insert,
     select,
     update,
 )
@@ -179,40 +182,56 @@ class GatewayStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def write(self, op: WriteOp[T]) -> T:
+        """Run one write operation in a transaction of its own."""
+        try:
+            with self._session.begin() as session:
+                return op(session)
+        except IntegrityError as exc:
+            if isinstance(op, InsertExecution):
+                raise self._conflict(op.record, exc) from exc
+            raise
+
+    def write_group(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+        """Run several write operations in one transaction (group commit).
+
+        Returns each operation's result, or the exception it raised. When the group
+        fails (an idempotency key already taken, a lost race on another replica),
+        nothing of it is kept and each operation runs again alone, so one failure
+        never takes its neighbours down with it.
+        """
+        if len(ops) > 1:
+            try:
+                with self._session.begin() as session:
+                    return [op(session) for op in ops]
+            except Exception:  # retried one by one just below
+                pass
+        results: list[Any] = []
+        for op in ops:
+            try:
+                results.append(self.write(op))
+            except Exception as exc:  # handed to the operation's caller
+                results.append(exc)
+        return results
+
+    def _conflict(self, record: ExecutionRecord, exc: IntegrityError) -> Exception:
+        existing = self.find_by_key(record.tenant, record.idempotency_key)
+        return exc if existing is None else KeyConflict(existing)
+
     def insert_execution(
         self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
     ) -> None:
         """Store a new execution with its events; KeyConflict if the key is taken."""
-        try:
-            with self._session.begin() as session:
-                session.add(_to_row(record))
-                _enqueue(session, events)
-        except IntegrityError as exc:
-            existing = self.find_by_key(record.tenant, record.idempotency_key)
-            if existing is None:
-                raise
-            raise KeyConflict(existing) from exc
+        self.write(InsertExecution(record, tuple(events)))
 
     def record_attempt(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
         """Enqueue events for an attempt that never became an execution (refused early)."""
-        with self._session.begin() as session:
-            _enqueue(session, events)
+        self.write(record_attempt_op(events))
 
     def finish_execution(
         self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
     ) -> None:
-        with self._session.begin() as session:
-            row = session.get(ExecutionRow, record.execution_id)
-            if row is None:
-                raise LookupError(record.execution_id)
-            row.outcome = record.outcome
-            row.reason = record.reason
-            row.message = record.message
-            row.external_ref = record.external_ref
-            row.changes_json = json.dumps(record.changes)
-            row.warnings_json = json.dumps(record.warnings)
-            row.finished_at = record.finished_at
-            _enqueue(session, events)
+        self.write(finish_execution_op(record, events))
 
     def decide_approval(
         self,
@@ -225,30 +244,7 @@ class GatewayStore:
         False when it was no longer pending (another approver or the expiry
         sweep decided first); the events are then not written.
         """
-        values: dict[str, object] = {
-            "outcome": decision.outcome,
-            "approval_state": decision.state,
-            "approver": decision.approver,
-            "approval_comment": decision.comment,
-            "approval_decided_at": decision.decided_at,
-        }
-        if decision.outcome != RUNNING:
-            values.update(
-                reason=decision.reason, message=decision.message, finished_at=decision.decided_at
-            )
-        with self._session.begin() as session:
-            result = session.execute(
-                update(ExecutionRow)
-                .where(
-                    ExecutionRow.execution_id == execution_id,
-                    ExecutionRow.outcome == PENDING_APPROVAL,
-                )
-                .values(**values)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return False
-            _enqueue(session, events)
-            return True
+        return self.write(decide_approval_op(execution_id, decision, events))
 
     def pending_approvals(
         self,
@@ -296,38 +292,11 @@ class GatewayStore:
         self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
     ) -> bool:
         """Attach a provider's late answer to a TIMED_OUT execution (its outcome stays)."""
-        with self._session.begin() as session:
-            result = session.execute(
-                update(ExecutionRow)
-                .where(
-                    ExecutionRow.execution_id == record.execution_id,
-                    ExecutionRow.outcome == "TIMED_OUT",
-                    ExecutionRow.late_outcome == "",
-                )
-                .values(
-                    late_outcome=record.late_outcome,
-                    late_result_at=record.late_result_at,
-                    external_ref=record.external_ref,
-                    changes_json=json.dumps(record.changes),
-                    warnings_json=json.dumps(record.warnings),
-                )
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return False
-            _enqueue(session, events)
-            return True
+        return self.write(record_late_result_op(record, events))
 
     def reclaim_unavailable(self, execution_id: str) -> bool:
         """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
-        with self._session.begin() as session:
-            result = session.execute(
-                update(ExecutionRow)
-                .where(
-                    ExecutionRow.execution_id == execution_id, ExecutionRow.outcome == "UNAVAILABLE"
-                )
-                .values(outcome=RUNNING, finished_at=None)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        return self.write(reclaim_unavailable_op(execution_id))
 
     def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
         with self._session() as session:
@@ -351,17 +320,11 @@ class GatewayStore:
             return [(row.id, row.payload) for row in rows]
 
     def delete_events(self, ids: Sequence[int]) -> None:
-        with self._session.begin() as session:
-            session.execute(delete(OutboxRow).where(OutboxRow.id.in_(ids)))
+        self.write(delete_events_op(ids))
 
     def park_event(self, row_id: int, error: str) -> None:
         """Move one outbox row aside so it no longer blocks the ones behind it."""
-        with self._session.begin() as session:
-            row = session.get(OutboxRow, row_id)
-            if row is None:
-                return
-            session.add(ParkedEventRow(event_id=row.event_id, payload=row.payload, error=error))
-            session.delete(row)
+        self.write(park_event_op(row_id, error))
 
     def parked_count(self) -> int:
         with self._session() as session:
@@ -372,42 +335,190 @@ class GatewayStore:
             return int(session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
 
 
+T = TypeVar("T")
+# A write against an open transaction; GatewayStore.write runs one alone and
+# write_group several in one transaction.
+WriteOp = Callable[[Session], T]
+
+_EXECUTIONS = cast(Table, ExecutionRow.__table__)
+_OUTBOX = cast(Table, OutboxRow.__table__)
+
+
+@dataclass(frozen=True)
+class InsertExecution:
+    """A new execution with its first events (a taken key becomes KeyConflict)."""
+
+    record: ExecutionRecord
+    events: tuple[audit_pb2.AuditEvent, ...]
+
+    def __call__(self, session: Session) -> None:
+        session.execute(insert(_EXECUTIONS), [_row_values(self.record)])
+        _enqueue(session, self.events)
+
+
+def record_attempt_op(events: Sequence[audit_pb2.AuditEvent]) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        _enqueue(session, events)
+
+    return op
+
+
+def finish_execution_op(
+    record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        # By primary key, no read first: this process inserted the row and runs it.
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(_EXECUTIONS.c.execution_id == record.execution_id)
+            .values(
+                outcome=record.outcome,
+                reason=record.reason,
+                message=record.message,
+                external_ref=record.external_ref,
+                changes_json=json.dumps(record.changes),
+                warnings_json=json.dumps(record.warnings),
+                finished_at=record.finished_at,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise LookupError(record.execution_id)
+        _enqueue(session, events)
+
+    return op
+
+
+def decide_approval_op(
+    execution_id: str, decision: ApprovalDecision, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    values: dict[str, object] = {
+        "outcome": decision.outcome,
+        "approval_state": decision.state,
+        "approver": decision.approver,
+        "approval_comment": decision.comment,
+        "approval_decided_at": decision.decided_at,
+    }
+    if decision.outcome != RUNNING:
+        values.update(
+            reason=decision.reason, message=decision.message, finished_at=decision.decided_at
+        )
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == execution_id,
+                _EXECUTIONS.c.outcome == PENDING_APPROVAL,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def record_late_result_op(
+    record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == record.execution_id,
+                _EXECUTIONS.c.outcome == "TIMED_OUT",
+                _EXECUTIONS.c.late_outcome == "",
+            )
+            .values(
+                late_outcome=record.late_outcome,
+                late_result_at=record.late_result_at,
+                external_ref=record.external_ref,
+                changes_json=json.dumps(record.changes),
+                warnings_json=json.dumps(record.warnings),
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def reclaim_unavailable_op(execution_id: str) -> WriteOp[bool]:
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == execution_id,
+                _EXECUTIONS.c.outcome == "UNAVAILABLE",
+            )
+            .values(outcome=RUNNING, finished_at=None)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    return op
+
+
+def delete_events_op(ids: Sequence[int]) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        session.execute(delete(_OUTBOX).where(_OUTBOX.c.id.in_(list(ids))))
+
+    return op
+
+
+def park_event_op(row_id: int, error: str) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        row = session.get(OutboxRow, row_id)
+        if row is None:
+            return
+        session.add(ParkedEventRow(event_id=row.event_id, payload=row.payload, error=error))
+        session.delete(row)
+
+    return op
+
+
 def _enqueue(session: Session, events: Sequence[audit_pb2.AuditEvent]) -> None:
-    for event in events:
-        session.add(OutboxRow(event_id=event.event_id, payload=event.SerializeToString()))
+    if events:
+        session.execute(
+            insert(_OUTBOX),
+            [{"event_id": e.event_id, "payload": e.SerializeToString()} for e in events],
+        )
 
 
-def _to_row(record: ExecutionRecord) -> ExecutionRow:
-    return ExecutionRow(
-        execution_id=record.execution_id,
-        tenant=record.tenant,
-        idempotency_key=record.idempotency_key,
-        request_hash=record.request_hash,
-        action_id=record.action_id,
-        provider_id=record.provider_id,
-        record_type=record.record_type,
-        record_id=record.record_id,
-        actor=record.actor,
-        outcome=record.outcome,
-        reason=record.reason,
-        message=record.message,
-        external_ref=record.external_ref,
-        changes_json=json.dumps(record.changes),
-        warnings_json=json.dumps(record.warnings),
-        trace_id=record.trace_id,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-        request_payload=record.request_payload,
-        requester_roles_json=json.dumps(record.requester_roles),
-        sensitive=record.sensitive,
-        approval_state=record.approval_state,
-        approval_expires_at=record.approval_expires_at,
-        approval_decided_at=record.approval_decided_at,
-        approver=record.approver,
-        approval_comment=record.approval_comment,
-        late_outcome=record.late_outcome,
-        late_result_at=record.late_result_at,
-    )
+def _row_values(record: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "execution_id": record.execution_id,
+        "tenant": record.tenant,
+        "idempotency_key": record.idempotency_key,
+        "request_hash": record.request_hash,
+        "action_id": record.action_id,
+        "provider_id": record.provider_id,
+        "record_type": record.record_type,
+        "record_id": record.record_id,
+        "actor": record.actor,
+        "outcome": record.outcome,
+        "reason": record.reason,
+        "message": record.message,
+        "external_ref": record.external_ref,
+        "changes_json": json.dumps(record.changes),
+        "warnings_json": json.dumps(record.warnings),
+        "trace_id": record.trace_id,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "request_payload": record.request_payload,
+        "requester_roles_json": json.dumps(record.requester_roles),
+        "sensitive": record.sensitive,
+        "approval_state": record.approval_state,
+        "approval_expires_at": record.approval_expires_at,
+        "approval_decided_at": record.approval_decided_at,
+        "approver": record.approver,
+        "approval_comment": record.approval_comment,
+        "late_outcome": record.late_outcome,
+        "late_result_at": record.late_result_at,
+    }
 
 
 def _from_row(row: ExecutionRow) -> ExecutionRecord:

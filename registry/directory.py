@@ -1,4 +1,9 @@
-"""The directory of providers: leases, health and the change stream.
+"""The directory of providers: leases, owners, allowed endpoints, health and the change stream.
+
+A provider id belongs to the credential identity that first registered it
+(:mod:`registry.credentials`); registering, renewing or deregistering it with
+another identity is refused without saying whose it is. Endpoints must be on the
+operator's allow-list (:mod:`registry.endpoints`).
 
 Every mutation and the change it publishes happen under one lock, so watchers
 see changes in the order they were stored, and a watcher that subscribes under
@@ -16,9 +21,10 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from actionmesh.rpc.convert import utcnow
-from actionmesh.rpc.errors import AlreadyExists, NotFound
-from registry.model import Change, ChangeType, Health, Lease, Provider, Registration
-from registry.storage import ProviderRepository
+from actionmesh.rpc.errors import AlreadyExists, FieldViolation, NotFound, PermissionDenied
+from registry.endpoints import DEFAULT_ALLOWED_ENDPOINTS, EndpointAllowList
+from registry.model import ANONYMOUS, Change, ChangeType, Health, Lease, Provider, Registration
+from registry.storage import OwnedByAnother, ProviderRepository
 from registry.validation import validate_registration
 from registry.watch import DEFAULT_QUEUE_SIZE, ChangeHub, Subscription
 
@@ -45,6 +51,17 @@ def _lease_not_found(provider_id: str) -> NotFound:
     )
 
 
+def _owned_by_another(provider_id: str) -> PermissionDenied:
+    # Neither the owner nor how it authenticated: that would help an impostor.
+    return PermissionDenied(
+        f"provider {provider_id!r} belongs to the credential that first registered it; "
+        "register it with that credential, or have an operator release it "
+        "(actionmesh registry release-owner)",
+        reason="PROVIDER_OWNED_BY_ANOTHER_CREDENTIAL",
+        metadata={"provider_id": provider_id},
+    )
+
+
 class Directory:
     """Registers providers under leases, expires them, tracks their health."""
 
@@ -54,10 +71,12 @@ class Directory:
         prober: Prober,
         *,
         lease_ttl: timedelta,
+        allowed_endpoints: EndpointAllowList | None = None,
         watch_queue_size: int = DEFAULT_QUEUE_SIZE,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._repository = repository
+        self._allowed = allowed_endpoints or EndpointAllowList(DEFAULT_ALLOWED_ENDPOINTS)
         self._prober = prober
         self._lease_ttl = lease_ttl
         self._clock = clock
@@ -73,8 +92,20 @@ class Directory:
     async def open(self) -> None:
         await asyncio.to_thread(self._repository.create_schema)
 
-    async def register(self, registration: Registration) -> Lease:
+    async def register(self, registration: Registration, owner: str = ANONYMOUS) -> Lease:
         validate_registration(registration)
+        if not self._allowed.allows(registration.endpoint):
+            raise PermissionDenied(
+                f"endpoint {registration.endpoint!r} is not on this registry's allow-list",
+                reason="ENDPOINT_NOT_ALLOWED",
+                violations=[
+                    FieldViolation(
+                        "endpoint",
+                        "not an endpoint the operator allows (registry allowed_endpoints)",
+                    )
+                ],
+                metadata={"provider_id": registration.provider_id},
+            )
         async with self._lock:
             # A lapsed registration no longer owns its action ids.
             await self._expire_locked()
@@ -89,7 +120,18 @@ class Directory:
                 registered_at=now,
                 health=Health.UNKNOWN,
             )
-            conflicts, previous = await asyncio.to_thread(self._repository.register, provider)
+            try:
+                conflicts, previous = await asyncio.to_thread(
+                    self._repository.register, provider, owner
+                )
+            except OwnedByAnother:
+                log.warning(
+                    "refused registration of provider %s at %s: the id is owned by another "
+                    "credential",
+                    provider.provider_id,
+                    provider.endpoint,
+                )
+                raise _owned_by_another(provider.provider_id) from None
             if conflicts:
                 # The gateway routes an action id to exactly one provider.
                 listed = ", ".join(f"{c.action_id} (held by {c.provider_id})" for c in conflicts)
@@ -115,20 +157,32 @@ class Directory:
         self._spawn(self._check_one(provider))
         return Lease(provider.lease_id, self._lease_ttl, provider.lease_expires_at)
 
-    async def renew(self, provider_id: str, lease_id: str) -> datetime:
+    async def renew(self, provider_id: str, lease_id: str, owner: str = ANONYMOUS) -> datetime:
         now = self._clock()
         expires_at = now + self._lease_ttl
         # One conditional UPDATE, so no lock: it cannot revive a lapsed lease.
-        renewed = await asyncio.to_thread(
-            self._repository.renew, provider_id, lease_id, now, expires_at
-        )
+        try:
+            renewed = await asyncio.to_thread(
+                self._repository.renew, provider_id, lease_id, now, expires_at, owner
+            )
+        except OwnedByAnother:
+            raise _owned_by_another(provider_id) from None
         if not renewed:
             raise _lease_not_found(provider_id)
         return expires_at
 
-    async def deregister(self, provider_id: str, lease_id: str) -> None:
+    async def deregister(self, provider_id: str, lease_id: str, owner: str = ANONYMOUS) -> None:
         async with self._lock:
-            removed = await asyncio.to_thread(self._repository.remove, provider_id, lease_id)
+            try:
+                removed = await asyncio.to_thread(
+                    self._repository.remove, provider_id, lease_id, owner
+                )
+            except OwnedByAnother:
+                log.warning(
+                    "refused deregistration of provider %s: the id is owned by another credential",
+                    provider_id,
+                )
+                raise _owned_by_another(provider_id) from None
             if removed is None:
                 raise _lease_not_found(provider_id)
             await self._prober.forget(provider_id)

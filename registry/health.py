@@ -9,6 +9,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from actionmesh.rpc.tls import TlsConfig
 from registry.model import Health
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,12 @@ class GrpcHealthProber:
     few seconds per provider would otherwise flood the trace store with noise.
     """
 
-    def __init__(self, *, timeout_s: float, max_reconnect_backoff_s: float) -> None:
+    def __init__(
+        self, *, timeout_s: float, max_reconnect_backoff_s: float, tls: TlsConfig | None = None
+    ) -> None:
         self._timeout_s = timeout_s
+        # Read once: a probe every few seconds must not re-read the key files.
+        self._credentials = tls.channel_credentials() if tls is not None and tls.enabled else None
         # gRPC's default reconnect backoff grows to 120 s, so a provider that came
         # back would look down for minutes; cap it near the check interval.
         backoff_ms = max(100, int(max_reconnect_backoff_s * 1000))
@@ -81,7 +86,11 @@ class GrpcHealthProber:
             return entry[1]
         # Install the new channel before awaiting the old one's close, so a
         # concurrent probe never sees (and duplicates) a missing entry.
-        channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+        channel = (
+            grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(endpoint, options=self._options)
+        )
         self._channels[provider_id] = (endpoint, channel)
         if entry is not None:
             await entry[1].close()

@@ -1,4 +1,4 @@
-"""The registry's domain vocabulary: registrations, providers, leases and changes."""
+"""The registry's domain vocabulary: registrations, providers, leases, owners and changes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from actionmesh.v1 import common_pb2
+
+ANONYMOUS = "anonymous"
+"""The owner identity of registrations made without any credential (one, shared)."""
 
 
 class Health(enum.StrEnum):
@@ -63,3 +66,12 @@ class Change:
 
     type: ChangeType
     provider: Provider
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Which credential identity a provider id is bound to (see registry.credentials)."""
+
+    provider_id: str
+    owner: str
+    bound_at: datetime

@@ -29,11 +29,13 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
     prober = GrpcHealthProber(
         timeout_s=config.health_check_timeout_s,
         max_reconnect_backoff_s=config.health_check_interval_s,
+        tls=config.tls,
     )
     directory = Directory(
         ProviderRepository(engine, migrate=config.migrate_on_start),
         prober,
         lease_ttl=timedelta(seconds=config.lease_ttl_s),
+        allowed_endpoints=config.allowed_endpoint_list(),
     )
     try:
         await directory.open()
@@ -41,13 +43,20 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
             [
                 (
                     registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-                    RegistryServicer(directory),
+                    RegistryServicer(
+                        directory, require_credential=config.require_registration_credential
+                    ),
                     SERVICE_NAME,
                 )
             ],
             host=config.host,
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
+            credentials=(
+                config.tls.server_credentials(require_client_cert=True)
+                if config.tls.enabled
+                else None
+            ),
         )
     except BaseException:
         await directory.close()

@@ -1,14 +1,20 @@
-"""RegistryService over gRPC: translates between the contract and the directory."""
+"""RegistryService over gRPC: translates between the contract and the directory.
+
+Register, renew and deregister act for the caller's credential identity
+(:func:`registry.credentials.registrant`), taken from the call, never the body.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
+import grpc.aio
 from google.protobuf import duration_pb2
 
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import ActionMeshError, FieldViolation, InvalidArgument
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from registry.credentials import registrant
 from registry.directory import Directory
 from registry.model import Change, ChangeType, Health, Provider, Registration
 
@@ -136,12 +142,21 @@ def deliverable(error: ActionMeshError) -> ActionMeshError:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, directory: Directory) -> None:
+    """RegistryService: registrations for the caller's credential, listings for anyone."""
+
+    def __init__(self, directory: Directory, *, require_credential: bool = False) -> None:
         self._directory = directory
+        self._require_credential = require_credential
+
+    def _registrant(self, context: grpc.aio.ServicerContext) -> str:
+        return registrant(context, required=self._require_credential)
 
     async def RegisterProvider(
-        self, request: registry_pb2.RegisterProviderRequest, context: object
+        self,
+        request: registry_pb2.RegisterProviderRequest,
+        context: grpc.aio.ServicerContext,
     ) -> registry_pb2.RegisterProviderResponse:
+        owner = self._registrant(context)
         try:
             oversize = size_violations(request.actions)
             if oversize:
@@ -156,7 +171,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     endpoint=request.endpoint,
                     version=request.version,
                     actions=tuple(request.actions),
-                )
+                ),
+                owner,
             )
         except ActionMeshError as error:
             raise deliverable(error) from None
@@ -165,15 +181,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.RegisterProviderResponse(lease_id=lease.lease_id, lease_ttl=ttl)
 
     async def RenewLease(
-        self, request: registry_pb2.RenewLeaseRequest, context: object
+        self,
+        request: registry_pb2.RenewLeaseRequest,
+        context: grpc.aio.ServicerContext,
     ) -> registry_pb2.RenewLeaseResponse:
-        expires_at = await self._directory.renew(request.provider_id, request.lease_id)
+        expires_at = await self._directory.renew(
+            request.provider_id, request.lease_id, self._registrant(context)
+        )
         return registry_pb2.RenewLeaseResponse(lease_expires_at=to_timestamp(expires_at))
 
     async def DeregisterProvider(
-        self, request: registry_pb2.DeregisterProviderRequest, context: object
+        self,
+        request: registry_pb2.DeregisterProviderRequest,
+        context: grpc.aio.ServicerContext,
     ) -> registry_pb2.DeregisterProviderResponse:
-        await self._directory.deregister(request.provider_id, request.lease_id)
+        await self._directory.deregister(
+            request.provider_id, request.lease_id, self._registrant(context)
+        )
         return registry_pb2.DeregisterProviderResponse()
 
     async def ListProviders(

@@ -1,9 +1,13 @@
-"""Where registrations live: one ``providers`` table, portable across SQLite and PostgreSQL.
+"""Where registrations live, portable across SQLite and PostgreSQL.
+
+Two tables: ``providers`` (the live registrations, gone when a lease lapses) and
+``provider_owners`` (which credential identity owns each provider id, kept across
+lease expiry and deregistration: otherwise waiting for a crash would be a takeover).
 
 The repository is synchronous (SQLAlchemy's sync engine); the directory calls it
 through ``asyncio.to_thread``. Each method is one transaction, so a check and the
-write it guards (an action-id conflict and the upsert, a lease match and the
-renewal) cannot be split by another writer.
+write it guards (the owner and action-id checks and the upsert, a lease match and
+the renewal) cannot be split by another writer.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, LargeBinary, String, delete, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from actionmesh.rpc.db import UTCDateTime
 from actionmesh.rpc.migrations import prepare_schema
 from actionmesh.v1 import common_pb2, registry_pb2
-from registry.model import Health, Provider
+from registry.model import ANONYMOUS, Health, Ownership, Provider
 
 
 class Base(DeclarativeBase):
@@ -39,6 +44,24 @@ class ProviderRow(Base):
     lease_expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     health: Mapped[str] = mapped_column(String(16))
+
+
+class OwnerRow(Base):
+    __tablename__ = "provider_owners"
+
+    provider_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # A credential identity (registry.credentials): a token's hash, a certificate's
+    # workload name, or "anonymous"; never a secret.
+    owner: Mapped[str] = mapped_column(String(255))
+    bound_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class OwnedByAnother(Exception):
+    """The provider id is bound to another credential identity (which is not said)."""
+
+    def __init__(self, provider_id: str) -> None:
+        super().__init__(provider_id)
+        self.provider_id = provider_id
 
 
 @dataclass(frozen=True)
@@ -97,14 +120,29 @@ class ProviderRepository:
             row = session.get(ProviderRow, provider_id)
             return _to_provider(row) if row else None
 
-    def register(self, provider: Provider) -> tuple[list[ActionConflict], Provider | None]:
+    def register(
+        self, provider: Provider, owner: str = ANONYMOUS
+    ) -> tuple[list[ActionConflict], Provider | None]:
         """Insert or replace ``provider`` unless another provider holds one of its actions.
 
+        The first successful registration of an id binds it to ``owner``; a later
+        one by another identity raises :class:`OwnedByAnother`, with nothing written.
         Returns the conflicts (nothing written when there are any) and the
         registration that was replaced, if any.
         """
+        try:
+            return self._register(provider, owner)
+        except IntegrityError:
+            # Another registry process on the same database bound the id between our
+            # read and our insert: run again, which sees that owner and judges by it.
+            return self._register(provider, owner)
+
+    def _register(
+        self, provider: Provider, owner: str
+    ) -> tuple[list[ActionConflict], Provider | None]:
         wanted = {action.action_id for action in provider.actions}
         with self._sessions.begin() as session:
+            bound = _check_owner(session, provider.provider_id, owner)
             others = session.scalars(
                 select(ProviderRow).where(ProviderRow.provider_id != provider.provider_id)
             )
@@ -128,11 +166,30 @@ class ProviderRepository:
             row.lease_expires_at = provider.lease_expires_at
             row.registered_at = provider.registered_at
             row.health = provider.health.value
+            if bound is None:
+                session.add(
+                    OwnerRow(
+                        provider_id=provider.provider_id,
+                        owner=owner,
+                        bound_at=provider.registered_at,
+                    )
+                )
             return [], previous
 
-    def renew(self, provider_id: str, lease_id: str, now: datetime, expires_at: datetime) -> bool:
-        """Extend a live lease; False when it does not exist, does not match or has lapsed."""
+    def renew(
+        self,
+        provider_id: str,
+        lease_id: str,
+        now: datetime,
+        expires_at: datetime,
+        owner: str = ANONYMOUS,
+    ) -> bool:
+        """Extend a live lease; False when it does not exist, does not match or has lapsed.
+
+        Raises :class:`OwnedByAnother` when ``owner`` is not the id's owner.
+        """
         with self._sessions.begin() as session:
+            _check_owner(session, provider_id, owner)
             result = session.execute(
                 update(ProviderRow)
                 .where(
@@ -144,9 +201,14 @@ class ProviderRepository:
             )
             return _rowcount(result) == 1
 
-    def remove(self, provider_id: str, lease_id: str) -> Provider | None:
-        """Delete the registration held under ``lease_id``; None when there is none."""
+    def remove(self, provider_id: str, lease_id: str, owner: str = ANONYMOUS) -> Provider | None:
+        """Delete the registration held under ``lease_id``; None when there is none.
+
+        The id stays bound to its owner. Raises :class:`OwnedByAnother` when
+        ``owner`` is not the id's owner.
+        """
         with self._sessions.begin() as session:
+            _check_owner(session, provider_id, owner)
             row = session.get(ProviderRow, provider_id)
             if row is None or row.lease_id != lease_id:
                 return None
@@ -187,6 +249,42 @@ class ProviderRepository:
                 return None
             row.health = health.value
             return _to_provider(row)
+
+    def owner_of(self, provider_id: str) -> Ownership | None:
+        with self._sessions() as session:
+            row = session.get(OwnerRow, provider_id)
+            return _to_ownership(row) if row else None
+
+    def list_owners(self) -> list[Ownership]:
+        with self._sessions() as session:
+            rows = session.scalars(select(OwnerRow).order_by(OwnerRow.provider_id))
+            return [_to_ownership(row) for row in rows]
+
+    def release_owner(self, provider_id: str) -> Ownership | None:
+        """Unbind ``provider_id`` (an operator's decision); the binding removed, if any.
+
+        A live registration stays until its lease ends; the next registration of
+        the id, by whichever identity comes first, binds it again.
+        """
+        with self._sessions.begin() as session:
+            row = session.get(OwnerRow, provider_id)
+            if row is None:
+                return None
+            released = _to_ownership(row)
+            session.delete(row)
+            return released
+
+
+def _check_owner(session: Session, provider_id: str, owner: str) -> OwnerRow | None:
+    """The id's binding (None when unbound); OwnedByAnother when it is not ``owner``'s."""
+    bound = session.get(OwnerRow, provider_id)
+    if bound is not None and bound.owner != owner:
+        raise OwnedByAnother(provider_id)
+    return bound
+
+
+def _to_ownership(row: OwnerRow) -> Ownership:
+    return Ownership(provider_id=row.provider_id, owner=row.owner, bound_at=row.bound_at)
 
 
 def _rowcount(result: Any) -> int:

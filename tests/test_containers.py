@@ -132,6 +132,9 @@ def deployed(images: dict[str, str], postgres_server: PostgresServer) -> Iterato
                 containers.document["x-database-url"]: database,
                 # How providers are reached: the service name in compose, loopback here.
                 **{provider: "127.0.0.1" for provider in ("workitems", "records", "escalation")},
+                # compose's registry allow-list names the provider services; here they
+                # register loopback endpoints on free ports.
+                "workitems:50061,records:50061,escalation:50061": "127.0.0.0/8",
             }
         )
         containers.substrings.update(

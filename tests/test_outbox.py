@@ -14,6 +14,7 @@ from auditlog.server import start_auditlog
 from auditlog.storage import AuditRepository
 from gateway.outbox import OutboxShipper
 from gateway.storage import GatewayStore
+from gateway.writer import GroupCommitWriter
 from tests.conftest import eventually
 
 
@@ -47,7 +48,9 @@ async def test_events_written_while_audit_is_down_arrive_once_it_is_back(tmp_pat
     port = free_port()
     store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
     channel = open_channel(f"127.0.0.1:{port}")
-    shipper = OutboxShipper(store, channel, batch_size=7, retry_max_s=0.3)
+    writer = GroupCommitWriter(store)
+    writer.start()
+    shipper = OutboxShipper(store, writer, channel, batch_size=7, retry_max_s=0.3)
     shipper.start()
     try:
         store.record_attempt([event() for _ in range(25)])
@@ -62,6 +65,7 @@ async def test_events_written_while_audit_is_down_arrive_once_it_is_back(tmp_pat
             await audit.stop(1)
     finally:
         await shipper.close(drain_timeout_s=0.1)
+        await writer.close()
         await channel.close()
         store.close()
 
@@ -71,7 +75,9 @@ async def test_an_event_the_audit_log_refuses_is_parked_not_blocking(tmp_path: P
     audit = await start_auditlog(AuditLogConfig(port=0, database_url=sqlite_url(audit_db)))
     store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
     channel = open_channel(audit.address)
-    shipper = OutboxShipper(store, channel, batch_size=50, retry_max_s=0.3)
+    writer = GroupCommitWriter(store)
+    writer.start()
+    shipper = OutboxShipper(store, writer, channel, batch_size=50, retry_max_s=0.3)
     shipper.start()
     try:
         store.record_attempt([event(), event(tenant=""), event()])
@@ -81,6 +87,7 @@ async def test_an_event_the_audit_log_refuses_is_parked_not_blocking(tmp_path: P
         assert stored(audit_db) == 2
     finally:
         await shipper.close(drain_timeout_s=0.1)
+        await writer.close()
         await channel.close()
         store.close()
         await audit.stop(1)

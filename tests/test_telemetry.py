@@ -40,6 +40,7 @@ from actionmesh.rpc.db import sqlite_url
 from actionmesh.rpc.telemetry import (
     TracingConfigError,
     build_tracer_provider,
+    current_trace_ids,
     exporter_choice,
     shutdown_tracing,
 )
@@ -598,3 +599,22 @@ def test_shutdown_is_bounded_when_the_collector_is_gone(
     shutdown_tracing(timeout_s=1.0)
     assert time.monotonic() - started < 3.0
     assert telemetry._installed is None
+
+
+def test_without_an_exporter_spans_keep_their_ids_but_record_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    provider = build_tracer_provider("actionmesh-unit", "none")
+    tracer = provider.get_tracer("tests")
+    with tracer.start_as_current_span("outer") as outer:
+        with tracer.start_as_current_span("inner") as inner:
+            ids = current_trace_ids()
+    assert not outer.is_recording() and not inner.is_recording()
+    assert ids[0] == format(outer.get_span_context().trace_id, "032x") != "0" * 32
+    assert inner.get_span_context().trace_id == outer.get_span_context().trace_id
+    # An operator who wants spans anyway (say, for an in-process processor) can sample.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    sampled = build_tracer_provider("actionmesh-unit", "none").get_tracer("tests")
+    with sampled.start_as_current_span("kept") as kept:
+        assert kept.is_recording()

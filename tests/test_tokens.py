@@ -760,3 +760,45 @@ async def test_providers_get_the_verified_identity_and_never_the_callers_token(
             assert part not in json.dumps(call["metadata"]), call
         if call["method"] in ("Discover", "Execute"):
             assert call["operator"] == {"subject": "tara", "tenant": "acme", "roles": ["operator"]}
+
+
+# -- the roles claim is bounded ----------------------------------------------------------
+# Imported here rather than at the top: this block is appended by another change.
+from gateway.auth import MAX_ROLE_LENGTH, MAX_ROLES  # noqa: E402
+
+
+def test_a_roles_claim_at_the_caps_is_accepted(
+    verifier: TokenVerifier, keys: dict[str, SigningKey]
+) -> None:
+    roles = [f"r{index:02d}" + "x" * (MAX_ROLE_LENGTH - 3) for index in range(MAX_ROLES)]
+    caller = verifier.authenticate(bearer(keys["rsa"].sign(claims(roles=roles))))
+    assert caller.roles == tuple(roles)
+
+
+@pytest.mark.parametrize(
+    ("case", "roles", "message"),
+    [
+        ("one role too many", [f"role-{i}" for i in range(MAX_ROLES + 1)], "more than"),
+        ("one role too long", ["operator", "s" * (MAX_ROLE_LENGTH + 1)], "longer than"),
+    ],
+)
+def test_a_roles_claim_over_the_caps_is_refused_without_echoing_it(
+    verifier: TokenVerifier, keys: dict[str, SigningKey], case: str, roles: list[str], message: str
+) -> None:
+    refused = refusal(verifier, bearer(keys["ec"].sign(claims(roles=roles))))
+    assert refused.code == grpc.StatusCode.UNAUTHENTICATED, case
+    assert refused.reason == "TOKEN_INVALID", case
+    assert message in refused.message, case
+    assert "role-1" not in refused.message and "sss" not in refused.message, case
+
+
+async def test_the_gateway_process_refuses_a_token_with_too_many_roles(
+    mesh: Mesh, token: TokenFactory
+) -> None:
+    async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+        stub = Stub(channel)
+        many = token(roles=tuple(f"role-{i}" for i in range(MAX_ROLES + 1)))
+        assert await refused_reason(stub, many) == "TOKEN_INVALID"
+        # The same caller with a bounded claim is let through.
+        reply = await discover(stub, token(roles=("operator",)))
+        assert isinstance(reply, gateway_pb2.DiscoverActionsResponse)

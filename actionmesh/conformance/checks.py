@@ -31,6 +31,7 @@ from actionmesh.conformance.samples import (
     valid_inputs,
 )
 from actionmesh.rpc.errors import ActionMeshError, ErrorDetails, error_details
+from actionmesh.rpc.tls import TlsConfig
 from actionmesh.schema import schema_problems, validate_inputs
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 from providers.sdk.provider import ACTION_ID_PATTERN, PROVIDER_ID_PATTERN, RECORD_TYPE_PATTERN
@@ -570,6 +571,7 @@ async def run_checks(
     inputs: Mapping[str, str] | None = None,
     timeout_s: float = 5.0,
     require_all: bool = False,
+    tls: TlsConfig | None = None,
 ) -> list[CheckResult]:
     """Run every check in :data:`CHECKS` against the provider at ``address``.
 
@@ -577,10 +579,17 @@ async def run_checks(
     (``name -> text``, converted with the declared input types; other required
     inputs get schema-derived values) choose what ``execute.idempotent`` runs.
     That check executes the action once for real. ``require_all`` turns skips
-    into failures. A coroutine: call it from a running event loop (tests with
-    an in-process provider) or through ``asyncio.run``.
+    into failures. With ``tls`` the kit connects over TLS and presents
+    ``tls.cert_file`` (a provider serving TLS requires a client certificate). A
+    coroutine: call it from a running event loop (tests with an in-process
+    provider) or through ``asyncio.run``.
     """
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = (
+        grpc.aio.secure_channel(address, tls.channel_credentials())
+        if tls is not None and tls.enabled
+        else grpc.aio.insecure_channel(address)
+    )
+    async with channel:
         kit = _Kit(
             channel,
             records=records,

@@ -6,12 +6,19 @@ import grpc.aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from actionmesh.rpc.telemetry import untraced_rpcs
+from actionmesh.rpc.tls import TlsConfig
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel to a loopback/mesh peer, carrying trace context."""
-    return grpc.aio.insecure_channel(
-        target,
-        interceptors=aio_client_interceptors(filter_=untraced_rpcs()),
-        options=[("grpc.enable_retries", 0)],
-    )
+def open_channel(target: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """A channel to a mesh peer carrying trace context: TLS when ``tls`` is enabled.
+
+    With TLS the peer's certificate must chain to ``tls.ca_file`` and name the host
+    in ``target``; this process presents ``tls.cert_file`` when it has one.
+    """
+    interceptors = aio_client_interceptors(filter_=untraced_rpcs())
+    options = [("grpc.enable_retries", 0)]
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(
+            target, tls.channel_credentials(), options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)

@@ -67,7 +67,9 @@ class RunningServer:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Graceful shutdown: NOT_SERVING, stop hooks, drain calls, then after-drain hooks."""
-        await self.set_serving(False)
+        # Every health name (the service's own and extras such as the gateway's policy
+        # status), and for good: a background task's later set() cannot flip it back.
+        await self.health.enter_graceful_shutdown()
         await _run_hooks(self.on_stop)
         await self.server.stop(grace_s)
         await _run_hooks(self.after_drain)
@@ -163,11 +165,14 @@ async def start_server(
     port: int = 0,
     max_message_bytes: int = DEFAULT_MAX_SEND_BYTES,
     max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Start a grpc.aio server with health, reflection and interceptors.
 
     ``max_receive_bytes`` bounds every request (larger ones get RESOURCE_EXHAUSTED
-    from grpc); ``max_message_bytes`` bounds every response.
+    from grpc); ``max_message_bytes`` bounds every response. With ``credentials``
+    (see :meth:`actionmesh.rpc.tls.TlsConfig.server_credentials`) the port serves
+    TLS only: health and reflection included, plaintext clients are refused.
     """
     server = grpc.aio.server(
         interceptors=[
@@ -195,7 +200,11 @@ async def start_server(
         ],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = (
+        server.add_secure_port(f"{host}:{port}", credentials)
+        if credentials is not None
+        else server.add_insecure_port(f"{host}:{port}")
+    )
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()

@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.grpc import filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,16 @@ def build_tracer_provider(
 ) -> TracerProvider:
     """A tracer provider for ``service_name`` exporting as configured (not installed)."""
     choice = exporter_choice(exporter)
+    # Spans nobody exports are not worth recording (the audit log made one per stored
+    # event), but their ids are: executions and audit events carry the trace id, and
+    # the context still propagates. ALWAYS_OFF keeps the ids and records nothing,
+    # unless OTEL_TRACES_SAMPLER asks for something else.
+    unexported = choice == "none" and not os.environ.get("OTEL_TRACES_SAMPLER")
     provider = TracerProvider(
         resource=Resource.create(
             {"service.name": service_name, "service.namespace": SERVICE_NAMESPACE}
-        )
+        ),
+        sampler=ALWAYS_OFF if unexported else None,
     )
     if choice == "console":
         provider.add_span_processor(

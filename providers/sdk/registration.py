@@ -4,6 +4,10 @@ Runs in the background so the provider serves while the registry is still
 unreachable. Registration retries with capped exponential backoff; once
 registered the lease is renewed every ttl/3; an expired lease (NOT_FOUND) means
 register again; an unreachable registry means keep trying.
+
+With a registration token every call carries ``authorization: Bearer <token>``:
+the registry binds the provider id to the first credential that registers it,
+so the same token (or client certificate) must be used for the id's lifetime.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import grpc
 import grpc.aio
 
 from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.tls import TlsConfig
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,8 +45,14 @@ class RegistryLink:
         endpoint: str,
         actions: Sequence[common_pb2.ActionDescriptor],
         max_backoff_s: float = 10.0,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
+        self._tls = tls
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self.provider_id = provider_id
         self.endpoint = endpoint
         self._request = registry_pb2.RegisterProviderRequest(
@@ -57,7 +68,7 @@ class RegistryLink:
         self.registered = asyncio.Event()
 
     def start(self) -> None:
-        self._channel = open_channel(self.target)
+        self._channel = open_channel(self.target, self._tls)
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self._task = asyncio.create_task(self._run(), name=f"registry-link-{self.provider_id}")
 
@@ -71,7 +82,9 @@ class RegistryLink:
         attempt = 0
         while True:
             try:
-                reply = await self._stub.RegisterProvider(self._request, timeout=CALL_TIMEOUT_S)
+                reply = await self._stub.RegisterProvider(
+                    self._request, timeout=CALL_TIMEOUT_S, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 level = logging.INFO if exc.code() == grpc.StatusCode.UNAVAILABLE else logging.ERROR
                 log.log(
@@ -127,11 +140,22 @@ class RegistryLink:
                         provider_id=self.provider_id, lease_id=self.lease_id
                     ),
                     timeout=min(CALL_TIMEOUT_S, interval),
+                    metadata=self._metadata,
                 )
                 failures = 0
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.warning("lease of %s expired; registering again", self.provider_id)
+                    self.registered.clear()
+                    return
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # An operator released the id and another credential took it:
+                    # renewing cannot succeed again, so surface it through registering.
+                    log.error(
+                        "the registry refused the lease of %s (%s); registering again",
+                        self.provider_id,
+                        exc.details(),
+                    )
                     self.registered.clear()
                     return
                 failures += 1
@@ -154,6 +178,7 @@ class RegistryLink:
                         provider_id=self.provider_id, lease_id=self.lease_id
                     ),
                     timeout=timeout_s,
+                    metadata=self._metadata,
                 )
                 log.info("deregistered %s from %s", self.provider_id, self.target)
         except grpc.aio.AioRpcError as exc:
@@ -161,5 +186,9 @@ class RegistryLink:
             log.warning("deregistering %s failed (%s)", self.provider_id, exc.code().name)
         finally:
             self.registered.clear()
+            # Stopping twice (a supervisor and a test, say) must not call a closed channel.
+            self.lease_id = ""
+            self._stub = None
             if self._channel is not None:
                 await self._channel.close()
+                self._channel = None

@@ -72,6 +72,11 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             ],
             host=config.host,
             port=config.port,
+            credentials=(
+                config.tls.server_credentials(require_client_cert=True)
+                if config.tls.enabled
+                else None
+            ),
         )
     except BaseException:
         await _run_stop_hooks(provider)
@@ -89,6 +94,8 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             endpoint=config.endpoint(running.port),
             actions=[a.descriptor() for a in provider.actions.values()],
             max_backoff_s=config.registry_retry_max_s,
+            tls=config.tls,
+            token=config.registration_token_value(),
         )
         link.start()
     provider.registration = link
