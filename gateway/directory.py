@@ -54,8 +54,18 @@ class ProviderEntry:
 class ProviderDirectory:
     """Providers by id and by action id, plus one reusable channel per endpoint."""
 
-    def __init__(self, registry_address: str, *, tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        registry_address: str,
+        *,
+        tls: TlsConfig | None = None,
+        retire_grace_s: float = 0.0,
+    ) -> None:
+        """``retire_grace_s``: how long the calls in flight on a provider that left (or
+        moved) may still run before its channel is closed under them: the longest
+        dispatch, so a provider that shuts down gracefully can answer what it started."""
         self._registry_address = registry_address
+        self._retire_grace_s = retire_grace_s
         # Registry and provider channels alike: the gateway's certificate and CA.
         self._tls = tls
         self._providers: dict[str, ProviderEntry] = {}
@@ -63,6 +73,7 @@ class ProviderDirectory:
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._retired: set[grpc.aio.Channel] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._watch_forever(), name="provider-directory")
@@ -82,6 +93,13 @@ class ProviderDirectory:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        # Retired channels still waiting out their grace: the executor has drained by now.
+        retired = list(self._retired)
+        for closing in list(self._closing):
+            closing.cancel()
+        for channel in retired:
+            await channel.close()
+        self._retired.clear()
 
     def entries(self) -> list[ProviderEntry]:
         """Every provider the directory knows, healthy or not."""
@@ -147,6 +165,12 @@ class ProviderDirectory:
                     self._forget_channel(previous)
                 self._providers[provider_id] = ProviderEntry(change.provider)
 
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await channel.close(grace=self._retire_grace_s)
+        finally:
+            self._retired.discard(channel)
+
     def _forget_channel(self, entry: ProviderEntry) -> None:
         endpoint = entry.registration.endpoint
         if any(
@@ -155,6 +179,8 @@ class ProviderDirectory:
             return
         channel = self._channels.pop(endpoint, None)
         if channel is not None:
-            closing = asyncio.create_task(channel.close())
+            # Closing cancels the calls still on the channel: let them finish first.
+            self._retired.add(channel)
+            closing = asyncio.create_task(self._retire(channel))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)

@@ -43,7 +43,11 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     )
     writer = GroupCommitWriter(store)
     writer.start()
-    directory = ProviderDirectory(config.registry, tls=config.tls)
+    directory = ProviderDirectory(
+        config.registry,
+        tls=config.tls,
+        retire_grace_s=config.max_execute_timeout_s + config.late_result_grace_s,
+    )
     directory.start()
     if not await directory.wait_synced(5.0):
         log.warning("registry %s not reachable yet; discovery starts empty", config.registry)

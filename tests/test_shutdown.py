@@ -262,16 +262,6 @@ async def test_provider_sigterm_finishes_its_call_and_deregisters(own_mesh: Mesh
     assert done.category == "OK/SUCCEEDED", done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "when a provider deregisters, the gateway's directory closes its channel at once "
-        "(gateway/directory.py _forget_channel), which cancels the execution in flight on it: "
-        "grpc.aio raises CancelledError, which Executor._call_provider does not catch "
-        "(gateway/execution.py), so the caller waits out its deadline and the execution "
-        "stays RUNNING with no EXECUTION_FINISHED event"
-    ),
-)
 async def test_provider_sigterm_does_not_strand_the_gateways_execution(own_mesh: Mesh) -> None:
     start_fault_provider(own_mesh, "slow", timeout_s=SLOW_TIMEOUT_S)
     token = operator_token(own_mesh)
@@ -296,15 +286,6 @@ async def test_registry_and_auditlog_sigterm_stop_serving_then_exit_0(own_mesh: 
         assert code == 0, service
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Health.Watch fails with INTERNAL on every actionmesh server: ErrorInterceptor "
-        "(actionmesh/rpc/errors.py _wrap_stream) and DecodeGuard (actionmesh/rpc/server.py "
-        "checked_stream) iterate a server-streaming handler with `async for`, but grpc's "
-        "aio HealthServicer.Watch is a coroutine that writes with context.write"
-    ),
-)
 async def test_sigterm_announces_not_serving_to_health_watchers(own_mesh: Mesh) -> None:
     names = ["gateway", "registry", "auditlog", VICTIM]
     watches = {name: HealthWatch(own_mesh.address(name)) for name in names}

@@ -9,6 +9,7 @@ with a generic message and a logged cause: a client never sees a stack trace.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,11 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
 
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # A streaming handler that writes with context.write (grpc's own Health.Watch)
+        # is a coroutine, and grpc serves it as one only if the wrapper is one too.
+        return _wrap_unary(behavior, method)
+
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             async for item in behavior(request, context):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -125,6 +126,19 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
                 return await unary(request, context)
 
             return handler._replace(request_deserializer=guarded_decode, unary_unary=checked_unary)
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):
+            # A coroutine that writes with context.write (grpc's Health.Watch) stays one.
+            writer = handler.unary_stream
+
+            async def checked_writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _refuse_undecodable(request)
+                return await writer(request, context)
+
+            return handler._replace(
+                request_deserializer=guarded_decode, unary_stream=checked_writer
+            )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
 
