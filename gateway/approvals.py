@@ -10,6 +10,11 @@ usual started and finished.
 
 Deciding is a conditional update (PENDING_APPROVAL -> ...), so with several
 gateway replicas on one database exactly one decision wins.
+
+The same periodic sweep that expires approvals also closes orphaned executions:
+rows left RUNNING by a gateway that stopped or crashed mid-dispatch (see
+``Executor.resolve_orphan``), so their EXECUTION_FINISHED event reaches the audit
+log even if nobody retries them.
 """
 
 from __future__ import annotations
@@ -225,8 +230,10 @@ class Approvals:
             approver=approver.subject,
             comment=comment,
             decided_at=decided_at,
+            dispatch_deadline=self._executor.dispatch_deadline(descriptor, decided_at),
         )
         await self._decide(row, decision, [granted, started])
+        row.dispatch_deadline = decision.dispatch_deadline
         row.approval_state, row.approver, row.approval_comment = (
             APPROVAL_APPROVED,
             approver.subject,
@@ -301,13 +308,39 @@ class Approvals:
             log.info("approval of execution %s expired", row.execution_id)
         return done
 
+    async def resolve_orphans(self, limit: int = 100) -> int:
+        """Close every RUNNING execution (any tenant) whose gateway is gone; how many.
+
+        Each close is a compare-and-set, so replicas sweeping at once close a row once.
+        Batches of ``limit`` go on while each one is full and fully closed (a backlog
+        after an outage); anything else waits for the next sweep.
+        """
+        total = 0
+        while True:
+            now = utcnow()
+            orphans = await asyncio.to_thread(
+                self._store.orphaned_executions, self._executor.orphan_rule, now, limit
+            )
+            resolved = 0
+            for row in orphans:
+                if await self._executor.resolve_orphan(row, now) is not None:
+                    resolved += 1
+            total += resolved
+            if len(orphans) < limit or resolved < len(orphans):
+                return total
+
     async def sweep_forever(self, interval_s: float) -> None:
+        """Expire pending approvals and close orphaned executions, every ``interval_s``."""
         while True:
             await asyncio.sleep(interval_s)
-            try:
-                await self.expire_due()
-            except Exception:
-                log.exception("approval expiry sweep failed; retrying next interval")
+            for sweep, what in (
+                (self.expire_due, "approval expiry"),
+                (self.resolve_orphans, "orphan"),
+            ):
+                try:
+                    await sweep()
+                except Exception:
+                    log.exception("%s sweep failed; retrying next interval", what)
 
     # -- internals ------------------------------------------------------------
     async def _pending(

@@ -105,7 +105,8 @@ class GatewayConfig:
     approval_ttl_s: float = 86400.0
     """How long an execution may wait for approval before it expires (DENIED)."""
     approval_sweep_interval_s: float = 30.0
-    """How often pending approvals past their window are expired and audited."""
+    """How often pending approvals past their window are expired and audited, and RUNNING
+    executions a stopped gateway left past their dispatch deadline are closed as TIMED_OUT."""
     tenant_rate_limit: str = "200/second"
     """Requests per tenant, counted separately for ExecuteAction and DiscoverActions, in
     `limits` notation (`200/second`, `5000/minute`); over it a call gets

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -59,16 +59,21 @@ from gateway.redaction import Redactor, is_sensitive
 from gateway.requests import execute_violations
 from gateway.storage import (
     APPROVAL_PENDING,
+    ORPHAN_MESSAGE,
+    ORPHAN_OUTCOME,
+    ORPHAN_REASON,
     PENDING_APPROVAL,
     RUNNING,
     ExecutionRecord,
     GatewayStore,
     InsertExecution,
     KeyConflict,
+    OrphanRule,
     finish_execution_op,
     reclaim_unavailable_op,
     record_attempt_op,
     record_late_result_op,
+    resolve_orphan_op,
 )
 from gateway.tenancy import require_same_tenant
 from gateway.writer import GroupCommitWriter
@@ -88,6 +93,9 @@ LATE_RESULT = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT
 APPROVAL_REQUESTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REQUESTED
 # Longest pause between looks at an execution another request (or replica) runs.
 MAX_WAIT_POLL_S = 0.25
+# How long past its dispatch deadline a RUNNING row waits for its runner's finish write
+# before any replica may close it as orphaned (a live runner writes at the deadline).
+ORPHAN_MARGIN_S = 5.0
 T = TypeVar("T")
 
 
@@ -177,6 +185,15 @@ class Executor:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Executions this process is running, so same-key waiters here need not poll.
         self._running: dict[str, asyncio.Task[ExecutionRecord]] = {}
+        self._orphans = OrphanRule(
+            margin=timedelta(seconds=ORPHAN_MARGIN_S),
+            # Rows without a deadline (before migration 0002): the longest run there can be.
+            legacy_running=timedelta(seconds=max_timeout_s + late_result_grace_s),
+        )
+
+    @property
+    def orphan_rule(self) -> OrphanRule:
+        return self._orphans
 
     @property
     def store(self) -> GatewayStore:
@@ -348,9 +365,11 @@ class Executor:
             request_payload=command.frozen(),
             requester_roles=list(caller.roles),
             sensitive=command.sensitive,
+            dispatch_deadline=self.dispatch_deadline(authorized.descriptor, now),
         )
         pending = authorized.descriptor.requires_approval
         if pending:
+            record.dispatch_deadline = None
             record.outcome = PENDING_APPROVAL
             record.reason = "APPROVAL_REQUIRED"
             record.message = "the action needs a second person's approval; nothing ran yet"
@@ -369,12 +388,18 @@ class Executor:
         try:
             await self._writer.write(InsertExecution(record, (first,)))
         except KeyConflict as conflict:
-            return await self._existing(record, conflict.existing, command)
+            return await self._existing(
+                record, conflict.existing, command, self.timeout_for(authorized.descriptor)
+            )
         self._on_audit_written()
         return record
 
     async def _existing(
-        self, mine: ExecutionRecord, existing: ExecutionRecord, command: ExecuteCommand
+        self,
+        mine: ExecutionRecord,
+        existing: ExecutionRecord,
+        command: ExecuteCommand,
+        timeout_s: float,
     ) -> ExecutionRecord:
         if existing.request_hash != mine.request_hash:
             raise AlreadyExists(
@@ -385,24 +410,35 @@ class Executor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_timeout_s
         pause = 0.02
-        while not existing.finished and loop.time() < deadline:
+        # Elsewhere (or in a process that died), a RUNNING row ends by its dispatch deadline,
+        # or is an orphan this request closes; the caller's own deadline cancels us earlier.
+        while not existing.finished:
             local = self._running.get(existing.execution_id)
             if local is not None:
+                if loop.time() >= deadline:
+                    break
                 # Run here: wait for it instead of polling (bounded). asyncio.wait neither
                 # raises the task's error nor cancels it, and our own cancellation still works.
                 await asyncio.wait({local}, timeout=max(0.0, deadline - loop.time()))
             else:
-                await asyncio.sleep(pause)
+                left = (self._orphans.orphaned_at(existing) - utcnow()).total_seconds()
+                if left <= 0:
+                    resolved = await self.resolve_orphan(existing)
+                    if resolved is not None:
+                        existing = resolved
+                        break
+                await asyncio.sleep(min(pause, left) if left > 0 else pause)
                 pause = min(pause * 2, MAX_WAIT_POLL_S)
             fresh = await asyncio.to_thread(
                 self._store.find_by_key, existing.tenant, command.idempotency_key
             )
             existing = fresh or existing
+        redispatch_by = utcnow() + timedelta(seconds=timeout_s)
         if existing.outcome == "UNAVAILABLE" and await self._writer.write(
-            reclaim_unavailable_op(existing.execution_id)
+            reclaim_unavailable_op(existing.execution_id, redispatch_by)
         ):
             # Nothing ran the first time, so the same key may dispatch again.
-            existing.outcome = RUNNING
+            existing.outcome, existing.dispatch_deadline = RUNNING, redispatch_by
             return existing
         if not existing.finished:
             raise FailedPrecondition(
@@ -414,6 +450,56 @@ class Executor:
 
     def timeout_for(self, descriptor: common_pb2.ActionDescriptor) -> float:
         return min((descriptor.timeout_ms / 1000.0) or self._default_timeout_s, self._max_timeout_s)
+
+    def dispatch_deadline(
+        self, descriptor: common_pb2.ActionDescriptor, start: datetime
+    ) -> datetime:
+        """When a dispatch starting at ``start`` has written its outcome, at the latest.
+
+        The caller's answer (TIMED_OUT at worst) is due ``timeout_for`` after dispatch;
+        the late-result grace only adds to a row that already left RUNNING.
+        """
+        return start + timedelta(seconds=self.timeout_for(descriptor))
+
+    async def resolve_orphan(
+        self, row: ExecutionRecord, now: datetime | None = None
+    ) -> ExecutionRecord | None:
+        """Close a RUNNING execution whose runner is gone, as TIMED_OUT with its event.
+
+        A compare-and-set: None when the row is not (or no longer) an orphan, e.g.
+        another replica closed it first. Never for a row this process is running.
+        """
+        if row.execution_id in self._running:
+            return None
+        now = now or utcnow()
+        resolved = replace(row, finished_at=now)
+        resolved.outcome, resolved.reason, resolved.message = (
+            ORPHAN_OUTCOME,
+            ORPHAN_REASON,
+            ORPHAN_MESSAGE,
+        )
+        requester = Caller(subject=row.actor, tenant=row.tenant, roles=tuple(row.requester_roles))
+        finished = self.event(
+            FINISHED,
+            requester,
+            ExecuteCommand.thaw(row.request_payload),
+            resolved,
+            outcome=common_pb2.OUTCOME_TIMED_OUT,
+        )
+        if not await self._writer.write(
+            resolve_orphan_op(row.execution_id, self._orphans, now, [finished])
+        ):
+            return None
+        self._on_audit_written()
+        record_execution(row.action_id, row.provider_id, ORPHAN_OUTCOME)
+        log.warning(
+            "execution %s (%s on %s) lost its gateway mid-dispatch; closed as %s",
+            row.execution_id,
+            row.action_id,
+            row.provider_id,
+            ORPHAN_REASON,
+        )
+        return resolved
 
     async def run(
         self,
@@ -511,6 +597,13 @@ class Executor:
             reply = await self._directory.stub(entry).Execute(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             return answer_for_error(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this dispatch itself is being cancelled (the gateway is stopping)
+            # grpc cancels the calls on a channel that closes under them: the request
+            # was sent, so the provider may have acted.
+            return CONNECTION_LOST_ANSWER
         if reply.outcome not in PROVIDER_OUTCOMES:
             return ProviderAnswer(
                 "PARTIAL",
@@ -566,9 +659,34 @@ class Executor:
             record,
             outcome=common_pb2.Outcome.Value(f"OUTCOME_{record.outcome}"),
         )
-        await self._writer.write(finish_execution_op(record, [finished]))
+        if not await self._writer.write(finish_execution_op(record, [finished])):
+            return await self._finished_as_orphan(caller, command, record, answer)
         self._on_audit_written()
         return record
+
+    async def _finished_as_orphan(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        answer: ProviderAnswer,
+    ) -> ExecutionRecord:
+        """This runner finished so late that a replica closed its row as orphaned.
+
+        That outcome stands (callers may have seen it); a provider answer is kept on it
+        as a late result, so what the provider did is not lost.
+        """
+        log.warning(
+            "execution %s finished after it was closed as orphaned; keeping %s as a late result",
+            record.execution_id,
+            answer.outcome,
+        )
+        if answer.outcome in ("SUCCEEDED", "REJECTED", "PARTIAL"):
+            known: asyncio.Future[ProviderAnswer] = asyncio.get_running_loop().create_future()
+            known.set_result(answer)
+            await self._record_late(caller, command, replace(record), known)
+        stored = await asyncio.to_thread(self._store.get, record.tenant, record.execution_id)
+        return stored or record
 
     async def _record_late(
         self,
@@ -709,6 +827,14 @@ class Executor:
             await asyncio.wait(set(self._tasks), timeout=1.0)
 
 
+CONNECTION_LOST_ANSWER = ProviderAnswer(
+    "TIMED_OUT",
+    reason="PROVIDER_CONNECTION_LOST",
+    message=(
+        "the connection to the provider broke while it was working on the request; it may or "
+        "may not have acted. Retry only with the same idempotency key"
+    ),
+)
 TIMED_OUT_ANSWER = ProviderAnswer(
     "TIMED_OUT",
     reason="DEADLINE_EXCEEDED",
@@ -724,14 +850,18 @@ def answer_for_error(exc: grpc.aio.AioRpcError) -> ProviderAnswer:
     code = exc.code()
     details = error_details(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        # A reason means the provider answered: its own downstream is down (nothing ran).
-        return ProviderAnswer(
-            "UNAVAILABLE",
-            reason=details.reason or "PROVIDER_UNAVAILABLE",
-            message=details.message
-            if details.reason
-            else "the provider could not be reached; nothing ran",
-        )
+        if details.reason:
+            # The provider answered: its own downstream is down (nothing ran).
+            return ProviderAnswer("UNAVAILABLE", reason=details.reason, message=details.message)
+        if never_connected(exc):
+            return ProviderAnswer(
+                "UNAVAILABLE",
+                reason="PROVIDER_UNAVAILABLE",
+                message="the provider could not be reached; nothing ran",
+            )
+        # The connection broke after the request went out (the provider died or was cut
+        # off mid-call): it may have acted, so this is not the retry-safe "nothing ran".
+        return CONNECTION_LOST_ANSWER
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ProviderAnswer(
             "TIMED_OUT",
@@ -751,6 +881,25 @@ def answer_for_error(exc: grpc.aio.AioRpcError) -> ProviderAnswer:
         reason="PROVIDER_ERROR",
         message="the provider failed while executing; its state is unknown, check before retrying",
     )
+
+
+# How grpc words a call that failed before any connection carried it (C-core status
+# messages; "failed to connect to all addresses" is the pick-first/round-robin text).
+_NEVER_CONNECTED = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+    "no route to host",
+    "name resolution",
+    "dns resolution failed",
+    "channel is in state transient_failure",
+)
+
+
+def never_connected(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether an UNAVAILABLE call never reached a provider (so nothing can have run)."""
+    text = f"{exc.details() or ''} {exc.debug_error_string() or ''}".lower()
+    return any(marker in text for marker in _NEVER_CONNECTED)
 
 
 def request_hash(caller: Caller, command: ExecuteCommand) -> str:

@@ -81,6 +81,12 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         approval_ttl_s=config.approval_ttl_s,
     )
     approvals = Approvals(executor, policy)
+    # Executions a previous run of this (or another) gateway left RUNNING and past their
+    # deadline are closed now, not one sweep interval later.
+    try:
+        await approvals.resolve_orphans()
+    except Exception:
+        log.exception("start-up orphan sweep failed; the periodic sweep retries")
     servicer = GatewayServicer(
         verifier=verifier,
         discoverer=Discoverer(

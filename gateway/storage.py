@@ -9,20 +9,24 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
+    ColumnElement,
+    Index,
     Integer,
     LargeBinary,
     String,
     Table,
     Text,
     UniqueConstraint,
+    and_,
     delete,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -40,7 +44,11 @@ class Base(DeclarativeBase):
 
 class ExecutionRow(Base):
     __tablename__ = "executions"
-    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_execution_key"),)
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_execution_key"),
+        # The few RUNNING rows (and pending approvals) without scanning every finished one.
+        Index("ix_executions_outcome_deadline", "outcome", "dispatch_deadline"),
+    )
 
     execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
@@ -72,6 +80,10 @@ class ExecutionRow(Base):
     approval_comment: Mapped[str] = mapped_column(Text, default="")
     late_outcome: Mapped[str] = mapped_column(String(32), default="")
     late_result_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Set whenever the row becomes RUNNING: by then its runner has written an outcome
+    # (TIMED_OUT at the latest), so a row still RUNNING well after it has lost its runner.
+    # None on rows written before revision 0002.
+    dispatch_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class OutboxRow(Base):
@@ -101,6 +113,13 @@ APPROVAL_PENDING = "PENDING"
 APPROVAL_APPROVED = "APPROVED"
 APPROVAL_REJECTED = "REJECTED"
 APPROVAL_EXPIRED = "EXPIRED"
+# How an orphaned execution (its gateway stopped while the provider worked) is closed.
+ORPHAN_OUTCOME = "TIMED_OUT"
+ORPHAN_REASON = "GATEWAY_STOPPED"
+ORPHAN_MESSAGE = (
+    "the gateway stopped while the provider was working on it; it may or may not have acted. "
+    "Retry only with the same idempotency key"
+)
 
 
 @dataclass
@@ -135,6 +154,7 @@ class ExecutionRecord:
     approval_comment: str = ""
     late_outcome: str = ""
     late_result_at: datetime | None = None
+    dispatch_deadline: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -153,6 +173,44 @@ class ApprovalDecision:
     decided_at: datetime
     reason: str = ""
     message: str = ""
+    dispatch_deadline: datetime | None = None
+    """When the dispatch an approval starts must have ended (outcome RUNNING only)."""
+
+
+@dataclass(frozen=True)
+class OrphanRule:
+    """When a RUNNING execution has lost its runner (a gateway that stopped or crashed).
+
+    A live runner writes an outcome by the row's ``dispatch_deadline`` (TIMED_OUT at the
+    latest), so a row still RUNNING ``margin`` after it is an orphan, whichever replica
+    ran it. Rows from before revision 0002 have no deadline: they count from when their
+    dispatch started (approval decision, else start) plus ``legacy_running``.
+    """
+
+    margin: timedelta
+    legacy_running: timedelta
+
+    def orphaned_at(self, record: ExecutionRecord) -> datetime:
+        """The moment ``record``, if still RUNNING, counts as orphaned."""
+        if record.dispatch_deadline is not None:
+            return record.dispatch_deadline + self.margin
+        started = record.approval_decided_at or record.started_at
+        return started + self.legacy_running + self.margin
+
+    def condition(self, now: datetime) -> ColumnElement[bool]:
+        """The same test as :meth:`orphaned_at`, in SQL, for rows at ``now``."""
+        columns = _EXECUTIONS.c
+        return and_(
+            columns.outcome == RUNNING,
+            or_(
+                columns.dispatch_deadline <= now - self.margin,
+                and_(
+                    columns.dispatch_deadline.is_(None),
+                    func.coalesce(columns.approval_decided_at, columns.started_at)
+                    <= now - self.margin - self.legacy_running,
+                ),
+            ),
+        )
 
 
 class KeyConflict(Exception):
@@ -230,8 +288,8 @@ class GatewayStore:
 
     def finish_execution(
         self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
-    ) -> None:
-        self.write(finish_execution_op(record, events))
+    ) -> bool:
+        return self.write(finish_execution_op(record, events))
 
     def decide_approval(
         self,
@@ -288,15 +346,38 @@ class GatewayStore:
         with self._session() as session:
             return [_from_row(row) for row in session.scalars(query)]
 
+    def orphaned_executions(
+        self, rule: OrphanRule, now: datetime, limit: int
+    ) -> list[ExecutionRecord]:
+        """RUNNING executions (any tenant) that lost their runner by ``now``, oldest first."""
+        query = (
+            select(ExecutionRow)
+            .where(rule.condition(now))
+            .order_by(ExecutionRow.started_at, ExecutionRow.execution_id)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def resolve_orphan(
+        self,
+        execution_id: str,
+        rule: OrphanRule,
+        now: datetime,
+        events: Sequence[audit_pb2.AuditEvent],
+    ) -> bool:
+        """Close an orphaned execution as TIMED_OUT, exactly once across replicas."""
+        return self.write(resolve_orphan_op(execution_id, rule, now, events))
+
     def record_late_result(
         self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
     ) -> bool:
         """Attach a provider's late answer to a TIMED_OUT execution (its outcome stays)."""
         return self.write(record_late_result_op(record, events))
 
-    def reclaim_unavailable(self, execution_id: str) -> bool:
+    def reclaim_unavailable(self, execution_id: str, dispatch_deadline: datetime) -> bool:
         """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
-        return self.write(reclaim_unavailable_op(execution_id))
+        return self.write(reclaim_unavailable_op(execution_id, dispatch_deadline))
 
     def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
         with self._session() as session:
@@ -365,12 +446,21 @@ def record_attempt_op(events: Sequence[audit_pb2.AuditEvent]) -> WriteOp[None]:
 
 def finish_execution_op(
     record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
-) -> WriteOp[None]:
-    def op(session: Session) -> None:
+) -> WriteOp[bool]:
+    """Record a RUNNING execution's outcome with its events.
+
+    False (and no events) when the row is no longer RUNNING: this runner was so late
+    that another replica resolved the row as orphaned first. LookupError if it is gone.
+    """
+
+    def op(session: Session) -> bool:
         # By primary key, no read first: this process inserted the row and runs it.
         result = session.execute(
             update(_EXECUTIONS)
-            .where(_EXECUTIONS.c.execution_id == record.execution_id)
+            .where(
+                _EXECUTIONS.c.execution_id == record.execution_id,
+                _EXECUTIONS.c.outcome == RUNNING,
+            )
             .values(
                 outcome=record.outcome,
                 reason=record.reason,
@@ -382,8 +472,16 @@ def finish_execution_op(
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
-            raise LookupError(record.execution_id)
+            exists = session.scalar(
+                select(_EXECUTIONS.c.outcome).where(
+                    _EXECUTIONS.c.execution_id == record.execution_id
+                )
+            )
+            if exists is None:
+                raise LookupError(record.execution_id)
+            return False
         _enqueue(session, events)
+        return True
 
     return op
 
@@ -402,6 +500,8 @@ def decide_approval_op(
         values.update(
             reason=decision.reason, message=decision.message, finished_at=decision.decided_at
         )
+    else:
+        values["dispatch_deadline"] = decision.dispatch_deadline
 
     def op(session: Session) -> bool:
         result = session.execute(
@@ -447,7 +547,7 @@ def record_late_result_op(
     return op
 
 
-def reclaim_unavailable_op(execution_id: str) -> WriteOp[bool]:
+def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> WriteOp[bool]:
     def op(session: Session) -> bool:
         result = session.execute(
             update(_EXECUTIONS)
@@ -455,9 +555,40 @@ def reclaim_unavailable_op(execution_id: str) -> WriteOp[bool]:
                 _EXECUTIONS.c.execution_id == execution_id,
                 _EXECUTIONS.c.outcome == "UNAVAILABLE",
             )
-            .values(outcome=RUNNING, finished_at=None)
+            .values(outcome=RUNNING, finished_at=None, dispatch_deadline=dispatch_deadline)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    return op
+
+
+def resolve_orphan_op(
+    execution_id: str,
+    rule: OrphanRule,
+    now: datetime,
+    events: Sequence[audit_pb2.AuditEvent],
+) -> WriteOp[bool]:
+    """Close an orphaned execution as TIMED_OUT (GATEWAY_STOPPED) with its events.
+
+    A compare-and-set on RUNNING and the orphan rule at ``now``: with several replicas
+    sweeping (and same-key retries resolving), exactly one writes; the others get False.
+    """
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(_EXECUTIONS.c.execution_id == execution_id, rule.condition(now))
+            .values(
+                outcome=ORPHAN_OUTCOME,
+                reason=ORPHAN_REASON,
+                message=ORPHAN_MESSAGE,
+                finished_at=now,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
 
     return op
 
@@ -518,6 +649,7 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "approval_comment": record.approval_comment,
         "late_outcome": record.late_outcome,
         "late_result_at": record.late_result_at,
+        "dispatch_deadline": record.dispatch_deadline,
     }
 
 
@@ -551,4 +683,5 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         approval_comment=row.approval_comment,
         late_outcome=row.late_outcome,
         late_result_at=row.late_result_at,
+        dispatch_deadline=row.dispatch_deadline,
     )
