@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from opentelemetry import trace
 
+from actionmesh.rpc.bearer import MalformedAuthorization, bearer_tokens
 from actionmesh.rpc.errors import Unauthenticated
 from gateway.config import GatewayConfig
 
@@ -490,17 +491,13 @@ def refusal(exc: jwt.PyJWTError) -> Unauthenticated:
 
 
 def bearer_token(metadata: Metadata) -> str:
-    for key, value in metadata or ():
-        if key.lower() != "authorization":
-            continue
-        text = value.decode() if isinstance(value, bytes) else value
-        scheme, _, token = text.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated(
-                "authorization metadata must be 'Bearer <token>'", reason="TOKEN_MALFORMED"
-            )
-        return token.strip()
-    raise Unauthenticated("missing authorization metadata", reason="TOKEN_MISSING")
+    try:
+        token = next(bearer_tokens(metadata), None)
+    except MalformedAuthorization as exc:
+        raise Unauthenticated(str(exc), reason="TOKEN_MALFORMED") from None
+    if token is None:
+        raise Unauthenticated("missing authorization metadata", reason="TOKEN_MISSING")
+    return token
 
 
 def caller_from_claims(claims: dict[str, object]) -> Caller:

@@ -682,9 +682,7 @@ class Executor:
             answer.outcome,
         )
         if answer.outcome in ("SUCCEEDED", "REJECTED", "PARTIAL"):
-            known: asyncio.Future[ProviderAnswer] = asyncio.get_running_loop().create_future()
-            known.set_result(answer)
-            await self._record_late(caller, command, replace(record), known)
+            await self._attach_late(caller, command, replace(record), answer)
         stored = await asyncio.to_thread(self._store.get, record.tenant, record.execution_id)
         return stored or record
 
@@ -696,7 +694,16 @@ class Executor:
         call: asyncio.Future[ProviderAnswer],
     ) -> None:
         """Attach the provider's answer to a TIMED_OUT execution once it arrives."""
-        answer = await call
+        await self._attach_late(caller, command, record, await call)
+
+    async def _attach_late(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        answer: ProviderAnswer,
+    ) -> None:
+        """Keep a provider's answer on an execution already closed as TIMED_OUT."""
         if answer.outcome in ("TIMED_OUT", "UNAVAILABLE"):
             log.warning(
                 "execution %s: no late answer from %s (%s); its outcome stays unknown",

@@ -21,6 +21,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from actionmesh.rpc.bearer import MalformedAuthorization, bearer_tokens
 from actionmesh.rpc.errors import Unauthenticated
 from registry.model import ANONYMOUS
 
@@ -85,19 +86,10 @@ def token_identity(token: str) -> str:
 
 def bearer_token(metadata: Iterable[Any]) -> str | None:
     """The bearer token of the call, None without one; Unauthenticated when malformed."""
-    found: list[str] = []
-    for item in metadata:
-        key, value = item[0], item[1]
-        if key.lower() != "authorization":
-            continue
-        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        scheme, _, token = text.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated(
-                "authorization metadata must be 'Bearer <token>'", reason=REASON_INVALID
-            )
-        found.append(token)
+    try:
+        found = list(bearer_tokens(metadata))
+    except MalformedAuthorization as exc:
+        raise Unauthenticated(str(exc), reason=REASON_INVALID) from None
     if not found:
         return None
     if len(found) > 1:
