@@ -4,7 +4,7 @@ The bytes are decoded as an ``ExecuteActionRequest`` and as a
 ``DiscoverActionsRequest`` and go through the same checks the gateway runs
 before anything else looks at a request: :func:`gateway.requests.execute_violations`
 (size and shape limits), then, when those pass, the action's schema
-(:func:`actionmesh.schema.validate_inputs` against a schema with every input type).
+(:func:`actionmesh.rpc.schema.validate_inputs` against a schema with every input type).
 
 A crash is any of: an exception other than a refusal (``InvalidArgument``); a
 refusal whose details could not travel in a gRPC trailer or could carry a
@@ -36,10 +36,10 @@ if HAVE_ATHERIS and __name__ == "__main__":
 else:
     _instrumented = contextlib.nullcontext()
 with _instrumented:
+    from actionmesh.gateway import requests
     from actionmesh.rpc.errors import FieldViolation, InvalidArgument
-    from actionmesh.schema import validate_inputs
+    from actionmesh.rpc.schema import validate_inputs
     from actionmesh.v1 import common_pb2, gateway_pb2
-    from gateway import requests
 
 STRING = common_pb2.INPUT_TYPE_STRING
 SCHEMA = (

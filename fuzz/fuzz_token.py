@@ -42,9 +42,9 @@ else:
 with _instrumented:
     import jwt
 
+    from actionmesh.gateway.auth import MAX_CLAIM_LENGTH, Caller, TokenVerifier
+    from actionmesh.gateway.config import GatewayConfig
     from actionmesh.rpc.errors import Unauthenticated
-    from gateway.auth import MAX_CLAIM_LENGTH, Caller, TokenVerifier
-    from gateway.config import GatewayConfig
 
 ISSUER = "actionmesh-dev"
 AUDIENCE = "actionmesh"
@@ -55,7 +55,7 @@ _SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
 _KEYS = tempfile.TemporaryDirectory(prefix="actionmesh-fuzz-keys-")
 _KEY_DIR = Path(_KEYS.name)
 # The development-mode warning is expected here, once per verifier; keep output clean.
-logging.getLogger("gateway.auth").setLevel(logging.ERROR)
+logging.getLogger("actionmesh.gateway.auth").setLevel(logging.ERROR)
 
 
 def _verifiers() -> tuple[TokenVerifier, TokenVerifier]:

@@ -25,7 +25,7 @@ from actionmesh.rpc.errors import (
     NotFound,
     PermissionDenied,
 )
-from actionmesh.schema import validate_inputs
+from actionmesh.rpc.schema import validate_inputs
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 
 ACTION_ID = "thing.poke"

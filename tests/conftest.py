@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc.aio
 import pytest
 
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import gateway_pb2_grpc
-from gateway.auth import mint_token
 
 # The throwaway PostgreSQL fixtures (postgres_server, postgres_url) for any test file.
 pytest_plugins = ["tests.postgres", "tests.governance_fixtures"]

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from providers.sdk import ActionContext, Change, Input, Provider, Result, Risk, serve
+from actionmesh.sdk import ActionContext, Change, Input, Provider, Result, Risk, serve
 
 PROVIDER_ID_ENV = "FAULT_PROVIDER_ID"
 JOURNAL_ENV = "FAULT_JOURNAL"

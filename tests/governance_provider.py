@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from providers.sdk import (
+from actionmesh.sdk import (
     ActionContext,
     Change,
     Input,

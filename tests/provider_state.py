@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from actionmesh.mesh import Mesh
-from actionmesh.rpc.db import sqlite_url
-from providers.records.store import ChangeRecord, RecordStore, Ticket
-from providers.workitems.store import WorkItemStore
+from actionmesh.providers.records.store import ChangeRecord, RecordStore, Ticket
+from actionmesh.providers.workitems.store import WorkItemStore
+from actionmesh.runtime.db import sqlite_url
 
 
 def item_state(mesh: Mesh, tenant: str, item_id: str) -> tuple[str, list[str]]:

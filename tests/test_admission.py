@@ -16,11 +16,11 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.gateway.admission import Admission
+from actionmesh.gateway.config import GatewayConfig
 from actionmesh.mesh import Mesh
 from actionmesh.rpc.errors import ErrorDetails, ResourceExhausted, error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.admission import Admission
-from gateway.config import GatewayConfig
 from tests.conftest import TokenFactory, bearer, eventually
 from tests.governance_fixtures import case
 from tests.test_governance import provider_calls, request

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from actionmesh.rpc.db import make_engine, sqlite_url
+from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.rpc.errors import error_details
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2
-from auditlog.storage import AuditRepository
 from tests.test_auditlog import AuditClient, make_event, start
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,13 +16,13 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.auditlog.storage import AuditRepository
+from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.storage import GatewayStore
 from actionmesh.mesh import Mesh, MeshSettings, tail
-from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.errors import error_details
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
-from auditlog.storage import AuditRepository
-from gateway.auth import mint_token
-from gateway.storage import GatewayStore
 from tests.conftest import TEST_MESH, bearer, eventually
 
 pytestmark = pytest.mark.timeout(150)
@@ -34,7 +34,7 @@ FINISHED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
 
 @pytest.fixture
 def own_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    settings = {**TEST_MESH, "provider_modules": ("providers.workitems",)}
+    settings = {**TEST_MESH, "provider_modules": ("actionmesh.providers.workitems",)}
     mesh = Mesh(MeshSettings(data_dir=tmp_path / "mesh", **settings))  # type: ignore[arg-type]
     mesh.start()
     yield mesh

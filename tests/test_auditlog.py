@@ -12,15 +12,15 @@ import grpc
 import pytest
 from sqlalchemy.orm import Session
 
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.events import MAX_REPORTED_VIOLATIONS, encode_page_token
+from actionmesh.auditlog.server import start_auditlog
+from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.rpc.channels import open_channel
-from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.server import RunningServer
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc, common_pb2
-from auditlog.config import AuditLogConfig
-from auditlog.events import MAX_REPORTED_VIOLATIONS, encode_page_token
-from auditlog.server import start_auditlog
-from auditlog.storage import AuditRepository
 
 pytestmark = pytest.mark.timeout(60)
 

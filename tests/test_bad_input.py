@@ -23,11 +23,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.server import start_auditlog
+from actionmesh.gateway.config import GatewayConfig
+from actionmesh.gateway.requests import (
+    MAX_ACTION_ID,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_ATTRIBUTES,
+    MAX_LISTED_VIOLATIONS,
+    MAX_STATUS,
+    MAX_TENANT,
+    MAX_VERSION,
+)
 from actionmesh.mesh import Mesh
-from actionmesh.rpc.db import sqlite_url
+from actionmesh.registry.config import RegistryConfig
+from actionmesh.registry.server import start_registry
+from actionmesh.registry.servicer import MAX_ACTIONS, MAX_DESCRIPTION_CHARS, MAX_LABEL_CHARS
 from actionmesh.rpc.errors import ErrorDetails, error_details
+from actionmesh.rpc.schema import MAX_INPUTS, MAX_STRING_CHARS
 from actionmesh.rpc.server import RunningServer
-from actionmesh.schema import MAX_INPUTS, MAX_STRING_CHARS
+from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -37,21 +52,6 @@ from actionmesh.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from auditlog.config import AuditLogConfig
-from auditlog.server import start_auditlog
-from gateway.config import GatewayConfig
-from gateway.requests import (
-    MAX_ACTION_ID,
-    MAX_ATTRIBUTE_VALUE,
-    MAX_ATTRIBUTES,
-    MAX_LISTED_VIOLATIONS,
-    MAX_STATUS,
-    MAX_TENANT,
-    MAX_VERSION,
-)
-from registry.config import RegistryConfig
-from registry.server import start_registry
-from registry.servicer import MAX_ACTIONS, MAX_DESCRIPTION_CHARS, MAX_LABEL_CHARS
 from tests.conftest import TokenFactory, bearer, eventually
 
 Stub = gateway_pb2_grpc.ActionGatewayServiceStub

@@ -27,12 +27,12 @@ from actionmesh.conformance import (
     valid_inputs,
 )
 from actionmesh.mesh import Mesh
+from actionmesh.providers.workitems import WorkItemStore, workitems
 from actionmesh.rpc.errors import ActionMeshError
+from actionmesh.rpc.schema import validate_inputs
 from actionmesh.rpc.server import RunningServer
-from actionmesh.schema import validate_inputs
+from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import common_pb2
-from providers.sdk import ProviderConfig, start_provider
-from providers.workitems import WorkItemStore, workitems
 from tests.broken_provider import READY, BrokenServer, Flaws, start_broken_provider
 
 pytestmark = pytest.mark.timeout(60)
@@ -286,7 +286,7 @@ async def test_the_health_probe_module(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "actionmesh.conformance.health",
+            "actionmesh.rpc.health",
             address,
             "--timeout",
             "2",

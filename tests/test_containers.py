@@ -25,9 +25,15 @@ import grpc.aio
 import pytest
 from testcontainers.core.image import DockerImage
 
-from actionmesh.conformance.health import is_serving
+from actionmesh.auditlog.server import SERVICE_NAME as AUDIT_SERVICE
+from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
 from actionmesh.provider_cli import new_project
+from actionmesh.providers.supportdesk.server import is_healthy
+from actionmesh.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from actionmesh.rpc.errors import error_details
+from actionmesh.rpc.health import is_serving
+from actionmesh.sdk.runtime import SERVICE_NAME as PROVIDER_SERVICE
 from actionmesh.v1 import (
     audit_pb2,
     common_pb2,
@@ -36,12 +42,6 @@ from actionmesh.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from auditlog.server import SERVICE_NAME as AUDIT_SERVICE
-from gateway.auth import mint_token
-from gateway.server import SERVICE_NAME as GATEWAY_SERVICE
-from providers.sdk.runtime import SERVICE_NAME as PROVIDER_SERVICE
-from providers.supportdesk.server import is_healthy
-from registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from tests.conftest import bearer, eventually
 from tests.containers import (
     REPO,

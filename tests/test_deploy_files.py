@@ -23,14 +23,14 @@ import pytest
 import yaml
 
 from actionmesh import configdoc
+from actionmesh.auditlog.server import SERVICE_NAME as AUDIT_SERVICE
+from actionmesh.gateway.config import DEFAULT_POLICY_FILE
+from actionmesh.gateway.server import POLICY_HEALTH_NAME
+from actionmesh.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+from actionmesh.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.telemetry import EXPORTERS
-from auditlog.server import SERVICE_NAME as AUDIT_SERVICE
-from gateway.config import DEFAULT_POLICY_FILE
-from gateway.server import POLICY_HEALTH_NAME
-from gateway.server import SERVICE_NAME as GATEWAY_SERVICE
-from providers.sdk.runtime import SERVICE_NAME as PROVIDER_SERVICE
-from registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
+from actionmesh.sdk.runtime import SERVICE_NAME as PROVIDER_SERVICE
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
@@ -337,33 +337,42 @@ def test_dockerfile_has_a_target_per_image(stages: dict[str, Stage]) -> None:
     assert {"build", "runtime", "cli", *SERVER_TARGETS} <= set(stages)
     assert stages["build"].base == "python:3.11-slim"
     assert stages["runtime"].base == "python:3.11-slim"
-    # The runtime images get only the virtualenv from the build stage, nothing else.
+    # The runtime images get only a virtualenv from a build stage, nothing else: the
+    # platform's, or (provider-base) the provider SDK's alone.
     copies = [args for stage in stages.values() for kw, args in stage.instructions if kw == "COPY"]
-    from_build = [args for args in copies if args.startswith("--from=")]
-    assert from_build == ["--from=build /opt/venv /opt/venv"]
+    from_build = sorted(args for args in copies if args.startswith("--from="))
+    assert from_build == [
+        "--from=build /opt/venv /opt/venv",
+        "--from=build-sdk /opt/venv /opt/venv",
+    ]
+    assert stages["provider-base"].last("COPY") == "--from=build-sdk /opt/venv /opt/venv"
     for name in ("cli", *SERVER_TARGETS):
         chain, stage = [], stages[name]
         while stage.base in stages:
             chain.append(stage.base)
             stage = stages[stage.base]
-        assert "build" not in chain, f"{name} must not build FROM the build stage"
+        assert not {"build", "build-sdk"} & set(chain), f"{name} must not build FROM a build stage"
 
 
-def test_dockerfile_installs_every_package_of_the_project(stages: dict[str, Stage]) -> None:
+def test_dockerfile_installs_every_distribution_of_the_project(stages: dict[str, Stage]) -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    packages = {
-        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    folders = {"src", *pyproject["tool"]["actionmesh"]["distributions"]}
+    instructions = stages["build"].instructions
     copied = {
         args.split()[0].rstrip("/")
-        for kw, args in stages["build"].instructions
+        for kw, args in instructions
         if kw == "COPY" and not args.startswith("--from")
     }
-    assert packages <= copied
+    assert folders <= copied
+    installs = " ".join(args for kw, args in instructions if kw == "RUN" and "--no-deps" in args)
+    for folder in folders - {"src"}:
+        assert f"./{folder} " in installs, f"{folder} is not installed"
     ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()]
     # Everything is ignored first, then what the build copies is let back in.
     assert next(line for line in ignore if not line.startswith("#")) == "*"
-    for path in copied | {"pyproject.toml", "README.md"}:
+    for path in {"src", "pyproject.toml", "README.md", "deploy/docker/requirements.py"} | {
+        f.split("/")[0] for f in folders
+    }:
         assert any(line.rstrip("/") == f"!{path}" for line in ignore), f"{path} not in context"
 
 
@@ -395,7 +404,7 @@ def test_image_healthchecks_ask_the_registered_health_names(stages: dict[str, St
         if workload["health"] is None:
             assert "/healthz" in check or "is_healthy" in check
             continue
-        assert "actionmesh.conformance.health" in check
+        assert "actionmesh.rpc.health" in check
         service = re.search(r"--service (\S+)", check)
         assert service and service.group(1) in workload["health"], name
 

@@ -204,7 +204,7 @@ async def test_expired_and_forged_tokens_are_unauthenticated(
     gateway: Stub, token: TokenFactory
 ) -> None:
     expired = token(now=time.time() - 7200, ttl_s=60)
-    from gateway.auth import mint_token
+    from actionmesh.gateway.auth import mint_token
 
     forged = mint_token(
         "not-the-mesh-key-but-long-enough-for-hs256",

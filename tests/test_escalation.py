@@ -1,6 +1,6 @@
 """The escalation provider against the support platform running as its own process.
 
-The platform (providers.supportdesk) is started with its real command line and
+The platform (actionmesh.providers.supportdesk) is started with its real command line and
 ready file; faults are real too: the platform process is stopped, or the
 provider talks to a socket that accepts connections and never answers.
 """
@@ -26,15 +26,15 @@ import grpc.aio
 import httpx
 import pytest
 
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings, tail
+from actionmesh.providers.escalation import EscalationLog, PlatformNotConfigured, escalation
+from actionmesh.providers.escalation.config import ENV_PREFIX
+from actionmesh.providers.escalation.provider import ACTION_TIMEOUT_S, call_budget
+from actionmesh.providers.supportdesk import is_healthy
 from actionmesh.rpc.errors import error_details
+from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, provider_pb2, provider_pb2_grpc
-from gateway.auth import mint_token
-from providers.escalation import EscalationLog, PlatformNotConfigured, escalation
-from providers.escalation.config import ENV_PREFIX
-from providers.escalation.provider import ACTION_TIMEOUT_S, call_budget
-from providers.sdk import ProviderConfig, start_provider
-from providers.supportdesk import is_healthy
 from tests.conftest import TEST_MESH, bearer, eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -62,7 +62,7 @@ class Platform:
                 [
                     sys.executable,
                     "-m",
-                    "providers.supportdesk",
+                    "actionmesh.providers.supportdesk",
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -427,7 +427,7 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
     mesh = Mesh(
         MeshSettings(
             data_dir=tmp_path / "mesh",
-            provider_modules=("providers.escalation",),
+            provider_modules=("actionmesh.providers.escalation",),
             **settings,  # type: ignore[arg-type]
         )
     )

@@ -36,13 +36,13 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.auditlog.storage import AuditRepository
+from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.storage import ExecutionRecord, GatewayStore
 from actionmesh.mesh import Mesh, MeshSettings, tail
-from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.errors import error_details
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from auditlog.storage import AuditRepository
-from gateway.auth import mint_token
-from gateway.storage import ExecutionRecord, GatewayStore
 from tests.conftest import TEST_MESH, bearer, eventually
 from tests.fault_provider import (
     JOURNAL_ENV,

@@ -11,9 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from actionmesh.rpc.db import sqlite_url
-from actionmesh.v1 import audit_pb2
-from gateway.storage import (
+from actionmesh.gateway.storage import (
     RUNNING,
     ExecutionRecord,
     GatewayStore,
@@ -22,7 +20,9 @@ from gateway.storage import (
     finish_execution_op,
     record_attempt_op,
 )
-from gateway.writer import GroupCommitWriter, WriterClosed
+from actionmesh.gateway.writer import GroupCommitWriter, WriterClosed
+from actionmesh.runtime.db import sqlite_url
+from actionmesh.v1 import audit_pb2
 
 
 def execution(key: str) -> ExecutionRecord:

@@ -39,10 +39,16 @@ from sqlalchemy import (
     text,
 )
 
-from actionmesh.rpc.db import make_engine, sqlite_url
-from actionmesh.rpc.migrations import (
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.server import start_auditlog
+from actionmesh.db_cli import SERVICES
+from actionmesh.gateway.config import GatewayConfig
+from actionmesh.gateway.server import start_gateway
+from actionmesh.registry.config import RegistryConfig
+from actionmesh.registry.server import start_registry
+from actionmesh.runtime.db import make_engine, sqlite_url
+from actionmesh.runtime.migrations import (
     BASELINE_REVISION,
-    SERVICES,
     LegacySchemaError,
     MigrationError,
     SchemaNotCurrentError,
@@ -53,12 +59,6 @@ from actionmesh.rpc.migrations import (
     upgrade,
 )
 from actionmesh.v1 import audit_pb2, common_pb2
-from auditlog.config import AuditLogConfig
-from auditlog.server import start_auditlog
-from gateway.config import GatewayConfig
-from gateway.server import start_gateway
-from registry.config import RegistryConfig
-from registry.server import start_registry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -253,27 +253,27 @@ def version_rows(engine: Engine, service: str) -> list[str]:
 
 @pytest.mark.parametrize("service", SERVICE_NAMES)
 def test_upgrade_creates_a_schema_equal_to_the_current_models(engine: Engine, service: str) -> None:
-    before = schema_status(engine, service)
+    before = schema_status(engine, SERVICES[service])
     assert (before.current, before.legacy, before.at_head) == (None, False, False)
 
-    after = upgrade(engine, service)
+    after = upgrade(engine, SERVICES[service])
 
-    assert after.at_head and after.current == head_revision(service)
-    assert version_rows(engine, service) == [head_revision(service)]
-    assert set(SERVICES[service].metadata().tables) <= tables(engine)
+    assert after.at_head and after.current == head_revision(SERVICES[service])
+    assert version_rows(engine, service) == [head_revision(SERVICES[service])]
+    assert set(SERVICES[service].metadata.tables) <= tables(engine)
     # A model changed without a migration would show up here as add/remove/modify ops.
-    assert schema_differences(engine, service) == []
+    assert schema_differences(engine, SERVICES[service]) == []
     # Upgrading again is a no-op.
-    assert upgrade(engine, service) == after
+    assert upgrade(engine, SERVICES[service]) == after
 
 
 def test_three_services_share_one_database_with_their_own_version_tables(engine: Engine) -> None:
     for service in SERVICE_NAMES:
-        upgrade(engine, service)
+        upgrade(engine, SERVICES[service])
     for service in SERVICE_NAMES:
-        assert version_rows(engine, service) == [head_revision(service)]
+        assert version_rows(engine, service) == [head_revision(SERVICES[service])]
         # Each service's comparison ignores the other services' tables.
-        assert schema_differences(engine, service) == []
+        assert schema_differences(engine, SERVICES[service]) == []
     assert {f"alembic_version_{s}" for s in SERVICE_NAMES} <= tables(engine)
 
 
@@ -288,13 +288,13 @@ def test_a_baseline_legacy_database_is_adopted_and_upgraded(engine: Engine, serv
         legacy_table = LEGACY[service]().tables[table_name]
         connection.execute(insert(legacy_table), [row])
 
-    status = schema_status(engine, service)
+    status = schema_status(engine, SERVICES[service])
     assert status.legacy and status.current is None
 
-    after = upgrade(engine, service)
+    after = upgrade(engine, SERVICES[service])
 
     assert after.at_head and not after.legacy
-    assert schema_differences(engine, service) == []
+    assert schema_differences(engine, SERVICES[service]) == []
     with engine.connect() as connection:
         count = connection.scalar(select(func.count()).select_from(text(table_name)))
     assert count == 1, "adoption must keep the rows the legacy database held"
@@ -311,7 +311,7 @@ def test_a_legacy_database_of_another_shape_is_refused_untouched(
     before = tables(engine)
 
     with pytest.raises(LegacySchemaError) as refused:
-        upgrade(engine, service)
+        upgrade(engine, SERVICES[service])
 
     message = str(refused.value)
     assert f"{table_name} has unexpected column(s) surprise" in message
@@ -319,7 +319,7 @@ def test_a_legacy_database_of_another_shape_is_refused_untouched(
     assert f"actionmesh db upgrade --service {service}" in message
     # Refused inside the migration transaction: not even the version table was left behind.
     assert tables(engine) == before
-    assert schema_status(engine, service).legacy
+    assert schema_status(engine, SERVICES[service]).legacy
 
 
 def test_a_legacy_database_missing_a_table_is_refused(engine: Engine) -> None:
@@ -327,7 +327,7 @@ def test_a_legacy_database_missing_a_table_is_refused(engine: Engine) -> None:
     legacy.tables["executions"].create(engine)
 
     with pytest.raises(LegacySchemaError, match="table audit_outbox is missing"):
-        upgrade(engine, "gateway")
+        upgrade(engine, SERVICES["gateway"])
     assert tables(engine) == {"executions"}
 
 
@@ -335,22 +335,22 @@ def test_a_legacy_database_with_a_later_table_is_refused(engine: Engine) -> None
     # Tables a later revision creates, made by create_all of newer models: stamping the
     # baseline would make that revision fail halfway, so it is refused up front.
     _legacy_auditlog().create_all(engine)
-    later = sorted(set(SERVICES["auditlog"].metadata().tables) - {"audit_events"})
+    later = sorted(set(SERVICES["auditlog"].metadata.tables) - {"audit_events"})
     if not later:
         pytest.skip("the auditlog has no tables beyond the baseline yet")
-    SERVICES["auditlog"].metadata().tables[later[0]].create(engine)
+    SERVICES["auditlog"].metadata.tables[later[0]].create(engine)
 
     with pytest.raises(LegacySchemaError, match=f"table {later[0]} exists but is not part"):
-        upgrade(engine, "auditlog")
+        upgrade(engine, SERVICES["auditlog"])
 
 
 def test_a_database_migrated_by_a_newer_version_is_refused(engine: Engine) -> None:
-    upgrade(engine, "registry")
+    upgrade(engine, SERVICES["registry"])
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version_registry SET version_num = '9999'"))
     for attempt in (upgrade, ensure_current):
         with pytest.raises(MigrationError, match="revision 9999, which this version") as refused:
-            attempt(engine, "registry")
+            attempt(engine, SERVICES["registry"])
         assert not isinstance(refused.value, LegacySchemaError)
 
 
@@ -387,10 +387,10 @@ async def test_services_that_may_not_migrate_refuse_a_database_behind_head(
         assert f"actionmesh db upgrade --service {service}" in str(refused.value)
 
     # After the migration job, the same settings start.
-    upgrade(database_url, "auditlog")
+    upgrade(database_url, SERVICES["auditlog"])
     running = await starts["auditlog"]()
     await running.stop(0.5)
-    upgrade(database_url, "registry")
+    upgrade(database_url, SERVICES["registry"])
     running = await starts["registry"]()
     await running.stop(0.5)
 
@@ -409,7 +409,7 @@ def test_concurrent_upgrades_all_succeed_and_migrate_once(database_url: str, ser
         engine = make_engine(database_url)
         try:
             barrier.wait(timeout=10)
-            results.append(upgrade(engine, service).current)
+            results.append(upgrade(engine, SERVICES[service]).current)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -423,11 +423,11 @@ def test_concurrent_upgrades_all_succeed_and_migrate_once(database_url: str, ser
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     assert errors == []
-    assert results == [head_revision(service)] * replicas
+    assert results == [head_revision(SERVICES[service])] * replicas
     engine = make_engine(database_url)
     try:
-        assert version_rows(engine, service) == [head_revision(service)]
-        assert schema_differences(engine, service) == []
+        assert version_rows(engine, service) == [head_revision(SERVICES[service])]
+        assert schema_differences(engine, SERVICES[service]) == []
     finally:
         engine.dispose()
 
@@ -466,7 +466,7 @@ def test_cli_upgrades_the_databases_of_actionmesh_up(tmp_path: Path) -> None:
     rows = {row["service"]: row for row in json.loads(check.stdout)}
     assert set(rows) == set(SERVICES)
     for service, row in rows.items():
-        assert row["current"] == head_revision(service) and row["at_head"] is True
+        assert row["current"] == head_revision(SERVICES[service]) and row["at_head"] is True
     # The files are where `actionmesh up` opens them.
     assert {p.name for p in (data_dir / "data").iterdir()} >= {
         "gateway.db",
@@ -483,7 +483,7 @@ def test_cli_takes_the_service_url_from_its_environment_variable(tmp_path: Path)
     [row] = json.loads(done.stdout)
     assert row["database_url"] == url and row["at_head"] is True
     assert current("--service", "registry", env=env)["registry"]["current"] == head_revision(
-        "registry"
+        SERVICES["registry"]
     )
 
 
@@ -498,7 +498,7 @@ def test_cli_on_postgresql_migrates_all_services_into_one_database(postgres_url:
 
     rows = current("--check", "--database-url", postgres_url)
     assert {service: row["current"] for service, row in rows.items()} == {
-        service: head_revision(service) for service in SERVICES
+        service: head_revision(SERVICES[service]) for service in SERVICES
     }
 
 

@@ -20,19 +20,16 @@ from pathlib import Path
 import grpc.aio
 import pytest
 
-from actionmesh.mesh import Mesh
-from actionmesh.rpc.db import sqlite_url
-from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.admission import Admission
-from gateway.approvals import Approvals
-from gateway.auth import Caller
-from gateway.config import DEFAULT_POLICY_FILE, GatewayConfig
-from gateway.directory import ProviderDirectory
-from gateway.execution import ORPHAN_MARGIN_S, ExecuteCommand, Executor, request_hash
-from gateway.policy import PolicyEngine
-from gateway.redaction import Redactor
-from gateway.server import start_gateway
-from gateway.storage import (
+from actionmesh.gateway.admission import Admission
+from actionmesh.gateway.approvals import Approvals
+from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.config import DEFAULT_POLICY_FILE, GatewayConfig
+from actionmesh.gateway.directory import ProviderDirectory
+from actionmesh.gateway.execution import ORPHAN_MARGIN_S, ExecuteCommand, Executor, request_hash
+from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.redaction import Redactor
+from actionmesh.gateway.server import start_gateway
+from actionmesh.gateway.storage import (
     APPROVAL_APPROVED,
     APPROVAL_PENDING,
     ORPHAN_REASON,
@@ -46,7 +43,10 @@ from gateway.storage import (
     finish_execution_op,
     reclaim_unavailable_op,
 )
-from gateway.writer import GroupCommitWriter
+from actionmesh.gateway.writer import GroupCommitWriter
+from actionmesh.mesh import Mesh
+from actionmesh.runtime.db import sqlite_url
+from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import TokenFactory, bearer, eventually
 
 pytestmark = pytest.mark.timeout(60)

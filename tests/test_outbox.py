@@ -6,15 +6,15 @@ import socket
 import uuid
 from pathlib import Path
 
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.server import start_auditlog
+from actionmesh.auditlog.storage import AuditRepository
+from actionmesh.gateway.outbox import OutboxShipper
+from actionmesh.gateway.storage import GatewayStore
+from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.rpc.channels import open_channel
-from actionmesh.rpc.db import make_engine, sqlite_url
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2
-from auditlog.config import AuditLogConfig
-from auditlog.server import start_auditlog
-from auditlog.storage import AuditRepository
-from gateway.outbox import OutboxShipper
-from gateway.storage import GatewayStore
-from gateway.writer import GroupCommitWriter
 from tests.conftest import eventually
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import cedarpy
 import pytest
 
+from actionmesh.gateway import policy as policy_module
+from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.policy import ActionSubject, Operation, PolicyEngine
 from actionmesh.v1 import common_pb2
-from gateway import policy as policy_module
-from gateway.auth import Caller
-from gateway.policy import ActionSubject, Operation, PolicyEngine
 
 DEFAULT_POLICIES = Path(policy_module.__file__).parent / "policies" / "default.cedar"
 

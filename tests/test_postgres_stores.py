@@ -23,15 +23,13 @@ from typing import TypeVar
 import grpc.aio
 import pytest
 
-from actionmesh.rpc.db import make_engine
-from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from auditlog.config import AuditLogConfig
-from auditlog.server import start_auditlog
-from auditlog.storage import AuditRepository
-from gateway.auth import mint_token
-from gateway.config import GatewayConfig
-from gateway.server import start_gateway
-from gateway.storage import (
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.server import start_auditlog
+from actionmesh.auditlog.storage import AuditRepository
+from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.config import GatewayConfig
+from actionmesh.gateway.server import start_gateway
+from actionmesh.gateway.storage import (
     APPROVAL_APPROVED,
     APPROVAL_PENDING,
     APPROVAL_REJECTED,
@@ -42,12 +40,14 @@ from gateway.storage import (
     GatewayStore,
     KeyConflict,
 )
-from providers.sdk import ProviderConfig, start_provider
-from providers.workitems import workitems
-from registry.config import RegistryConfig
-from registry.model import Health, Provider
-from registry.server import start_registry
-from registry.storage import ProviderRepository
+from actionmesh.providers.workitems import workitems
+from actionmesh.registry.config import RegistryConfig
+from actionmesh.registry.model import Health, Provider
+from actionmesh.registry.server import start_registry
+from actionmesh.registry.storage import ProviderRepository
+from actionmesh.runtime.db import make_engine
+from actionmesh.sdk import ProviderConfig, start_provider
+from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import bearer, eventually
 from tests.postgres import PostgresServer
 

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actionmesh.conformance import CHECKS
 from actionmesh.provider_cli import ProviderCliError, load_provider, new_project
+from actionmesh.providers.workitems import workitems
 from actionmesh.v1 import provider_pb2, provider_pb2_grpc
-from providers.workitems import workitems
 from tests.broken_provider import BrokenServer, start_broken_provider
 from tests.containers import require_engine
 
@@ -135,7 +135,7 @@ async def test_serve_runs_a_provider_until_sigterm(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         *provider_cli(
             "serve",
-            "providers.workitems:workitems",
+            "actionmesh.providers.workitems:workitems",
             "--port",
             "0",
             "--data-dir",
@@ -185,8 +185,8 @@ async def test_serve_runs_a_provider_until_sigterm(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("providers.workitems:nope", "has no attribute 'nope'"),
-        ("json:dumps", "is a function, not a providers.sdk.Provider"),
+        ("actionmesh.providers.workitems:nope", "has no attribute 'nope'"),
+        ("json:dumps", "is a function, not a actionmesh.sdk.Provider"),
         ("no_such_module_here:provider", "cannot import no_such_module_here"),
         ("json", "holds 0 Provider objects"),
     ],
@@ -198,8 +198,8 @@ async def test_serve_explains_a_bad_target(target: str, message: str) -> None:
 
 
 def test_a_module_with_one_provider_needs_no_attribute() -> None:
-    assert load_provider("providers.workitems") is workitems
-    assert load_provider("providers.workitems.provider:workitems") is workitems
+    assert load_provider("actionmesh.providers.workitems") is workitems
+    assert load_provider("actionmesh.providers.workitems.provider:workitems") is workitems
 
 
 # -- check ---------------------------------------------------------------------
@@ -227,7 +227,7 @@ async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer
 
 
 async def test_check_exit_codes_for_skips_and_usage_errors(tmp_path: Path) -> None:
-    from providers.sdk import ProviderConfig, start_provider
+    from actionmesh.sdk import ProviderConfig, start_provider
 
     server = await start_provider(
         workitems, ProviderConfig(port=0, data_dir=str(tmp_path), seed_demo=True)
@@ -291,7 +291,7 @@ async def test_the_generated_image_builds_runs_as_non_root_and_passes_the_kit(
         code, output = await run("docker", "exec", name, "id", "-u")
         assert output.strip() == "10001"
         # The same probe as the image's HEALTHCHECK, run inside the container.
-        health = ("docker", "exec", name, "python", "-m", "actionmesh.conformance.health")
+        health = ("docker", "exec", name, "python", "-m", "actionmesh.rpc.health")
         deadline = time.monotonic() + 60
         while (await run(*health, f"127.0.0.1:{port}"))[0] != 0:
             assert time.monotonic() < deadline, "the container never became healthy"

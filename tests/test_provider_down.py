@@ -8,10 +8,10 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, tail
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
-from gateway.auth import mint_token
 from tests.conftest import bearer, eventually, start_mesh
 
 

@@ -19,8 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.telemetry import configure_tracing
-from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
-from providers.sdk import (
+from actionmesh.sdk import (
     ActionContext,
     Change,
     Input,
@@ -35,6 +34,7 @@ from providers.sdk import (
     Unavailable,
     start_provider,
 )
+from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -828,10 +828,10 @@ HAS_REGISTRY = importlib.util.find_spec("registry.server") is not None
 
 @pytest.mark.skipif(not HAS_REGISTRY, reason="registry.server is not available")
 async def test_registers_renews_and_deregisters(tmp_path: Path) -> None:
-    from actionmesh.rpc.db import sqlite_url
+    from actionmesh.registry.config import RegistryConfig
+    from actionmesh.registry.server import start_registry
+    from actionmesh.runtime.db import sqlite_url
     from actionmesh.v1 import registry_pb2, registry_pb2_grpc
-    from registry.config import RegistryConfig
-    from registry.server import start_registry
 
     def registry_config(port: int = 0) -> RegistryConfig:
         return RegistryConfig(
@@ -893,7 +893,7 @@ async def test_registers_renews_and_deregisters(tmp_path: Path) -> None:
 
 
 def test_resource_holds_what_a_running_provider_opened() -> None:
-    from providers.sdk import Resource
+    from actionmesh.sdk import Resource
 
     store: Resource[list[str]] = Resource("the test store")
     with pytest.raises(RuntimeError, match="the test store is not open"):

@@ -14,10 +14,13 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
+from actionmesh.providers.records import RecordStore, records
 from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import (
     audit_pb2,
     common_pb2,
@@ -26,9 +29,6 @@ from actionmesh.v1 import (
     provider_pb2,
     provider_pb2_grpc,
 )
-from gateway.auth import mint_token
-from providers.records import RecordStore, records
-from providers.sdk import ProviderConfig, start_provider
 from tests.conftest import TEST_MESH, bearer, eventually
 from tests.provider_state import ticket_state
 
@@ -470,7 +470,7 @@ def records_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """Registry, audit log, gateway and the records provider as real processes."""
     settings = MeshSettings(
         data_dir=tmp_path_factory.mktemp("records-mesh"),
-        **{**TEST_MESH, "provider_modules": ("providers.records",)},  # type: ignore[arg-type]
+        **{**TEST_MESH, "provider_modules": ("actionmesh.providers.records",)},  # type: ignore[arg-type]
     )
     mesh = Mesh(settings)
     mesh.start()

@@ -4,7 +4,7 @@ A provider id belongs to the credential (bearer token or verified client
 certificate) that first registered it: another credential can neither register,
 renew nor deregister it, across lease expiry, deregistration and registry restarts,
 until an operator releases it. Endpoints must be on the operator's allow-list.
-Every registry here is started by ``start_registry`` (what ``python -m registry``
+Every registry here is started by ``start_registry`` (what ``python -m actionmesh.registry``
 runs) on 127.0.0.1 port 0, against a SQLite file of the test.
 """
 
@@ -30,22 +30,22 @@ import pytest
 
 from actionmesh.devpki import create_dev_pki
 from actionmesh.mesh import Mesh, MeshSettings
+from actionmesh.registry.config import ENV_PREFIX, RegistryConfig
+from actionmesh.registry.endpoints import EndpointAllowList, EndpointPattern
+from actionmesh.registry.model import Health
+from actionmesh.registry.model import Provider as StoredProvider
+from actionmesh.registry.server import start_registry
+from actionmesh.registry.storage import OwnedByAnother, ProviderRepository
 from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.config import load_config
 from actionmesh.rpc.convert import utcnow
-from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.errors import ErrorDetails, FieldViolation, error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.tls import TlsConfig
+from actionmesh.runtime.db import make_engine, sqlite_url
+from actionmesh.sdk import ActionContext, NoInputs, Provider, ProviderConfig, Result, start_provider
+from actionmesh.sdk.registration import RegistryLink
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
-from providers.sdk import ActionContext, NoInputs, Provider, ProviderConfig, Result, start_provider
-from providers.sdk.registration import RegistryLink
-from registry.config import ENV_PREFIX, RegistryConfig
-from registry.endpoints import EndpointAllowList, EndpointPattern
-from registry.model import Health
-from registry.model import Provider as StoredProvider
-from registry.server import start_registry
-from registry.storage import OwnedByAnother, ProviderRepository
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,7 +196,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
 def admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The operator command, as a separate process on the registry's database."""
     return subprocess.run(
-        [sys.executable, "-m", "registry.admin", "registry", *args],
+        [sys.executable, "-m", "actionmesh.registry_cli", "registry", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -443,7 +443,7 @@ async def test_release_owner_frees_the_id_for_the_next_credential(
     released = admin("release-owner", "workitems", "--database-url", registries.database_url)
     assert released.returncode == 0, released.stderr
     assert "released provider 'workitems'" in released.stdout
-    assert "WARNING registry.admin" in released.stderr and "released" in released.stderr
+    assert "WARNING actionmesh.registry_cli" in released.stderr and "released" in released.stderr
 
     lease = await successor.register("workitems", "127.0.0.1:50071")
     assert await successor.endpoints() == {"workitems": "127.0.0.1:50071"}
@@ -588,7 +588,7 @@ def test_the_registry_binary_refuses_a_bad_allow_list_in_one_line(tmp_path: Path
         [
             sys.executable,
             "-m",
-            "registry",
+            "actionmesh.registry",
             "--port",
             "0",
             "--database-url",

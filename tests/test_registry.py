@@ -20,20 +20,20 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from actionmesh.registry.config import RegistryConfig
+from actionmesh.registry.directory import Directory
+from actionmesh.registry.health import GrpcHealthProber
+from actionmesh.registry.model import Change, ChangeType, Health, Provider
+from actionmesh.registry.server import start_registry
+from actionmesh.registry.servicer import SERVICE_NAME, RegistryServicer
+from actionmesh.registry.storage import ProviderRepository
+from actionmesh.registry.validation import endpoint_problem
+from actionmesh.registry.watch import ChangeHub
 from actionmesh.rpc.convert import utcnow
-from actionmesh.rpc.db import make_engine, sqlite_url
 from actionmesh.rpc.errors import FieldViolation, ResourceExhausted, error_details
 from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
-from registry.config import RegistryConfig
-from registry.directory import Directory
-from registry.health import GrpcHealthProber
-from registry.model import Change, ChangeType, Health, Provider
-from registry.server import start_registry
-from registry.servicer import SERVICE_NAME, RegistryServicer
-from registry.storage import ProviderRepository
-from registry.validation import endpoint_problem
-from registry.watch import ChangeHub
 
 pytestmark = pytest.mark.timeout(30)
 

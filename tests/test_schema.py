@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from actionmesh.rpc.errors import InvalidArgument
-from actionmesh.schema import MAX_INPUTS, MAX_VIOLATIONS, schema_problems, validate_inputs
+from actionmesh.rpc.schema import MAX_INPUTS, MAX_VIOLATIONS, schema_problems, validate_inputs
 from actionmesh.v1 import common_pb2
 
 STRING = common_pb2.INPUT_TYPE_STRING

@@ -34,9 +34,9 @@ from opentelemetry.proto.trace.v1 import trace_pb2 as otlp_trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
 
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.rpc import telemetry
-from actionmesh.rpc.db import sqlite_url
 from actionmesh.rpc.telemetry import (
     TracingConfigError,
     build_tracer_provider,
@@ -44,8 +44,8 @@ from actionmesh.rpc.telemetry import (
     exporter_choice,
     shutdown_tracing,
 )
+from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.auth import mint_token
 from tests.conftest import TEST_MESH, bearer, eventually
 from tests.otlp import Collected, Receiver, running_receiver
 
@@ -483,7 +483,7 @@ def test_sigterm_flushes_spans_still_queued(tmp_path: Path, receiver: Receiver) 
         [
             sys.executable,
             "-m",
-            "auditlog",
+            "actionmesh.auditlog",
             "--port",
             "0",
             "--database-url",

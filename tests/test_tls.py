@@ -26,12 +26,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actionmesh import cli
+from actionmesh.auditlog.config import AuditLogConfig
+from actionmesh.auditlog.server import start_auditlog
 from actionmesh.conformance import health as health_probe
 from actionmesh.devpki import create_dev_pki
+from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.rpc.channels import open_channel
-from actionmesh.rpc.db import sqlite_url
 from actionmesh.rpc.tls import TlsConfig, TlsConfigError
+from actionmesh.runtime.db import sqlite_url
+from actionmesh.sdk import ActionContext, NoInputs, Provider, ProviderConfig, Result, start_provider
 from actionmesh.v1 import (
     audit_pb2,
     common_pb2,
@@ -40,10 +44,6 @@ from actionmesh.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from auditlog.config import AuditLogConfig
-from auditlog.server import start_auditlog
-from gateway.auth import mint_token
-from providers.sdk import ActionContext, NoInputs, Provider, ProviderConfig, Result, start_provider
 from tests.conftest import TEST_MESH, bearer, eventually
 
 CALL_TIMEOUT_S = 5.0
@@ -55,7 +55,7 @@ MUTUAL = ("registry", "auditlog", "workitems")
 
 @pytest.fixture(scope="module")
 def tls_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    settings = {**TEST_MESH, "provider_modules": ("providers.workitems",), "tls": True}
+    settings = {**TEST_MESH, "provider_modules": ("actionmesh.providers.workitems",), "tls": True}
     mesh = Mesh(MeshSettings(data_dir=tmp_path_factory.mktemp("tls-mesh"), **settings))  # type: ignore[arg-type]
     mesh.start()
     try:
@@ -380,7 +380,7 @@ async def test_health_probe_checks_the_name_in_the_service_certificate(tmp_path:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "actionmesh.conformance.health",
+            "actionmesh.rpc.health",
             running.address,
             "--service",
             "actionmesh.v1.AuditService",
@@ -409,7 +409,7 @@ async def test_health_probe_checks_the_name_in_the_service_certificate(tmp_path:
             "tls_ca_file is not set",
         ),
         (
-            "providers.workitems",
+            "actionmesh.providers.workitems",
             ["--tls-cert-file", "{cert}", "--tls-key-file", "{missing}", "--tls-ca-file", "{ca}"],
             "tls_key_file {missing}: No such file or directory",
         ),

@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from actionmesh.gateway.auth import Caller, JwksKeys, TokenKeyError, TokenVerifier
+from actionmesh.gateway.config import GatewayConfig
 from actionmesh.mesh import Mesh
 from actionmesh.rpc.errors import Unauthenticated, error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from gateway.auth import Caller, JwksKeys, TokenKeyError, TokenVerifier
-from gateway.config import GatewayConfig
 from tests.conftest import TokenFactory, eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -667,7 +667,7 @@ def gateway_exit(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str
         [
             sys.executable,
             "-m",
-            "gateway",
+            "actionmesh.gateway",
             "--port",
             "0",
             "--registry",
@@ -764,7 +764,7 @@ async def test_providers_get_the_verified_identity_and_never_the_callers_token(
 
 # -- the roles claim is bounded ----------------------------------------------------------
 # Imported here rather than at the top: this block is appended by another change.
-from gateway.auth import MAX_ROLE_LENGTH, MAX_ROLES  # noqa: E402
+from actionmesh.gateway.auth import MAX_ROLE_LENGTH, MAX_ROLES  # noqa: E402
 
 
 def test_a_roles_claim_at_the_caps_is_accepted(

@@ -18,12 +18,12 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.providers.workitems import InboundEmail, WorkItem, WorkItemStore, workitems
 from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.telemetry import configure_tracing
+from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
-from providers.sdk import ProviderConfig, start_provider
-from providers.workitems import InboundEmail, WorkItem, WorkItemStore, workitems
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -452,9 +452,9 @@ async def test_the_binary_serves_registers_and_deregisters_on_sigterm(tmp_path: 
     registry = None
     registry_address = ""
     if HAS_REGISTRY:
-        from actionmesh.rpc.db import sqlite_url
-        from registry.config import RegistryConfig
-        from registry.server import start_registry
+        from actionmesh.registry.config import RegistryConfig
+        from actionmesh.registry.server import start_registry
+        from actionmesh.runtime.db import sqlite_url
 
         registry = await start_registry(
             RegistryConfig(
@@ -469,7 +469,7 @@ async def test_the_binary_serves_registers_and_deregisters_on_sigterm(tmp_path: 
     command = [
         sys.executable,
         "-m",
-        "providers.workitems",
+        "actionmesh.providers.workitems",
         "--port",
         "0",
         "--data-dir",

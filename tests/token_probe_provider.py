@@ -20,9 +20,8 @@ from typing import Any
 
 import grpc.aio
 
-import providers.sdk.runtime as sdk_runtime
-from actionmesh.v1 import provider_pb2
-from providers.sdk import (
+import actionmesh.sdk.runtime as sdk_runtime
+from actionmesh.sdk import (
     ActionContext,
     ActionProviderServicer,
     NoInputs,
@@ -32,6 +31,7 @@ from providers.sdk import (
     Risk,
     serve,
 )
+from actionmesh.v1 import provider_pb2
 
 RECORD_TYPE = "tokenprobe"
 CALL_LOG = "tokenprobe-calls.jsonl"

@@ -1,1 +1,0 @@
-"""Alembic migrations of the auditlog's database (see actionmesh.rpc.migrations)."""

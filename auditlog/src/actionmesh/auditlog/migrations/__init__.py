@@ -1,0 +1,1 @@
+"""Alembic migrations of the auditlog's database (see actionmesh.runtime.migrations)."""

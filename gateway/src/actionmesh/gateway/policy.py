@@ -1,0 +1,357 @@
+"""Authorization with Cedar (cedarpy): the same inputs at discovery and execution.
+
+Cedar was chosen because its model (principal attributes, resource attributes,
+request context, forbid overriding permit, policy ids for evidence) maps one to
+one onto role / record status / sensitivity / risk, and policies stay readable
+for the operators who edit the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+from cachetools import LRUCache
+from opentelemetry import trace
+
+from actionmesh.gateway.auth import Caller
+from actionmesh.rpc.convert import utcnow
+from actionmesh.v1 import audit_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("actionmesh.gateway")
+
+PRINCIPAL_TYPE = "ActionMesh::Operator"
+RESOURCE_TYPE = "ActionMesh::ProviderAction"
+ACTION_TYPE = "ActionMesh::Action"
+# Decisions remembered per exact input (see PolicyEngine._authorize).
+DECISION_CACHE_ENTRIES = 8192
+
+
+class Operation(StrEnum):
+    DISCOVER = "discover"
+    EXECUTE = "execute"
+    APPROVE = "approve"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy decision and the evidence behind it."""
+
+    allowed: bool
+    policy_ids: tuple[str, ...]
+    errors: tuple[str, ...] = ()
+
+
+def decision_evidence(
+    operation: Operation, subject: ActionSubject, decision: Decision
+) -> audit_pb2.PolicyDecision:
+    return audit_pb2.PolicyDecision(
+        operation=operation.value,
+        action_id=subject.action_id,
+        provider_id=subject.provider_id,
+        allowed=decision.allowed,
+        policy_ids=list(decision.policy_ids),
+        errors=list(decision.errors),
+    )
+
+
+@dataclass(frozen=True)
+class ActionSubject:
+    """What policy needs to know about one action."""
+
+    action_id: str
+    provider_id: str
+    descriptor: common_pb2.ActionDescriptor
+
+
+class PolicyError(ValueError):
+    """The policy file could not be parsed."""
+
+
+def sensitivity_name(value: int) -> str:
+    if value in (common_pb2.SENSITIVITY_UNSPECIFIED, common_pb2.SENSITIVITY_NORMAL):
+        return "normal"
+    return common_pb2.Sensitivity.Name(value).removeprefix("SENSITIVITY_").lower()  # type: ignore[arg-type]
+
+
+def risk_name(value: int) -> str:
+    if value == common_pb2.RISK_UNSPECIFIED:
+        return "medium"
+    return common_pb2.Risk.Name(value).removeprefix("RISK_").lower()  # type: ignore[arg-type]
+
+
+def record_context(record: common_pb2.RecordContext) -> dict[str, Any]:
+    return {
+        "tenant": record.tenant,
+        "type": record.type,
+        "id": record.id,
+        "status": record.status,
+        "sensitivity": sensitivity_name(record.sensitivity),
+        "attributes": dict(record.attributes),
+    }
+
+
+def policy_context(caller: Caller, record: common_pb2.RecordContext) -> dict[str, str]:
+    """The inputs a decision was taken on, flattened for the audit event."""
+    context = {
+        "principal.subject": caller.subject,
+        "principal.tenant": caller.tenant,
+        "principal.roles": ",".join(sorted(caller.roles)),
+        "record.status": record.status,
+        "record.sensitivity": sensitivity_name(record.sensitivity),
+    }
+    for name, value in sorted(record.attributes.items()):
+        context[f"record.attributes.{name}"] = value
+    return context
+
+
+@dataclass(frozen=True)
+class LoadedPolicies:
+    """One parsed policy file: what is in force and how to name it in evidence."""
+
+    policies: cedarpy.PolicySet
+    names: dict[str, str]
+    digest: str
+    loaded_at: datetime
+
+    @property
+    def policy_ids(self) -> list[str]:
+        return sorted(self.names.values())
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    path: str
+    digest: str
+    loaded_at: datetime
+    policy_ids: list[str]
+    reload_error: str
+    reload_error_at: datetime | None
+
+
+def parse_policies(path: Path, text: str) -> LoadedPolicies:
+    try:
+        policies = cedarpy.PolicySet.from_str(text)
+        names = _policy_names(text)
+    except ValueError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    return LoadedPolicies(
+        policies=policies,
+        names=names,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+        loaded_at=utcnow(),
+    )
+
+
+class PolicyEngine:
+    """Evaluates the operator's Cedar policy file, reloading it when it changes.
+
+    A file that fails to parse never replaces the policies in force: the error
+    is logged and reported by :meth:`status` until a good file is saved.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._loaded = parse_policies(self.path, self.path.read_text())
+        self._reload_error = ""
+        self._reload_error_at: datetime | None = None
+        self._failed_digest = ""
+        self._lock = threading.Lock()
+        # A decision is a pure function of the policies in force and of the request
+        # entities and context. The key holds all of them (the policy digest too, so a
+        # reload starts afresh): a repeated call (a UI refresh, the same operator acting
+        # on the same record) is a dictionary lookup instead of a Cedar evaluation.
+        self._decisions: LRUCache[tuple[Any, ...], Decision] = LRUCache(DECISION_CACHE_ENTRIES)
+        self._decisions_lock = threading.Lock()
+
+    def reload_if_changed(self) -> bool | None:
+        """Reload when the file's content changed: True loaded, False refused, None unchanged."""
+        with self._lock:
+            try:
+                text = self.path.read_text()
+            except OSError as exc:
+                return self._refuse(hashlib.sha256(str(exc).encode()).hexdigest(), str(exc))
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest == self._loaded.digest:
+                if self._reload_error:
+                    # The file was put back as it is in force: nothing is pending any more.
+                    self._reload_error, self._reload_error_at, self._failed_digest = "", None, ""
+                return None
+            if digest == self._failed_digest:
+                return None
+            try:
+                loaded = parse_policies(self.path, text)
+            except PolicyError as exc:
+                return self._refuse(digest, str(exc))
+            self._loaded = loaded
+            self._reload_error, self._reload_error_at, self._failed_digest = "", None, ""
+            log.info(
+                "policies reloaded from %s (sha256 %s): %s",
+                self.path,
+                loaded.digest[:12],
+                ", ".join(loaded.policy_ids),
+            )
+            return True
+
+    def _refuse(self, digest: str, error: str) -> bool:
+        log.error("policy file %s rejected, previous policies stay in force: %s", self.path, error)
+        self._failed_digest = digest
+        self._reload_error = error
+        self._reload_error_at = utcnow()
+        return False
+
+    def status(self) -> PolicyStatus:
+        loaded = self._loaded
+        return PolicyStatus(
+            path=str(self.path),
+            digest=loaded.digest,
+            loaded_at=loaded.loaded_at,
+            policy_ids=loaded.policy_ids,
+            reload_error=self._reload_error,
+            reload_error_at=self._reload_error_at,
+        )
+
+    def authorize(
+        self,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: Sequence[ActionSubject],
+    ) -> list[Decision]:
+        """One decision per subject, evaluated in one batch against the policies in force."""
+        if not subjects:
+            return []
+        with tracer.start_as_current_span(
+            "policy.authorize",
+            attributes={
+                "actionmesh.policy.operation": operation.value,
+                "actionmesh.tenant": caller.tenant,
+                "actionmesh.record.type": record.type,
+                "actionmesh.policy.subjects": len(subjects),
+            },
+        ) as span:
+            decisions = self._authorize(operation, caller, record, subjects)
+            span.set_attribute("actionmesh.policy.allowed", sum(d.allowed for d in decisions))
+            if len(subjects) == 1:
+                span.set_attribute("actionmesh.action_id", subjects[0].action_id)
+                span.set_attribute("actionmesh.provider_id", subjects[0].provider_id)
+                span.set_attribute("actionmesh.policy.ids", list(decisions[0].policy_ids))
+            return decisions
+
+    def _authorize(
+        self,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: Sequence[ActionSubject],
+    ) -> list[Decision]:
+        loaded = self._loaded
+        shared = (
+            loaded.digest,
+            operation.value,
+            caller.subject,
+            caller.tenant,
+            tuple(caller.roles),
+            record.tenant,
+            record.type,
+            record.id,
+            record.status,
+            record.sensitivity,
+            tuple(sorted(record.attributes.items())),
+        )
+        keys = [
+            (
+                *shared,
+                subject.action_id,
+                subject.provider_id,
+                subject.descriptor.risk,
+                subject.descriptor.reversible,
+                subject.descriptor.requires_approval,
+            )
+            for subject in subjects
+        ]
+        with self._decisions_lock:
+            known = [self._decisions.get(key) for key in keys]
+        missing = [i for i, decision in enumerate(known) if decision is None]
+        if missing:
+            fresh = self._evaluate(
+                loaded, operation, caller, record, [subjects[i] for i in missing]
+            )
+            with self._decisions_lock:
+                for i, decision in zip(missing, fresh, strict=True):
+                    known[i] = self._decisions[keys[i]] = decision
+        return [decision for decision in known if decision is not None]
+
+    @staticmethod
+    def _evaluate(
+        loaded: LoadedPolicies,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subjects: Sequence[ActionSubject],
+    ) -> list[Decision]:
+        principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
+        entities: list[dict[str, Any]] = [
+            {
+                "uid": principal,
+                "attrs": {"tenant": caller.tenant, "roles": list(caller.roles)},
+                "parents": [],
+            }
+        ]
+        requests = []
+        context = {"record": record_context(record)}
+        for subject in subjects:
+            resource = {"type": RESOURCE_TYPE, "id": subject.action_id}
+            entities.append(
+                {
+                    "uid": resource,
+                    "attrs": {
+                        "provider": subject.provider_id,
+                        "risk": risk_name(subject.descriptor.risk),
+                        "reversible": subject.descriptor.reversible,
+                        "requires_approval": subject.descriptor.requires_approval,
+                    },
+                    "parents": [],
+                }
+            )
+            requests.append(
+                {
+                    "principal": principal,
+                    "action": {"type": ACTION_TYPE, "id": operation.value},
+                    "resource": resource,
+                    "context": context,
+                }
+            )
+        results = cedarpy.is_authorized_batch(requests, loaded.policies, entities)
+        decisions = []
+        for result in results:
+            errors = tuple(str(e) for e in result.diagnostics.errors)
+            if errors:
+                log.warning("policy evaluation errors: %s", errors)
+            decisions.append(
+                Decision(
+                    allowed=bool(result.allowed),
+                    policy_ids=tuple(loaded.names.get(p, p) for p in result.diagnostics.reasons),
+                    errors=errors,
+                )
+            )
+        return decisions
+
+
+def _policy_names(text: str) -> dict[str, str]:
+    """Map Cedar's positional ids (policy0, ...) to their @id annotations."""
+    parsed = json.loads(cedarpy.policies_to_json_str(text))
+    names = {}
+    for position, policy in parsed.get("staticPolicies", {}).items():
+        names[position] = policy.get("annotations", {}).get("id", position)
+    return names

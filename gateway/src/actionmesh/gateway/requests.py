@@ -1,0 +1,233 @@
+"""Shape checks of caller requests, before anything else looks at them.
+
+Every size and shape limit of what a caller may send the gateway lives here (the
+input limits an action's schema also enforces come from :mod:`actionmesh.rpc.schema`,
+so the two can never disagree). The checks run before the tenant, the directory
+or policy see a request, so nothing downstream (Cedar, the stores, audit
+evidence) ever holds an unbounded or malformed value. The whole request is
+bounded as well: the gateway's gRPC server refuses messages over
+``GatewayConfig.max_request_bytes`` with RESOURCE_EXHAUSTED before decoding them.
+
+Violations name the field (``record.attributes``, ``inputs.reason``) and state the
+rule; they never echo a submitted value, and echo a caller-chosen name (an input
+name, an attribute key) only when it matches the name pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from actionmesh.rpc.errors import FieldViolation, InvalidArgument
+from actionmesh.rpc.schema import MAX_INPUTS, MAX_STRING_CHARS, NAME_PATTERN
+from actionmesh.v1 import common_pb2
+
+__all__ = [
+    "ACTION_ID",
+    "ATTRIBUTE_KEY",
+    "IDEMPOTENCY_KEY",
+    "MAX_ACTION_ID",
+    "MAX_ATTRIBUTES",
+    "MAX_ATTRIBUTE_KEY",
+    "MAX_ATTRIBUTE_VALUE",
+    "MAX_INPUTS",
+    "MAX_INPUT_NAME",
+    "MAX_LISTED_VIOLATIONS",
+    "MAX_STATUS",
+    "MAX_STRING_CHARS",
+    "MAX_TENANT",
+    "MAX_VERSION",
+    "RECORD_ID",
+    "RECORD_TYPE",
+    "check_record",
+    "execute_violations",
+    "input_violations",
+    "listed",
+    "record_violations",
+]
+
+# \Z, not $: "$" also matches before a trailing newline, so "wi-1\n" would pass.
+ACTION_ID = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+\Z")
+MAX_ACTION_ID = 128
+RECORD_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}\Z")
+RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,255}\Z")
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+MAX_TENANT = 128
+MAX_STATUS = 64
+# Etags and revisions are short; this only keeps the discovery cache key bounded.
+MAX_VERSION = 128
+MAX_ATTRIBUTES = 16
+# Keys appear in policy (context.record.attributes.KEY) and in evidence paths.
+ATTRIBUTE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
+MAX_ATTRIBUTE_KEY = 64
+MAX_ATTRIBUTE_VALUE = 256
+# Same pattern as a declared input name (^[a-z][a-z0-9_]{0,63}$).
+MAX_INPUT_NAME = 64
+# Error details travel in a trailer that gRPC refuses past 8 KiB (after base64): past
+# this many violations the rest are summarised in one, so the refusal stays readable.
+MAX_LISTED_VIOLATIONS = 20
+_SENSITIVITIES = frozenset(common_pb2.Sensitivity.values())
+# No control characters in identifiers and labels; free text (input strings,
+# attribute values) may hold tabs and line breaks, nothing else below 0x20. NUL in
+# particular cannot be stored in PostgreSQL text.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _plain(text: str) -> bool:
+    return _CONTROL.search(text) is None
+
+
+def _free_text(text: str) -> bool:
+    return _TEXT_CONTROL.search(text) is None
+
+
+def record_violations(
+    record: common_pb2.RecordContext, present: bool, path: str = "record"
+) -> list[FieldViolation]:
+    if not present:
+        return [FieldViolation(path, "is required")]
+    problems = []
+    if not record.tenant or len(record.tenant) > MAX_TENANT or not _plain(record.tenant):
+        problems.append(
+            FieldViolation(
+                f"{path}.tenant", f"must be 1..{MAX_TENANT} characters, no control characters"
+            )
+        )
+    if not RECORD_TYPE.match(record.type):
+        problems.append(FieldViolation(f"{path}.type", "must match ^[a-z][a-z0-9_.-]{0,63}$"))
+    if not RECORD_ID.match(record.id):
+        problems.append(
+            FieldViolation(f"{path}.id", "must be 1..256 of letters, digits and _ . : / -")
+        )
+    if len(record.status) > MAX_STATUS or not _plain(record.status):
+        problems.append(
+            FieldViolation(
+                f"{path}.status",
+                f"must be at most {MAX_STATUS} characters, no control characters",
+            )
+        )
+    if record.sensitivity not in _SENSITIVITIES:
+        problems.append(
+            FieldViolation(
+                f"{path}.sensitivity", "must be NORMAL, SENSITIVE, RESTRICTED or unspecified"
+            )
+        )
+    if len(record.version) > MAX_VERSION or not _plain(record.version):
+        problems.append(
+            FieldViolation(
+                f"{path}.version",
+                f"must be at most {MAX_VERSION} characters, no control characters",
+            )
+        )
+    problems.extend(_attribute_violations(record.attributes, f"{path}.attributes"))
+    return problems
+
+
+def _attribute_violations(attributes: Mapping[str, str], path: str) -> list[FieldViolation]:
+    if len(attributes) > MAX_ATTRIBUTES:
+        # Past the count there is no point judging each one (and the list stays short).
+        return [FieldViolation(path, f"at most {MAX_ATTRIBUTES} attributes")]
+    problems = []
+    bad_keys = False
+    for key, value in sorted(attributes.items()):
+        if not ATTRIBUTE_KEY.match(key):
+            bad_keys = True
+            continue
+        if len(value) > MAX_ATTRIBUTE_VALUE or not _free_text(value):
+            problems.append(
+                FieldViolation(
+                    f"{path}[{key}]",
+                    f"must be at most {MAX_ATTRIBUTE_VALUE} characters, "
+                    "no control characters but tab and line breaks",
+                )
+            )
+    if bad_keys:
+        problems.append(
+            FieldViolation(
+                path,
+                f"keys must be 1..{MAX_ATTRIBUTE_KEY} of letters, digits and _ . - "
+                "starting with a letter",
+            )
+        )
+    return problems
+
+
+def listed(problems: list[FieldViolation]) -> list[FieldViolation]:
+    """At most MAX_LISTED_VIOLATIONS, the last one counting those left out."""
+    if len(problems) <= MAX_LISTED_VIOLATIONS:
+        return problems
+    kept, hidden = problems[: MAX_LISTED_VIOLATIONS - 1], problems[MAX_LISTED_VIOLATIONS - 1 :]
+    where = re.split(r"[.\[]", hidden[0].field, maxsplit=1)[0]
+    return [*kept, FieldViolation(where, f"has {len(hidden)} more problems not listed")]
+
+
+def check_record(record: common_pb2.RecordContext, present: bool) -> None:
+    problems = listed(record_violations(record, present))
+    if problems:
+        raise InvalidArgument("invalid record", reason="INVALID_RECORD", violations=problems)
+
+
+def input_violations(
+    inputs: Mapping[str, common_pb2.InputValue], path: str = "inputs"
+) -> list[FieldViolation]:
+    """The limits every input obeys whatever the action declares.
+
+    The action's own schema (types, required, bounds, allowed values) is checked
+    later, against the descriptor, by :func:`actionmesh.rpc.schema.validate_inputs`.
+    """
+    if len(inputs) > MAX_INPUTS:
+        return [FieldViolation(path, f"must have at most {MAX_INPUTS} inputs")]
+    problems = []
+    bad_names = False
+    for name, value in sorted(inputs.items()):
+        if not NAME_PATTERN.fullmatch(name):
+            bad_names = True
+            continue
+        if value.WhichOneof("kind") != "string_value":
+            continue
+        text = value.string_value
+        if len(text) > MAX_STRING_CHARS:
+            problems.append(
+                FieldViolation(f"{path}.{name}", f"must be at most {MAX_STRING_CHARS} characters")
+            )
+        elif not _free_text(text):
+            problems.append(
+                FieldViolation(
+                    f"{path}.{name}", "must not hold control characters but tab and line breaks"
+                )
+            )
+    if bad_names:
+        problems.append(
+            FieldViolation(
+                path,
+                f"input names must be 1..{MAX_INPUT_NAME} of lower case letters, digits and _ "
+                "starting with a letter",
+            )
+        )
+    return problems
+
+
+def execute_violations(
+    action_id: str,
+    record: common_pb2.RecordContext,
+    has_record: bool,
+    idempotency_key: str,
+    inputs: Mapping[str, common_pb2.InputValue] | None = None,
+) -> list[FieldViolation]:
+    problems = []
+    if len(action_id) > MAX_ACTION_ID or not ACTION_ID.match(action_id):
+        problems.append(
+            FieldViolation(
+                "action_id",
+                f"must be a dotted id like 'workitem.retry', at most {MAX_ACTION_ID} characters",
+            )
+        )
+    problems.extend(record_violations(record, has_record))
+    if not IDEMPOTENCY_KEY.match(idempotency_key):
+        problems.append(
+            FieldViolation("idempotency_key", "is required: 1..128 of letters, digits and _ . : -")
+        )
+    if inputs is not None:
+        problems.extend(input_violations(inputs))
+    return listed(problems)

@@ -1,0 +1,171 @@
+"""Wiring of the gateway process: the same start_gateway serves binaries and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health_pb2
+
+from actionmesh.gateway.admission import Admission
+from actionmesh.gateway.approvals import Approvals
+from actionmesh.gateway.auth import TokenVerifier
+from actionmesh.gateway.config import GatewayConfig
+from actionmesh.gateway.directory import ProviderDirectory
+from actionmesh.gateway.discovery import Discoverer
+from actionmesh.gateway.execution import Executor
+from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.metrics import observe_gateway
+from actionmesh.gateway.outbox import OutboxShipper
+from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.redaction import Redactor
+from actionmesh.gateway.servicer import GatewayServicer
+from actionmesh.gateway.storage import GatewayStore
+from actionmesh.gateway.writer import GroupCommitWriter
+from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.runtime.metrics import expose_metrics
+from actionmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["ActionGatewayService"].full_name
+# grpc.health.v1 service name that is NOT_SERVING while the policy file on disk
+# failed to load (the previous policies stay in force; GetPolicyStatus says why).
+POLICY_HEALTH_NAME = "actionmesh.gateway.policy"
+
+
+async def start_gateway(config: GatewayConfig) -> RunningServer:
+    verifier = TokenVerifier(config)
+    policy = PolicyEngine(config.policy_file)
+    store = await asyncio.to_thread(
+        GatewayStore, config.database_url, migrate=config.migrate_on_start
+    )
+    writer = GroupCommitWriter(store)
+    writer.start()
+    directory = ProviderDirectory(
+        config.registry,
+        tls=config.tls,
+        retire_grace_s=config.max_execute_timeout_s + config.late_result_grace_s,
+    )
+    directory.start()
+    if not await directory.wait_synced(5.0):
+        log.warning("registry %s not reachable yet; discovery starts empty", config.registry)
+    # One channel to the audit log serves both the outbox shipper and history reads.
+    audit_channel = open_channel(config.auditlog, config.tls)
+    shipper = OutboxShipper(
+        store,
+        writer,
+        audit_channel,
+        batch_size=config.audit_batch_size,
+        retry_max_s=config.audit_retry_max_s,
+        linger_s=config.audit_linger_s,
+    )
+    shipper.start()
+    admission = Admission.from_settings(
+        config.tenant_rate_limit,
+        config.tenant_max_concurrent_executions,
+        config.provider_max_concurrent_executions,
+    )
+    executor = Executor(
+        admission=admission,
+        store=store,
+        writer=writer,
+        directory=directory,
+        policy=policy,
+        redactor=Redactor.from_key_file(config.redaction_key_file),
+        on_audit_written=shipper.notify,
+        default_timeout_s=config.default_execute_timeout_s,
+        max_timeout_s=config.max_execute_timeout_s,
+        late_result_grace_s=config.late_result_grace_s,
+        approval_ttl_s=config.approval_ttl_s,
+    )
+    approvals = Approvals(executor, policy)
+    # Executions a previous run of this (or another) gateway left RUNNING and past their
+    # deadline are closed now, not one sweep interval later.
+    try:
+        await approvals.resolve_orphans()
+    except Exception:
+        log.exception("start-up orphan sweep failed; the periodic sweep retries")
+    servicer = GatewayServicer(
+        verifier=verifier,
+        discoverer=Discoverer(
+            directory,
+            policy,
+            config.discover_timeout_s,
+            writer=writer,
+            on_audit_written=shipper.notify,
+            cache_ttl_s=config.discover_cache_ttl_s,
+            cache_max_entries=config.discover_cache_max_entries,
+        ),
+        executor=executor,
+        approvals=approvals,
+        history=HistoryReader(audit_channel),
+        store=store,
+        policy=policy,
+        admission=admission,
+    )
+    running = await start_server(
+        [(gateway_pb2_grpc.add_ActionGatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
+        host=config.host,
+        port=config.port,
+        max_receive_bytes=config.max_request_bytes,
+        credentials=(
+            config.tls.server_credentials(require_client_cert=config.tls_require_client_cert)
+            if config.tls.enabled
+            else None
+        ),
+    )
+    await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+    observe_gateway(running, store, directory)
+    expose_metrics(
+        running, host=config.host, port=config.metrics_port, service_name="actionmesh-gateway"
+    )
+    background = [
+        asyncio.create_task(approvals.sweep_forever(config.approval_sweep_interval_s)),
+        # Re-reads a JWKS so removed keys stop working (returns at once for a fixed key).
+        asyncio.create_task(verifier.refresh_keys_forever()),
+    ]
+    if config.policy_reload_interval_s > 0:
+        background.append(
+            asyncio.create_task(watch_policy(policy, running, config.policy_reload_interval_s))
+        )
+
+    async def stop_background() -> None:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def close_dependencies() -> None:
+        await executor.close()
+        await shipper.close()
+        await writer.close()
+        await directory.close()
+        await audit_channel.close()
+        store.close()
+
+    running.on_stop.append(stop_background)
+    running.after_drain.append(close_dependencies)
+    return running
+
+
+async def watch_policy(policy: PolicyEngine, running: RunningServer, interval_s: float) -> None:
+    """Reload the policy file when it changes; a bad file never replaces a good one."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            changed = await asyncio.to_thread(policy.reload_if_changed)
+        except Exception:
+            log.exception("policy reload check failed")
+            continue
+        healthy = not policy.status().reload_error
+        await running.health.set(
+            POLICY_HEALTH_NAME,
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        if changed is not None:
+            log.info("policy reload: %s", "loaded" if changed else "refused")

@@ -1,0 +1,234 @@
+"""ActionGatewayService: proto <-> domain translation and authentication only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc.aio
+
+from actionmesh.gateway.admission import Admission
+from actionmesh.gateway.approvals import Approvals
+from actionmesh.gateway.auth import TokenVerifier
+from actionmesh.gateway.discovery import Discoverer
+from actionmesh.gateway.execution import ExecuteCommand, Executor
+from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.storage import ExecutionRecord, GatewayStore
+from actionmesh.rpc.convert import to_timestamp
+from actionmesh.rpc.errors import NotFound
+from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        discoverer: Discoverer,
+        executor: Executor,
+        approvals: Approvals,
+        history: HistoryReader,
+        store: GatewayStore,
+        policy: PolicyEngine,
+        admission: Admission,
+    ) -> None:
+        self._admission = admission
+        self._verifier = verifier
+        self._discoverer = discoverer
+        self._executor = executor
+        self._approvals = approvals
+        self._history = history
+        self._store = store
+        self._policy = policy
+
+    async def DiscoverActions(
+        self, request: gateway_pb2.DiscoverActionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.DiscoverActionsResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        await self._admission.check_rate(caller.tenant, "discover")
+        result = await self._discoverer.discover(
+            caller, request.record, request.HasField("record"), skip_cache=request.skip_cache
+        )
+        return gateway_pb2.DiscoverActionsResponse(
+            actions=[
+                gateway_pb2.DiscoveredActionView(
+                    descriptor=a.descriptor,
+                    provider_id=a.provider_id,
+                    available=a.available,
+                    unavailable_reason=a.unavailable_reason,
+                    from_cache=a.from_cache,
+                )
+                for a in result.actions
+            ],
+            degraded_providers=[
+                gateway_pb2.DegradedProvider(provider_id=p, reason=r) for p, r in result.degraded
+            ],
+        )
+
+    async def ExecuteAction(
+        self, request: gateway_pb2.ExecuteActionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ExecuteActionResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        await self._admission.check_rate(caller.tenant, "execute")
+        record = await self._executor.execute(
+            caller,
+            ExecuteCommand(
+                action_id=request.action_id,
+                record=request.record,
+                has_record=request.HasField("record"),
+                inputs=dict(request.inputs),
+                idempotency_key=request.idempotency_key,
+            ),
+        )
+        return gateway_pb2.ExecuteActionResponse(execution=execution_proto(record))
+
+    async def GetExecution(
+        self, request: gateway_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetExecutionResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        record = await asyncio.to_thread(self._store.get, caller.tenant, request.execution_id)
+        if record is None:
+            raise NotFound("no such execution", reason="EXECUTION_NOT_FOUND")
+        return gateway_pb2.GetExecutionResponse(execution=execution_proto(record))
+
+    async def GetRecordHistory(
+        self, request: gateway_pb2.GetRecordHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetRecordHistoryResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        page = await self._history.timeline(
+            caller,
+            request.record,
+            request.page_size,
+            request.page_token,
+            include_discovery=request.include_discovery,
+        )
+        return gateway_pb2.GetRecordHistoryResponse(
+            events=page.events, next_page_token=page.next_page_token
+        )
+
+    async def ListExecutions(
+        self, request: gateway_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListExecutionsResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        page = await self._history.executions(caller, request)
+        return gateway_pb2.ListExecutionsResponse(
+            executions=page.executions, next_page_token=page.next_page_token
+        )
+
+    async def GetTrace(
+        self, request: gateway_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetTraceResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        page = await self._history.trace(
+            caller, request.trace_id, request.page_size, request.page_token
+        )
+        return gateway_pb2.GetTraceResponse(
+            events=page.events, next_page_token=page.next_page_token
+        )
+
+    async def ListPendingApprovals(
+        self, request: gateway_pb2.ListPendingApprovalsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListPendingApprovalsResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        page = await self._approvals.list_pending(
+            caller,
+            request.record if request.HasField("record") else None,
+            request.page_size,
+            request.page_token,
+        )
+        return gateway_pb2.ListPendingApprovalsResponse(
+            approvals=[
+                gateway_pb2.PendingApproval(
+                    execution=execution_proto(p.record),
+                    record=p.command.record,
+                    inputs=dict(p.command.inputs),
+                    requester_roles=p.record.requester_roles,
+                )
+                for p in page.approvals
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ApproveExecution(
+        self, request: gateway_pb2.ApproveExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ApproveExecutionResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        record = await self._approvals.approve(
+            caller,
+            request.execution_id,
+            request.comment,
+            request.record,
+            request.HasField("record"),
+        )
+        return gateway_pb2.ApproveExecutionResponse(execution=execution_proto(record))
+
+    async def RejectExecution(
+        self, request: gateway_pb2.RejectExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RejectExecutionResponse:
+        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        record = await self._approvals.reject(caller, request.execution_id, request.comment)
+        return gateway_pb2.RejectExecutionResponse(execution=execution_proto(record))
+
+    async def GetPolicyStatus(
+        self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetPolicyStatusResponse:
+        await self._verifier.authenticate_async(context.invocation_metadata())
+        status = self._policy.status()
+        reply = gateway_pb2.GetPolicyStatusResponse(
+            policy_file=status.path,
+            digest=status.digest,
+            loaded_at=to_timestamp(status.loaded_at),
+            policy_ids=status.policy_ids,
+            reload_error=status.reload_error,
+        )
+        if status.reload_error_at is not None:
+            reply.reload_error_at.CopyFrom(to_timestamp(status.reload_error_at))
+        return reply
+
+
+APPROVAL_STATES = {
+    "PENDING": gateway_pb2.APPROVAL_STATE_PENDING,
+    "APPROVED": gateway_pb2.APPROVAL_STATE_APPROVED,
+    "REJECTED": gateway_pb2.APPROVAL_STATE_REJECTED,
+    "EXPIRED": gateway_pb2.APPROVAL_STATE_EXPIRED,
+}
+
+
+def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
+    outcome = (
+        common_pb2.OUTCOME_UNSPECIFIED
+        if not record.finished
+        else common_pb2.Outcome.Value(f"OUTCOME_{record.outcome}")
+    )
+    message = gateway_pb2.Execution(
+        execution_id=record.execution_id,
+        action_id=record.action_id,
+        provider_id=record.provider_id,
+        tenant=record.tenant,
+        record=common_pb2.RecordRef(type=record.record_type, id=record.record_id),
+        actor=record.actor,
+        outcome=outcome,
+        reason=record.reason,
+        message=record.message,
+        external_ref=record.external_ref,
+        changes=[common_pb2.FieldChange(field=f, before=b, after=a) for f, b, a in record.changes],
+        warnings=record.warnings,
+        trace_id=record.trace_id,
+        idempotency_key=record.idempotency_key,
+        started_at=to_timestamp(record.started_at),
+    )
+    if record.finished_at is not None:
+        message.finished_at.CopyFrom(to_timestamp(record.finished_at))
+    if record.approval_state:
+        message.approval.state = APPROVAL_STATES[record.approval_state]
+        message.approval.approver = record.approver
+        message.approval.comment = record.approval_comment
+        if record.approval_expires_at is not None:
+            message.approval.expires_at.CopyFrom(to_timestamp(record.approval_expires_at))
+        if record.approval_decided_at is not None:
+            message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
+    if record.late_outcome:
+        message.late_outcome = common_pb2.Outcome.Value(f"OUTCOME_{record.late_outcome}")
+        if record.late_result_at is not None:
+            message.late_result_at.CopyFrom(to_timestamp(record.late_result_at))
+    return message

@@ -1,0 +1,691 @@
+"""Executions and the audit outbox, in one SQLAlchemy database.
+
+An execution's state change and the audit event describing it are written in
+the same transaction, so the audit trail can lag but never lose an event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from actionmesh.runtime.db import UTCDateTime, make_engine
+from actionmesh.runtime.migrations import ServiceMigrations, prepare_schema
+from actionmesh.v1 import audit_pb2
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ExecutionRow(Base):
+    __tablename__ = "executions"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_execution_key"),
+        # The few RUNNING rows (and pending approvals) without scanning every finished one.
+        Index("ix_executions_outcome_deadline", "outcome", "dispatch_deadline"),
+    )
+
+    execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    action_id: Mapped[str] = mapped_column(String(128))
+    provider_id: Mapped[str] = mapped_column(String(128))
+    record_type: Mapped[str] = mapped_column(String(128))
+    record_id: Mapped[str] = mapped_column(String(256))
+    actor: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(128), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    external_ref: Mapped[str] = mapped_column(String(512), default="")
+    changes_json: Mapped[str] = mapped_column(Text, default="[]")
+    warnings_json: Mapped[str] = mapped_column(Text, default="[]")
+    trace_id: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The request exactly as authorized (ExecuteActionRequest bytes): what an
+    # approver approves and what is dispatched after approval.
+    request_payload: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    requester_roles_json: Mapped[str] = mapped_column(Text, default="[]")
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False)
+    approval_state: Mapped[str] = mapped_column(String(16), default="", index=True)
+    approval_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    approval_decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    approver: Mapped[str] = mapped_column(String(256), default="")
+    approval_comment: Mapped[str] = mapped_column(Text, default="")
+    late_outcome: Mapped[str] = mapped_column(String(32), default="")
+    late_result_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Set whenever the row becomes RUNNING: by then its runner has written an outcome
+    # (TIMED_OUT at the latest), so a row still RUNNING well after it has lost its runner.
+    # None on rows written before revision 0002.
+    dispatch_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class OutboxRow(Base):
+    __tablename__ = "audit_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ParkedEventRow(Base):
+    """An event the audit log refused as invalid: kept for an operator, never dropped."""
+
+    __tablename__ = "audit_outbox_parked"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(Text)
+
+
+# The outcome a running execution has until it finishes.
+RUNNING = "RUNNING"
+PENDING_APPROVAL = "PENDING_APPROVAL"
+# Approval states (ExecutionRow.approval_state); "" for actions without approval.
+APPROVAL_PENDING = "PENDING"
+APPROVAL_APPROVED = "APPROVED"
+APPROVAL_REJECTED = "REJECTED"
+APPROVAL_EXPIRED = "EXPIRED"
+# How an orphaned execution (its gateway stopped while the provider worked) is closed.
+ORPHAN_OUTCOME = "TIMED_OUT"
+ORPHAN_REASON = "GATEWAY_STOPPED"
+ORPHAN_MESSAGE = (
+    "the gateway stopped while the provider was working on it; it may or may not have acted. "
+    "Retry only with the same idempotency key"
+)
+
+
+@dataclass
+class ExecutionRecord:
+    """An execution as the domain sees it (no ORM state leaks out)."""
+
+    execution_id: str
+    tenant: str
+    idempotency_key: str
+    request_hash: str
+    action_id: str
+    provider_id: str
+    record_type: str
+    record_id: str
+    actor: str
+    outcome: str
+    started_at: datetime
+    reason: str = ""
+    message: str = ""
+    external_ref: str = ""
+    changes: list[tuple[str, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    trace_id: str = ""
+    finished_at: datetime | None = None
+    request_payload: bytes = b""
+    requester_roles: list[str] = field(default_factory=list)
+    sensitive: bool = False
+    approval_state: str = ""
+    approval_expires_at: datetime | None = None
+    approval_decided_at: datetime | None = None
+    approver: str = ""
+    approval_comment: str = ""
+    late_outcome: str = ""
+    late_result_at: datetime | None = None
+    dispatch_deadline: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        """No dispatch is under way (pending approval counts: nothing runs until decided)."""
+        return self.outcome != RUNNING
+
+
+@dataclass(frozen=True)
+class ApprovalDecision:
+    """How a pending execution leaves PENDING_APPROVAL."""
+
+    state: str
+    outcome: str
+    approver: str
+    comment: str
+    decided_at: datetime
+    reason: str = ""
+    message: str = ""
+    dispatch_deadline: datetime | None = None
+    """When the dispatch an approval starts must have ended (outcome RUNNING only)."""
+
+
+@dataclass(frozen=True)
+class OrphanRule:
+    """When a RUNNING execution has lost its runner (a gateway that stopped or crashed).
+
+    A live runner writes an outcome by the row's ``dispatch_deadline`` (TIMED_OUT at the
+    latest), so a row still RUNNING ``margin`` after it is an orphan, whichever replica
+    ran it. Rows from before revision 0002 have no deadline: they count from when their
+    dispatch started (approval decision, else start) plus ``legacy_running``.
+    """
+
+    margin: timedelta
+    legacy_running: timedelta
+
+    def orphaned_at(self, record: ExecutionRecord) -> datetime:
+        """The moment ``record``, if still RUNNING, counts as orphaned."""
+        if record.dispatch_deadline is not None:
+            return record.dispatch_deadline + self.margin
+        started = record.approval_decided_at or record.started_at
+        return started + self.legacy_running + self.margin
+
+    def condition(self, now: datetime) -> ColumnElement[bool]:
+        """The same test as :meth:`orphaned_at`, in SQL, for rows at ``now``."""
+        columns = _EXECUTIONS.c
+        return and_(
+            columns.outcome == RUNNING,
+            or_(
+                columns.dispatch_deadline <= now - self.margin,
+                and_(
+                    columns.dispatch_deadline.is_(None),
+                    func.coalesce(columns.approval_decided_at, columns.started_at)
+                    <= now - self.margin - self.legacy_running,
+                ),
+            ),
+        )
+
+
+class KeyConflict(Exception):
+    """Another execution already holds this (tenant, idempotency key)."""
+
+    def __init__(self, existing: ExecutionRecord) -> None:
+        super().__init__(existing.execution_id)
+        self.existing = existing
+
+
+class GatewayStore:
+    """Repository for executions and the audit outbox."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Open the store at ``url`` and bring its schema to the latest Alembic revision.
+
+        With ``migrate=False`` the schema must already be there (SchemaNotCurrentError).
+        """
+        self.engine = make_engine(url)
+        try:
+            prepare_schema(self.engine, MIGRATIONS, migrate=migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def write(self, op: WriteOp[T]) -> T:
+        """Run one write operation in a transaction of its own."""
+        try:
+            with self._session.begin() as session:
+                return op(session)
+        except IntegrityError as exc:
+            if isinstance(op, InsertExecution):
+                raise self._conflict(op.record, exc) from exc
+            raise
+
+    def write_group(self, ops: Sequence[WriteOp[Any]]) -> list[Any]:
+        """Run several write operations in one transaction (group commit).
+
+        Returns each operation's result, or the exception it raised. When the group
+        fails (an idempotency key already taken, a lost race on another replica),
+        nothing of it is kept and each operation runs again alone, so one failure
+        never takes its neighbours down with it.
+        """
+        if len(ops) > 1:
+            try:
+                with self._session.begin() as session:
+                    return [op(session) for op in ops]
+            except Exception:  # retried one by one just below
+                pass
+        results: list[Any] = []
+        for op in ops:
+            try:
+                results.append(self.write(op))
+            except Exception as exc:  # handed to the operation's caller
+                results.append(exc)
+        return results
+
+    def _conflict(self, record: ExecutionRecord, exc: IntegrityError) -> Exception:
+        existing = self.find_by_key(record.tenant, record.idempotency_key)
+        return exc if existing is None else KeyConflict(existing)
+
+    def insert_execution(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> None:
+        """Store a new execution with its events; KeyConflict if the key is taken."""
+        self.write(InsertExecution(record, tuple(events)))
+
+    def record_attempt(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
+        """Enqueue events for an attempt that never became an execution (refused early)."""
+        self.write(record_attempt_op(events))
+
+    def finish_execution(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> bool:
+        return self.write(finish_execution_op(record, events))
+
+    def decide_approval(
+        self,
+        execution_id: str,
+        decision: ApprovalDecision,
+        events: Sequence[audit_pb2.AuditEvent],
+    ) -> bool:
+        """Move a pending execution on, exactly once across gateway replicas.
+
+        False when it was no longer pending (another approver or the expiry
+        sweep decided first); the events are then not written.
+        """
+        return self.write(decide_approval_op(execution_id, decision, events))
+
+    def pending_approvals(
+        self,
+        tenant: str,
+        *,
+        record: tuple[str, str] | None,
+        not_expired_at: datetime,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[ExecutionRecord]:
+        """Pending executions of one tenant, oldest first, keyset-paged."""
+        query = select(ExecutionRow).where(
+            ExecutionRow.tenant == tenant,
+            ExecutionRow.outcome == PENDING_APPROVAL,
+            ExecutionRow.approval_expires_at > not_expired_at,
+        )
+        if record is not None:
+            query = query.where(
+                ExecutionRow.record_type == record[0], ExecutionRow.record_id == record[1]
+            )
+        if after is not None:
+            query = query.where(
+                (ExecutionRow.started_at > after[0])
+                | ((ExecutionRow.started_at == after[0]) & (ExecutionRow.execution_id > after[1]))
+            )
+        query = query.order_by(ExecutionRow.started_at, ExecutionRow.execution_id).limit(limit)
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def expired_approvals(self, now: datetime, limit: int) -> list[ExecutionRecord]:
+        """Pending executions (any tenant) whose approval window has closed."""
+        query = (
+            select(ExecutionRow)
+            .where(
+                ExecutionRow.outcome == PENDING_APPROVAL,
+                ExecutionRow.approval_expires_at <= now,
+            )
+            .order_by(ExecutionRow.approval_expires_at)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def orphaned_executions(
+        self, rule: OrphanRule, now: datetime, limit: int
+    ) -> list[ExecutionRecord]:
+        """RUNNING executions (any tenant) that lost their runner by ``now``, oldest first."""
+        query = (
+            select(ExecutionRow)
+            .where(rule.condition(now))
+            .order_by(ExecutionRow.started_at, ExecutionRow.execution_id)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def resolve_orphan(
+        self,
+        execution_id: str,
+        rule: OrphanRule,
+        now: datetime,
+        events: Sequence[audit_pb2.AuditEvent],
+    ) -> bool:
+        """Close an orphaned execution as TIMED_OUT, exactly once across replicas."""
+        return self.write(resolve_orphan_op(execution_id, rule, now, events))
+
+    def record_late_result(
+        self, record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> bool:
+        """Attach a provider's late answer to a TIMED_OUT execution (its outcome stays)."""
+        return self.write(record_late_result_op(record, events))
+
+    def reclaim_unavailable(self, execution_id: str, dispatch_deadline: datetime) -> bool:
+        """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
+        return self.write(reclaim_unavailable_op(execution_id, dispatch_deadline))
+
+    def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
+        with self._session() as session:
+            row = session.get(ExecutionRow, execution_id)
+            return _from_row(row) if row is not None and row.tenant == tenant else None
+
+    def find_by_key(self, tenant: str, idempotency_key: str) -> ExecutionRecord | None:
+        with self._session() as session:
+            row = session.scalars(
+                select(ExecutionRow).where(
+                    ExecutionRow.tenant == tenant, ExecutionRow.idempotency_key == idempotency_key
+                )
+            ).first()
+            return _from_row(row) if row is not None else None
+
+    def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
+        with self._session() as session:
+            rows = session.execute(
+                select(OutboxRow.id, OutboxRow.payload).order_by(OutboxRow.id).limit(limit)
+            ).all()
+            return [(row.id, row.payload) for row in rows]
+
+    def delete_events(self, ids: Sequence[int]) -> None:
+        self.write(delete_events_op(ids))
+
+    def park_event(self, row_id: int, error: str) -> None:
+        """Move one outbox row aside so it no longer blocks the ones behind it."""
+        self.write(park_event_op(row_id, error))
+
+    def parked_count(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(ParkedEventRow)) or 0)
+
+    def outbox_depth(self) -> int:
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
+
+
+T = TypeVar("T")
+# A write against an open transaction; GatewayStore.write runs one alone and
+# write_group several in one transaction.
+WriteOp = Callable[[Session], T]
+
+_EXECUTIONS = cast(Table, ExecutionRow.__table__)
+_OUTBOX = cast(Table, OutboxRow.__table__)
+
+
+@dataclass(frozen=True)
+class InsertExecution:
+    """A new execution with its first events (a taken key becomes KeyConflict)."""
+
+    record: ExecutionRecord
+    events: tuple[audit_pb2.AuditEvent, ...]
+
+    def __call__(self, session: Session) -> None:
+        session.execute(insert(_EXECUTIONS), [_row_values(self.record)])
+        _enqueue(session, self.events)
+
+
+def record_attempt_op(events: Sequence[audit_pb2.AuditEvent]) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        _enqueue(session, events)
+
+    return op
+
+
+def finish_execution_op(
+    record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    """Record a RUNNING execution's outcome with its events.
+
+    False (and no events) when the row is no longer RUNNING: this runner was so late
+    that another replica resolved the row as orphaned first. LookupError if it is gone.
+    """
+
+    def op(session: Session) -> bool:
+        # By primary key, no read first: this process inserted the row and runs it.
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == record.execution_id,
+                _EXECUTIONS.c.outcome == RUNNING,
+            )
+            .values(
+                outcome=record.outcome,
+                reason=record.reason,
+                message=record.message,
+                external_ref=record.external_ref,
+                changes_json=json.dumps(record.changes),
+                warnings_json=json.dumps(record.warnings),
+                finished_at=record.finished_at,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            exists = session.scalar(
+                select(_EXECUTIONS.c.outcome).where(
+                    _EXECUTIONS.c.execution_id == record.execution_id
+                )
+            )
+            if exists is None:
+                raise LookupError(record.execution_id)
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def decide_approval_op(
+    execution_id: str, decision: ApprovalDecision, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    values: dict[str, object] = {
+        "outcome": decision.outcome,
+        "approval_state": decision.state,
+        "approver": decision.approver,
+        "approval_comment": decision.comment,
+        "approval_decided_at": decision.decided_at,
+    }
+    if decision.outcome != RUNNING:
+        values.update(
+            reason=decision.reason, message=decision.message, finished_at=decision.decided_at
+        )
+    else:
+        values["dispatch_deadline"] = decision.dispatch_deadline
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == execution_id,
+                _EXECUTIONS.c.outcome == PENDING_APPROVAL,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def record_late_result_op(
+    record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == record.execution_id,
+                _EXECUTIONS.c.outcome == "TIMED_OUT",
+                _EXECUTIONS.c.late_outcome == "",
+            )
+            .values(
+                late_outcome=record.late_outcome,
+                late_result_at=record.late_result_at,
+                external_ref=record.external_ref,
+                changes_json=json.dumps(record.changes),
+                warnings_json=json.dumps(record.warnings),
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> WriteOp[bool]:
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                _EXECUTIONS.c.execution_id == execution_id,
+                _EXECUTIONS.c.outcome == "UNAVAILABLE",
+            )
+            .values(outcome=RUNNING, finished_at=None, dispatch_deadline=dispatch_deadline)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    return op
+
+
+def resolve_orphan_op(
+    execution_id: str,
+    rule: OrphanRule,
+    now: datetime,
+    events: Sequence[audit_pb2.AuditEvent],
+) -> WriteOp[bool]:
+    """Close an orphaned execution as TIMED_OUT (GATEWAY_STOPPED) with its events.
+
+    A compare-and-set on RUNNING and the orphan rule at ``now``: with several replicas
+    sweeping (and same-key retries resolving), exactly one writes; the others get False.
+    """
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(_EXECUTIONS.c.execution_id == execution_id, rule.condition(now))
+            .values(
+                outcome=ORPHAN_OUTCOME,
+                reason=ORPHAN_REASON,
+                message=ORPHAN_MESSAGE,
+                finished_at=now,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def delete_events_op(ids: Sequence[int]) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        session.execute(delete(_OUTBOX).where(_OUTBOX.c.id.in_(list(ids))))
+
+    return op
+
+
+def park_event_op(row_id: int, error: str) -> WriteOp[None]:
+    def op(session: Session) -> None:
+        row = session.get(OutboxRow, row_id)
+        if row is None:
+            return
+        session.add(ParkedEventRow(event_id=row.event_id, payload=row.payload, error=error))
+        session.delete(row)
+
+    return op
+
+
+def _enqueue(session: Session, events: Sequence[audit_pb2.AuditEvent]) -> None:
+    if events:
+        session.execute(
+            insert(_OUTBOX),
+            [{"event_id": e.event_id, "payload": e.SerializeToString()} for e in events],
+        )
+
+
+def _row_values(record: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "execution_id": record.execution_id,
+        "tenant": record.tenant,
+        "idempotency_key": record.idempotency_key,
+        "request_hash": record.request_hash,
+        "action_id": record.action_id,
+        "provider_id": record.provider_id,
+        "record_type": record.record_type,
+        "record_id": record.record_id,
+        "actor": record.actor,
+        "outcome": record.outcome,
+        "reason": record.reason,
+        "message": record.message,
+        "external_ref": record.external_ref,
+        "changes_json": json.dumps(record.changes),
+        "warnings_json": json.dumps(record.warnings),
+        "trace_id": record.trace_id,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "request_payload": record.request_payload,
+        "requester_roles_json": json.dumps(record.requester_roles),
+        "sensitive": record.sensitive,
+        "approval_state": record.approval_state,
+        "approval_expires_at": record.approval_expires_at,
+        "approval_decided_at": record.approval_decided_at,
+        "approver": record.approver,
+        "approval_comment": record.approval_comment,
+        "late_outcome": record.late_outcome,
+        "late_result_at": record.late_result_at,
+        "dispatch_deadline": record.dispatch_deadline,
+    }
+
+
+def _from_row(row: ExecutionRow) -> ExecutionRecord:
+    return ExecutionRecord(
+        execution_id=row.execution_id,
+        tenant=row.tenant,
+        idempotency_key=row.idempotency_key,
+        request_hash=row.request_hash,
+        action_id=row.action_id,
+        provider_id=row.provider_id,
+        record_type=row.record_type,
+        record_id=row.record_id,
+        actor=row.actor,
+        outcome=row.outcome,
+        reason=row.reason,
+        message=row.message,
+        external_ref=row.external_ref,
+        changes=[(c[0], c[1], c[2]) for c in json.loads(row.changes_json)],
+        warnings=list(json.loads(row.warnings_json)),
+        trace_id=row.trace_id,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        request_payload=row.request_payload,
+        requester_roles=list(json.loads(row.requester_roles_json)),
+        sensitive=row.sensitive,
+        approval_state=row.approval_state,
+        approval_expires_at=row.approval_expires_at,
+        approval_decided_at=row.approval_decided_at,
+        approver=row.approver,
+        approval_comment=row.approval_comment,
+        late_outcome=row.late_outcome,
+        late_result_at=row.late_result_at,
+        dispatch_deadline=row.dispatch_deadline,
+    )
+
+
+MIGRATIONS = ServiceMigrations.beside("gateway", __file__, Base.metadata)
+"""The gateway's schema: its migrations (``migrations/`` beside this file) and models."""

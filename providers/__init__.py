@@ -1,1 +1,0 @@
-"""actionmesh providers: the provider SDK (``providers.sdk``) and example providers."""

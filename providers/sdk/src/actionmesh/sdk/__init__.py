@@ -1,0 +1,91 @@
+"""The actionmesh provider SDK: declare actions on a :class:`Provider`, then serve it.
+
+::
+
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from actionmesh.sdk import ActionContext, Input, Provider, Result, Risk, Unavailable, serve
+
+
+    @dataclass(frozen=True)
+    class RetryInputs:
+        reason: str = Input(description="Why a retry is safe now", min_length=3, max_length=200)
+        priority: Literal["low", "normal", "high"] = "normal"
+
+
+    workitems = Provider("workitems", version="1.0.0", dedupe=True)
+
+
+    @workitems.action(
+        "workitem.retry",
+        label="Retry work item",
+        record_types=["workitem"],
+        available=lambda r: r.status in {"failed", "stuck"} or Unavailable("STATUS_NOT_FAILED"),
+        risk=Risk.LOW,
+        timeout_s=5.0,
+    )
+    async def retry(ctx: ActionContext, inputs: RetryInputs) -> Result:
+        ...
+        return Result.succeeded(external_ref="wi-1001/attempt-2")
+
+
+    if __name__ == "__main__":
+        serve(workitems)
+
+Everything is checked when declared (``ProviderDefinitionError``). At run time
+the SDK answers Describe and Discover from the declarations, and for Execute
+re-validates the inputs, checks tenant and record type, de-duplicates on the
+idempotency key (``dedupe=True``), runs the handler and maps its
+:class:`Result` (or exception: INTERNAL ``HANDLER_FAILED``) onto the protocol.
+"""
+
+from actionmesh.sdk.config import ProviderConfig
+from actionmesh.sdk.dedupe import (
+    Claim,
+    IdempotencyKey,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    SqlIdempotencyStore,
+)
+from actionmesh.sdk.inputs import Input, NoInputs, ProviderDefinitionError
+from actionmesh.sdk.provider import ActionDefinition, Provider
+from actionmesh.sdk.registration import RegistryLink
+from actionmesh.sdk.resource import Resource
+from actionmesh.sdk.runtime import serve, start_provider
+from actionmesh.sdk.servicer import ActionProviderServicer
+from actionmesh.sdk.types import (
+    ActionContext,
+    Change,
+    OperatorView,
+    RecordView,
+    Result,
+    Risk,
+    Unavailable,
+)
+
+__all__ = [
+    "ActionContext",
+    "ActionDefinition",
+    "ActionProviderServicer",
+    "Change",
+    "Claim",
+    "IdempotencyKey",
+    "IdempotencyStore",
+    "Input",
+    "MemoryIdempotencyStore",
+    "NoInputs",
+    "OperatorView",
+    "Provider",
+    "ProviderConfig",
+    "ProviderDefinitionError",
+    "RecordView",
+    "RegistryLink",
+    "Resource",
+    "Result",
+    "Risk",
+    "SqlIdempotencyStore",
+    "Unavailable",
+    "serve",
+    "start_provider",
+]

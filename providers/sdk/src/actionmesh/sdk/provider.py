@@ -1,0 +1,289 @@
+"""Declaring a provider and its actions; every declaration is checked where it is made."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from actionmesh.rpc.schema import schema_problems
+from actionmesh.sdk.dedupe import IdempotencyStore
+from actionmesh.sdk.inputs import InputModel, ProviderDefinitionError, input_model
+from actionmesh.sdk.types import ActionContext, RecordView, Result, Risk, Unavailable
+from actionmesh.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from actionmesh.sdk.config import ProviderConfig
+    from actionmesh.sdk.registration import RegistryLink
+
+PROVIDER_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
+ACTION_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
+RECORD_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+MAX_TIMEOUT_S = 3600.0
+
+Availability = bool | Unavailable
+Predicate = Callable[[RecordView], Availability]
+Handler = Callable[[ActionContext, Any], Awaitable[Result]]
+StartHook = Callable[["ProviderConfig"], Awaitable[None]]
+StopHook = Callable[[], Awaitable[None]]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Result]])
+S = TypeVar("S", bound=Callable[..., Awaitable[None]])
+
+
+@dataclass(frozen=True)
+class ActionDefinition:
+    """One declared action: its descriptor fields, inputs, predicate and handler."""
+
+    action_id: str
+    label: str
+    description: str
+    record_types: tuple[str, ...]
+    inputs: InputModel
+    handler: Handler
+    available: Predicate | None
+    risk: Risk
+    reversible: bool
+    requires_approval: bool
+    timeout_s: float | None
+
+    def descriptor(self) -> common_pb2.ActionDescriptor:
+        return common_pb2.ActionDescriptor(
+            action_id=self.action_id,
+            label=self.label,
+            description=self.description,
+            record_types=list(self.record_types),
+            inputs=self.inputs.fields,
+            reversible=self.reversible,
+            requires_approval=self.requires_approval,
+            risk=self.risk.value,
+            timeout_ms=0 if self.timeout_s is None else math.ceil(self.timeout_s * 1000),
+        )
+
+
+def _positional_params(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return None
+    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_hook(fn: Any, what: str, arity: int) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise ProviderDefinitionError(f"{what} hook {fn!r} must be an async def")
+    params = _positional_params(fn)
+    if params is None or len(params) != arity:
+        raise ProviderDefinitionError(
+            f"{what} hook {fn.__qualname__} must take exactly {arity} positional argument(s)"
+        )
+
+
+class Provider:
+    """A provider: an id, a version and the actions it declares.
+
+    >>> workitems = Provider("workitems", version="1.0.0", dedupe=True)
+    >>> @workitems.action("workitem.retry", record_types=["workitem"])
+    ... async def retry(ctx: ActionContext, inputs: RetryInputs) -> Result: ...
+
+    ``dedupe=True`` stores each (tenant, action, idempotency key) and its result
+    in the provider's database, so a repeated key returns the stored result
+    without running the handler again; pass an :class:`IdempotencyStore` to use
+    your own store instead. Lifecycle: ``@provider.on_start`` hooks get the
+    :class:`ProviderConfig` and run before the server accepts calls (open your
+    state there); ``@provider.on_stop`` hooks run at shutdown after in-flight
+    executions finished, in reverse order of declaration.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        version: str = "0.0.0",
+        dedupe: bool | IdempotencyStore = False,
+    ) -> None:
+        if not isinstance(id, str) or not PROVIDER_ID_PATTERN.match(id):
+            raise ProviderDefinitionError(
+                f"provider id {id!r} must match {PROVIDER_ID_PATTERN.pattern}"
+            )
+        if not isinstance(version, str) or not version.strip() or len(version) > 64:
+            raise ProviderDefinitionError(
+                f"provider {id}: version must be a short non-empty string"
+            )
+        if not isinstance(dedupe, bool) and not all(
+            callable(getattr(dedupe, name, None)) for name in ("claim", "complete", "release")
+        ):
+            raise ProviderDefinitionError(
+                f"provider {id}: dedupe must be True/False or an IdempotencyStore"
+            )
+        self.id = id
+        self.version = version
+        self.dedupe = dedupe
+        self._actions: dict[str, ActionDefinition] = {}
+        self._on_start: list[StartHook] = []
+        self._on_stop: list[StopHook] = []
+        # Set while served: definitions are frozen and a second concurrent serve refused.
+        self.running = False
+        # The registry link while served with a registry (see start_provider).
+        self.registration: RegistryLink | None = None
+
+    def __repr__(self) -> str:
+        return f"Provider({self.id!r}, version={self.version!r}, actions={list(self._actions)})"
+
+    @property
+    def actions(self) -> Mapping[str, ActionDefinition]:
+        return dict(self._actions)
+
+    @property
+    def start_hooks(self) -> tuple[StartHook, ...]:
+        return tuple(self._on_start)
+
+    @property
+    def stop_hooks(self) -> tuple[StopHook, ...]:
+        return tuple(self._on_stop)
+
+    def _check_mutable(self) -> None:
+        if self.running:
+            raise ProviderDefinitionError(f"provider {self.id} is running; declare actions first")
+
+    def action(
+        self,
+        action_id: str,
+        *,
+        record_types: Iterable[str],
+        label: str | None = None,
+        description: str | None = None,
+        available: Predicate | None = None,
+        risk: Risk = Risk.MEDIUM,
+        reversible: bool = False,
+        requires_approval: bool = False,
+        timeout_s: float | None = None,
+    ) -> Callable[[F], F]:
+        """Declare an action; decorates ``async def handler(ctx, inputs) -> Result``.
+
+        The inputs dataclass is taken from the annotation of the handler's second
+        parameter. ``label`` defaults to the action id, ``description`` to the
+        handler's docstring. ``available(record) -> True | False |
+        Unavailable(reason)`` must be a pure, fast function of the record; it is
+        evaluated on every Discover. ``timeout_s`` is the deadline the gateway
+        enforces (None: the gateway default).
+        """
+        self._check_mutable()
+        where = f"action {action_id!r}"
+        if not isinstance(action_id, str) or not ACTION_ID_PATTERN.match(action_id):
+            raise ProviderDefinitionError(
+                f"{where}: id must match {ACTION_ID_PATTERN.pattern} (e.g. 'workitem.retry')"
+            )
+        if action_id in self._actions:
+            raise ProviderDefinitionError(f"{where}: declared twice in provider {self.id}")
+        if isinstance(record_types, str):
+            raise ProviderDefinitionError(f"{where}: record_types must be a list, not a string")
+        types = tuple(record_types)
+        if not types:
+            raise ProviderDefinitionError(f"{where}: record_types must not be empty")
+        for record_type in types:
+            if not isinstance(record_type, str) or not RECORD_TYPE_PATTERN.match(record_type):
+                raise ProviderDefinitionError(
+                    f"{where}: record type {record_type!r} must match {RECORD_TYPE_PATTERN.pattern}"
+                )
+        if len(set(types)) != len(types):
+            raise ProviderDefinitionError(f"{where}: record_types has duplicates")
+        if not isinstance(risk, Risk):
+            raise ProviderDefinitionError(f"{where}: risk must be a Risk, got {risk!r}")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise ProviderDefinitionError(
+                f"{where}: timeout_s must be a number in (0, {MAX_TIMEOUT_S:g}] or None"
+            )
+        if available is not None:
+            if not callable(available) or inspect.iscoroutinefunction(available):
+                raise ProviderDefinitionError(
+                    f"{where}: available must be a plain (not async) function of the record"
+                )
+            params = _positional_params(available)
+            if params is None or len(params) < 1 or any(p.default is p.empty for p in params[1:]):
+                raise ProviderDefinitionError(
+                    f"{where}: available must take exactly one argument, the record"
+                )
+
+        def decorate(handler: F) -> F:
+            # Returned untouched (and un-narrowed by the checks below): still callable directly.
+            declared = handler
+            self._check_mutable()
+            if action_id in self._actions:
+                raise ProviderDefinitionError(f"{where}: declared twice in provider {self.id}")
+            if not inspect.iscoroutinefunction(handler):
+                raise ProviderDefinitionError(
+                    f"{where}: handler {getattr(handler, '__qualname__', handler)!r} must be an "
+                    "async def taking (ctx, inputs)"
+                )
+            params = _positional_params(handler)
+            if params is None or len(params) != 2:
+                raise ProviderDefinitionError(
+                    f"{where}: handler {handler.__qualname__} must take exactly (ctx, inputs)"
+                )
+            inputs_cls = params[1].annotation
+            if isinstance(inputs_cls, str):
+                # String annotations (from __future__ import annotations) need resolving.
+                try:
+                    inputs_cls = typing.get_type_hints(handler).get(params[1].name)
+                except Exception as exc:
+                    raise ProviderDefinitionError(
+                        f"{where}: cannot resolve the annotations of {handler.__qualname__}: {exc}"
+                    ) from exc
+            if inputs_cls is None or inputs_cls is inspect.Parameter.empty:
+                raise ProviderDefinitionError(
+                    f"{where}: annotate the handler's inputs parameter with its frozen dataclass "
+                    "(use NoInputs for an action without inputs)"
+                )
+            model = input_model(inputs_cls, owner=where)
+            problems = schema_problems(model.fields)
+            if problems:
+                raise ProviderDefinitionError(
+                    f"{where}: invalid input schema: " + "; ".join(problems)
+                )
+            doc = inspect.getdoc(handler) or ""
+            self._actions[action_id] = ActionDefinition(
+                action_id=action_id,
+                label=label or action_id,
+                description=description if description is not None else doc,
+                record_types=types,
+                inputs=model,
+                handler=handler,
+                available=available,
+                risk=risk,
+                reversible=bool(reversible),
+                requires_approval=bool(requires_approval),
+                timeout_s=None if timeout_s is None else float(timeout_s),
+            )
+            return declared
+
+        return decorate
+
+    def on_start(self, hook: S) -> S:
+        """Run ``async def hook(config: ProviderConfig)`` before serving (open state here)."""
+        self._check_mutable()
+        _check_hook(hook, "on_start", 1)
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: S) -> S:
+        """Run ``async def hook()`` at shutdown, after in-flight executions finished."""
+        self._check_mutable()
+        _check_hook(hook, "on_stop", 0)
+        self._on_stop.append(hook)
+        return hook
+
+    def check(self) -> None:
+        """Refuse to serve a provider that declares no actions."""
+        if not self._actions:
+            raise ProviderDefinitionError(f"provider {self.id} declares no actions")

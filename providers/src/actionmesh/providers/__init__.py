@@ -1,0 +1,1 @@
+"""actionmesh providers: the provider SDK (``actionmesh.sdk``) and example providers."""

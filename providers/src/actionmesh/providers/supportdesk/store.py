@@ -1,0 +1,231 @@
+"""The support platform's own store: escalations, each under its tenant's idempotency key.
+
+Creation is idempotent by construction: (tenant, idempotency key) is unique in
+the database, so two concurrent requests with one key cannot both insert; the
+loser reads the winner's row and either replays it (same request) or reports
+a conflict (the key was used for a different request).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import Engine, String, Text, UniqueConstraint, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from actionmesh.runtime.db import UTCDateTime, make_engine
+
+Severity = Literal["low", "medium", "high", "critical"]
+SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
+DEFAULT_QUEUE = "general"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EscalationRow(Base):
+    __tablename__ = "escalations"
+    __table_args__ = (UniqueConstraint("tenant", "idempotency_key", name="uq_tenant_key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the canonical request: what a repeated key must match to be a replay.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    source_type: Mapped[str] = mapped_column(String(64))
+    source_id: Mapped[str] = mapped_column(String(128))
+    source_status: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[str] = mapped_column(Text)
+    severity: Mapped[str] = mapped_column(String(16))
+    queue: Mapped[str] = mapped_column(String(64))
+    requested_by: Mapped[str] = mapped_column(String(256))
+    trace_id: Mapped[str] = mapped_column(String(32))
+    correlation_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+@dataclass(frozen=True)
+class NewEscalation:
+    """A validated create request (see :mod:`actionmesh.providers.supportdesk.api`)."""
+
+    tenant: str
+    source_type: str
+    source_id: str
+    source_status: str
+    summary: str
+    severity: str
+    queue: str
+    requested_by: str
+    trace_id: str = ""
+    correlation_id: str = ""
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """One stored escalation, as the API returns it."""
+
+    id: str
+    tenant: str
+    idempotency_key: str
+    status: str
+    source_type: str
+    source_id: str
+    source_status: str
+    summary: str
+    severity: str
+    queue: str
+    requested_by: str
+    trace_id: str
+    correlation_id: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: EscalationRow) -> Escalation:
+        return cls(
+            id=row.id,
+            tenant=row.tenant,
+            idempotency_key=row.idempotency_key,
+            status=row.status,
+            source_type=row.source_type,
+            source_id=row.source_id,
+            source_status=row.source_status,
+            summary=row.summary,
+            severity=row.severity,
+            queue=row.queue,
+            requested_by=row.requested_by,
+            trace_id=row.trace_id,
+            correlation_id=row.correlation_id,
+            created_at=row.created_at,
+        )
+
+    def to_json(self) -> Mapping[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "tenant": self.tenant,
+            "source": {
+                "type": self.source_type,
+                "id": self.source_id,
+                "status": self.source_status,
+            },
+            "summary": self.summary,
+            "severity": self.severity,
+            "queue": self.queue,
+            "requested_by": self.requested_by,
+            "trace": {"trace_id": self.trace_id, "correlation_id": self.correlation_id},
+            "idempotency_key": self.idempotency_key,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Created:
+    """The key was new: this escalation was opened now."""
+
+    escalation: Escalation
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The key was seen before for the same request: the escalation it opened then."""
+
+    escalation: Escalation
+
+
+@dataclass(frozen=True)
+class KeyConflict:
+    """The key was used before for a different request; nothing was created."""
+
+    existing_id: str
+
+
+def new_escalation_id() -> str:
+    # Opaque and unguessable, like a SaaS's public ids; not a tenant-wide counter.
+    return "SD-" + secrets.token_hex(6).upper()
+
+
+class EscalationStore:
+    """Escalations in a SQLAlchemy database (sync; the HTTP server calls it per request thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        Base.metadata.create_all(engine)
+
+    @classmethod
+    def open(cls, url: str) -> EscalationStore:
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(
+        self, new: NewEscalation, *, idempotency_key: str, fingerprint: str
+    ) -> Created | Replayed | KeyConflict:
+        """Open an escalation once per (tenant, idempotency key)."""
+        existing = self._by_key(new.tenant, idempotency_key)
+        if existing is None:
+            row = EscalationRow(
+                id=new_escalation_id(),
+                tenant=new.tenant,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+                status="open",
+                source_type=new.source_type,
+                source_id=new.source_id,
+                source_status=new.source_status,
+                summary=new.summary,
+                severity=new.severity,
+                queue=new.queue,
+                requested_by=new.requested_by,
+                trace_id=new.trace_id,
+                correlation_id=new.correlation_id,
+                created_at=datetime.now(UTC),
+            )
+            try:
+                with Session(self.engine) as session, session.begin():
+                    session.add(row)
+                    session.flush()
+                    created = Escalation.from_row(row)
+                return Created(created)
+            except IntegrityError:
+                # A concurrent request with the same key won the insert: answer as a repeat.
+                existing = self._by_key(new.tenant, idempotency_key)
+                if existing is None:
+                    raise
+        if existing.fingerprint != fingerprint:
+            return KeyConflict(existing.id)
+        return Replayed(Escalation.from_row(existing))
+
+    def _by_key(self, tenant: str, idempotency_key: str) -> EscalationRow | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.scalars(
+                select(EscalationRow).where(
+                    EscalationRow.tenant == tenant,
+                    EscalationRow.idempotency_key == idempotency_key,
+                )
+            ).one_or_none()
+
+    def get(self, escalation_id: str) -> Escalation | None:
+        with Session(self.engine) as session:
+            row = session.get(EscalationRow, escalation_id)
+            return None if row is None else Escalation.from_row(row)
+
+    def find(self, tenant: str, *, idempotency_key: str | None = None) -> list[Escalation]:
+        """A tenant's escalations, oldest first (optionally the one under a key)."""
+        query = select(EscalationRow).where(EscalationRow.tenant == tenant)
+        if idempotency_key is not None:
+            query = query.where(EscalationRow.idempotency_key == idempotency_key)
+        with Session(self.engine) as session:
+            rows = session.scalars(query.order_by(EscalationRow.created_at, EscalationRow.id))
+            return [Escalation.from_row(row) for row in rows]
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.count()).select_from(EscalationRow)) or 0)

@@ -1,0 +1,92 @@
+"""Wires the registry together: store, directory, servicer, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from actionmesh.registry.config import RegistryConfig
+from actionmesh.registry.directory import Directory
+from actionmesh.registry.health import GrpcHealthProber
+from actionmesh.registry.metrics import observe_registry
+from actionmesh.registry.servicer import SERVICE_NAME, RegistryServicer
+from actionmesh.registry.storage import ProviderRepository
+from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.runtime.db import make_engine
+from actionmesh.runtime.metrics import expose_metrics
+from actionmesh.v1 import registry_pb2_grpc
+
+
+def expiry_period_s(lease_ttl_s: float) -> float:
+    # Often enough that a lapsed lease is gone well within one more TTL.
+    return min(1.0, lease_ttl_s / 4)
+
+
+async def start_registry(config: RegistryConfig) -> RunningServer:
+    """Start RegistryService and its lease-expiry and health loops."""
+    engine = make_engine(config.database_url)
+    prober = GrpcHealthProber(
+        timeout_s=config.health_check_timeout_s,
+        max_reconnect_backoff_s=config.health_check_interval_s,
+        tls=config.tls,
+    )
+    directory = Directory(
+        ProviderRepository(engine, migrate=config.migrate_on_start),
+        prober,
+        lease_ttl=timedelta(seconds=config.lease_ttl_s),
+        allowed_endpoints=config.allowed_endpoint_list(),
+    )
+    try:
+        await directory.open()
+        running = await start_server(
+            [
+                (
+                    registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+                    RegistryServicer(
+                        directory, require_credential=config.require_registration_credential
+                    ),
+                    SERVICE_NAME,
+                )
+            ],
+            host=config.host,
+            port=config.port,
+            max_receive_bytes=config.max_request_bytes,
+            credentials=(
+                config.tls.server_credentials(require_client_cert=True)
+                if config.tls.enabled
+                else None
+            ),
+        )
+    except BaseException:
+        await directory.close()
+        await asyncio.to_thread(engine.dispose)
+        raise
+
+    loops = [
+        asyncio.create_task(
+            directory.run_expiry_loop(expiry_period_s(config.lease_ttl_s)),
+            name="registry-lease-expiry",
+        ),
+        asyncio.create_task(
+            directory.run_health_loop(config.health_check_interval_s),
+            name="registry-health-checks",
+        ),
+    ]
+
+    async def stop_background() -> None:
+        for task in loops:
+            task.cancel()
+        for task in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Ends watch streams now, so the server's drain does not wait out its grace.
+        await directory.close()
+        await asyncio.to_thread(engine.dispose)
+
+    running.on_stop.append(stop_background)
+    observe_registry(running, directory)
+    expose_metrics(
+        running, host=config.host, port=config.metrics_port, service_name="actionmesh-registry"
+    )
+    return running

@@ -1,0 +1,628 @@
+"""The contract checks, run over gRPC against any provider (SDK-built or not).
+
+Most checks are safe on a live provider: Describe and Discover are read-only
+by contract, and every deliberately wrong Execute (unknown action, missing
+idempotency key, invalid inputs, wrong tenant) is aimed at a *probe record*
+that does not exist (``conformance-probe-<random>``), so even a provider that
+fails to refuse it finds nothing to act on.
+
+One check has a real side effect: ``execute.idempotent`` executes one action
+**once** on a sample record you pass in (the first sample record for which
+Discover reports an available action), then repeats the request with the same
+idempotency key and expects the stored answer. Without an eligible sample
+record it is skipped, and ``require_all=True`` turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from actionmesh.conformance.samples import (
+    SampleRecord,
+    invalid_cases,
+    parse_input,
+    valid_inputs,
+)
+from actionmesh.rpc.errors import ActionMeshError, ErrorDetails, error_details
+from actionmesh.rpc.schema import schema_problems, validate_inputs
+from actionmesh.rpc.tls import TlsConfig
+from actionmesh.sdk.provider import ACTION_ID_PATTERN, PROVIDER_ID_PATTERN, RECORD_TYPE_PATTERN
+from actionmesh.sdk.types import REASON_PATTERN
+from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
+
+Status = Literal["pass", "fail", "skip"]
+PASS: Status = "pass"
+FAIL: Status = "fail"
+SKIP: Status = "skip"
+
+PROBE_TENANT = "conformance"
+OPERATOR_SUBJECT = "actionmesh-conformance"
+# How many extra Discover rounds the side-effect check makes before comparing.
+DISCOVER_ROUNDS = 3
+# Problems listed in one detail before the rest are counted instead.
+MAX_LISTED = 4
+PROVIDER_OUTCOMES = (
+    common_pb2.OUTCOME_SUCCEEDED,
+    common_pb2.OUTCOME_REJECTED,
+    common_pb2.OUTCOME_PARTIAL,
+)
+
+# The checks in the order they run, with what each one proves.
+CHECKS: dict[str, str] = {
+    "health": "grpc.health.v1 answers SERVING for the default service",
+    "describe": "provider id and version set; action ids unique and well-formed; "
+    "record types set; input schemas well-formed",
+    "discover.declared_only": "Discover answers only declared actions for the record's type, "
+    "with an UPPER_SNAKE reason when unavailable",
+    "discover.stable": "the same Discover twice gives the same answer",
+    "discover.side_effect_free": "Describe and Discover are unchanged after repeated Discovers",
+    "execute.unknown_action": "an unknown action id is refused (NOT_FOUND or INVALID_ARGUMENT) "
+    "with an ErrorInfo reason",
+    "execute.idempotency_key_required": "an Execute without idempotency key is INVALID_ARGUMENT",
+    "execute.invalid_inputs": "inputs breaking the schema (missing, wrong type, out of bounds, "
+    "undeclared) are INVALID_ARGUMENT with a BadRequest violation naming the input",
+    "execute.tenant_mismatch": "a record of another tenant than the operator's is "
+    "PERMISSION_DENIED with an ErrorInfo reason",
+    "execute.idempotent": "the same idempotency key twice acts once: identical outcome, "
+    "reason, external ref and changes (executes the action once on a sample record)",
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of one check: ``pass``, ``fail`` or ``skip``, and why."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+class _Verdict(Exception):
+    """Ends a check early with a status other than pass."""
+
+    def __init__(self, status: Status, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _listing(problems: Sequence[str]) -> str:
+    shown = list(problems[:MAX_LISTED])
+    if len(problems) > MAX_LISTED:
+        shown.append(f"and {len(problems) - MAX_LISTED} more")
+    return "; ".join(shown)
+
+
+def _rpc_summary(details: ErrorDetails) -> str:
+    reason = f" {details.reason}" if details.reason else ""
+    return f"{details.code.name}{reason}"
+
+
+def _outcome_name(value: int) -> str:
+    try:
+        return common_pb2.Outcome.Name(value).removeprefix("OUTCOME_")  # type: ignore[arg-type]
+    except ValueError:
+        return f"outcome {value}"
+
+
+def _safe_details(error: grpc.RpcError) -> ErrorDetails:
+    try:
+        return error_details(error)
+    except Exception:
+        # Malformed grpc-status-details-bin: report the bare status instead.
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        return ErrorDetails(code=code, message="(undecodable status details)")
+
+
+def _discover_key(reply: provider_pb2.DiscoverResponse) -> list[tuple[str, bool, str]]:
+    # Order-insensitive: the contract does not promise an order of actions.
+    return sorted((a.action_id, a.available, a.unavailable_reason) for a in reply.actions)
+
+
+def _discover_text(reply: provider_pb2.DiscoverResponse) -> str:
+    shown = [
+        f"{action_id} {'yes' if available else f'no ({reason})'}"
+        for action_id, available, reason in _discover_key(reply)
+    ]
+    return "[" + ", ".join(shown) + "]"
+
+
+def _label(record: common_pb2.RecordContext) -> str:
+    """How a Discover target is named in details: probes by type, samples in full."""
+    if record.id.startswith("conformance-probe-"):
+        return f"probe {record.type}"
+    return f"{record.tenant}/{record.type}/{record.id}"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What must not differ between two Executes with the same idempotency key."""
+
+    outcome: str
+    reason: str
+    external_ref: str
+    changes: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def of(cls, reply: provider_pb2.ExecuteResponse) -> _Answer:
+        return cls(
+            outcome=_outcome_name(reply.outcome),
+            reason=reply.reason,
+            external_ref=reply.external_ref,
+            changes=tuple((c.field, c.before, c.after) for c in reply.changes),
+        )
+
+    def __str__(self) -> str:
+        parts = [self.outcome + (f" {self.reason}" if self.reason else "")]
+        if self.external_ref:
+            parts.append(f"ref {self.external_ref}")
+        parts.extend(f"{field} {before}->{after}" for field, before, after in self.changes)
+        return ", ".join(parts)
+
+
+class _Kit:
+    """One run of the checks against one provider channel."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        records: Sequence[SampleRecord],
+        action: str | None,
+        inputs: Mapping[str, str],
+        timeout_s: float,
+    ) -> None:
+        self.stub = provider_pb2_grpc.ActionProviderServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.records = list(records)
+        self.action = action
+        self.inputs = dict(inputs)
+        self.timeout_s = timeout_s
+        self.describe: provider_pb2.DescribeResponse | None = None
+        self.declared: dict[str, common_pb2.ActionDescriptor] = {}
+        # Discover targets: the sample records, plus one probe per declared record type.
+        self.targets: list[common_pb2.RecordContext] = []
+        self.first_answers: list[provider_pb2.DiscoverResponse] = []
+        self.probe_tenant = records[0].tenant if records else PROBE_TENANT
+
+    # -- helpers --------------------------------------------------------------
+
+    def operator(self, tenant: str) -> common_pb2.Operator:
+        return common_pb2.Operator(subject=OPERATOR_SUBJECT, tenant=tenant, roles=["operator"])
+
+    def probe(self, record_type: str) -> common_pb2.RecordContext:
+        """A record that does not exist: deliberately wrong Executes find nothing to act on."""
+        return common_pb2.RecordContext(
+            tenant=self.probe_tenant,
+            type=record_type,
+            id=f"conformance-probe-{uuid.uuid4().hex[:12]}",
+            status="",
+            sensitivity=common_pb2.SENSITIVITY_NORMAL,
+        )
+
+    def execute_request(
+        self,
+        action: common_pb2.ActionDescriptor | str,
+        *,
+        record: common_pb2.RecordContext | None = None,
+        inputs: Mapping[str, common_pb2.InputValue] | None = None,
+        operator_tenant: str | None = None,
+        key: str | None = None,
+    ) -> provider_pb2.ExecuteRequest:
+        descriptor = self.declared.get(action) if isinstance(action, str) else action
+        action_id = action if isinstance(action, str) else action.action_id
+        if record is None:
+            record_type = (
+                descriptor.record_types[0] if descriptor and descriptor.record_types else ""
+            )
+            record = self.probe(record_type or "conformance")
+        if inputs is None:
+            inputs = valid_inputs(descriptor.inputs) if descriptor else {}
+        return provider_pb2.ExecuteRequest(
+            action_id=action_id,
+            record=record,
+            operator=self.operator(operator_tenant or record.tenant),
+            inputs=dict(inputs),
+            idempotency_key=f"conformance-{uuid.uuid4().hex}" if key is None else key,
+            request_id=f"conformance-{uuid.uuid4().hex}",
+        )
+
+    async def refused(
+        self,
+        request: provider_pb2.ExecuteRequest,
+        codes: Sequence[grpc.StatusCode],
+    ) -> tuple[ErrorDetails | None, str | None]:
+        """Send a request that must be refused: (details, problem or None)."""
+        expected = " or ".join(code.name for code in codes)
+        try:
+            reply = await self.stub.Execute(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            details = _safe_details(exc)
+            if details.code not in codes:
+                return details, f"answered {_rpc_summary(details)}, expected {expected}"
+            if not details.reason:
+                return details, (
+                    f"{details.code.name} without google.rpc.Status details (no ErrorInfo reason)"
+                )
+            return details, None
+        outcome = _outcome_name(reply.outcome)
+        reason = f" {reply.reason}" if reply.reason else ""
+        return None, f"answered OK ({outcome}{reason}), expected {expected}"
+
+    async def discover(self, record: common_pb2.RecordContext) -> provider_pb2.DiscoverResponse:
+        return await self.stub.Discover(
+            provider_pb2.DiscoverRequest(record=record, operator=self.operator(record.tenant)),
+            timeout=self.timeout_s,
+        )
+
+    async def discover_all(self) -> list[provider_pb2.DiscoverResponse]:
+        return [await self.discover(target) for target in self.targets]
+
+    def require_describe(self) -> None:
+        if self.describe is None:
+            raise _Verdict(SKIP, "Describe failed, so there is nothing to check against")
+        if not self.declared:
+            raise _Verdict(SKIP, "the provider declares no actions")
+
+    # -- checks ---------------------------------------------------------------
+
+    async def check_health(self) -> str:
+        try:
+            reply = await self.health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            details = _safe_details(exc)
+            if details.code == grpc.StatusCode.UNIMPLEMENTED:
+                raise _Verdict(
+                    FAIL, "no grpc.health.v1 Health service: registries cannot health-check it"
+                ) from None
+            raise _Verdict(FAIL, f"health check failed: {_rpc_summary(details)}") from None
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise _Verdict(FAIL, f"default service is {status}, expected SERVING")
+        return "default service SERVING"
+
+    async def check_describe(self) -> str:
+        try:
+            reply = await self.stub.Describe(provider_pb2.DescribeRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _Verdict(FAIL, f"Describe failed: {_rpc_summary(_safe_details(exc))}") from None
+        self.describe = reply
+        problems: list[str] = []
+        if not PROVIDER_ID_PATTERN.match(reply.provider_id):
+            problems.append(
+                f"provider_id {reply.provider_id!r} must match {PROVIDER_ID_PATTERN.pattern}"
+            )
+        if not reply.version.strip():
+            problems.append("version is empty")
+        if not reply.actions:
+            problems.append("no actions declared")
+        record_types: set[str] = set()
+        for action in reply.actions:
+            where = f"action {action.action_id!r}"
+            if not ACTION_ID_PATTERN.match(action.action_id):
+                problems.append(f"{where}: id must match {ACTION_ID_PATTERN.pattern}")
+            if action.action_id in self.declared:
+                problems.append(f"{where}: declared more than once")
+                continue
+            self.declared[action.action_id] = action
+            if not action.record_types:
+                problems.append(f"{where}: no record types")
+            for record_type in action.record_types:
+                if not RECORD_TYPE_PATTERN.match(record_type):
+                    problems.append(f"{where}: record type {record_type!r} is malformed")
+                record_types.add(record_type)
+            problems.extend(f"{where}: {p}" for p in schema_problems(action.inputs))
+        self.targets = [r.to_proto() for r in self.records] + [
+            self.probe(t) for t in sorted(record_types)
+        ]
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return (
+            f"{reply.provider_id} {reply.version}: {len(reply.actions)} action(s) "
+            f"({', '.join(self.declared)}) on {', '.join(sorted(record_types))}"
+        )
+
+    async def check_declared_only(self) -> str:
+        self.require_describe()
+        problems: list[str] = []
+        for target in self.targets:
+            where = _label(target)
+            try:
+                reply = await self.discover(target)
+            except grpc.RpcError as exc:
+                raise _Verdict(
+                    FAIL, f"Discover for {where} failed: {_rpc_summary(_safe_details(exc))}"
+                ) from None
+            self.first_answers.append(reply)
+            seen: set[str] = set()
+            for found in reply.actions:
+                descriptor = self.declared.get(found.action_id)
+                if descriptor is None:
+                    problems.append(f"{where}: undeclared action {found.action_id!r}")
+                elif target.type not in descriptor.record_types:
+                    problems.append(
+                        f"{where}: {found.action_id} does not apply to type {target.type!r}"
+                    )
+                if found.action_id in seen:
+                    problems.append(f"{where}: {found.action_id} answered twice")
+                seen.add(found.action_id)
+                if not found.available and not REASON_PATTERN.match(found.unavailable_reason):
+                    problems.append(
+                        f"{where}: {found.action_id} unavailable without an UPPER_SNAKE reason"
+                    )
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return f"{len(self.targets)} record(s) discovered; only declared actions answered"
+
+    async def check_stable(self) -> str:
+        self.require_describe()
+        if len(self.first_answers) != len(self.targets):
+            raise _Verdict(SKIP, "the first Discover failed")
+        try:
+            again = await self.discover_all()
+        except grpc.RpcError as exc:
+            raise _Verdict(
+                FAIL, f"a repeated Discover failed: {_rpc_summary(_safe_details(exc))}"
+            ) from None
+        changed = [
+            f"{_label(t)}: {_discover_text(a)} then {_discover_text(b)}"
+            for t, a, b in zip(self.targets, self.first_answers, again, strict=True)
+            if _discover_key(a) != _discover_key(b)
+        ]
+        if changed:
+            raise _Verdict(FAIL, "the same request got another answer: " + _listing(changed))
+        return f"{len(self.targets)} record(s) answered identically twice"
+
+    async def check_side_effect_free(self) -> str:
+        self.require_describe()
+        if len(self.first_answers) != len(self.targets):
+            raise _Verdict(SKIP, "the first Discover failed")
+        try:
+            for _ in range(DISCOVER_ROUNDS):
+                await self.discover_all()
+            described = await self.stub.Describe(
+                provider_pb2.DescribeRequest(), timeout=self.timeout_s
+            )
+            after = await self.discover_all()
+        except grpc.RpcError as exc:
+            raise _Verdict(
+                FAIL, f"a repeated call failed: {_rpc_summary(_safe_details(exc))}"
+            ) from None
+        problems = []
+        if described != self.describe:
+            problems.append("Describe changed")
+        problems.extend(
+            f"Discover of {_label(t)} changed"
+            for t, a, b in zip(self.targets, self.first_answers, after, strict=True)
+            if _discover_key(a) != _discover_key(b)
+        )
+        if problems:
+            raise _Verdict(
+                FAIL, f"after {DISCOVER_ROUNDS + 2} Discover rounds: " + _listing(problems)
+            )
+        return f"Describe and Discover unchanged after {DISCOVER_ROUNDS + 2} Discover rounds"
+
+    async def check_unknown_action(self) -> str:
+        self.require_describe()
+        some = next(iter(self.declared.values()))
+        request = self.execute_request(
+            f"conformance.unknown-{uuid.uuid4().hex[:8]}",
+            record=self.probe(some.record_types[0] if some.record_types else "conformance"),
+            inputs={},
+        )
+        details, problem = await self.refused(
+            request, (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        )
+        if problem:
+            raise _Verdict(FAIL, problem)
+        assert details is not None
+        return f"refused: {_rpc_summary(details)}"
+
+    async def check_key_required(self) -> str:
+        self.require_describe()
+        action = self.chosen_action() or next(iter(self.declared.values()))
+        details, problem = await self.refused(
+            self.execute_request(action, key=""), (grpc.StatusCode.INVALID_ARGUMENT,)
+        )
+        if problem:
+            raise _Verdict(FAIL, f"{action.action_id}: {problem}")
+        assert details is not None
+        return f"{action.action_id}: refused: {_rpc_summary(details)}"
+
+    async def check_invalid_inputs(self) -> str:
+        self.require_describe()
+        problems: list[str] = []
+        count = 0
+        for action in self.declared.values():
+            for case in invalid_cases(action.inputs):
+                count += 1
+                details, problem = await self.refused(
+                    self.execute_request(action, inputs=case.inputs),
+                    (grpc.StatusCode.INVALID_ARGUMENT,),
+                )
+                if problem is None and details is not None:
+                    if not details.violations:
+                        problem = "INVALID_ARGUMENT without BadRequest field violations"
+                    elif not any(case.field in v.field for v in details.violations):
+                        fields = ", ".join(v.field for v in details.violations)
+                        problem = f"no field violation names {case.field!r} (got {fields})"
+                if problem:
+                    problems.append(f"{action.action_id} {case.label}: {problem}")
+        if problems:
+            raise _Verdict(
+                FAIL, f"{len(problems)} of {count} invalid requests: " + _listing(problems)
+            )
+        return (
+            f"{count} invalid request(s) on {len(self.declared)} action(s) refused "
+            "with field violations"
+        )
+
+    async def check_tenant_mismatch(self) -> str:
+        self.require_describe()
+        action = self.chosen_action() or next(iter(self.declared.values()))
+        request = self.execute_request(action, operator_tenant=f"{self.probe_tenant}-other")
+        details, problem = await self.refused(request, (grpc.StatusCode.PERMISSION_DENIED,))
+        if problem:
+            raise _Verdict(FAIL, f"{action.action_id}: {problem}")
+        assert details is not None
+        return f"{action.action_id}: refused: {_rpc_summary(details)}"
+
+    def chosen_action(self) -> common_pb2.ActionDescriptor | None:
+        return self.declared.get(self.action) if self.action else None
+
+    def sample_inputs(
+        self, action: common_pb2.ActionDescriptor
+    ) -> dict[str, common_pb2.InputValue]:
+        fields = {f.name: f for f in action.inputs}
+        inputs = valid_inputs(action.inputs)
+        problems = []
+        for name, raw in self.inputs.items():
+            try:
+                inputs[name] = parse_input(raw, fields.get(name))
+            except ValueError as exc:
+                problems.append(f"--input {name}: {exc}")
+        try:
+            validate_inputs(action.inputs, inputs)
+        except ActionMeshError as exc:
+            problems.extend(f"--input {v.field}: {v.description}" for v in exc.violations)
+        if problems:
+            raise _Verdict(SKIP, "the sample inputs are invalid: " + _listing(problems))
+        return inputs
+
+    def eligible(self) -> tuple[common_pb2.RecordContext, common_pb2.ActionDescriptor]:
+        """The first sample record and action Discover says are available."""
+        if self.action and self.action not in self.declared:
+            raise _Verdict(FAIL, f"--action {self.action} is not declared by the provider")
+        if not self.records:
+            raise _Verdict(
+                SKIP,
+                "no sample record; pass --record TENANT/TYPE/ID[:STATUS] of a record the "
+                "provider may act on (this check executes the action once)",
+            )
+        if len(self.first_answers) < len(self.records):
+            raise _Verdict(SKIP, "Discover failed for the sample records")
+        seen: list[str] = []
+        for record, answer in zip(self.records, self.first_answers, strict=False):
+            for found in answer.actions:
+                if self.action and found.action_id != self.action:
+                    continue
+                if found.available and found.action_id in self.declared:
+                    return record.to_proto(), self.declared[found.action_id]
+                seen.append(f"{record}: {found.action_id} {found.unavailable_reason or 'n/a'}")
+        if not seen:
+            seen = [f"{r}: no actions" for r in self.records]
+        raise _Verdict(
+            SKIP, "no sample record has an available action; Discover said " + _listing(seen)
+        )
+
+    async def check_idempotent(self) -> str:
+        self.require_describe()
+        record, action = self.eligible()
+        inputs = self.sample_inputs(action)
+        key = f"conformance-{uuid.uuid4().hex}"
+        where = f"{action.action_id} on {record.tenant}/{record.type}/{record.id}"
+        answers = []
+        for attempt in (1, 2):
+            try:
+                reply = await self.stub.Execute(
+                    self.execute_request(action, record=record, inputs=inputs, key=key),
+                    timeout=self.timeout_s,
+                )
+            except grpc.RpcError as exc:
+                summary = _rpc_summary(_safe_details(exc))
+                raise _Verdict(FAIL, f"{where}: attempt {attempt} failed: {summary}") from None
+            if reply.outcome not in PROVIDER_OUTCOMES:
+                raise _Verdict(
+                    FAIL,
+                    f"{where}: attempt {attempt} answered {_outcome_name(reply.outcome)}; "
+                    "a provider answers SUCCEEDED, REJECTED or PARTIAL",
+                )
+            answers.append(_Answer.of(reply))
+        first, second = answers
+        if first != second:
+            raise _Verdict(
+                FAIL,
+                f"{where}: the same idempotency key got another answer: [{first}] then "
+                f"[{second}]; a repeated key must return the first answer without acting again",
+            )
+        if first.outcome == _outcome_name(common_pb2.OUTCOME_REJECTED):
+            raise _Verdict(
+                SKIP,
+                f"{where}: the provider REJECTED it ({first.reason}), so nothing ran; "
+                "pass a record it will act on",
+            )
+        return f"{where}: {first} once; the repeated key returned the same answer"
+
+
+async def run_checks(
+    address: str,
+    *,
+    records: Sequence[SampleRecord] = (),
+    action: str | None = None,
+    inputs: Mapping[str, str] | None = None,
+    timeout_s: float = 5.0,
+    require_all: bool = False,
+    tls: TlsConfig | None = None,
+) -> list[CheckResult]:
+    """Run every check in :data:`CHECKS` against the provider at ``address``.
+
+    ``records`` are records the provider may act on; ``action`` and ``inputs``
+    (``name -> text``, converted with the declared input types; other required
+    inputs get schema-derived values) choose what ``execute.idempotent`` runs.
+    That check executes the action once for real. ``require_all`` turns skips
+    into failures. With ``tls`` the kit connects over TLS and presents
+    ``tls.cert_file`` (a provider serving TLS requires a client certificate). A
+    coroutine: call it from a running event loop (tests with an in-process
+    provider) or through ``asyncio.run``.
+    """
+    channel = (
+        grpc.aio.secure_channel(address, tls.channel_credentials())
+        if tls is not None and tls.enabled
+        else grpc.aio.insecure_channel(address)
+    )
+    async with channel:
+        kit = _Kit(
+            channel,
+            records=records,
+            action=action,
+            inputs=inputs or {},
+            timeout_s=timeout_s,
+        )
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            ("health", kit.check_health),
+            ("describe", kit.check_describe),
+            ("discover.declared_only", kit.check_declared_only),
+            ("discover.stable", kit.check_stable),
+            ("discover.side_effect_free", kit.check_side_effect_free),
+            ("execute.unknown_action", kit.check_unknown_action),
+            ("execute.idempotency_key_required", kit.check_key_required),
+            ("execute.invalid_inputs", kit.check_invalid_inputs),
+            ("execute.tenant_mismatch", kit.check_tenant_mismatch),
+            ("execute.idempotent", kit.check_idempotent),
+        ]
+        results = []
+        for name, step in steps:
+            try:
+                result = CheckResult(name, PASS, await step())
+            except _Verdict as verdict:
+                result = CheckResult(name, verdict.status, verdict.detail)
+            except grpc.RpcError as exc:
+                result = CheckResult(name, FAIL, f"call failed: {_rpc_summary(_safe_details(exc))}")
+            if require_all and result.status == SKIP:
+                result = CheckResult(name, FAIL, f"skipped but required: {result.detail}")
+            results.append(result)
+        return results
+
+
+def failed(results: Sequence[CheckResult]) -> bool:
+    """Whether any check failed (skips do not count unless ``require_all`` made them fail)."""
+    return any(r.status == FAIL for r in results)
