@@ -28,10 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from actionmesh import cli
 from actionmesh.auditlog.config import AuditLogConfig
 from actionmesh.auditlog.server import start_auditlog
-from actionmesh.conformance import health as health_probe
 from actionmesh.devpki import create_dev_pki
 from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
+from actionmesh.rpc import health as health_probe
 from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.tls import TlsConfig, TlsConfigError
 from actionmesh.runtime.db import sqlite_url
@@ -402,9 +402,13 @@ async def test_health_probe_checks_the_name_in_the_service_certificate(tmp_path:
 @pytest.mark.parametrize(
     ("module", "flags", "message"),
     [
-        ("registry", ["--tls-cert-file", "{cert}"], "tls_cert_file is set but tls_key_file"),
         (
-            "auditlog",
+            "actionmesh.registry",
+            ["--tls-cert-file", "{cert}"],
+            "tls_cert_file is set but tls_key_file",
+        ),
+        (
+            "actionmesh.auditlog",
             ["--tls-cert-file", "{cert}", "--tls-key-file", "{key}"],
             "tls_ca_file is not set",
         ),

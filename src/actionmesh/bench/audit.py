@@ -59,7 +59,7 @@ def launch_auditlog(run_dir: Path, backend: str, database_url: str) -> Launched:
     """The ingest run's own audit log process (started early: its start-up overlaps others)."""
     return launch_child(
         f"auditlog-{backend}",
-        "auditlog",
+        "actionmesh.auditlog",
         ["--database-url", database_url, "--host", "127.0.0.1", "--port", "0"],
         run_dir,
     )

@@ -16,9 +16,9 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
+from actionmesh.rpc.config import sqlite_url
 
-def sqlite_url(path: str | Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
+__all__ = ["UTCDateTime", "make_engine", "sqlite_url"]
 
 
 def make_engine(url: str) -> Engine:

@@ -37,6 +37,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
+from actionmesh.rpc.server import CannotStart
 from actionmesh.runtime.db import UTCDateTime, make_engine
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ BASELINE_REVISION = "0001"
 """The first revision of every service: the schema as ``create_all`` made it."""
 
 
-class MigrationError(RuntimeError):
+class MigrationError(CannotStart):
     """The database schema cannot be brought to, or is not at, the expected revision."""
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import grpc.aio
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from actionmesh.rpc.telemetry import untraced_rpcs
+from actionmesh.rpc.telemetry import client_interceptors
 from actionmesh.rpc.tls import TlsConfig
 
 
@@ -15,7 +14,7 @@ def open_channel(target: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
     With TLS the peer's certificate must chain to ``tls.ca_file`` and name the host
     in ``target``; this process presents ``tls.cert_file`` when it has one.
     """
-    interceptors = aio_client_interceptors(filter_=untraced_rpcs())
+    interceptors = client_interceptors()
     options = [("grpc.enable_retries", 0)]
     if tls is not None and tls.enabled:
         return grpc.aio.secure_channel(

@@ -20,6 +20,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -64,6 +65,23 @@ def _parse(kind: Any, raw: str) -> Any:
     if typing.get_origin(kind) is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return kind(raw)
+
+
+def sqlite_url(path: str | os.PathLike[str]) -> str:
+    """The SQLAlchemy-style URL of a SQLite file (the default store of every service)."""
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a ``sqlite:///`` URL names (``:memory:`` for an in-memory database);
+    None for any other kind of URL."""
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        return ":memory:"
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return None
+    path = url[len(prefix) :].split("?", 1)[0]
+    return path or ":memory:"
 
 
 def env_name(prefix: str, field_name: str) -> str:

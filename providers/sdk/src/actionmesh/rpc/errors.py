@@ -121,6 +121,62 @@ class ResourceExhausted(ActionMeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Cancelled(ActionMeshError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(ActionMeshError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class DeadlineExceeded(ActionMeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Aborted(ActionMeshError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(ActionMeshError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unimplemented(ActionMeshError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(ActionMeshError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class DataLoss(ActionMeshError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+ERROR_TYPES: dict[grpc.StatusCode, type[ActionMeshError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled,
+        Unknown,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        Internal,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    )
+}
+"""The exception type of each gRPC status code (client side: :func:`from_rpc_error`)."""
+
+
 def internal_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see server logs")
 
@@ -230,3 +286,20 @@ def error_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
 
 def _has_trailers(error: Any) -> bool:
     return hasattr(error, "trailing_metadata") and error.trailing_metadata() is not None
+
+
+def from_rpc_error(error: grpc.RpcError) -> ActionMeshError:
+    """The typed exception for a failed call, with its ErrorInfo reason and metadata,
+    field violations and RetryInfo (as google-api-core's ``from_grpc_error`` does); the
+    gRPC error is its ``__cause__``."""
+    details = error_details(error)
+    kind = ERROR_TYPES.get(details.code, Unknown)
+    typed = kind(
+        details.message,
+        reason=details.reason,
+        violations=details.violations,
+        retry_after_s=details.retry_after_s,
+        metadata=details.metadata,
+    )
+    typed.__cause__ = error
+    return typed

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actionmesh.rpc.tls import TlsConfig, TlsConfigError
+from actionmesh.rpc.tls import HAVE_CRYPTOGRAPHY, TlsConfig, TlsConfigError
 
 
 def is_serving(
@@ -55,8 +54,13 @@ def own_server_name(tls: TlsConfig, host: str) -> str:
     """A name the service's own certificate carries, unless it already covers ``host``.
 
     The probe talks to the process whose certificate it presents, so that
-    certificate's first DNS name is what the server will present back.
+    certificate's first DNS name is what the server will present back. Needs
+    ``cryptography`` (the SDK's ``tls`` extra); without it, the host as given.
     """
+    if not HAVE_CRYPTOGRAPHY:
+        return ""
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificates(Path(tls.cert_file).read_bytes())[0]
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -26,11 +26,9 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from actionmesh.rpc.errors import ErrorInterceptor, FieldViolation, InvalidArgument
-from actionmesh.rpc.telemetry import shutdown_tracing, untraced_rpcs
-from actionmesh.runtime.migrations import MigrationError
+from actionmesh.rpc.telemetry import server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +80,11 @@ async def _run_hooks(hooks: Sequence[Callable[[], Awaitable[None]]]) -> None:
             await hook()
         except Exception:
             log.exception("stop hook failed")
+
+
+class CannotStart(RuntimeError):
+    """A start-up failure that is the operator's to fix (a database schema that is not
+    current, say), not a crash: :func:`run_service` logs it in one line and exits 1."""
 
 
 class _Undecodable:
@@ -190,7 +193,7 @@ async def start_server(
     """
     server = grpc.aio.server(
         interceptors=[
-            aio_server_interceptor(filter_=untraced_rpcs()),
+            *server_interceptors(),
             ErrorInterceptor(),
             DecodeGuard(),
         ],
@@ -258,7 +261,7 @@ async def run_service(
         loop.add_signal_handler(sig, stop_requested.set)
     try:
         running = await start()
-    except MigrationError as exc:
+    except CannotStart as exc:
         # An operator's problem (schema not current, foreign tables), not a crash: one line.
         log.error("%s cannot start: %s", name, exc)
         raise SystemExit(1) from None

@@ -14,6 +14,13 @@ queued are flushed before the process exits. The exporter is chosen by
   ``https://`` is TLS), ``OTEL_EXPORTER_OTLP_HEADERS``,
   ``OTEL_EXPORTER_OTLP_INSECURE``, ``OTEL_EXPORTER_OTLP_TIMEOUT``; batching from
   ``OTEL_BSP_*`` and sampling from ``OTEL_TRACES_SAMPLER``.
+
+Recording and exporting spans needs the OpenTelemetry SDK and the gRPC
+instrumentation (the SDK distribution's ``otel`` extra; every platform service has
+it). Without them, as in a provider installed from ``actionmesh-sdk`` alone, the
+exporter must be ``none``: :func:`server_interceptors` and :func:`client_interceptors`
+then carry the W3C trace context through the OpenTelemetry API alone, so trace ids
+still reach handlers, logs and audit records.
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
-from typing import IO, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib.util import find_spec
+from typing import IO, TYPE_CHECKING, Any
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import filters
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+import grpc
+import grpc.aio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanContext, TraceFlags
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,13 @@ EXPORTERS = ("none", "console", "otlp")
 SERVICE_NAMESPACE = "actionmesh"
 # How long a stopping process waits for its last spans to reach the exporter.
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
+
+# The SDK's ``otel`` extra: span recording/export and the gRPC instrumentation.
+HAVE_OTEL_SDK = (
+    find_spec("opentelemetry.sdk") is not None
+    and find_spec("opentelemetry.instrumentation.grpc") is not None
+)
+OTEL_EXTRA_HINT = "install actionmesh-sdk[otel] (OpenTelemetry SDK and gRPC instrumentation)"
 
 _installed: TracerProvider | None = None
 
@@ -74,6 +90,15 @@ def build_tracer_provider(
 ) -> TracerProvider:
     """A tracer provider for ``service_name`` exporting as configured (not installed)."""
     choice = exporter_choice(exporter)
+    if not HAVE_OTEL_SDK:
+        raise TracingConfigError(
+            f"trace exporter {choice!r} needs the OpenTelemetry SDK: " + OTEL_EXTRA_HINT
+        )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
     # Spans nobody exports are not worth recording (the audit log made one per stored
     # event), but their ids are: executions and audit events carry the trace id, and
     # the context still propagates. ALWAYS_OFF keeps the ids and records nothing,
@@ -103,6 +128,10 @@ def configure_tracing(service_name: str, exporter: str | None = None) -> None:
     """Install the SDK tracer provider for this process (idempotent)."""
     global _installed
     if _installed is not None:
+        return
+    if not HAVE_OTEL_SDK and exporter_choice(exporter) == "none":
+        # Nothing to record or export: the API alone propagates the context.
+        log.debug("tracing for %s: OpenTelemetry API only (no SDK installed)", service_name)
         return
     provider = build_tracer_provider(service_name, exporter)
     trace.set_tracer_provider(provider)
@@ -138,11 +167,84 @@ def shutdown_tracing(timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> bool:
 
 def untraced_rpcs() -> Callable[[Any], bool]:
     """The gRPC filter that keeps health checks and reflection out of traces (pure noise:
-    the registry probes every provider every few seconds)."""
+    the registry probes every provider every few seconds). Needs the ``otel`` extra."""
+    from opentelemetry.instrumentation.grpc import filters
+
     keep: Callable[[Any], bool] = filters.negate(
         filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
     )
     return keep
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """What a server adds for tracing: the gRPC instrumentation (spans per call) when
+    installed, else the API-only context propagation."""
+    if HAVE_OTEL_SDK:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        return [aio_server_interceptor(filter_=untraced_rpcs())]
+    return [ContextServerInterceptor()]
+
+
+def client_interceptors() -> Sequence[grpc.aio.ClientInterceptor]:
+    """What a client channel adds for tracing (see :func:`server_interceptors`)."""
+    if HAVE_OTEL_SDK:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = aio_client_interceptors(
+            filter_=untraced_rpcs()
+        )
+        return interceptors
+    return [ContextClientInterceptor()]
+
+
+class ContextServerInterceptor(grpc.aio.ServerInterceptor):
+    """Unary calls run in the trace context the caller sent (``traceparent``), through
+    the OpenTelemetry API alone: no span is recorded, the caller's ids are current."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        carrier = {
+            key: value
+            for key, value in (handler_call_details.invocation_metadata or ())
+            if isinstance(value, str)
+        }
+        parent = propagate.extract(carrier)
+        behaviour = handler.unary_unary
+
+        async def in_context(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = otel_context.attach(parent)
+            try:
+                return await behaviour(request, context)
+            finally:
+                otel_context.detach(token)
+
+        return handler._replace(unary_unary=in_context)
+
+
+class ContextClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Unary calls carry the current trace context (``traceparent``) as metadata."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if carrier:
+            metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
+            for key, value in carrier.items():
+                metadata.add(key, value)
+            client_call_details = client_call_details._replace(metadata=metadata)
+        return await continuation(client_call_details, request)
 
 
 def current_trace_ids() -> tuple[str, str]:

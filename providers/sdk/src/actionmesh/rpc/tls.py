@@ -9,6 +9,10 @@ named, rather than a handshake failure minutes later.
 
 A client (the CLI, a health probe) may set just the CA to verify a server that
 does not ask for client certificates (the gateway, by default), or all three.
+
+With ``cryptography`` installed (the SDK's ``tls`` extra; every platform service has
+it) the files are parsed at start: expiry, key match and PEM content are checked.
+Without it only the PEM markers are, and grpc's handshake judges the rest.
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    HAVE_CRYPTOGRAPHY = True
+except ImportError:  # actionmesh-sdk without its tls extra
+    HAVE_CRYPTOGRAPHY = False
 
 # The fields' names as services spell them, so errors point at the flag to fix.
 _FIELDS = {"cert_file": "tls_cert_file", "key_file": "tls_key_file", "ca_file": "tls_ca_file"}
@@ -103,15 +113,32 @@ class TlsConfig:
     def _load(self) -> tuple[bytes, bytes | None, bytes | None]:
         """The CA, certificate and key bytes, each parsed once to prove it usable."""
         ca = _read(self.ca_file, "ca_file")
+        _require_pem(ca, b"CERTIFICATE", f"tls_ca_file {self.ca_file} holds no PEM certificate")
+        cert = key = None
+        if self.has_identity:
+            cert = _read(self.cert_file, "cert_file")
+            key = _read(self.key_file, "key_file")
+            _require_pem(
+                cert, b"CERTIFICATE", f"tls_cert_file {self.cert_file} holds no PEM certificate"
+            )
+            _require_pem(
+                key,
+                b"PRIVATE KEY",
+                f"tls_key_file {self.key_file} is not an unencrypted PEM private key",
+            )
+        if HAVE_CRYPTOGRAPHY:
+            self._inspect(ca, cert, key)
+        return ca, cert, key
+
+    def _inspect(self, ca: bytes, cert: bytes | None, key: bytes | None) -> None:
+        """Parse the files: a CA and a certificate that are current, the key of the cert."""
         try:
             cas = x509.load_pem_x509_certificates(ca)
         except ValueError:
             raise TlsConfigError(f"tls_ca_file {self.ca_file} holds no PEM certificate") from None
         _check_current(cas[0], self.ca_file, "ca_file")
-        if not self.has_identity:
-            return ca, None, None
-        cert = _read(self.cert_file, "cert_file")
-        key = _read(self.key_file, "key_file")
+        if cert is None or key is None:
+            return
         try:
             leaf = x509.load_pem_x509_certificates(cert)[0]
         except ValueError:
@@ -129,7 +156,6 @@ class TlsConfig:
                 f"tls_key_file {self.key_file} is not the key of tls_cert_file {self.cert_file}"
             )
         _check_current(leaf, self.cert_file, "cert_file")
-        return ca, cert, key
 
     @classmethod
     def from_service_env(cls, environ: Mapping[str, str] | None = None) -> TlsConfig:
@@ -165,6 +191,11 @@ def _read(path: str, field: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise TlsConfigError(f"{_FIELDS[field]} {path}: {exc.strerror or exc}") from None
+
+
+def _require_pem(data: bytes, label: bytes, message: str) -> None:
+    if b"-----BEGIN " not in data or label + b"-----" not in data:
+        raise TlsConfigError(message)
 
 
 def _check_current(cert: x509.Certificate, path: str, field: str) -> None:

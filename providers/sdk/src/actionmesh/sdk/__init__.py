@@ -40,13 +40,15 @@ idempotency key (``dedupe=True``), runs the handler and maps its
 :class:`Result` (or exception: INTERNAL ``HANDLER_FAILED``) onto the protocol.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from actionmesh.sdk.config import ProviderConfig
 from actionmesh.sdk.dedupe import (
     Claim,
     IdempotencyKey,
     IdempotencyStore,
     MemoryIdempotencyStore,
-    SqlIdempotencyStore,
+    SqliteIdempotencyStore,
 )
 from actionmesh.sdk.inputs import Input, NoInputs, ProviderDefinitionError
 from actionmesh.sdk.provider import ActionDefinition, Provider
@@ -85,7 +87,20 @@ __all__ = [
     "Result",
     "Risk",
     "SqlIdempotencyStore",
+    "SqliteIdempotencyStore",
     "Unavailable",
     "serve",
     "start_provider",
 ]
+
+if TYPE_CHECKING:
+    from actionmesh.sdk.sqlstore import SqlIdempotencyStore
+
+
+def __getattr__(name: str) -> Any:
+    # SqlIdempotencyStore needs SQLAlchemy (the ``sql`` extra): imported when asked for.
+    if name == "SqlIdempotencyStore":
+        from actionmesh.sdk.sqlstore import SqlIdempotencyStore
+
+        return SqlIdempotencyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

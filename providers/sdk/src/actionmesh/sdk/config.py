@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from actionmesh.rpc.config import sqlite_url
 from actionmesh.rpc.tls import TlsConfig
-from actionmesh.runtime.db import sqlite_url
 
 ENV_PREFIX = "ACTIONMESH_PROVIDER"
 # The registry refuses shorter tokens (guessable); refusing here fails at start instead.

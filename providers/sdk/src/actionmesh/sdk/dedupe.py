@@ -9,35 +9,25 @@ the claim is released so a retry can run it again (handlers re-check their own
 state). A claim left behind by a crashed process is taken over once it is older
 than ``stale_claim_s``.
 
-``Provider(..., dedupe=True)`` uses :class:`SqlIdempotencyStore` on the
-provider's own database (``ProviderConfig.database_url_for``); a provider can
-pass any :class:`IdempotencyStore` instead.
+``Provider(..., dedupe=True)`` uses :class:`SqliteIdempotencyStore` on the
+provider's own SQLite file (``ProviderConfig.database_url_for``), or, when that URL
+names another database, :class:`~actionmesh.sdk.sqlstore.SqlIdempotencyStore`
+(the ``sql`` extra); a provider can pass any :class:`IdempotencyStore` instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
-from sqlalchemy import (
-    ColumnElement,
-    Engine,
-    Float,
-    LargeBinary,
-    String,
-    and_,
-    delete,
-    select,
-    update,
-)
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-
-from actionmesh.runtime.db import make_engine
+from actionmesh.rpc.config import sqlite_path
 
 
 @dataclass(frozen=True)
@@ -112,54 +102,69 @@ class MemoryIdempotencyStore:
             del self._entries[key]
 
 
-class _Base(DeclarativeBase):
-    pass
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS actionmesh_idempotency (
+    tenant VARCHAR(128) NOT NULL,
+    action_id VARCHAR(128) NOT NULL,
+    idempotency_key VARCHAR(256) NOT NULL,
+    fingerprint VARCHAR(64) NOT NULL,
+    owner VARCHAR(64) NOT NULL,
+    claimed_at FLOAT NOT NULL,
+    completed_at FLOAT,
+    response BLOB,
+    PRIMARY KEY (tenant, action_id, idempotency_key)
+)
+"""
+_WHERE = "tenant = ? AND action_id = ? AND idempotency_key = ?"
 
 
-class IdempotencyRow(_Base):
-    __tablename__ = "actionmesh_idempotency"
+class SqliteIdempotencyStore:
+    """Claims and results in a SQLite file, through the standard library.
 
-    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
-    action_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    idempotency_key: Mapped[str] = mapped_column(String(256), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(64))
-    owner: Mapped[str] = mapped_column(String(64))
-    # Epoch seconds: comparable across processes without timezone handling.
-    claimed_at: Mapped[float] = mapped_column(Float)
-    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-
-
-class SqlIdempotencyStore:
-    """Claims and results in a SQLAlchemy database (a SQLite file by default).
-
-    Claims are rows under a primary key, so two processes sharing the database
-    cannot both claim a key.
+    What ``dedupe=True`` uses on the provider's own database file. A claim is a row
+    under a primary key, read and written in one ``BEGIN IMMEDIATE`` transaction, so
+    two processes sharing the file cannot both claim a key. The table is the one
+    :class:`~actionmesh.sdk.sqlstore.SqlIdempotencyStore` keeps, so either can open
+    a file the other wrote.
     """
 
-    def __init__(self, engine: Engine, *, stale_claim_s: float = 300.0) -> None:
-        self._engine = engine
+    def __init__(self, path: str, *, stale_claim_s: float = 300.0) -> None:
         self._stale_claim_s = stale_claim_s
-        _Base.metadata.create_all(engine)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used by one worker thread at a time (the lock): SQLite
+        # serialises writers anyway, and the busy timeout covers other processes.
+        self._connection = sqlite3.connect(
+            path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            if path != ":memory:":
+                _use_wal(self._connection)
+            self._connection.execute(_SCHEMA)
 
     @classmethod
-    def open(cls, url: str, *, stale_claim_s: float = 300.0) -> SqlIdempotencyStore:
-        return cls(make_engine(url), stale_claim_s=stale_claim_s)
+    def open(cls, url: str, *, stale_claim_s: float = 300.0) -> SqliteIdempotencyStore:
+        """The store in the SQLite file a ``sqlite:///PATH`` URL names."""
+        path = sqlite_path(url)
+        if path is None:
+            raise ValueError(f"not a sqlite:/// URL: {url.split(':', 1)[0]}://...")
+        return cls(path, stale_claim_s=stale_claim_s)
 
     def close(self) -> None:
-        self._engine.dispose()
+        with self._lock:
+            self._connection.close()
 
     def prune(self, older_than_s: float) -> int:
         """Forget completed keys older than ``older_than_s``; returns how many."""
         cutoff = time.time() - older_than_s
-        with Session(self._engine) as session, session.begin():
-            result = session.execute(
-                delete(IdempotencyRow).where(
-                    IdempotencyRow.completed_at.is_not(None),
-                    IdempotencyRow.completed_at < cutoff,
-                )
+        with self._lock:
+            cursor = self._connection.execute(
+                "DELETE FROM actionmesh_idempotency"
+                " WHERE completed_at IS NOT NULL AND completed_at < ?",
+                (cutoff,),
             )
-            return int(getattr(result, "rowcount", 0) or 0)
+            return cursor.rowcount
 
     async def claim(self, key: IdempotencyKey, fingerprint: str, owner: str) -> Claim:
         return await asyncio.to_thread(self._claim, key, fingerprint, owner)
@@ -170,66 +175,81 @@ class SqlIdempotencyStore:
     async def release(self, key: IdempotencyKey, owner: str) -> None:
         await asyncio.to_thread(self._release, key, owner)
 
-    def _where(self, key: IdempotencyKey) -> ColumnElement[bool]:
-        return and_(
-            IdempotencyRow.tenant == key.tenant,
-            IdempotencyRow.action_id == key.action_id,
-            IdempotencyRow.idempotency_key == key.key,
-        )
-
     def _claim(self, key: IdempotencyKey, fingerprint: str, owner: str) -> Claim:
         now = time.time()
-        try:
-            with Session(self._engine) as session, session.begin():
-                session.add(
-                    IdempotencyRow(
-                        tenant=key.tenant,
-                        action_id=key.action_id,
-                        idempotency_key=key.key,
-                        fingerprint=fingerprint,
-                        owner=owner,
-                        claimed_at=now,
-                    )
-                )
-            return Claim("claimed")
-        except IntegrityError:
-            pass
-        with Session(self._engine) as session, session.begin():
-            row = session.scalars(select(IdempotencyRow).where(self._where(key))).one_or_none()
+        params = (key.tenant, key.action_id, key.key)
+        with self._lock, _immediate(self._connection) as db:
+            row = db.execute(
+                "SELECT fingerprint, owner, claimed_at, response FROM actionmesh_idempotency"
+                f" WHERE {_WHERE}",
+                params,
+            ).fetchone()
             if row is None:
-                # Released between our insert and this read: the caller retries the claim.
-                return Claim("in_progress")
-            if row.fingerprint != fingerprint:
+                db.execute(
+                    "INSERT INTO actionmesh_idempotency (tenant, action_id, idempotency_key,"
+                    " fingerprint, owner, claimed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (*params, fingerprint, owner, now),
+                )
+                return Claim("claimed")
+            stored_fingerprint, holder, claimed_at, response = row
+            if stored_fingerprint != fingerprint:
                 return Claim("conflict")
-            if row.response is not None:
-                return Claim("done", row.response)
-            if now - row.claimed_at <= self._stale_claim_s:
+            if response is not None:
+                return Claim("done", bytes(response))
+            if now - claimed_at <= self._stale_claim_s:
                 return Claim("in_progress")
-            # Take over an abandoned claim, but only if nobody else just did.
-            taken = session.execute(
-                update(IdempotencyRow)
-                .where(self._where(key), IdempotencyRow.owner == row.owner)
-                .values(owner=owner, claimed_at=now)
+            # Take over an abandoned claim (the transaction holds the write lock).
+            db.execute(
+                f"UPDATE actionmesh_idempotency SET owner = ?, claimed_at = ?"
+                f" WHERE {_WHERE} AND owner = ?",
+                (owner, now, *params, holder),
             )
-            return Claim("claimed" if getattr(taken, "rowcount", 0) == 1 else "in_progress")
+            return Claim("claimed")
 
     def _complete(self, key: IdempotencyKey, owner: str, response: bytes) -> None:
-        with Session(self._engine) as session, session.begin():
-            session.execute(
-                update(IdempotencyRow)
-                .where(self._where(key), IdempotencyRow.owner == owner)
-                .values(response=response, completed_at=time.time())
+        with self._lock:
+            self._connection.execute(
+                "UPDATE actionmesh_idempotency SET response = ?, completed_at = ?"
+                f" WHERE {_WHERE} AND owner = ?",
+                (response, time.time(), key.tenant, key.action_id, key.key, owner),
             )
 
     def _release(self, key: IdempotencyKey, owner: str) -> None:
-        with Session(self._engine) as session, session.begin():
-            session.execute(
-                delete(IdempotencyRow).where(
-                    self._where(key),
-                    IdempotencyRow.owner == owner,
-                    IdempotencyRow.response.is_(None),
-                )
+        with self._lock:
+            self._connection.execute(
+                f"DELETE FROM actionmesh_idempotency WHERE {_WHERE}"
+                " AND owner = ? AND response IS NULL",
+                (key.tenant, key.action_id, key.key, owner),
             )
+
+
+@contextmanager
+def _immediate(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, taken at its start (no read-to-write upgrade)."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """WAL, so the provider's own store and this one share the file; switching takes
+    an exclusive lock that another process starting at once may hold: retry, bounded."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class KeyedLocks:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
-from actionmesh.rpc.config import load_config
+from actionmesh.rpc.config import load_config, sqlite_path
 from actionmesh.rpc.server import RunningServer, configure_logging, run_service, start_server
 from actionmesh.rpc.telemetry import configure_process_tracing
 from actionmesh.sdk.config import ENV_PREFIX, ProviderConfig
-from actionmesh.sdk.dedupe import IdempotencyStore, SqlIdempotencyStore
+from actionmesh.sdk.dedupe import IdempotencyStore, SqliteIdempotencyStore
 from actionmesh.sdk.inputs import ProviderDefinitionError
 from actionmesh.sdk.provider import Provider
 from actionmesh.sdk.registration import RegistryLink
@@ -22,6 +23,29 @@ log = logging.getLogger("actionmesh.sdk")
 SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ActionProviderService"].full_name
 # Completed idempotency records older than this are forgotten at start.
 IDEMPOTENCY_RETENTION_S = 7 * 24 * 3600.0
+
+
+class OwnedStore(IdempotencyStore, Protocol):
+    """An idempotency store the SDK opened for ``dedupe=True`` and so prunes and closes."""
+
+    def prune(self, older_than_s: float) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_idempotency_store(url: str) -> OwnedStore:
+    """The store of ``dedupe=True``: the SQLite file of ``url`` through the standard
+    library, or any other database through SQLAlchemy (the ``sql`` extra)."""
+    if sqlite_path(url) is not None:
+        return SqliteIdempotencyStore.open(url)
+    try:
+        from actionmesh.sdk.sqlstore import SqlIdempotencyStore
+    except ImportError:
+        raise ProviderDefinitionError(
+            f"dedupe=True on a {url.split(':', 1)[0]} database needs SQLAlchemy: install "
+            "actionmesh-sdk[sql], or pass dedupe=YOUR_STORE (an IdempotencyStore)"
+        ) from None
+    return SqlIdempotencyStore.open(url)
 
 
 async def _run_stop_hooks(provider: Provider) -> None:
@@ -48,12 +72,12 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
     if provider.running:
         raise ProviderDefinitionError(f"provider {provider.id} is already running in this process")
     provider.running = True
-    owned_store: SqlIdempotencyStore | None = None
+    owned_store: OwnedStore | None = None
     try:
         store: IdempotencyStore | None = None
         if provider.dedupe is True:
             owned_store = await asyncio.to_thread(
-                SqlIdempotencyStore.open, config.database_url_for(provider.id)
+                open_idempotency_store, config.database_url_for(provider.id)
             )
             await asyncio.to_thread(owned_store.prune, IDEMPOTENCY_RETENTION_S)
             store = owned_store
