@@ -261,18 +261,20 @@ async def test_the_generated_image_builds_runs_as_non_root_and_passes_the_kit(
     require_engine()
     assert new_project("dockdemo", tmp_path)
     project = tmp_path / "dockdemo"
-    # Build actionmesh's wheel from a copy, so the repository gets no build/ folder.
-    source = tmp_path / "actionmesh-src"
+    # The image carries the provider SDK alone: build its wheel from a copy, so the
+    # repository gets no build/ folder.
+    source = tmp_path / "sdk-src"
     shutil.copytree(
-        REPO,
+        REPO / "providers" / "sdk",
         source,
-        ignore=shutil.ignore_patterns(".venv", ".git", ".*cache", ".tools", "*.egg-info", "build"),
+        ignore=shutil.ignore_patterns(".*cache", "*.egg-info", "build", "__pycache__"),
     )
     code, output = await run(
         sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
         "-w", str(project / "dist"), str(source), timeout_s=300,
     )  # fmt: skip
     assert code == 0, output
+    assert [p.name.split("-")[0] for p in (project / "dist").iterdir()] == ["actionmesh_sdk"]
     tag = f"actionmesh-test-dockdemo:{uuid.uuid4().hex[:8]}"
     code, output = await run(
         "docker", "build", "--network", "host", "-q", "-t", tag, str(project), timeout_s=600

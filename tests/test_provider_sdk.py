@@ -823,10 +823,10 @@ async def test_executions_in_flight_finish_before_stop_hooks(serve_provider: Sta
 
 # -- registration ------------------------------------------------------------
 
-HAS_REGISTRY = importlib.util.find_spec("registry.server") is not None
+HAS_REGISTRY = importlib.util.find_spec("actionmesh.registry.server") is not None
 
 
-@pytest.mark.skipif(not HAS_REGISTRY, reason="registry.server is not available")
+@pytest.mark.skipif(not HAS_REGISTRY, reason="actionmesh.registry.server is not available")
 async def test_registers_renews_and_deregisters(tmp_path: Path) -> None:
     from actionmesh.registry.config import RegistryConfig
     from actionmesh.registry.server import start_registry

@@ -426,7 +426,7 @@ async def test_seeding_again_keeps_existing_state(tmp_path: Path) -> None:
 
 # -- the binary ------------------------------------------------------------------
 
-HAS_REGISTRY = importlib.util.find_spec("registry.server") is not None
+HAS_REGISTRY = importlib.util.find_spec("actionmesh.registry.server") is not None
 
 
 async def wait_for_ready(

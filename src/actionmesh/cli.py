@@ -28,10 +28,10 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -41,26 +41,26 @@ from rich.console import Console
 from rich.table import Table
 
 from actionmesh.bench import add_bench_command
+from actionmesh.client import ActionMeshError, GatewayClient, from_rpc_error
 from actionmesh.db_cli import add_db_commands
 from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import STATE_FILE, Mesh, MeshError, MeshSettings
 from actionmesh.provider_cli import add_provider_commands
 from actionmesh.registry_cli import add_registry_commands
 from actionmesh.rpc.channels import open_channel
-from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.tls import TlsConfig, TlsConfigError
 from actionmesh.v1 import (
     audit_pb2,
     audit_pb2_grpc,
     common_pb2,
     gateway_pb2,
-    gateway_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
 
 DEFAULT_DATA_DIR = Path(os.environ.get("ACTIONMESH_DATA_DIR", ".actionmesh"))
 console = Console()
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -200,13 +200,17 @@ def enum_label(prefix: str, name: str) -> str:
     return name.removeprefix(prefix)
 
 
-async def call_gateway(args: argparse.Namespace, method: str, request: Any) -> Any:
+def on_gateway(args: argparse.Namespace, call: Callable[[GatewayClient], Awaitable[T]]) -> T:
+    """Run one call through the typed client (deadline, token, retries where safe)."""
     token = caller_token(args)
-    async with open_channel(gateway_address(args), client_tls(args)) as channel:
-        stub = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
-        return await getattr(stub, method)(
-            request, metadata=(("authorization", f"Bearer {token}"),), timeout=args.timeout
-        )
+
+    async def run() -> T:
+        async with GatewayClient(
+            gateway_address(args), token=token, tls=client_tls(args), timeout_s=args.timeout
+        ) as gateway:
+            return await call(gateway)
+
+    return asyncio.run(run())
 
 
 # -- commands ------------------------------------------------------------------
@@ -308,8 +312,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_actions(args: argparse.Namespace) -> int:
-    request = gateway_pb2.DiscoverActionsRequest(record=record_context(args, caller_token(args)))
-    reply = asyncio.run(call_gateway(args, "DiscoverActions", request))
+    record = record_context(args, caller_token(args))
+    reply = on_gateway(args, lambda gateway: gateway.discover(record))
     if args.json:
         print(json.dumps(to_dict(reply), indent=2))
         return 0
@@ -343,9 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     token = caller_token(args)
     record = record_context(args, token)
     schema: dict[str, common_pb2.InputField] = {}
-    discovered = asyncio.run(
-        call_gateway(args, "DiscoverActions", gateway_pb2.DiscoverActionsRequest(record=record))
-    )
+    discovered = on_gateway(args, lambda gateway: gateway.discover(record))
     for view in discovered.actions:
         if view.descriptor.action_id == args.action:
             schema = {f.name: f for f in view.descriptor.inputs}
@@ -355,14 +357,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sep:
             raise CliError(f"--input takes NAME=VALUE (got {item!r})")
         inputs[name] = typed_input(raw, schema.get(name))
-    request = gateway_pb2.ExecuteActionRequest(
-        action_id=args.action,
-        record=record,
-        inputs=inputs,
-        idempotency_key=args.idempotency_key or uuid.uuid4().hex,
+    key = args.idempotency_key or uuid.uuid4().hex
+    execution = on_gateway(
+        args,
+        lambda gateway: gateway.execute(args.action, record, inputs, idempotency_key=key),
     )
-    reply = asyncio.run(call_gateway(args, "ExecuteAction", request))
-    return show_execution(args, reply.execution)
+    return show_execution(args, execution)
 
 
 def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -> int:
@@ -402,17 +402,16 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
 
 
 def cmd_execution(args: argparse.Namespace) -> int:
-    request = gateway_pb2.GetExecutionRequest(execution_id=args.execution_id)
-    reply = asyncio.run(call_gateway(args, "GetExecution", request))
-    show_execution(args, reply.execution)
+    execution = on_gateway(args, lambda gateway: gateway.get_execution(args.execution_id))
+    show_execution(args, execution)
     return 0
 
 
 def cmd_approvals(args: argparse.Namespace) -> int:
-    request = gateway_pb2.ListPendingApprovalsRequest(page_size=args.limit)
-    if args.record:
-        request.record.CopyFrom(parse_record_ref(args.record))
-    reply = asyncio.run(call_gateway(args, "ListPendingApprovals", request))
+    record = parse_record_ref(args.record) if args.record else None
+    reply = on_gateway(
+        args, lambda gateway: gateway.pending_approvals(record, page_size=args.limit)
+    )
     if args.json:
         print(json.dumps([to_dict(a) for a in reply.approvals], indent=2))
         return 0
@@ -447,7 +446,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
         comment=args.comment or "",
         record=record_context(args, token),
     )
-    reply = asyncio.run(call_gateway(args, "ApproveExecution", request))
+    reply = on_gateway(args, lambda gateway: gateway.approve(request))
     return show_execution(args, reply.execution)
 
 
@@ -455,13 +454,13 @@ def cmd_reject(args: argparse.Namespace) -> int:
     request = gateway_pb2.RejectExecutionRequest(
         execution_id=args.execution_id, comment=args.comment
     )
-    reply = asyncio.run(call_gateway(args, "RejectExecution", request))
+    reply = on_gateway(args, lambda gateway: gateway.reject(request))
     show_execution(args, reply.execution)
     return 0
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    reply = asyncio.run(call_gateway(args, "GetPolicyStatus", gateway_pb2.GetPolicyStatusRequest()))
+    reply = on_gateway(args, lambda gateway: gateway.policy_status())
     if args.json:
         print(json.dumps(to_dict(reply), indent=2))
         return 0 if not reply.reload_error else 4
@@ -517,12 +516,13 @@ def event_table(title: str, events: Sequence[audit_pb2.AuditEvent]) -> Table:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    request = gateway_pb2.GetRecordHistoryRequest(
-        record=parse_record_ref(args.record),
-        page_size=args.limit,
-        include_discovery=args.include_discovery,
+    record = parse_record_ref(args.record)
+    reply = on_gateway(
+        args,
+        lambda gateway: gateway.record_history(
+            record, page_size=args.limit, include_discovery=args.include_discovery
+        ),
     )
-    reply = asyncio.run(call_gateway(args, "GetRecordHistory", request))
     if args.json:
         print(json.dumps([to_dict(e) for e in reply.events], indent=2))
         return 0
@@ -533,8 +533,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    request = gateway_pb2.GetTraceRequest(trace_id=args.trace_id, page_size=args.limit)
-    reply = asyncio.run(call_gateway(args, "GetTrace", request))
+    reply = on_gateway(args, lambda gateway: gateway.get_trace(args.trace_id, page_size=args.limit))
     if args.json:
         print(json.dumps([to_dict(e) for e in reply.events], indent=2))
         return 0
@@ -579,7 +578,7 @@ def cmd_executions(args: argparse.Namespace) -> int:
         request.started_after.FromDatetime(parse_instant(args.since))
     if args.until:
         request.started_before.FromDatetime(parse_instant(args.until))
-    reply = asyncio.run(call_gateway(args, "ListExecutions", request))
+    reply = on_gateway(args, lambda gateway: gateway.list_executions(request))
     if args.json:
         print(
             json.dumps(
@@ -840,15 +839,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CliError as exc:
         console.print(f"[red]error:[/red] {exc}")
         code = 1
-    except grpc.RpcError as exc:
-        details = error_details(exc)
-        console.print(f"[red]{details.code.name}[/red] {details.message}")
-        if details.reason:
-            console.print(f"  reason: {details.reason}")
-        for violation in details.violations:
+    except (ActionMeshError, grpc.RpcError) as exc:
+        # The gateway's refusals come typed from the client; the audit log's and
+        # registry's (plain stubs) are typed here the same way.
+        error = exc if isinstance(exc, ActionMeshError) else from_rpc_error(exc)
+        console.print(f"[red]{error.code.name}[/red] {error.message}")
+        if error.reason:
+            console.print(f"  reason: {error.reason}")
+        for violation in error.violations:
             console.print(f"  {violation.field}: {violation.description}")
-        if details.retry_after_s is not None:
-            console.print(f"  retry after {details.retry_after_s:.1f}s")
+        if error.retry_after_s is not None:
+            console.print(f"  retry after {error.retry_after_s:.1f}s")
         code = 2
     sys.exit(code)
 

@@ -46,9 +46,20 @@ if TYPE_CHECKING:
 PROJECT_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 TEMPLATE_SUFFIX = ".tmpl"
 PLACEHOLDER = "{{name}}"
-# Top-level packages a provider project imports (or that actionmesh ships).
+# Top-level packages a provider project imports: actionmesh ships only its namespace,
+# the SDK needs grpc, protobuf (google) and OpenTelemetry; tests is the project's own.
 TAKEN_NAMES = frozenset(
-    {"actionmesh", "providers", "gateway", "registry", "auditlog", "tests", "grpc", "google"}
+    {
+        "actionmesh",
+        "tests",
+        "grpc",
+        "grpc_health",
+        "grpc_reflection",
+        "grpc_status",
+        "google",
+        "opentelemetry",
+        "tenacity",
+    }
 )
 # Template files whose real name starts with a dot (globs in package data skip dotfiles).
 DOTFILES = {"dockerignore": ".dockerignore"}

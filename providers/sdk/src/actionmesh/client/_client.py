@@ -242,8 +242,13 @@ class GatewayClient:
     ) -> gateway_pb2.ListExecutionsResponse:
         return await self._call(self._stub.ListExecutions, request, retry_safe=True)
 
-    async def get_trace(self, trace_id: str) -> gateway_pb2.GetTraceResponse:
-        request = gateway_pb2.GetTraceRequest(trace_id=trace_id)
+    async def get_trace(
+        self, trace_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> gateway_pb2.GetTraceResponse:
+        """One page of the audit events of a trace."""
+        request = gateway_pb2.GetTraceRequest(
+            trace_id=trace_id, page_size=page_size, page_token=page_token
+        )
         return await self._call(self._stub.GetTrace, request, retry_safe=True)
 
     # -- machinery --------------------------------------------------------------
