@@ -111,7 +111,8 @@ async def test_new_creates_a_project_whose_own_test_passes(tmp_path: Path) -> No
         ("9lives", "not a valid provider name"),
         ("class", "not a valid provider name"),
         ("json", "would shadow"),
-        ("providers", "would shadow"),
+        ("actionmesh", "would shadow"),
+        ("opentelemetry", "would shadow"),
     ],
 )
 def test_new_refuses_bad_names(tmp_path: Path, name: str, why: str) -> None:
