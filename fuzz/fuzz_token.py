@@ -36,7 +36,7 @@ if HAVE_ATHERIS and __name__ == "__main__":
 
     # Coverage feedback from the token code only (the gateway's and PyJWT's):
     # instrumenting every loaded module takes minutes.
-    _instrumented: Any = atheris.instrument_imports(include=["gateway", "jwt"])
+    _instrumented: Any = atheris.instrument_imports(include=["actionmesh", "jwt"])
 else:
     _instrumented = contextlib.nullcontext()
 with _instrumented:

@@ -31,10 +31,9 @@ from actionmesh.conformance.samples import (
     valid_inputs,
 )
 from actionmesh.rpc.errors import ActionMeshError, ErrorDetails, error_details
+from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, REASON, RECORD_TYPE
 from actionmesh.rpc.schema import schema_problems, validate_inputs
 from actionmesh.rpc.tls import TlsConfig
-from actionmesh.sdk.provider import ACTION_ID_PATTERN, PROVIDER_ID_PATTERN, RECORD_TYPE_PATTERN
-from actionmesh.sdk.types import REASON_PATTERN
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 
 Status = Literal["pass", "fail", "skip"]
@@ -297,10 +296,8 @@ class _Kit:
             raise _Verdict(FAIL, f"Describe failed: {_rpc_summary(_safe_details(exc))}") from None
         self.describe = reply
         problems: list[str] = []
-        if not PROVIDER_ID_PATTERN.match(reply.provider_id):
-            problems.append(
-                f"provider_id {reply.provider_id!r} must match {PROVIDER_ID_PATTERN.pattern}"
-            )
+        if not PROVIDER_ID.valid(reply.provider_id):
+            problems.append(f"provider_id {reply.provider_id!r} must match {PROVIDER_ID.pattern}")
         if not reply.version.strip():
             problems.append("version is empty")
         if not reply.actions:
@@ -308,8 +305,8 @@ class _Kit:
         record_types: set[str] = set()
         for action in reply.actions:
             where = f"action {action.action_id!r}"
-            if not ACTION_ID_PATTERN.match(action.action_id):
-                problems.append(f"{where}: id must match {ACTION_ID_PATTERN.pattern}")
+            if not ACTION_ID.valid(action.action_id):
+                problems.append(f"{where}: id must match {ACTION_ID.pattern}")
             if action.action_id in self.declared:
                 problems.append(f"{where}: declared more than once")
                 continue
@@ -317,7 +314,7 @@ class _Kit:
             if not action.record_types:
                 problems.append(f"{where}: no record types")
             for record_type in action.record_types:
-                if not RECORD_TYPE_PATTERN.match(record_type):
+                if not RECORD_TYPE.valid(record_type):
                     problems.append(f"{where}: record type {record_type!r} is malformed")
                 record_types.add(record_type)
             problems.extend(f"{where}: {p}" for p in schema_problems(action.inputs))
@@ -355,7 +352,7 @@ class _Kit:
                 if found.action_id in seen:
                     problems.append(f"{where}: {found.action_id} answered twice")
                 seen.add(found.action_id)
-                if not found.available and not REASON_PATTERN.match(found.unavailable_reason):
+                if not found.available and not REASON.valid(found.unavailable_reason):
                     problems.append(
                         f"{where}: {found.action_id} unavailable without an UPPER_SNAKE reason"
                     )

@@ -9,7 +9,7 @@ from actionmesh.auditlog.events import AuditLog
 from actionmesh.auditlog.servicer import AuditServicer
 from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.rpc.server import RunningServer, start_server
-from actionmesh.runtime.db import make_engine
+from actionmesh.runtime.db import database_unavailable, make_engine
 from actionmesh.runtime.metrics import expose_metrics
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -30,6 +30,7 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
                 )
             ],
             host=config.host,
+            error_translators=[database_unavailable],
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
             credentials=(

@@ -329,19 +329,6 @@ class Approvals:
             if len(orphans) < limit or resolved < len(orphans):
                 return total
 
-    async def sweep_forever(self, interval_s: float) -> None:
-        """Expire pending approvals and close orphaned executions, every ``interval_s``."""
-        while True:
-            await asyncio.sleep(interval_s)
-            for sweep, what in (
-                (self.expire_due, "approval expiry"),
-                (self.resolve_orphans, "orphan"),
-            ):
-                try:
-                    await sweep()
-                except Exception:
-                    log.exception("%s sweep failed; retrying next interval", what)
-
     # -- internals ------------------------------------------------------------
     async def _pending(
         self, caller: Caller, execution_id: str

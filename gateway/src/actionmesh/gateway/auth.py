@@ -422,14 +422,17 @@ class TokenVerifier:
         call_span.set_attribute("actionmesh.tenant", caller.tenant)
         return caller
 
-    async def refresh_keys_forever(self) -> None:
-        """Re-read a JWKS every jwt_jwks_refresh_s (returns at once for a static key)."""
-        source = self._source
-        if not isinstance(source, JwksKeys) or self._refresh_s <= 0:
-            return
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            await asyncio.to_thread(source.reload, "scheduled")
+    @property
+    def refresh_interval_s(self) -> float | None:
+        """How often the JWKS is re-read (jwt_jwks_refresh_s); None for a static key."""
+        if not isinstance(self._source, JwksKeys) or self._refresh_s <= 0:
+            return None
+        return self._refresh_s
+
+    async def refresh_keys(self) -> None:
+        """Re-read the JWKS once (a scheduled refresh; nothing for a static key)."""
+        if isinstance(self._source, JwksKeys):
+            await asyncio.to_thread(self._source.reload, "scheduled")
 
     def _token_and_header(self, metadata: Metadata) -> tuple[str, dict[str, Any]]:
         token = bearer_token(metadata)

@@ -8,7 +8,6 @@ that starts each subscription replaces the view wholesale.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import grpc
 import grpc.aio
 
 from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.supervisor import SupervisedLoop, Supervisor
 from actionmesh.rpc.tls import TlsConfig
 from actionmesh.v1 import (
     common_pb2,
@@ -71,12 +71,14 @@ class ProviderDirectory:
         self._providers: dict[str, ProviderEntry] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: SupervisedLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._retired: set[grpc.aio.Channel] = set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch_forever(), name="provider-directory")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Watch the registry, as a loop of ``supervisor`` (a private one by default)."""
+        supervisor = supervisor or Supervisor("provider directory")
+        self._loop = supervisor.spawn("provider-watch", self._watch_forever)
 
     async def wait_synced(self, timeout_s: float) -> bool:
         try:
@@ -86,10 +88,9 @@ class ProviderDirectory:
         return True
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            await loop.stop()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -125,7 +126,9 @@ class ProviderDirectory:
             self._channels[endpoint] = channel
         return provider_pb2_grpc.ActionProviderServiceStub(channel)
 
-    async def _watch_forever(self) -> None:
+    async def _watch_forever(self, loop: SupervisedLoop) -> None:
+        """Follow the registry; its outages are expected (serve the last view, resubscribe),
+        anything else fails the loop for its supervisor to restart."""
         backoff = 0.1
         while True:
             try:
@@ -133,6 +136,7 @@ class ProviderDirectory:
                     stub = registry_pb2_grpc.RegistryServiceStub(channel)
                     async for message in stub.WatchProviders(registry_pb2.WatchProvidersRequest()):
                         self._apply(message)
+                        loop.progress()
                         backoff = 0.1
             except grpc.aio.AioRpcError as exc:
                 log.warning(

@@ -13,8 +13,8 @@ import grpc
 import grpc.aio
 
 from actionmesh.gateway.auth import Caller
-from actionmesh.gateway.requests import RECORD_ID, RECORD_TYPE
 from actionmesh.rpc.errors import InvalidArgument, NotFound, Unavailable, error_details
+from actionmesh.rpc.identifiers import RECORD_ID, RECORD_TYPE
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc, common_pb2, gateway_pb2
 
 # Every event type except the discovery decisions, which would drown a timeline.
@@ -39,7 +39,7 @@ class HistoryReader:
         *,
         include_discovery: bool = False,
     ) -> audit_pb2.ListTimelineResponse:
-        if not RECORD_TYPE.match(record.type) or not RECORD_ID.match(record.id):
+        if not RECORD_TYPE.valid(record.type) or not RECORD_ID.valid(record.id):
             raise InvalidArgument("record type and id are required", reason="INVALID_RECORD")
         request = audit_pb2.ListTimelineRequest(
             tenant=caller.tenant,

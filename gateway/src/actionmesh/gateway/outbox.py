@@ -21,6 +21,7 @@ from opentelemetry import context, trace
 
 from actionmesh.gateway.storage import GatewayStore, delete_events_op, park_event_op
 from actionmesh.gateway.writer import GroupCommitWriter
+from actionmesh.rpc.supervisor import SupervisedLoop, Supervisor
 from actionmesh.rpc.telemetry import link_to
 from actionmesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -46,10 +47,14 @@ class OutboxShipper:
         self._batch_size = batch_size
         self._retry_max_s = retry_max_s
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: SupervisedLoop | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-outbox-shipper")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Ship, as a loop of ``supervisor`` (a private one by default): an audit log
+        that is down is retried here with backoff; any other failure (the store, say)
+        ends the run and the supervisor starts it again, so no event is left behind."""
+        supervisor = supervisor or Supervisor("audit outbox")
+        self._loop = supervisor.spawn("audit-outbox", self._run)
 
     def notify(self) -> None:
         self._wake.set()
@@ -59,23 +64,27 @@ class OutboxShipper:
 
         The channel belongs to the caller, who closes it after this returns.
         """
-        if self._task is not None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain(), drain_timeout_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await loop.stop()
 
     async def _drain(self) -> None:
-        while await asyncio.to_thread(self._store.outbox_depth):
-            self.notify()
-            await asyncio.sleep(0.05)
+        try:
+            while await asyncio.to_thread(self._store.outbox_depth):
+                self.notify()
+                await asyncio.sleep(0.05)
+        except Exception:
+            # The store is gone too: what is left stays in the outbox for the next start.
+            log.exception("could not drain the audit outbox at shutdown")
 
-    async def _run(self) -> None:
+    async def _run(self, loop: SupervisedLoop) -> None:
         stub = self._stub
         backoff = 0.1
         while True:
             batch = await asyncio.to_thread(self._store.pending_events, self._batch_size)
+            loop.progress()
             if not batch:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -19,7 +19,15 @@ import re
 from collections.abc import Mapping
 
 from actionmesh.rpc.errors import FieldViolation, InvalidArgument
-from actionmesh.rpc.schema import MAX_INPUTS, MAX_STRING_CHARS, NAME_PATTERN
+from actionmesh.rpc.identifiers import (
+    ACTION_ID,
+    ATTRIBUTE_KEY,
+    IDEMPOTENCY_KEY,
+    INPUT_NAME,
+    RECORD_ID,
+    RECORD_TYPE,
+)
+from actionmesh.rpc.schema import MAX_INPUTS, MAX_STRING_CHARS
 from actionmesh.v1 import common_pb2
 
 __all__ = [
@@ -46,20 +54,16 @@ __all__ = [
     "record_violations",
 ]
 
-# \Z, not $: "$" also matches before a trailing newline, so "wi-1\n" would pass.
-ACTION_ID = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+\Z")
-MAX_ACTION_ID = 128
-RECORD_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}\Z")
-RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,255}\Z")
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+# The identifier rules are the contract's (actionmesh.rpc.identifiers), shared with
+# the registry, the SDK and the support platform.
+MAX_ACTION_ID = ACTION_ID.max_length
 MAX_TENANT = 128
 MAX_STATUS = 64
 # Etags and revisions are short; this only keeps the discovery cache key bounded.
 MAX_VERSION = 128
 MAX_ATTRIBUTES = 16
 # Keys appear in policy (context.record.attributes.KEY) and in evidence paths.
-ATTRIBUTE_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}\Z")
-MAX_ATTRIBUTE_KEY = 64
+MAX_ATTRIBUTE_KEY = ATTRIBUTE_KEY.max_length
 MAX_ATTRIBUTE_VALUE = 256
 # Same pattern as a declared input name (^[a-z][a-z0-9_]{0,63}$).
 MAX_INPUT_NAME = 64
@@ -94,9 +98,9 @@ def record_violations(
                 f"{path}.tenant", f"must be 1..{MAX_TENANT} characters, no control characters"
             )
         )
-    if not RECORD_TYPE.match(record.type):
+    if not RECORD_TYPE.valid(record.type):
         problems.append(FieldViolation(f"{path}.type", "must match ^[a-z][a-z0-9_.-]{0,63}$"))
-    if not RECORD_ID.match(record.id):
+    if not RECORD_ID.valid(record.id):
         problems.append(
             FieldViolation(f"{path}.id", "must be 1..256 of letters, digits and _ . : / -")
         )
@@ -131,7 +135,7 @@ def _attribute_violations(attributes: Mapping[str, str], path: str) -> list[Fiel
     problems = []
     bad_keys = False
     for key, value in sorted(attributes.items()):
-        if not ATTRIBUTE_KEY.match(key):
+        if not ATTRIBUTE_KEY.valid(key):
             bad_keys = True
             continue
         if len(value) > MAX_ATTRIBUTE_VALUE or not _free_text(value):
@@ -181,7 +185,7 @@ def input_violations(
     problems = []
     bad_names = False
     for name, value in sorted(inputs.items()):
-        if not NAME_PATTERN.fullmatch(name):
+        if not INPUT_NAME.valid(name):
             bad_names = True
             continue
         if value.WhichOneof("kind") != "string_value":
@@ -216,7 +220,7 @@ def execute_violations(
     inputs: Mapping[str, common_pb2.InputValue] | None = None,
 ) -> list[FieldViolation]:
     problems = []
-    if len(action_id) > MAX_ACTION_ID or not ACTION_ID.match(action_id):
+    if not ACTION_ID.valid(action_id):
         problems.append(
             FieldViolation(
                 "action_id",
@@ -224,7 +228,7 @@ def execute_violations(
             )
         )
     problems.extend(record_violations(record, has_record))
-    if not IDEMPOTENCY_KEY.match(idempotency_key):
+    if not IDEMPOTENCY_KEY.valid(idempotency_key):
         problems.append(
             FieldViolation("idempotency_key", "is required: 1..128 of letters, digits and _ . : -")
         )

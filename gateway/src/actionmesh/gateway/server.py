@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from grpc_health.v1 import health_pb2
@@ -25,6 +24,8 @@ from actionmesh.gateway.storage import GatewayStore
 from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.server import RunningServer, start_server
+from actionmesh.rpc.supervisor import Supervisor
+from actionmesh.runtime.db import database_unavailable
 from actionmesh.runtime.metrics import expose_metrics
 from actionmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -41,14 +42,17 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     store = await asyncio.to_thread(
         GatewayStore, config.database_url, migrate=config.migrate_on_start
     )
+    # Every background loop of the gateway runs under this supervisor: restarted when
+    # it fails, and the gateway NOT_SERVING while one keeps failing.
+    supervisor = Supervisor("gateway")
     writer = GroupCommitWriter(store)
-    writer.start()
+    writer.start(supervisor)
     directory = ProviderDirectory(
         config.registry,
         tls=config.tls,
         retire_grace_s=config.max_execute_timeout_s + config.late_result_grace_s,
     )
-    directory.start()
+    directory.start(supervisor)
     if not await directory.wait_synced(5.0):
         log.warning("registry %s not reachable yet; discovery starts empty", config.registry)
     # One channel to the audit log serves both the outbox shipper and history reads.
@@ -61,7 +65,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         retry_max_s=config.audit_retry_max_s,
         linger_s=config.audit_linger_s,
     )
-    shipper.start()
+    shipper.start(supervisor)
     admission = Admission.from_settings(
         config.tenant_rate_limit,
         config.tenant_max_concurrent_executions,
@@ -108,6 +112,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     running = await start_server(
         [(gateway_pb2_grpc.add_ActionGatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
         host=config.host,
+        error_translators=[database_unavailable],
         port=config.port,
         max_receive_bytes=config.max_request_bytes,
         credentials=(
@@ -122,21 +127,30 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         running, host=config.host, port=config.metrics_port, service_name="actionmesh-gateway"
     )
     background = [
-        asyncio.create_task(approvals.sweep_forever(config.approval_sweep_interval_s)),
-        # Re-reads a JWKS so removed keys stop working (returns at once for a fixed key).
-        asyncio.create_task(verifier.refresh_keys_forever()),
+        supervisor.every("approval-expiry", config.approval_sweep_interval_s, approvals.expire_due),
+        supervisor.every(
+            "orphan-sweep", config.approval_sweep_interval_s, approvals.resolve_orphans
+        ),
     ]
+    if verifier.refresh_interval_s is not None:
+        # Re-reads a JWKS so removed keys stop working.
+        background.append(
+            supervisor.every("jwks-refresh", verifier.refresh_interval_s, verifier.refresh_keys)
+        )
     if config.policy_reload_interval_s > 0:
         background.append(
-            asyncio.create_task(watch_policy(policy, running, config.policy_reload_interval_s))
+            supervisor.every(
+                "policy-reload",
+                config.policy_reload_interval_s,
+                lambda: reload_policy(policy, running),
+            )
         )
+    await supervisor.attach(running)
+    running.supervisor = supervisor
 
     async def stop_background() -> None:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in background:
+            await loop.stop()
 
     async def close_dependencies() -> None:
         await executor.close()
@@ -151,21 +165,15 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     return running
 
 
-async def watch_policy(policy: PolicyEngine, running: RunningServer, interval_s: float) -> None:
-    """Reload the policy file when it changes; a bad file never replaces a good one."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            changed = await asyncio.to_thread(policy.reload_if_changed)
-        except Exception:
-            log.exception("policy reload check failed")
-            continue
-        healthy = not policy.status().reload_error
-        await running.health.set(
-            POLICY_HEALTH_NAME,
-            health_pb2.HealthCheckResponse.SERVING
-            if healthy
-            else health_pb2.HealthCheckResponse.NOT_SERVING,
-        )
-        if changed is not None:
-            log.info("policy reload: %s", "loaded" if changed else "refused")
+async def reload_policy(policy: PolicyEngine, running: RunningServer) -> None:
+    """Reload the policy file if it changed; a bad file never replaces a good one."""
+    changed = await asyncio.to_thread(policy.reload_if_changed)
+    healthy = not policy.status().reload_error
+    await running.health.set(
+        POLICY_HEALTH_NAME,
+        health_pb2.HealthCheckResponse.SERVING
+        if healthy
+        else health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    if changed is not None:
+        log.info("policy reload: %s", "loaded" if changed else "refused")

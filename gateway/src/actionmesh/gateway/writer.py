@@ -12,10 +12,10 @@ waits for nobody: the group is whatever is already there when the writer is free
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any, TypeVar
 
 from actionmesh.gateway.storage import GatewayStore, WriteOp
+from actionmesh.rpc.supervisor import SupervisedLoop, Supervisor
 
 T = TypeVar("T")
 
@@ -37,11 +37,13 @@ class GroupCommitWriter:
         self._queue: asyncio.Queue[tuple[WriteOp[Any], asyncio.Future[Any]] | None] = (
             asyncio.Queue()
         )
-        self._task: asyncio.Task[None] | None = None
+        self._loop: SupervisedLoop | None = None
         self._closed = False
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway-store-writer")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start writing, as a loop of ``supervisor`` (a private one by default)."""
+        supervisor = supervisor or Supervisor("gateway store writer")
+        self._loop = supervisor.spawn("gateway-store-writer", self._run)
 
     async def write(self, op: WriteOp[T]) -> T:
         """Run ``op`` in the next group; its result, or the exception it raised.
@@ -49,7 +51,7 @@ class GroupCommitWriter:
         The write goes ahead even if the caller is cancelled meanwhile, as it
         would in a thread: the caller just stops waiting for it.
         """
-        if self._closed or self._task is None:
+        if self._closed or self._loop is None:
             raise WriterClosed("the gateway store writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, future))
@@ -58,18 +60,17 @@ class GroupCommitWriter:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then stop (later writes raise WriterClosed)."""
         self._closed = True
-        task, self._task = self._task, None
-        if task is None:
+        loop, self._loop = self._loop, None
+        if loop is None:
             return
         self._queue.put_nowait(None)
         try:
-            await asyncio.wait_for(task, timeout_s)
+            await asyncio.wait_for(loop.join(), timeout_s)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            pass
+        await loop.stop()
 
-    async def _run(self) -> None:
+    async def _run(self, loop: SupervisedLoop) -> None:
         stopping = False
         while not stopping:
             first = await self._queue.get()
@@ -86,13 +87,17 @@ class GroupCommitWriter:
                 results = await asyncio.to_thread(self._store.write_group, [op for op, _ in group])
             except BaseException as exc:
                 # write_group hands each operation its own error; only a cancelled
-                # writer (shutdown) or a broken thread pool gets here.
+                # writer (shutdown) or a broken thread pool gets here. The callers get
+                # the error; the supervisor restarts this loop (unless it was stopping).
                 for _, future in group:
                     if not future.done():
                         future.set_exception(
                             exc if isinstance(exc, Exception) else WriterClosed(str(exc))
                         )
+                if stopping:
+                    return
                 raise
+            loop.progress()
             for (_, future), result in zip(group, results, strict=True):
                 if future.done():  # the caller was cancelled and stopped waiting
                     continue

@@ -229,25 +229,6 @@ class Directory:
         for provider, health in zip(providers, results, strict=True):
             await self._apply_health(provider, health)
 
-    async def run_expiry_loop(self, period_s: float) -> None:
-        while True:
-            try:
-                await self.expire_leases()
-            except Exception:
-                log.exception("lease expiry pass failed; retrying")
-            await asyncio.sleep(period_s)
-
-    async def run_health_loop(self, interval_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                await self.check_health()
-            except Exception:
-                log.exception("health check pass failed; retrying")
-            # Fixed rate: a slow pass (timeouts) does not stretch the interval.
-            await asyncio.sleep(max(0.0, started + interval_s - loop.time()))
-
     async def close(self) -> None:
         """End watch streams and pending checks; the store stays as it is."""
         self._closed = True

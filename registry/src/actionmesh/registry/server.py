@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 
 from actionmesh.registry.config import RegistryConfig
@@ -13,7 +12,8 @@ from actionmesh.registry.metrics import observe_registry
 from actionmesh.registry.servicer import SERVICE_NAME, RegistryServicer
 from actionmesh.registry.storage import ProviderRepository
 from actionmesh.rpc.server import RunningServer, start_server
-from actionmesh.runtime.db import make_engine
+from actionmesh.rpc.supervisor import Supervisor
+from actionmesh.runtime.db import database_unavailable, make_engine
 from actionmesh.runtime.metrics import expose_metrics
 from actionmesh.v1 import registry_pb2_grpc
 
@@ -50,6 +50,7 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
                 )
             ],
             host=config.host,
+            error_translators=[database_unavailable],
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
             credentials=(
@@ -63,23 +64,24 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
         await asyncio.to_thread(engine.dispose)
         raise
 
-    loops = [
-        asyncio.create_task(
-            directory.run_expiry_loop(expiry_period_s(config.lease_ttl_s)),
-            name="registry-lease-expiry",
-        ),
-        asyncio.create_task(
-            directory.run_health_loop(config.health_check_interval_s),
-            name="registry-health-checks",
-        ),
-    ]
+    # Both passes run at a fixed rate under a supervisor: a pass that fails (the store
+    # down, say) is retried after a backoff, and the registry reports NOT_SERVING
+    # while one keeps failing.
+    supervisor = Supervisor("registry")
+    supervisor.every(
+        "lease-expiry",
+        expiry_period_s(config.lease_ttl_s),
+        directory.expire_leases,
+        first_after_s=0.0,
+    )
+    supervisor.every(
+        "health-checks", config.health_check_interval_s, directory.check_health, first_after_s=0.0
+    )
+    await supervisor.attach(running)
+    running.supervisor = supervisor
 
     async def stop_background() -> None:
-        for task in loops:
-            task.cancel()
-        for task in loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await supervisor.stop()
         # Ends watch streams now, so the server's drain does not wait out its grace.
         await directory.close()
         await asyncio.to_thread(engine.dispose)

@@ -16,6 +16,7 @@ from actionmesh.registry.directory import Directory
 from actionmesh.registry.model import Change, ChangeType, Health, Provider, Registration
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import ActionMeshError, FieldViolation, InvalidArgument
+from actionmesh.rpc.identifiers import ACTION_ID
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
@@ -55,7 +56,7 @@ def change_to_proto(change: Change) -> registry_pb2.WatchProvidersResponse:
 # (4 MiB at most), and an ENUM refusal lists the allowed values in its error
 # details (an 8 KiB trailer): bound what one registration may declare.
 MAX_ACTIONS = 64
-MAX_ACTION_ID = 128
+MAX_ACTION_ID = ACTION_ID.max_length
 MAX_LABEL_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2048
 MAX_RECORD_TYPES = 16

@@ -11,12 +11,10 @@ import re
 
 from actionmesh.registry.model import Registration
 from actionmesh.rpc.errors import FieldViolation, InvalidArgument
+from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, RECORD_TYPE
 from actionmesh.rpc.schema import schema_violations
 
-PROVIDER_ID = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
-ACTION_ID = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
 # Same alphabet as RecordRef.type in common.proto, so a declared type can match a record.
-RECORD_TYPE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _HOST = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]+\]"  # bracketed IPv6, as gRPC targets spell it
     r"|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$"  # hostname or IPv4
@@ -47,7 +45,7 @@ def endpoint_problem(endpoint: str) -> str | None:
 def validate_registration(registration: Registration) -> None:
     """Raise InvalidArgument listing every problem of ``registration``."""
     violations: list[FieldViolation] = []
-    if not PROVIDER_ID.match(registration.provider_id):
+    if not PROVIDER_ID.valid(registration.provider_id):
         violations.append(
             FieldViolation(
                 "provider_id",
@@ -67,7 +65,7 @@ def validate_registration(registration: Registration) -> None:
     first_index: dict[str, int] = {}
     for index, action in enumerate(registration.actions):
         path = f"actions[{index}]"
-        if not ACTION_ID.match(action.action_id):
+        if not ACTION_ID.valid(action.action_id):
             violations.append(
                 FieldViolation(
                     f"{path}.action_id",
@@ -90,7 +88,7 @@ def validate_registration(registration: Registration) -> None:
                 FieldViolation(f"{path}.record_types", "declare at least one record type")
             )
         for type_index, record_type in enumerate(action.record_types):
-            if not RECORD_TYPE.match(record_type):
+            if not RECORD_TYPE.valid(record_type):
                 violations.append(
                     FieldViolation(
                         f"{path}.record_types[{type_index}]",

@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 from actionmesh.rpc.config import sqlite_url
+from actionmesh.rpc.errors import Unavailable
 
-__all__ = ["UTCDateTime", "make_engine", "sqlite_url"]
+__all__ = ["DATABASE_RETRY_S", "UTCDateTime", "database_unavailable", "make_engine", "sqlite_url"]
+
+DATABASE_RETRY_S = 1.0
+"""The RetryInfo a caller gets while a service's database cannot be reached."""
 
 
 def make_engine(url: str) -> Engine:
@@ -84,3 +89,21 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         moment = cast(datetime, value)
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def database_unavailable(exc: BaseException) -> Unavailable | None:
+    """A database that cannot be reached (refused, dropped, failing over, locked, its
+    pool exhausted) is a dependency being down: UNAVAILABLE ``DATABASE_UNAVAILABLE``
+    with RetryInfo, as the outcome table says, never INTERNAL. An error translator
+    for :func:`actionmesh.rpc.server.start_server`."""
+    transient = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    )
+    if not transient and not isinstance(exc, sa_exc.TimeoutError):
+        return None
+    return Unavailable(
+        "the service's database cannot be reached; retry later (an execution: with the "
+        "same idempotency key, which never runs it twice)",
+        reason="DATABASE_UNAVAILABLE",
+        retry_after_s=DATABASE_RETRY_S,
+    )

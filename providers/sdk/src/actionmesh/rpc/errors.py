@@ -185,15 +185,35 @@ async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-def _status_for(exc: BaseException, method: str) -> status_pb2.Status:
+ErrorTranslator = Callable[[BaseException], "ActionMeshError | None"]
+"""Recognises an exception of a library the rpc core does not know (a database driver's,
+say) and names the ActionMeshError it stands for; None for anything else."""
+
+
+def _status_for(
+    exc: BaseException, method: str, translators: Sequence[ErrorTranslator] = ()
+) -> status_pb2.Status:
     if isinstance(exc, ActionMeshError):
         return exc.to_status()
+    for translate in translators:
+        known = translate(exc)
+        if known is not None:
+            log.warning("%s in %s: %s (%s)", known.reason, method, known.message, exc)
+            return known.to_status()
     log.exception("unhandled error in %s", method, exc_info=exc)
     return internal_status()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by servicers onto rich gRPC statuses."""
+    """Maps exceptions raised by servicers onto rich gRPC statuses.
+
+    ``translators`` turn other libraries' exceptions into typed ones (a database
+    that is down becomes UNAVAILABLE with RetryInfo, not INTERNAL); what none of them
+    knows is INTERNAL with a generic message, its cause logged.
+    """
+
+    def __init__(self, translators: Sequence[ErrorTranslator] = ()) -> None:
+        self._translators = tuple(translators)
 
     async def intercept_service(
         self,
@@ -205,29 +225,37 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+            return handler._replace(
+                unary_unary=_wrap_unary(handler.unary_unary, method, self._translators)
+            )
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+            return handler._replace(
+                unary_stream=_wrap_stream(handler.unary_stream, method, self._translators)
+            )
         return handler
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(
+    behavior: Callable[..., Any], method: str, translators: Sequence[ErrorTranslator]
+) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
         except (grpc.aio.AbortError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            await _abort(context, _status_for(exc, method))
+            await _abort(context, _status_for(exc, method, translators))
 
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(
+    behavior: Callable[..., Any], method: str, translators: Sequence[ErrorTranslator]
+) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
         # A streaming handler that writes with context.write (grpc's own Health.Watch)
         # is a coroutine, and grpc serves it as one only if the wrapper is one too.
-        return _wrap_unary(behavior, method)
+        return _wrap_unary(behavior, method, translators)
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
@@ -236,7 +264,7 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
         except (grpc.aio.AbortError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            await _abort(context, _status_for(exc, method))
+            await _abort(context, _status_for(exc, method, translators))
 
     return wrapped
 

@@ -12,11 +12,11 @@ data, and error details end up in logs and audit records.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from actionmesh.rpc.errors import FieldViolation, InvalidArgument
+from actionmesh.rpc.identifiers import INPUT_NAME
 from actionmesh.v1 import common_pb2
 
 InputPython = str | int | float | bool
@@ -26,7 +26,6 @@ MAX_STRING_CHARS = 4096
 # Error details travel in trailing metadata (8 KiB by default); past this many
 # violations the rest are summarised so the status itself stays deliverable.
 MAX_VIOLATIONS = 40
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 _TYPE_NAMES: dict[int, str] = {
     common_pb2.INPUT_TYPE_STRING: "a string",
@@ -144,7 +143,7 @@ def validate_inputs(
     # when it looks like a name, otherwise report it once without repeating it.
     garbled = False
     for name in unknown:
-        if NAME_PATTERN.match(name):
+        if INPUT_NAME.valid(name):
             violations.append(FieldViolation(f"{path}.{name}", "is not an input of this action"))
         else:
             garbled = True
@@ -188,8 +187,8 @@ def _schema_findings(fields: Sequence[common_pb2.InputField]) -> list[tuple[str,
         def add(attr: str, description: str, label: str = label, index: int = index) -> None:
             problems.append((label, f"[{index}].{attr}", description))
 
-        if not NAME_PATTERN.match(field.name):
-            add("name", f"name must match {NAME_PATTERN.pattern}")
+        if not INPUT_NAME.valid(field.name):
+            add("name", f"name must match {INPUT_NAME.pattern}")
         if field.name in seen:
             add("name", "declared more than once")
         seen.add(field.name)

@@ -27,7 +27,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from actionmesh.rpc.errors import ErrorInterceptor, FieldViolation, InvalidArgument
+from actionmesh.rpc.errors import (
+    ErrorInterceptor,
+    ErrorTranslator,
+    FieldViolation,
+    InvalidArgument,
+)
+from actionmesh.rpc.supervisor import Supervisor
 from actionmesh.rpc.telemetry import server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ class RunningServer:
     after_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Extra facts for the ready file (e.g. metrics_port), set by the service's wiring.
     ready_info: dict[str, Any] = field(default_factory=dict)
+    # The service's background loops, when it has any (their health is this server's).
+    supervisor: Supervisor | None = None
 
     @property
     def address(self) -> str:
@@ -183,6 +191,7 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_SEND_BYTES,
     max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     credentials: grpc.ServerCredentials | None = None,
+    error_translators: Sequence[ErrorTranslator] = (),
 ) -> RunningServer:
     """Start a grpc.aio server with health, reflection and interceptors.
 
@@ -190,11 +199,13 @@ async def start_server(
     from grpc); ``max_message_bytes`` bounds every response. With ``credentials``
     (see :meth:`actionmesh.rpc.tls.TlsConfig.server_credentials`) the port serves
     TLS only: health and reflection included, plaintext clients are refused.
+    ``error_translators`` name the status of other libraries' exceptions (see
+    :class:`~actionmesh.rpc.errors.ErrorInterceptor`).
     """
     server = grpc.aio.server(
         interceptors=[
             *server_interceptors(),
-            ErrorInterceptor(),
+            ErrorInterceptor(error_translators),
             DecodeGuard(),
         ],
         options=[

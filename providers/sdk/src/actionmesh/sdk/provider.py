@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, RECORD_TYPE
 from actionmesh.rpc.schema import schema_problems
 from actionmesh.sdk.dedupe import IdempotencyStore
 from actionmesh.sdk.inputs import InputModel, ProviderDefinitionError, input_model
@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from actionmesh.sdk.config import ProviderConfig
     from actionmesh.sdk.registration import RegistryLink
 
-PROVIDER_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
-ACTION_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$")
-RECORD_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 MAX_TIMEOUT_S = 3600.0
 
 Availability = bool | Unavailable
@@ -108,10 +105,8 @@ class Provider:
         version: str = "0.0.0",
         dedupe: bool | IdempotencyStore = False,
     ) -> None:
-        if not isinstance(id, str) or not PROVIDER_ID_PATTERN.match(id):
-            raise ProviderDefinitionError(
-                f"provider id {id!r} must match {PROVIDER_ID_PATTERN.pattern}"
-            )
+        if not isinstance(id, str) or not PROVIDER_ID.valid(id):
+            raise ProviderDefinitionError(f"provider id {id!r} must match {PROVIDER_ID.pattern}")
         if not isinstance(version, str) or not version.strip() or len(version) > 64:
             raise ProviderDefinitionError(
                 f"provider {id}: version must be a short non-empty string"
@@ -176,9 +171,9 @@ class Provider:
         """
         self._check_mutable()
         where = f"action {action_id!r}"
-        if not isinstance(action_id, str) or not ACTION_ID_PATTERN.match(action_id):
+        if not isinstance(action_id, str) or not ACTION_ID.valid(action_id):
             raise ProviderDefinitionError(
-                f"{where}: id must match {ACTION_ID_PATTERN.pattern} (e.g. 'workitem.retry')"
+                f"{where}: id must match {ACTION_ID.pattern} (e.g. 'workitem.retry')"
             )
         if action_id in self._actions:
             raise ProviderDefinitionError(f"{where}: declared twice in provider {self.id}")
@@ -188,9 +183,9 @@ class Provider:
         if not types:
             raise ProviderDefinitionError(f"{where}: record_types must not be empty")
         for record_type in types:
-            if not isinstance(record_type, str) or not RECORD_TYPE_PATTERN.match(record_type):
+            if not isinstance(record_type, str) or not RECORD_TYPE.valid(record_type):
                 raise ProviderDefinitionError(
-                    f"{where}: record type {record_type!r} must match {RECORD_TYPE_PATTERN.pattern}"
+                    f"{where}: record type {record_type!r} must match {RECORD_TYPE.pattern}"
                 )
         if len(set(types)) != len(types):
             raise ProviderDefinitionError(f"{where}: record_types has duplicates")

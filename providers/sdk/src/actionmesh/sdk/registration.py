@@ -13,7 +13,6 @@ so the same token (or client certificate) must be used for the id's lifetime.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import grpc
 import grpc.aio
 
 from actionmesh.rpc.channels import open_channel
+from actionmesh.rpc.supervisor import LoopPolicy, SupervisedLoop, Supervisor
 from actionmesh.rpc.tls import TlsConfig
 from actionmesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -61,16 +61,28 @@ class RegistryLink:
         self._max_backoff_s = max_backoff_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: registry_pb2_grpc.RegistryServiceStub | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop: SupervisedLoop | None = None
         self.lease_id = ""
         self.ttl_s = DEFAULT_TTL_S
         # Set whenever a lease is held; tests and supervisors wait on it.
         self.registered = asyncio.Event()
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Register and renew in the background, as a loop of ``supervisor`` (a private
+        one by default): whatever breaks the link, it starts over after a backoff, and
+        the provider reports NOT_SERVING while it keeps failing (a provider that silently
+        stopped renewing would vanish from the mesh)."""
         self._channel = open_channel(self.target, self._tls)
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
-        self._task = asyncio.create_task(self._run(), name=f"registry-link-{self.provider_id}")
+        supervisor = supervisor or Supervisor(f"provider {self.provider_id}")
+        self._loop = supervisor.spawn(
+            f"registry-link-{self.provider_id}",
+            self._run,
+            policy=LoopPolicy(
+                initial_backoff_s=INITIAL_BACKOFF_S,
+                max_backoff_s=max(INITIAL_BACKOFF_S, self._max_backoff_s),
+            ),
+        )
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self._max_backoff_s, INITIAL_BACKOFF_S * 2**attempt)
@@ -111,21 +123,17 @@ class RegistryLink:
             )
             return
 
-    async def _run(self) -> None:
-        while True:
-            try:
+    async def _run(self, loop: SupervisedLoop) -> None:
+        try:
+            while True:
                 await self._register()
-                await self._renew_until_lost()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Whatever went wrong, a provider that silently stops renewing would
-                # vanish from the mesh: log it and start over.
-                log.exception("registry link of %s failed; starting over", self.provider_id)
-                self.registered.clear()
-                await asyncio.sleep(self._max_backoff_s)
+                loop.progress()
+                await self._renew_until_lost(loop)
+        except Exception:
+            self.registered.clear()
+            raise
 
-    async def _renew_until_lost(self) -> None:
+    async def _renew_until_lost(self, loop: SupervisedLoop) -> None:
         """Renew every ttl/3 until the registry says the lease is gone."""
         assert self._stub is not None
         failures = 0
@@ -143,6 +151,7 @@ class RegistryLink:
                     metadata=self._metadata,
                 )
                 failures = 0
+                loop.progress()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.warning("lease of %s expired; registering again", self.provider_id)
@@ -167,10 +176,9 @@ class RegistryLink:
 
     async def stop(self, timeout_s: float = 2.0) -> None:
         """Stop renewing, deregister (bounded by ``timeout_s``), close the channel."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            await loop.stop()
         try:
             if self._stub is not None and self.lease_id:
                 await self._stub.DeregisterProvider(

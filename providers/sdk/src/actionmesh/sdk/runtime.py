@@ -9,6 +9,7 @@ from typing import Protocol
 
 from actionmesh.rpc.config import load_config, sqlite_path
 from actionmesh.rpc.server import RunningServer, configure_logging, run_service, start_server
+from actionmesh.rpc.supervisor import Supervisor
 from actionmesh.rpc.telemetry import configure_process_tracing
 from actionmesh.sdk.config import ENV_PREFIX, ProviderConfig
 from actionmesh.sdk.dedupe import IdempotencyStore, SqliteIdempotencyStore
@@ -109,6 +110,7 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
         provider.running = False
         raise
 
+    supervisor = Supervisor(f"provider {provider.id}")
     link: RegistryLink | None = None
     if config.registry:
         link = RegistryLink(
@@ -121,7 +123,9 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             tls=config.tls,
             token=config.registration_token_value(),
         )
-        link.start()
+        link.start(supervisor)
+    await supervisor.attach(running)
+    running.supervisor = supervisor
     provider.registration = link
 
     stopped = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +11,8 @@ from types import MappingProxyType
 
 from opentelemetry.trace import Span
 
+from actionmesh.rpc.identifiers import REASON
 from actionmesh.v1 import common_pb2, provider_pb2
-
-REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 _SENSITIVITY = {
     common_pb2.SENSITIVITY_UNSPECIFIED: "normal",
@@ -32,7 +30,7 @@ MAX_DISPLAY_CHARS = 1000
 
 
 def _check_reason(reason: str) -> str:
-    if not REASON_PATTERN.match(reason):
+    if not REASON.valid(reason):
         raise ValueError(f"reason must be UPPER_SNAKE (e.g. 'NOT_FAILED'), got {reason!r}")
     return reason
 

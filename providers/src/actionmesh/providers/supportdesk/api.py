@@ -27,12 +27,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from actionmesh.providers.supportdesk.store import DEFAULT_QUEUE, SEVERITIES, NewEscalation
+from actionmesh.rpc.identifiers import RECORD_TYPE, TENANT, IdentifierRule
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_KEY_CHARS = 255
 MAX_SUMMARY_CHARS = 2000
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-RECORD_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 QUEUE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TRACE_ID_PATTERN = re.compile(r"^([0-9a-f]{32})?$")
 # Visible ASCII only: keys travel in a header and are compared byte for byte.
@@ -102,6 +101,7 @@ class _Fields:
         max_len: int,
         min_len: int = 1,
         pattern: re.Pattern[str] | None = None,
+        rule: IdentifierRule | None = None,
     ) -> str:
         if value is None:
             if required:
@@ -114,6 +114,8 @@ class _Fields:
             self.problems.append((path, f"must be {min_len}-{max_len} characters"))
         elif pattern is not None and not pattern.match(value):
             self.problems.append((path, f"must match {pattern.pattern}"))
+        elif rule is not None and not rule.valid(value):
+            self.problems.append((path, f"must match {rule.pattern}"))
         elif _CONTROL.search(value):
             self.problems.append((path, "must not contain control characters"))
         return value
@@ -145,8 +147,8 @@ def parse_create(body: bytes) -> tuple[NewEscalation, str]:
     fields = _Fields()
     fields.unknown("", data, TOP_LEVEL)
     tenant = fields.text("tenant", data.get("tenant"), required=True, max_len=128)
-    if tenant and not TENANT_PATTERN.match(tenant):
-        fields.problems.append(("tenant", f"must match {TENANT_PATTERN.pattern}"))
+    if tenant and not TENANT.valid(tenant):
+        fields.problems.append(("tenant", f"must match {TENANT.pattern}"))
     source = fields.obj("source", data.get("source"), required=True)
     fields.unknown("source.", source, SOURCE_FIELDS)
     source_type = fields.text(
@@ -154,7 +156,7 @@ def parse_create(body: bytes) -> tuple[NewEscalation, str]:
         source.get("type"),
         required=bool(source),
         max_len=64,
-        pattern=RECORD_TYPE_PATTERN,
+        rule=RECORD_TYPE,
     )
     source_id = fields.text("source.id", source.get("id"), required=bool(source), max_len=128)
     source_status = fields.text(

@@ -33,13 +33,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from actionmesh.providers.supportdesk.api import (
     MAX_BODY_BYTES,
-    TENANT_PATTERN,
     ApiError,
     check_idempotency_key,
     parse_create,
 )
 from actionmesh.providers.supportdesk.config import SupportDeskConfig
 from actionmesh.providers.supportdesk.store import Created, EscalationStore, KeyConflict
+from actionmesh.rpc.identifiers import TENANT
 
 log = logging.getLogger("actionmesh.providers.supportdesk")
 
@@ -161,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         unknown = sorted(set(query) - {"tenant", "idempotency_key"})
         problems = [(name, "unknown query parameter") for name in unknown]
         tenant = query.get("tenant", [""])[-1]
-        if not TENANT_PATTERN.match(tenant):
+        if not TENANT.valid(tenant):
             problems.append(("tenant", "is required and must be a tenant id"))
         if problems:
             raise ApiError(400, "invalid_request", "the query is invalid", problems)
