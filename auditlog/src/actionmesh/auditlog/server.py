@@ -33,11 +33,7 @@ async def start_auditlog(config: AuditLogConfig) -> RunningServer:
             error_translators=[database_unavailable],
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
-            credentials=(
-                config.tls.server_credentials(require_client_cert=True)
-                if config.tls.enabled
-                else None
-            ),
+            tls=config.tls,
         )
     except BaseException:
         repository.close()

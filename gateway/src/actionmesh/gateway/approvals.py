@@ -59,6 +59,7 @@ from actionmesh.rpc.errors import (
     NotFound,
     PermissionDenied,
 )
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import audit_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Approvals:
                 comment,
                 decided_at,
                 granted,
-                outcome="UNAVAILABLE",
+                outcome=Outcome.UNAVAILABLE,
                 reason="PROVIDER_UNAVAILABLE",
                 message="approved, but the provider is not available; nothing ran. "
                 "Retry ExecuteAction with the same idempotency key.",
@@ -208,7 +209,7 @@ class Approvals:
                 comment,
                 decided_at,
                 granted,
-                outcome="DENIED",
+                outcome=Outcome.DENIED,
                 reason="POLICY_DENIED",
                 message="approved, but policy no longer allows the requester to run this "
                 "action on the record as it is now; nothing ran",
@@ -261,7 +262,7 @@ class Approvals:
         )
         decision = ApprovalDecision(
             state=APPROVAL_REJECTED,
-            outcome="DENIED",
+            outcome=Outcome.DENIED,
             approver=approver.subject,
             comment=comment,
             decided_at=decided_at,
@@ -295,7 +296,7 @@ class Approvals:
         )
         decision = ApprovalDecision(
             state=APPROVAL_EXPIRED,
-            outcome="DENIED",
+            outcome=Outcome.DENIED,
             approver="",
             comment="",
             decided_at=now,
@@ -442,7 +443,7 @@ class Approvals:
             requester,
             command,
             row,
-            outcome=common_pb2.Outcome.Value(f"OUTCOME_{outcome}"),
+            outcome=Outcome(outcome).to_proto(),
             authorized=authorized,
         )
         decision = ApprovalDecision(

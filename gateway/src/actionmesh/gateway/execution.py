@@ -74,6 +74,7 @@ from actionmesh.rpc.errors import (
     Unavailable,
     error_details,
 )
+from actionmesh.rpc.outcomes import PROVIDER_OUTCOMES, Outcome, outcome_for_status
 from actionmesh.rpc.schema import validate_inputs
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, provider_pb2
@@ -81,11 +82,6 @@ from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, provider_pb2
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
 
-PROVIDER_OUTCOMES = {
-    common_pb2.OUTCOME_SUCCEEDED,
-    common_pb2.OUTCOME_REJECTED,
-    common_pb2.OUTCOME_PARTIAL,
-}
 UNAVAILABLE_RETRY_S = 1.0
 STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
 FINISHED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
@@ -147,7 +143,7 @@ class Authorized:
 
 @dataclass(frozen=True)
 class ProviderAnswer:
-    outcome: str
+    outcome: Outcome
     reason: str = ""
     message: str = ""
     external_ref: str = ""
@@ -234,7 +230,7 @@ class Executor:
                 slot.release()
         span.set_attribute("actionmesh.execution_id", record.execution_id)
         span.set_attribute("actionmesh.outcome", record.outcome)
-        if record.outcome == "UNAVAILABLE":
+        if record.outcome == Outcome.UNAVAILABLE:
             raise Unavailable(
                 record.message or "the provider could not be reached; nothing ran",
                 reason=record.reason or "PROVIDER_UNAVAILABLE",
@@ -434,7 +430,7 @@ class Executor:
             )
             existing = fresh or existing
         redispatch_by = utcnow() + timedelta(seconds=timeout_s)
-        if existing.outcome == "UNAVAILABLE" and await self._writer.write(
+        if existing.outcome == Outcome.UNAVAILABLE and await self._writer.write(
             reclaim_unavailable_op(existing.execution_id, redispatch_by)
         ):
             # Nothing ran the first time, so the same key may dispatch again.
@@ -604,14 +600,15 @@ class Executor:
             # grpc cancels the calls on a channel that closes under them: the request
             # was sent, so the provider may have acted.
             return CONNECTION_LOST_ANSWER
-        if reply.outcome not in PROVIDER_OUTCOMES:
+        outcome = Outcome.from_proto(reply.outcome)
+        if outcome not in PROVIDER_OUTCOMES:
             return ProviderAnswer(
-                "PARTIAL",
+                Outcome.PARTIAL,
                 reason="PROVIDER_PROTOCOL_ERROR",
                 message="the provider answered with an outcome it may not report; check its state",
             )
         return ProviderAnswer(
-            outcome=common_pb2.Outcome.Name(reply.outcome).removeprefix("OUTCOME_"),
+            outcome=outcome,
             reason=reply.reason,
             message=reply.message,
             external_ref=reply.external_ref,
@@ -657,7 +654,7 @@ class Executor:
             caller,
             command,
             record,
-            outcome=common_pb2.Outcome.Value(f"OUTCOME_{record.outcome}"),
+            outcome=Outcome.proto_of(record.outcome),
         )
         if not await self._writer.write(finish_execution_op(record, [finished])):
             return await self._finished_as_orphan(caller, command, record, answer)
@@ -681,7 +678,7 @@ class Executor:
             record.execution_id,
             answer.outcome,
         )
-        if answer.outcome in ("SUCCEEDED", "REJECTED", "PARTIAL"):
+        if answer.outcome in PROVIDER_OUTCOMES:
             await self._attach_late(caller, command, replace(record), answer)
         stored = await asyncio.to_thread(self._store.get, record.tenant, record.execution_id)
         return stored or record
@@ -704,7 +701,7 @@ class Executor:
         answer: ProviderAnswer,
     ) -> None:
         """Keep a provider's answer on an execution already closed as TIMED_OUT."""
-        if answer.outcome in ("TIMED_OUT", "UNAVAILABLE"):
+        if answer.outcome not in PROVIDER_OUTCOMES:
             log.warning(
                 "execution %s: no late answer from %s (%s); its outcome stays unknown",
                 record.execution_id,
@@ -723,7 +720,7 @@ class Executor:
             caller,
             command,
             record,
-            outcome=common_pb2.Outcome.Value(f"OUTCOME_{answer.outcome}"),
+            outcome=answer.outcome.to_proto(),
             reason=answer.reason,
             message=answer.message or "the provider answered after the deadline",
         )
@@ -742,11 +739,7 @@ class Executor:
         authorized: Authorized | None = None,
     ) -> NoReturn:
         """Record a refused attempt as evidence, then raise the refusal to the caller."""
-        outcome = (
-            common_pb2.OUTCOME_UNAVAILABLE
-            if isinstance(error, Unavailable)
-            else common_pb2.OUTCOME_DENIED
-        )
+        outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
         now = utcnow()
         sensitive = command.sensitive
         event = audit_event(
@@ -756,7 +749,7 @@ class Executor:
             execution_id=attempt_id,
             action_id=command.action_id,
             provider_id=provider_id,
-            outcome=outcome,
+            outcome=outcome.to_proto(),
             reason=error.reason,
             message=error.message,
             idempotency_key=command.idempotency_key,
@@ -768,9 +761,8 @@ class Executor:
             started_at=now,
             finished_at=now,
         )
-        outcome_name = common_pb2.Outcome.Name(outcome).removeprefix("OUTCOME_")
-        trace.get_current_span().set_attribute("actionmesh.outcome", outcome_name)
-        record_execution(command.action_id, provider_id, outcome_name)
+        trace.get_current_span().set_attribute("actionmesh.outcome", outcome.value)
+        record_execution(command.action_id, provider_id, outcome.value)
         await self._writer.write(record_attempt_op([event]))
         self._on_audit_written()
         raise error
@@ -835,7 +827,7 @@ class Executor:
 
 
 CONNECTION_LOST_ANSWER = ProviderAnswer(
-    "TIMED_OUT",
+    Outcome.TIMED_OUT,
     reason="PROVIDER_CONNECTION_LOST",
     message=(
         "the connection to the provider broke while it was working on the request; it may or "
@@ -843,7 +835,7 @@ CONNECTION_LOST_ANSWER = ProviderAnswer(
     ),
 )
 TIMED_OUT_ANSWER = ProviderAnswer(
-    "TIMED_OUT",
+    Outcome.TIMED_OUT,
     reason="DEADLINE_EXCEEDED",
     message=(
         "the provider did not answer in time; it may or may not have acted. Retry only with the "
@@ -859,32 +851,29 @@ def answer_for_error(exc: grpc.aio.AioRpcError) -> ProviderAnswer:
     if code == grpc.StatusCode.UNAVAILABLE:
         if details.reason:
             # The provider answered: its own downstream is down (nothing ran).
-            return ProviderAnswer("UNAVAILABLE", reason=details.reason, message=details.message)
+            return ProviderAnswer(
+                Outcome.UNAVAILABLE, reason=details.reason, message=details.message
+            )
         if never_connected(exc):
             return ProviderAnswer(
-                "UNAVAILABLE",
+                Outcome.UNAVAILABLE,
                 reason="PROVIDER_UNAVAILABLE",
                 message="the provider could not be reached; nothing ran",
             )
         # The connection broke after the request went out (the provider died or was cut
         # off mid-call): it may have acted, so this is not the retry-safe "nothing ran".
         return CONNECTION_LOST_ANSWER
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    outcome = outcome_for_status(code)
+    if outcome is Outcome.TIMED_OUT:
         return ProviderAnswer(
-            "TIMED_OUT",
+            outcome,
             reason="DEADLINE_EXCEEDED",
             message="the provider did not answer in time; it may or may not have acted",
         )
-    if code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    ):
-        return ProviderAnswer(
-            "REJECTED", reason=details.reason or code.name, message=details.message
-        )
+    if outcome is Outcome.REJECTED:
+        return ProviderAnswer(outcome, reason=details.reason or code.name, message=details.message)
     return ProviderAnswer(
-        "PARTIAL",
+        Outcome.PARTIAL,
         reason="PROVIDER_ERROR",
         message="the provider failed while executing; its state is unknown, check before retrying",
     )

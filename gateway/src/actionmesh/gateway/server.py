@@ -115,11 +115,8 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         error_translators=[database_unavailable],
         port=config.port,
         max_receive_bytes=config.max_request_bytes,
-        credentials=(
-            config.tls.server_credentials(require_client_cert=config.tls_require_client_cert)
-            if config.tls.enabled
-            else None
-        ),
+        tls=config.tls,
+        require_client_cert=config.tls_require_client_cert,
     )
     await running.health.set(POLICY_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
     observe_gateway(running, store, directory)

@@ -16,6 +16,7 @@ from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.gateway.storage import ExecutionRecord, GatewayStore
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -195,11 +196,7 @@ APPROVAL_STATES = {
 
 
 def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
-    outcome = (
-        common_pb2.OUTCOME_UNSPECIFIED
-        if not record.finished
-        else common_pb2.Outcome.Value(f"OUTCOME_{record.outcome}")
-    )
+    outcome = Outcome.proto_of(record.outcome) if record.finished else Outcome.proto_of("")
     message = gateway_pb2.Execution(
         execution_id=record.execution_id,
         action_id=record.action_id,
@@ -228,7 +225,7 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
         if record.approval_decided_at is not None:
             message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
     if record.late_outcome:
-        message.late_outcome = common_pb2.Outcome.Value(f"OUTCOME_{record.late_outcome}")
+        message.late_outcome = Outcome.proto_of(record.late_outcome)
         if record.late_result_at is not None:
             message.late_result_at.CopyFrom(to_timestamp(record.late_result_at))
     return message

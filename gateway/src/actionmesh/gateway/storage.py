@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
 from actionmesh.runtime.migrations import ServiceMigrations, prepare_schema
 from actionmesh.v1 import audit_pb2
@@ -107,14 +108,14 @@ class ParkedEventRow(Base):
 
 # The outcome a running execution has until it finishes.
 RUNNING = "RUNNING"
-PENDING_APPROVAL = "PENDING_APPROVAL"
+PENDING_APPROVAL = Outcome.PENDING_APPROVAL.value
 # Approval states (ExecutionRow.approval_state); "" for actions without approval.
 APPROVAL_PENDING = "PENDING"
 APPROVAL_APPROVED = "APPROVED"
 APPROVAL_REJECTED = "REJECTED"
 APPROVAL_EXPIRED = "EXPIRED"
 # How an orphaned execution (its gateway stopped while the provider worked) is closed.
-ORPHAN_OUTCOME = "TIMED_OUT"
+ORPHAN_OUTCOME = Outcome.TIMED_OUT.value
 ORPHAN_REASON = "GATEWAY_STOPPED"
 ORPHAN_MESSAGE = (
     "the gateway stopped while the provider was working on it; it may or may not have acted. "
@@ -528,7 +529,7 @@ def record_late_result_op(
             update(_EXECUTIONS)
             .where(
                 _EXECUTIONS.c.execution_id == record.execution_id,
-                _EXECUTIONS.c.outcome == "TIMED_OUT",
+                _EXECUTIONS.c.outcome == Outcome.TIMED_OUT.value,
                 _EXECUTIONS.c.late_outcome == "",
             )
             .values(
@@ -553,7 +554,7 @@ def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> Wr
             update(_EXECUTIONS)
             .where(
                 _EXECUTIONS.c.execution_id == execution_id,
-                _EXECUTIONS.c.outcome == "UNAVAILABLE",
+                _EXECUTIONS.c.outcome == Outcome.UNAVAILABLE.value,
             )
             .values(outcome=RUNNING, finished_at=None, dispatch_deadline=dispatch_deadline)
         )

@@ -53,11 +53,7 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
             error_translators=[database_unavailable],
             port=config.port,
             max_receive_bytes=config.max_request_bytes,
-            credentials=(
-                config.tls.server_credentials(require_client_cert=True)
-                if config.tls.enabled
-                else None
-            ),
+            tls=config.tls,
         )
     except BaseException:
         await directory.close()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, Self, cast
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.types import TypeDecorator
@@ -20,7 +20,14 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 from actionmesh.rpc.config import sqlite_url
 from actionmesh.rpc.errors import Unavailable
 
-__all__ = ["DATABASE_RETRY_S", "UTCDateTime", "database_unavailable", "make_engine", "sqlite_url"]
+__all__ = [
+    "DATABASE_RETRY_S",
+    "SqlStore",
+    "UTCDateTime",
+    "database_unavailable",
+    "make_engine",
+    "sqlite_url",
+]
 
 DATABASE_RETRY_S = 1.0
 """The RetryInfo a caller gets while a service's database cannot be reached."""
@@ -107,3 +114,24 @@ def database_unavailable(exc: BaseException) -> Unavailable | None:
         reason="DATABASE_UNAVAILABLE",
         retry_after_s=DATABASE_RETRY_S,
     )
+
+
+class SqlStore:
+    """The skeleton of a component's own SQLAlchemy store (the example providers', the
+    support desk's): ``open(url)`` makes the engine and the tables of ``metadata``,
+    ``close()`` disposes of it. Synchronous: call it through ``asyncio.to_thread``.
+    """
+
+    metadata: ClassVar[MetaData]
+    """The store's tables (its declarative base's metadata)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metadata.create_all(engine)
+
+    @classmethod
+    def open(cls, url: str) -> Self:
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -35,6 +35,7 @@ from actionmesh.rpc.errors import (
 )
 from actionmesh.rpc.supervisor import Supervisor
 from actionmesh.rpc.telemetry import server_interceptors, shutdown_tracing
+from actionmesh.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_SEND_BYTES,
     max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
     credentials: grpc.ServerCredentials | None = None,
+    tls: TlsConfig | None = None,
+    require_client_cert: bool = True,
     error_translators: Sequence[ErrorTranslator] = (),
 ) -> RunningServer:
     """Start a grpc.aio server with health, reflection and interceptors.
@@ -198,10 +201,14 @@ async def start_server(
     ``max_receive_bytes`` bounds every request (larger ones get RESOURCE_EXHAUSTED
     from grpc); ``max_message_bytes`` bounds every response. With ``credentials``
     (see :meth:`actionmesh.rpc.tls.TlsConfig.server_credentials`) the port serves
-    TLS only: health and reflection included, plaintext clients are refused.
+    TLS only: health and reflection included, plaintext clients are refused. ``tls``
+    (a service's TLS settings) builds those credentials when it is enabled, asking
+    clients for a certificate unless ``require_client_cert`` is False.
     ``error_translators`` name the status of other libraries' exceptions (see
     :class:`~actionmesh.rpc.errors.ErrorInterceptor`).
     """
+    if credentials is None and tls is not None and tls.enabled:
+        credentials = tls.server_credentials(require_client_cert=require_client_cert)
     server = grpc.aio.server(
         interceptors=[
             *server_interceptors(),

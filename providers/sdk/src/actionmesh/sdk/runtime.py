@@ -97,11 +97,7 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             ],
             host=config.host,
             port=config.port,
-            credentials=(
-                config.tls.server_credentials(require_client_cert=True)
-                if config.tls.enabled
-                else None
-            ),
+            tls=config.tls,
         )
     except BaseException:
         await _run_stop_hooks(provider)

@@ -22,6 +22,7 @@ from actionmesh.rpc.errors import (
     PermissionDenied,
 )
 from actionmesh.rpc.errors import Unavailable as UnavailableError
+from actionmesh.rpc.outcomes import outcome_for_status
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.sdk.dedupe import IdempotencyKey, IdempotencyStore, KeyedLocks
 from actionmesh.sdk.provider import ActionDefinition, Provider
@@ -310,7 +311,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             except ActionMeshError as refused:
                 # Deliberate statuses (e.g. Unavailable: downstream unreachable,
                 # nothing ran) go to the caller as raised.
-                span.set_attribute("actionmesh.outcome", outcome_of(refused))
+                span.set_attribute("actionmesh.outcome", outcome_for_status(refused.code))
                 raise
             except Exception as exc:
                 log.exception(
@@ -346,17 +347,3 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=1.0)
-
-
-def outcome_of(error: ActionMeshError) -> str:
-    """The outcome the gateway records for a handler's deliberate status (see
-    gateway.execution.answer_for_error)."""
-    if error.code == grpc.StatusCode.UNAVAILABLE:
-        return "UNAVAILABLE"
-    if error.code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    ):
-        return "REJECTED"
-    return "PARTIAL"

@@ -40,7 +40,6 @@ from actionmesh.sdk import (
     Change,
     Input,
     Provider,
-    ProviderConfig,
     RecordView,
     Resource,
     Result,
@@ -66,24 +65,18 @@ current_log = _escalation_log.get
 _client = _platform.get
 
 
-@escalation.on_start
-async def open_state(config: ProviderConfig) -> None:
-    # A missing URL stops the start: the action is never registered without a
-    # platform to send it to.
-    settings = EscalationConfig.from_env()
-    _escalation_log.set(
-        await asyncio.to_thread(EscalationLog.open, config.database_url_for(escalation.id))
-    )
-    _platform.set(SupportDeskClient(settings))
-
-
-@escalation.on_stop
-async def close_state() -> None:
-    client, log = _platform.take(), _escalation_log.take()
-    if client is not None:
-        await client.aclose()
-    if log is not None:
-        await asyncio.to_thread(log.close)
+# A missing platform URL stops the start: the action is never registered without a
+# platform to send it to.
+_escalation_log.bind(
+    escalation,
+    open=lambda config: EscalationLog.open(config.database_url_for(escalation.id)),
+    close=EscalationLog.close,
+)
+_platform.bind(
+    escalation,
+    open=lambda _config: SupportDeskClient(EscalationConfig.from_env()),
+    close=SupportDeskClient.aclose,
+)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import Engine, String, Text, select
+from sqlalchemy import String, Text, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.runtime.db import UTCDateTime, make_engine
+from actionmesh.runtime.db import SqlStore, UTCDateTime
 
 State = Literal["opened", "outcome_unknown"]
 
@@ -77,19 +77,10 @@ class LoggedEscalation:
         )
 
 
-class EscalationLog:
+class EscalationLog(SqlStore):
     """The log in a SQLAlchemy database (sync; call via ``asyncio.to_thread``)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        Base.metadata.create_all(engine)
-
-    @classmethod
-    def open(cls, url: str) -> EscalationLog:
-        return cls(make_engine(url))
-
-    def close(self) -> None:
-        self.engine.dispose()
+    metadata = Base.metadata
 
     def record(
         self,

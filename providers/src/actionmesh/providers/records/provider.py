@@ -33,7 +33,6 @@ from actionmesh.sdk import (
     Change,
     Input,
     Provider,
-    ProviderConfig,
     RecordView,
     Resource,
     Result,
@@ -51,19 +50,12 @@ _store: Resource[RecordStore] = Resource("the records store")
 current_store = _store.get
 
 
-@records.on_start
-async def open_store(config: ProviderConfig) -> None:
-    store = await asyncio.to_thread(RecordStore.open, config.database_url_for(records.id))
-    if config.seed_demo:
-        await asyncio.to_thread(store.seed_demo)
-    _store.set(store)
-
-
-@records.on_stop
-async def close_store() -> None:
-    store = _store.take()
-    if store is not None:
-        await asyncio.to_thread(store.close)
+_store.bind(
+    records,
+    open=lambda config: RecordStore.open(config.database_url_for(records.id)),
+    seed=RecordStore.seed_demo,
+    close=RecordStore.close,
+)
 
 
 # -- inputs ---------------------------------------------------------------------

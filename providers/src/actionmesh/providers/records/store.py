@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Engine, Integer, String, Text, and_, delete, select, update
+from sqlalchemy import Integer, String, Text, and_, delete, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.runtime.db import UTCDateTime, make_engine
+from actionmesh.runtime.db import SqlStore, UTCDateTime
 
 # The routing fields an operator may change, and the values each accepts.
 ROUTING_VALUES: dict[str, frozenset[str]] = {
@@ -286,19 +286,10 @@ DEMO_TARGETS: tuple[LinkTarget, ...] = (
 DEMO_LINKS: tuple[tuple[str, str, str, str], ...] = (("acme", "t-101", "customer", "c-100"),)
 
 
-class RecordStore:
+class RecordStore(SqlStore):
     """Tickets, link targets, links and the change log (sync; call via to_thread)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        Base.metadata.create_all(engine)
-
-    @classmethod
-    def open(cls, url: str) -> RecordStore:
-        return cls(make_engine(url))
-
-    def close(self) -> None:
-        self.engine.dispose()
+    metadata = Base.metadata
 
     # -- seeding and reading ----------------------------------------------------
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Engine, String, Text, UniqueConstraint, func, select
+from sqlalchemy import String, Text, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.runtime.db import UTCDateTime, make_engine
+from actionmesh.runtime.db import SqlStore, UTCDateTime
 
 Severity = Literal["low", "medium", "high", "critical"]
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
@@ -151,19 +151,10 @@ def new_escalation_id() -> str:
     return "SD-" + secrets.token_hex(6).upper()
 
 
-class EscalationStore:
+class EscalationStore(SqlStore):
     """Escalations in a SQLAlchemy database (sync; the HTTP server calls it per request thread)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        Base.metadata.create_all(engine)
-
-    @classmethod
-    def open(cls, url: str) -> EscalationStore:
-        return cls(make_engine(url))
-
-    def close(self) -> None:
-        self.engine.dispose()
+    metadata = Base.metadata
 
     def create(
         self, new: NewEscalation, *, idempotency_key: str, fingerprint: str

@@ -17,7 +17,6 @@ from actionmesh.sdk import (
     Change,
     Input,
     Provider,
-    ProviderConfig,
     RecordView,
     Resource,
     Result,
@@ -32,19 +31,12 @@ _store: Resource[WorkItemStore] = Resource("the workitems store")
 current_store = _store.get
 
 
-@workitems.on_start
-async def open_store(config: ProviderConfig) -> None:
-    store = await asyncio.to_thread(WorkItemStore.open, config.database_url_for(workitems.id))
-    if config.seed_demo:
-        await asyncio.to_thread(store.seed_demo)
-    _store.set(store)
-
-
-@workitems.on_stop
-async def close_store() -> None:
-    store = _store.take()
-    if store is not None:
-        await asyncio.to_thread(store.close)
+_store.bind(
+    workitems,
+    open=lambda config: WorkItemStore.open(config.database_url_for(workitems.id)),
+    seed=WorkItemStore.seed_demo,
+    close=WorkItemStore.close,
+)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import Engine, Integer, String, Text, and_, select, update
+from sqlalchemy import Integer, String, Text, and_, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.runtime.db import UTCDateTime, make_engine
+from actionmesh.runtime.db import SqlStore, UTCDateTime
 
 Kind = Literal["inbound_email", "customer_update"]
 Status = Literal["failed", "stuck", "processed"]
@@ -247,19 +247,10 @@ DEMO_EMAILS: tuple[InboundEmail, ...] = (
 )
 
 
-class WorkItemStore:
+class WorkItemStore(SqlStore):
     """Work items and retry attempts in a SQLAlchemy database (sync; call via to_thread)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        Base.metadata.create_all(engine)
-
-    @classmethod
-    def open(cls, url: str) -> WorkItemStore:
-        return cls(make_engine(url))
-
-    def close(self) -> None:
-        self.engine.dispose()
+    metadata = Base.metadata
 
     @staticmethod
     def _row(item: WorkItem) -> WorkItemRow:
