@@ -38,7 +38,8 @@ import pytest
 
 from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.gateway.auth import mint_token
-from actionmesh.gateway.storage import ExecutionRecord, GatewayStore
+from actionmesh.gateway.model import ExecutionRecord
+from actionmesh.gateway.storage import GatewayStore
 from actionmesh.mesh import Mesh, MeshSettings, tail
 from actionmesh.rpc.errors import error_details
 from actionmesh.runtime.db import make_engine, sqlite_url

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from actionmesh.gateway.model import RUNNING, ExecutionRecord
 from actionmesh.gateway.storage import (
-    RUNNING,
-    ExecutionRecord,
     GatewayStore,
     InsertExecution,
     KeyConflict,

@@ -26,10 +26,7 @@ from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.config import DEFAULT_POLICY_FILE, GatewayConfig
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.execution import ORPHAN_MARGIN_S, ExecuteCommand, Executor, request_hash
-from actionmesh.gateway.policy import PolicyEngine
-from actionmesh.gateway.redaction import Redactor
-from actionmesh.gateway.server import start_gateway
-from actionmesh.gateway.storage import (
+from actionmesh.gateway.model import (
     APPROVAL_APPROVED,
     APPROVAL_PENDING,
     ORPHAN_REASON,
@@ -37,6 +34,11 @@ from actionmesh.gateway.storage import (
     RUNNING,
     ApprovalDecision,
     ExecutionRecord,
+)
+from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.redaction import Redactor
+from actionmesh.gateway.server import start_gateway
+from actionmesh.gateway.storage import (
     GatewayStore,
     OrphanRule,
     decide_approval_op,

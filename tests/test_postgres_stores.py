@@ -28,8 +28,7 @@ from actionmesh.auditlog.server import start_auditlog
 from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.gateway.auth import mint_token
 from actionmesh.gateway.config import GatewayConfig
-from actionmesh.gateway.server import start_gateway
-from actionmesh.gateway.storage import (
+from actionmesh.gateway.model import (
     APPROVAL_APPROVED,
     APPROVAL_PENDING,
     APPROVAL_REJECTED,
@@ -37,9 +36,9 @@ from actionmesh.gateway.storage import (
     RUNNING,
     ApprovalDecision,
     ExecutionRecord,
-    GatewayStore,
-    KeyConflict,
 )
+from actionmesh.gateway.server import start_gateway
+from actionmesh.gateway.storage import GatewayStore, KeyConflict
 from actionmesh.providers.workitems import workitems
 from actionmesh.registry.config import RegistryConfig
 from actionmesh.registry.model import Health, Provider

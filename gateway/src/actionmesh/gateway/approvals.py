@@ -32,6 +32,15 @@ from opentelemetry import trace
 
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.execution import Authorized, ExecuteCommand, Executor
+from actionmesh.gateway.model import (
+    APPROVAL_APPROVED,
+    APPROVAL_EXPIRED,
+    APPROVAL_REJECTED,
+    PENDING_APPROVAL,
+    RUNNING,
+    ApprovalDecision,
+    ExecutionRecord,
+)
 from actionmesh.gateway.policy import (
     ActionSubject,
     Operation,
@@ -41,13 +50,6 @@ from actionmesh.gateway.policy import (
 )
 from actionmesh.gateway.requests import check_record
 from actionmesh.gateway.storage import (
-    APPROVAL_APPROVED,
-    APPROVAL_EXPIRED,
-    APPROVAL_REJECTED,
-    PENDING_APPROVAL,
-    RUNNING,
-    ApprovalDecision,
-    ExecutionRecord,
     decide_approval_op,
     record_attempt_op,
 )

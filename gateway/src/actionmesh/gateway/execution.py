@@ -33,6 +33,15 @@ from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
 from actionmesh.gateway.events import audit_event
 from actionmesh.gateway.metrics import record_execution
+from actionmesh.gateway.model import (
+    APPROVAL_PENDING,
+    ORPHAN_MESSAGE,
+    ORPHAN_OUTCOME,
+    ORPHAN_REASON,
+    PENDING_APPROVAL,
+    RUNNING,
+    ExecutionRecord,
+)
 from actionmesh.gateway.policy import (
     ActionSubject,
     Decision,
@@ -44,13 +53,6 @@ from actionmesh.gateway.policy import (
 from actionmesh.gateway.redaction import Redactor, is_sensitive
 from actionmesh.gateway.requests import execute_violations
 from actionmesh.gateway.storage import (
-    APPROVAL_PENDING,
-    ORPHAN_MESSAGE,
-    ORPHAN_OUTCOME,
-    ORPHAN_REASON,
-    PENDING_APPROVAL,
-    RUNNING,
-    ExecutionRecord,
     GatewayStore,
     InsertExecution,
     KeyConflict,

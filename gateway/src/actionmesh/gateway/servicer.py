@@ -12,8 +12,9 @@ from actionmesh.gateway.auth import TokenVerifier
 from actionmesh.gateway.discovery import Discoverer
 from actionmesh.gateway.execution import ExecuteCommand, Executor
 from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.model import ApprovalState, ExecutionRecord, ExecutionState
 from actionmesh.gateway.policy import PolicyEngine
-from actionmesh.gateway.storage import ExecutionRecord, GatewayStore
+from actionmesh.gateway.storage import GatewayStore
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
 from actionmesh.rpc.outcomes import Outcome
@@ -187,16 +188,8 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         return reply
 
 
-APPROVAL_STATES = {
-    "PENDING": gateway_pb2.APPROVAL_STATE_PENDING,
-    "APPROVED": gateway_pb2.APPROVAL_STATE_APPROVED,
-    "REJECTED": gateway_pb2.APPROVAL_STATE_REJECTED,
-    "EXPIRED": gateway_pb2.APPROVAL_STATE_EXPIRED,
-}
-
-
 def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
-    outcome = Outcome.proto_of(record.outcome) if record.finished else Outcome.proto_of("")
+    outcome = ExecutionState(record.outcome).to_proto()
     message = gateway_pb2.Execution(
         execution_id=record.execution_id,
         action_id=record.action_id,
@@ -217,7 +210,7 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
     if record.finished_at is not None:
         message.finished_at.CopyFrom(to_timestamp(record.finished_at))
     if record.approval_state:
-        message.approval.state = APPROVAL_STATES[record.approval_state]
+        message.approval.state = ApprovalState(record.approval_state).to_proto()
         message.approval.approver = record.approver
         message.approval.comment = record.approval_comment
         if record.approval_expires_at is not None:

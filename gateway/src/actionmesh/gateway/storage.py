@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -33,6 +33,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from actionmesh.gateway.model import (
+    ORPHAN_MESSAGE,
+    ORPHAN_OUTCOME,
+    ORPHAN_REASON,
+    PENDING_APPROVAL,
+    RUNNING,
+    ApprovalDecision,
+    ExecutionRecord,
+)
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
 from actionmesh.runtime.migrations import ServiceMigrations, prepare_schema
@@ -104,78 +113,6 @@ class ParkedEventRow(Base):
     event_id: Mapped[str] = mapped_column(String(64))
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     error: Mapped[str] = mapped_column(Text)
-
-
-# The outcome a running execution has until it finishes.
-RUNNING = "RUNNING"
-PENDING_APPROVAL = Outcome.PENDING_APPROVAL.value
-# Approval states (ExecutionRow.approval_state); "" for actions without approval.
-APPROVAL_PENDING = "PENDING"
-APPROVAL_APPROVED = "APPROVED"
-APPROVAL_REJECTED = "REJECTED"
-APPROVAL_EXPIRED = "EXPIRED"
-# How an orphaned execution (its gateway stopped while the provider worked) is closed.
-ORPHAN_OUTCOME = Outcome.TIMED_OUT.value
-ORPHAN_REASON = "GATEWAY_STOPPED"
-ORPHAN_MESSAGE = (
-    "the gateway stopped while the provider was working on it; it may or may not have acted. "
-    "Retry only with the same idempotency key"
-)
-
-
-@dataclass
-class ExecutionRecord:
-    """An execution as the domain sees it (no ORM state leaks out)."""
-
-    execution_id: str
-    tenant: str
-    idempotency_key: str
-    request_hash: str
-    action_id: str
-    provider_id: str
-    record_type: str
-    record_id: str
-    actor: str
-    outcome: str
-    started_at: datetime
-    reason: str = ""
-    message: str = ""
-    external_ref: str = ""
-    changes: list[tuple[str, str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    trace_id: str = ""
-    finished_at: datetime | None = None
-    request_payload: bytes = b""
-    requester_roles: list[str] = field(default_factory=list)
-    sensitive: bool = False
-    approval_state: str = ""
-    approval_expires_at: datetime | None = None
-    approval_decided_at: datetime | None = None
-    approver: str = ""
-    approval_comment: str = ""
-    late_outcome: str = ""
-    late_result_at: datetime | None = None
-    dispatch_deadline: datetime | None = None
-
-    @property
-    def finished(self) -> bool:
-        """No dispatch is under way (pending approval counts: nothing runs until decided)."""
-        return self.outcome != RUNNING
-
-
-@dataclass(frozen=True)
-class ApprovalDecision:
-    """How a pending execution leaves PENDING_APPROVAL."""
-
-    state: str
-    outcome: str
-    approver: str
-    comment: str
-    decided_at: datetime
-    reason: str = ""
-    message: str = ""
-    dispatch_deadline: datetime | None = None
-    """When the dispatch an approval starts must have ended (outcome RUNNING only)."""
 
 
 @dataclass(frozen=True)
