@@ -106,6 +106,15 @@ def new_venv(path: Path) -> Venv:
     return Venv(path)
 
 
+def test_requirements_txt_installs_every_distribution_in_layer_order() -> None:
+    """requirements.txt cannot read pyproject.toml: it must list the same folders."""
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    folders = [
+        line.split()[1].removeprefix("./").split("[")[0] for line in lines if line.startswith("-e ")
+    ]
+    assert folders == [*ROOT["tool"]["actionmesh"]["distributions"], "."]
+
+
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One wheel per distribution, built (``python -m build``, isolated) from a copy of

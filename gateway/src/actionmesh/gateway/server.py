@@ -142,8 +142,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
                 lambda: reload_policy(policy, running),
             )
         )
-    await supervisor.attach(running)
-    running.supervisor = supervisor
+    await running.supervise(supervisor)
 
     async def stop_background() -> None:
         for loop in background:

@@ -73,8 +73,7 @@ async def start_registry(config: RegistryConfig) -> RunningServer:
     supervisor.every(
         "health-checks", config.health_check_interval_s, directory.check_health, first_after_s=0.0
     )
-    await supervisor.attach(running)
-    running.supervisor = supervisor
+    await running.supervise(supervisor)
 
     async def stop_background() -> None:
         await supervisor.stop()

@@ -12,7 +12,7 @@ use these, never a pattern of your own.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "ACTION_ID",
@@ -41,9 +41,11 @@ class IdentifierRule:
     """Longest accepted value, in characters."""
     example: str
     """A valid value, for messages and tests."""
+    compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    """``regex`` compiled (set from it, never passed)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", re.compile(self.regex, re.ASCII))
+        object.__setattr__(self, "compiled", re.compile(self.regex, re.ASCII))
         if not self.valid(self.example):
             raise ValueError(f"{self.name}: the example {self.example!r} breaks the rule")
 
@@ -54,11 +56,10 @@ class IdentifierRule:
 
     def valid(self, value: object) -> bool:
         """Whether ``value`` is a string this rule accepts."""
-        compiled: re.Pattern[str] = object.__getattribute__(self, "_compiled")
         return (
             isinstance(value, str)
             and len(value) <= self.max_length
-            and compiled.fullmatch(value) is not None
+            and self.compiled.fullmatch(value) is not None
         )
 
     def describe(self) -> str:

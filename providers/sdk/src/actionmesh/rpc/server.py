@@ -73,6 +73,11 @@ class RunningServer:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
+    async def supervise(self, supervisor: Supervisor) -> None:
+        """Report ``supervisor``'s loops in this server's health from now on."""
+        self.supervisor = supervisor
+        await supervisor.attach(self)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Graceful shutdown: NOT_SERVING, stop hooks, drain calls, then after-drain hooks."""
         # Every health name (the service's own and extras such as the gateway's policy

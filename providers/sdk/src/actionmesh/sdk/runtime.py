@@ -120,8 +120,7 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             token=config.registration_token_value(),
         )
         link.start(supervisor)
-    await supervisor.attach(running)
-    running.supervisor = supervisor
+    await running.supervise(supervisor)
     provider.registration = link
 
     stopped = False
