@@ -20,6 +20,7 @@ from actionmesh.gateway.storage import (
     record_attempt_op,
 )
 from actionmesh.gateway.writer import GroupCommitWriter, WriterClosed
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import audit_pb2
 
@@ -70,9 +71,7 @@ async def test_concurrent_writes_share_transactions_and_all_land(store: GatewayS
         await asyncio.gather(
             *(writer.write(InsertExecution(r, (marker("started"),))) for r in records)
         )
-        for record in records:
-            record.outcome = "SUCCEEDED"
-            record.finished_at = datetime.now(UTC)
+        records = [r.finished_with(Outcome.SUCCEEDED, at=datetime.now(UTC)) for r in records]
         await asyncio.gather(
             *(writer.write(finish_execution_op(r, [marker("finished")])) for r in records)
         )

@@ -20,22 +20,22 @@ from pathlib import Path
 import grpc.aio
 import pytest
 
-from actionmesh.gateway.admission import Admission
-from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import Caller
-from actionmesh.gateway.config import DEFAULT_POLICY_FILE, GatewayConfig
+from actionmesh.gateway.claims import request_hash
+from actionmesh.gateway.config import GatewayConfig
 from actionmesh.gateway.directory import ProviderDirectory
-from actionmesh.gateway.execution import ORPHAN_MARGIN_S, ExecuteCommand, Executor, request_hash
+from actionmesh.gateway.dispatch import ORPHAN_MARGIN_S, Deadlines, Dispatcher
+from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.model import (
     APPROVAL_APPROVED,
     APPROVAL_PENDING,
     ORPHAN_REASON,
     PENDING_APPROVAL,
     RUNNING,
-    ApprovalDecision,
+    ExecuteCommand,
     ExecutionRecord,
+    ExecutionState,
 )
-from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.gateway.redaction import Redactor
 from actionmesh.gateway.server import start_gateway
 from actionmesh.gateway.storage import (
@@ -45,8 +45,10 @@ from actionmesh.gateway.storage import (
     finish_execution_op,
     reclaim_unavailable_op,
 )
+from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.mesh import Mesh
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import TokenFactory, bearer, eventually
@@ -67,7 +69,7 @@ def running(
     *,
     deadline: datetime | None,
     started_at: datetime = NOW - timedelta(minutes=1),
-    outcome: str = RUNNING,
+    outcome: str = RUNNING.value,
     **fields: object,
 ) -> ExecutionRecord:
     key = uuid.uuid4().hex
@@ -81,7 +83,7 @@ def running(
         record_type="workitem",
         record_id="wi-1",
         actor="alice",
-        outcome=outcome,
+        outcome=ExecutionState(outcome),
         started_at=started_at,
         dispatch_deadline=deadline,
         **fields,  # type: ignore[arg-type]
@@ -200,7 +202,7 @@ def test_a_runner_finishing_after_its_row_was_closed_changes_nothing(
     late = running(deadline=NOW - timedelta(minutes=1))
     store.insert_execution(late, [])
     assert store.resolve_orphan(late.execution_id, RULE, NOW, [marker("orphan")])
-    late.outcome, late.finished_at = "SUCCEEDED", NOW
+    late = late.finished_with(Outcome.SUCCEEDED, at=NOW)
     assert store.write(finish_execution_op(late, [marker("finished")])) is False
     stored = store.get("acme", late.execution_id)
     assert stored is not None and stored.reason == ORPHAN_REASON
@@ -208,7 +210,7 @@ def test_a_runner_finishing_after_its_row_was_closed_changes_nothing(
     # A live row still finishes as before.
     live = running(deadline=NOW + timedelta(seconds=10))
     store.insert_execution(live, [])
-    live.outcome, live.finished_at = "SUCCEEDED", NOW
+    live = live.finished_with(Outcome.SUCCEEDED, at=NOW)
     assert store.write(finish_execution_op(live, [marker("finished")])) is True
     assert outbox(store) == ["orphan", "finished"]
 
@@ -217,15 +219,8 @@ def test_every_way_into_running_records_a_deadline(store: GatewayStore) -> None:
     deadline = NOW + timedelta(seconds=30)
     pending = running(deadline=None, outcome=PENDING_APPROVAL, approval_state=APPROVAL_PENDING)
     store.insert_execution(pending, [])
-    decision = ApprovalDecision(
-        state=APPROVAL_APPROVED,
-        outcome=RUNNING,
-        approver="sam",
-        comment="",
-        decided_at=NOW,
-        dispatch_deadline=deadline,
-    )
-    assert store.write(decide_approval_op(pending.execution_id, decision, []))
+    approved = pending.approved(approver="sam", comment="", at=NOW, dispatch_deadline=deadline)
+    assert store.write(decide_approval_op(approved, []))
     unavailable = running(deadline=NOW - timedelta(hours=1), outcome="UNAVAILABLE")
     store.insert_execution(unavailable, [])
     assert store.write(reclaim_unavailable_op(unavailable.execution_id, deadline))
@@ -243,19 +238,10 @@ async def test_the_sweep_closes_a_backlog_with_one_finished_event_each(tmp_path:
     store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
     writer = GroupCommitWriter(store)
     writer.start()
-    executor = Executor(
-        store=store,
-        writer=writer,
-        directory=ProviderDirectory("127.0.0.1:9"),
-        policy=PolicyEngine(DEFAULT_POLICY_FILE),
-        redactor=Redactor.from_key_file(""),
-        on_audit_written=lambda: None,
-        default_timeout_s=5.0,
-        max_timeout_s=10.0,
-        late_result_grace_s=60.0,
-        approval_ttl_s=3600.0,
-        admission=Admission.from_settings("100/second", 0, 0),
-    )
+    deadlines = Deadlines(default_timeout_s=5.0, max_timeout_s=10.0, late_result_grace_s=60.0)
+    ledger = Ledger(store, writer, Redactor.from_key_file(""), lambda: None)
+    dispatcher = Dispatcher(ProviderDirectory("127.0.0.1:9"), ledger, deadlines)
+    sweeper = Sweeper(ledger, dispatcher, deadlines)
     alice = Caller(subject="alice", tenant="acme", roles=("operator",))
     now = datetime.now(UTC)
     orphans = [
@@ -267,10 +253,8 @@ async def test_the_sweep_closes_a_backlog_with_one_finished_event_each(tmp_path:
         store.insert_execution(record, [])
     try:
         # Batches of 10: the sweep goes on while each batch is full and fully closed.
-        assert (
-            await Approvals(executor, PolicyEngine(DEFAULT_POLICY_FILE)).resolve_orphans(10) == 25
-        )
-        assert await executor.resolve_orphan(orphans[0]) is None  # already closed
+        assert await sweeper.resolve_orphans(10) == 25
+        assert await sweeper.resolve_orphan(orphans[0]) is None  # already closed
     finally:
         await writer.close()
     events = [audit_pb2.AuditEvent.FromString(p) for _, p in store.pending_events(100)]
@@ -307,7 +291,7 @@ def orphan_of(command: ExecuteCommand, caller: Caller, deadline: datetime) -> Ex
         outcome=RUNNING,
         started_at=deadline - timedelta(seconds=5),
         request_payload=command.frozen(),
-        requester_roles=list(caller.roles),
+        requester_roles=tuple(caller.roles),
         dispatch_deadline=deadline,
     )
 

@@ -29,13 +29,12 @@ from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.gateway.auth import mint_token
 from actionmesh.gateway.config import GatewayConfig
 from actionmesh.gateway.model import (
-    APPROVAL_APPROVED,
     APPROVAL_PENDING,
-    APPROVAL_REJECTED,
     PENDING_APPROVAL,
     RUNNING,
-    ApprovalDecision,
+    ApprovalState,
     ExecutionRecord,
+    ExecutionState,
 )
 from actionmesh.gateway.server import start_gateway
 from actionmesh.gateway.storage import GatewayStore, KeyConflict
@@ -182,8 +181,8 @@ def execution(
     *,
     key: str,
     tenant: str = "acme",
-    outcome: str = RUNNING,
-    approval_state: str = "",
+    outcome: ExecutionState = RUNNING,
+    approval_state: ApprovalState | None = None,
 ) -> ExecutionRecord:
     return ExecutionRecord(
         execution_id=uuid.uuid4().hex,
@@ -247,29 +246,20 @@ def test_two_concurrent_approval_decisions_exactly_one_wins(gateway_url: str) ->
                 key=f"k-{round_}", outcome=PENDING_APPROVAL, approval_state=APPROVAL_PENDING
             )
             approve_store.insert_execution(pending, [])
-            approve = ApprovalDecision(
-                state=APPROVAL_APPROVED, outcome=RUNNING, approver="sam", comment="", decided_at=NOW
+            approve = pending.approved(
+                approver="sam", comment="", at=NOW, dispatch_deadline=NOW + timedelta(seconds=5)
             )
-            reject = ApprovalDecision(
-                state=APPROVAL_REJECTED,
-                outcome="DENIED",
-                approver="rita",
-                comment="no",
-                decided_at=NOW,
-                reason="APPROVAL_REJECTED",
-            )
+            reject = pending.rejected(approver="rita", comment="no", at=NOW)
             depth = approve_store.outbox_depth()
             won = race(
                 [
                     partial(
                         approve_store.decide_approval,
-                        pending.execution_id,
                         approve,
                         [marker("granted")],
                     ),
                     partial(
                         reject_store.decide_approval,
-                        pending.execution_id,
                         reject,
                         [marker("rejected")],
                     ),
@@ -279,11 +269,14 @@ def test_two_concurrent_approval_decisions_exactly_one_wins(gateway_url: str) ->
             stored = approve_store.get("acme", pending.execution_id)
             assert stored is not None
             winner = approve if won[0] is True else reject
-            assert (stored.approval_state, stored.approver) == (winner.state, winner.approver)
+            assert (stored.approval_state, stored.approver) == (
+                winner.approval_state,
+                winner.approver,
+            )
             # Exactly the winner's event went to the outbox.
             assert approve_store.outbox_depth() == depth + 1
             # A late third decision finds it decided.
-            assert not approve_store.decide_approval(pending.execution_id, approve, [])
+            assert not approve_store.decide_approval(approve, [])
     finally:
         approve_store.close()
         reject_store.close()

@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc.aio
@@ -26,27 +25,17 @@ from cachetools import TTLCache
 from opentelemetry import trace
 
 from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.authorization import Authorizer, Visibility
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
-from actionmesh.gateway.events import audit_event
+from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import record_discover
-from actionmesh.gateway.policy import (
-    ActionSubject,
-    Decision,
-    Operation,
-    PolicyEngine,
-    decision_evidence,
-    policy_context,
-)
 from actionmesh.gateway.requests import check_record
-from actionmesh.gateway.storage import record_attempt_op
 from actionmesh.gateway.tenancy import require_same_tenant
-from actionmesh.gateway.writer import GroupCommitWriter
-from actionmesh.v1 import audit_pb2, common_pb2, provider_pb2
+from actionmesh.v1 import common_pb2, provider_pb2
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
 
-DISCOVERED = audit_pb2.AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED
 Availability = dict[str, tuple[bool, str]]
 
 
@@ -69,19 +58,17 @@ class Discoverer:
     def __init__(
         self,
         directory: ProviderDirectory,
-        policy: PolicyEngine,
+        authorizer: Authorizer,
         timeout_s: float,
         *,
-        writer: GroupCommitWriter,
-        on_audit_written: Callable[[], None],
+        ledger: Ledger,
         cache_ttl_s: float,
         cache_max_entries: int,
     ) -> None:
         self._directory = directory
-        self._policy = policy
+        self._authorizer = authorizer
         self._timeout_s = timeout_s
-        self._writer = writer
-        self._on_audit_written = on_audit_written
+        self._ledger = ledger
         self._cache: TTLCache[tuple[str, ...], Availability] | None = (
             TTLCache(maxsize=cache_max_entries, ttl=cache_ttl_s) if cache_ttl_s > 0 else None
         )
@@ -98,17 +85,10 @@ class Discoverer:
         check_record(record, has_record)
         require_same_tenant(caller, record)
         entries = self._directory.providers_for(record.type)
-        subjects = [
-            ActionSubject(d.action_id, e.provider_id, d)
-            for e in entries
-            for d in e.registration.actions
-            if record.type in d.record_types
-        ]
-        decisions = self._policy.authorize(Operation.DISCOVER, caller, record, subjects)
+        visibility = self._authorizer.discover(caller, record, entries)
         visible: dict[str, list[common_pb2.ActionDescriptor]] = {}
-        for subject, decision in zip(subjects, decisions, strict=True):
-            if decision.allowed:
-                visible.setdefault(subject.provider_id, []).append(subject.descriptor)
+        for subject in visibility.visible():
+            visible.setdefault(subject.provider_id, []).append(subject.descriptor)
         asked = [e for e in entries if e.provider_id in visible]
         # The same question goes to every provider: build it (and its cache digest) once.
         request = provider_pb2.DiscoverRequest(
@@ -143,8 +123,8 @@ class Discoverer:
                 actions.append(
                     VisibleAction(descriptor, entry.provider_id, found[0], found[1], cached)
                 )
-        if subjects:
-            await self._record_decisions(caller, record, subjects, decisions, degraded)
+        if visibility.subjects:
+            await self._record_decisions(caller, record, visibility, degraded)
         record_discover(record.type, time.monotonic() - started, bool(degraded))
         return DiscoveryResult(actions=actions, degraded=degraded)
 
@@ -152,27 +132,14 @@ class Discoverer:
         self,
         caller: Caller,
         record: common_pb2.RecordContext,
-        subjects: list[ActionSubject],
-        decisions: list[Decision],
+        visibility: Visibility,
         degraded: list[tuple[str, str]],
     ) -> None:
-        hidden = sum(1 for d in decisions if not d.allowed)
-        event = audit_event(
-            DISCOVERED,
-            caller=caller,
-            record=record,
-            reason="",
-            message=f"{len(subjects) - hidden} shown, {hidden} hidden by policy"
-            + (f"; degraded: {', '.join(p for p, _ in degraded)}" if degraded else ""),
-            policy_ids=sorted({p for d in decisions for p in d.policy_ids}),
-            policy_decisions=[
-                decision_evidence(Operation.DISCOVER, s, d)
-                for s, d in zip(subjects, decisions, strict=True)
-            ],
-            policy_context=policy_context(caller, record),
+        hidden = sum(1 for d in visibility.decisions if not d.allowed)
+        summary = f"{len(visibility.subjects) - hidden} shown, {hidden} hidden by policy" + (
+            f"; degraded: {', '.join(p for p, _ in degraded)}" if degraded else ""
         )
-        await self._writer.write(record_attempt_op([event]))
-        self._on_audit_written()
+        await self._ledger.discovered(caller, record, visibility, summary)
 
     async def _availability(
         self,

@@ -6,14 +6,22 @@ vocabulary (:class:`~actionmesh.rpc.outcomes.Outcome`). Its approval, when the a
 requires one, is PENDING, then APPROVED, REJECTED or EXPIRED. The values are what the
 gateway's database stores (each member's name is its value), so plain strings read
 back from a row compare equal to them.
+
+:class:`ExecutionRecord` is immutable; each legal move is a method returning the next
+record (``awaiting_approval``, ``approved``, ``rejected``, ``expired``,
+``ended_at_approval``, ``finished``, ``with_late_result``, ``orphaned``, ``reclaimed``),
+and any other move raises :class:`IllegalTransition`. The storage layer writes a move
+as a compare-and-set on the state it starts from, so replicas agree on who made it.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
+from actionmesh.gateway.redaction import is_sensitive
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import common_pb2, gateway_pb2
 
@@ -72,7 +80,15 @@ ORPHAN_MESSAGE = (
 )
 
 
-@dataclass
+class IllegalTransition(RuntimeError):
+    """A move the execution model does not allow (a bug in the caller, never user input)."""
+
+
+Change = tuple[str, str, str]
+"""One field change a provider reports: (field, before, after)."""
+
+
+@dataclass(frozen=True)
 class ExecutionRecord:
     """An execution as the domain sees it (no ORM state leaks out)."""
 
@@ -85,43 +101,226 @@ class ExecutionRecord:
     record_type: str
     record_id: str
     actor: str
-    outcome: str
+    outcome: ExecutionState
     started_at: datetime
     reason: str = ""
     message: str = ""
     external_ref: str = ""
-    changes: list[tuple[str, str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    changes: tuple[Change, ...] = ()
+    warnings: tuple[str, ...] = ()
     trace_id: str = ""
     finished_at: datetime | None = None
     request_payload: bytes = b""
-    requester_roles: list[str] = field(default_factory=list)
+    requester_roles: tuple[str, ...] = ()
     sensitive: bool = False
-    approval_state: str = ""
+    approval_state: ApprovalState | None = None
     approval_expires_at: datetime | None = None
     approval_decided_at: datetime | None = None
     approver: str = ""
     approval_comment: str = ""
-    late_outcome: str = ""
+    late_outcome: Outcome | None = None
     late_result_at: datetime | None = None
     dispatch_deadline: datetime | None = None
+    """When a RUNNING dispatch has written its outcome at the latest (see OrphanRule)."""
 
     @property
     def finished(self) -> bool:
         """No dispatch is under way (pending approval counts: nothing runs until decided)."""
-        return self.outcome != ExecutionState.RUNNING
+        return self.outcome is not ExecutionState.RUNNING
+
+    # -- transitions ----------------------------------------------------------------
+    def _require(self, move: str, *states: ExecutionState) -> None:
+        if self.outcome not in states:
+            raise IllegalTransition(
+                f"execution {self.execution_id}: cannot {move} from {self.outcome.value}"
+            )
+
+    def awaiting_approval(self, *, expires_at: datetime) -> ExecutionRecord:
+        """A new execution held for a second person's approval (nothing dispatched)."""
+        self._require("hold for approval", ExecutionState.RUNNING)
+        if self.approval_state is not None:
+            raise IllegalTransition(f"execution {self.execution_id} was already held once")
+        return replace(
+            self,
+            outcome=ExecutionState.PENDING_APPROVAL,
+            reason="APPROVAL_REQUIRED",
+            message="the action needs a second person's approval; nothing ran yet",
+            approval_state=ApprovalState.PENDING,
+            approval_expires_at=expires_at,
+            dispatch_deadline=None,
+        )
+
+    def approved(
+        self, *, approver: str, comment: str, at: datetime, dispatch_deadline: datetime
+    ) -> ExecutionRecord:
+        """Approved: dispatch starts now and must have ended by ``dispatch_deadline``."""
+        self._require("approve", ExecutionState.PENDING_APPROVAL)
+        return replace(
+            self._decided(ApprovalState.APPROVED, approver, comment, at),
+            outcome=ExecutionState.RUNNING,
+            reason="",
+            message="",
+            dispatch_deadline=dispatch_deadline,
+        )
+
+    def ended_at_approval(
+        self,
+        *,
+        approver: str,
+        comment: str,
+        at: datetime,
+        outcome: Outcome,
+        reason: str,
+        message: str,
+    ) -> ExecutionRecord:
+        """Approved, but ended before dispatch (policy or the provider said no)."""
+        self._require("end at approval", ExecutionState.PENDING_APPROVAL)
+        return self._closed(
+            self._decided(ApprovalState.APPROVED, approver, comment, at),
+            outcome,
+            reason,
+            message,
+            at,
+        )
+
+    def rejected(self, *, approver: str, comment: str, at: datetime) -> ExecutionRecord:
+        self._require("reject", ExecutionState.PENDING_APPROVAL)
+        return self._closed(
+            self._decided(ApprovalState.REJECTED, approver, comment, at),
+            Outcome.DENIED,
+            "APPROVAL_REJECTED",
+            f"rejected by {approver}: {comment}",
+            at,
+        )
+
+    def expired(self, *, at: datetime) -> ExecutionRecord:
+        self._require("expire", ExecutionState.PENDING_APPROVAL)
+        return self._closed(
+            self._decided(ApprovalState.EXPIRED, "", "", at),
+            Outcome.DENIED,
+            "APPROVAL_EXPIRED",
+            "nobody approved the execution in time; nothing ran",
+            at,
+        )
+
+    def finished_with(
+        self,
+        outcome: Outcome,
+        *,
+        at: datetime,
+        reason: str = "",
+        message: str = "",
+        external_ref: str = "",
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> ExecutionRecord:
+        """A dispatch's outcome (the provider's answer, or the gateway's verdict on it)."""
+        self._require("finish", ExecutionState.RUNNING)
+        return replace(
+            self._closed(self, outcome, reason, message, at),
+            external_ref=external_ref,
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+        )
+
+    def with_late_result(
+        self,
+        outcome: Outcome,
+        *,
+        at: datetime,
+        external_ref: str = "",
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> ExecutionRecord:
+        """The provider's answer after the execution closed as TIMED_OUT (its outcome stays)."""
+        self._require("record a late result", ExecutionState.TIMED_OUT)
+        if self.late_outcome is not None:
+            raise IllegalTransition(f"execution {self.execution_id} has a late result already")
+        return replace(
+            self,
+            late_outcome=outcome,
+            late_result_at=at,
+            external_ref=external_ref,
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+        )
+
+    def orphaned(self, *, at: datetime) -> ExecutionRecord:
+        """Closed because its gateway stopped mid-dispatch (see OrphanRule)."""
+        self._require("close as orphaned", ExecutionState.RUNNING)
+        return self._closed(self, Outcome(ORPHAN_OUTCOME.value), ORPHAN_REASON, ORPHAN_MESSAGE, at)
+
+    def reclaimed(self, *, dispatch_deadline: datetime) -> ExecutionRecord:
+        """UNAVAILABLE (nothing ran) back to RUNNING: the same key dispatches again."""
+        self._require("dispatch again", ExecutionState.UNAVAILABLE)
+        return replace(
+            self,
+            outcome=ExecutionState.RUNNING,
+            finished_at=None,
+            dispatch_deadline=dispatch_deadline,
+        )
+
+    def _decided(
+        self, state: ApprovalState, approver: str, comment: str, at: datetime
+    ) -> ExecutionRecord:
+        return replace(
+            self,
+            approval_state=state,
+            approver=approver,
+            approval_comment=comment,
+            approval_decided_at=at,
+        )
+
+    @staticmethod
+    def _closed(
+        record: ExecutionRecord, outcome: Outcome, reason: str, message: str, at: datetime
+    ) -> ExecutionRecord:
+        state = ExecutionState(outcome.value)
+        if state.outcome is None or state is ExecutionState.PENDING_APPROVAL:
+            raise IllegalTransition(f"{outcome.value} is not a final outcome")
+        return replace(
+            record,
+            outcome=state,
+            reason=reason,
+            message=message,
+            finished_at=at,
+        )
 
 
 @dataclass(frozen=True)
-class ApprovalDecision:
-    """How a pending execution leaves PENDING_APPROVAL."""
+class ExecuteCommand:
+    """A caller's ExecuteAction request, already decoded from proto."""
 
-    state: str
-    outcome: str
-    approver: str
-    comment: str
-    decided_at: datetime
-    reason: str = ""
-    message: str = ""
-    dispatch_deadline: datetime | None = None
-    """When the dispatch an approval starts must have ended (outcome RUNNING only)."""
+    action_id: str
+    record: common_pb2.RecordContext
+    has_record: bool
+    inputs: Mapping[str, common_pb2.InputValue]
+    idempotency_key: str
+
+    @property
+    def sensitive(self) -> bool:
+        return is_sensitive(self.record)
+
+    def on(self, record: common_pb2.RecordContext) -> ExecuteCommand:
+        """The same request on ``record`` (e.g. the record as it is at approval)."""
+        return replace(self, record=record, has_record=True)
+
+    def frozen(self) -> bytes:
+        """The request exactly as authorized, kept with the execution."""
+        return gateway_pb2.ExecuteActionRequest(
+            action_id=self.action_id,
+            record=self.record,
+            inputs=dict(self.inputs),
+            idempotency_key=self.idempotency_key,
+        ).SerializeToString(deterministic=True)
+
+    @classmethod
+    def thaw(cls, payload: bytes) -> ExecuteCommand:
+        request = gateway_pb2.ExecuteActionRequest.FromString(payload)
+        return cls(
+            action_id=request.action_id,
+            record=request.record,
+            has_record=request.HasField("record"),
+            inputs=dict(request.inputs),
+            idempotency_key=request.idempotency_key,
+        )

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import TokenVerifier
+from actionmesh.gateway.authorization import Authorizer
+from actionmesh.gateway.claims import Claims
 from actionmesh.gateway.config import GatewayConfig
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.discovery import Discoverer
+from actionmesh.gateway.dispatch import Deadlines, Dispatcher
 from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
 from actionmesh.gateway.outbox import OutboxShipper
 from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.gateway.redaction import Redactor
 from actionmesh.gateway.servicer import GatewayServicer
 from actionmesh.gateway.storage import GatewayStore
+from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.rpc.channels import open_channel
 from actionmesh.rpc.server import RunningServer, start_server
@@ -71,41 +78,20 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         config.tenant_max_concurrent_executions,
         config.provider_max_concurrent_executions,
     )
-    executor = Executor(
-        admission=admission,
-        store=store,
-        writer=writer,
-        directory=directory,
-        policy=policy,
-        redactor=Redactor.from_key_file(config.redaction_key_file),
-        on_audit_written=shipper.notify,
-        default_timeout_s=config.default_execute_timeout_s,
-        max_timeout_s=config.max_execute_timeout_s,
-        late_result_grace_s=config.late_result_grace_s,
-        approval_ttl_s=config.approval_ttl_s,
-    )
-    approvals = Approvals(executor, policy)
+    core = GatewayCore.build(config, store, writer, directory, policy, shipper.notify, admission)
     # Executions a previous run of this (or another) gateway left RUNNING and past their
     # deadline are closed now, not one sweep interval later.
     try:
-        await approvals.resolve_orphans()
+        await core.sweeper.resolve_orphans()
     except Exception:
         log.exception("start-up orphan sweep failed; the periodic sweep retries")
     servicer = GatewayServicer(
         verifier=verifier,
-        discoverer=Discoverer(
-            directory,
-            policy,
-            config.discover_timeout_s,
-            writer=writer,
-            on_audit_written=shipper.notify,
-            cache_ttl_s=config.discover_cache_ttl_s,
-            cache_max_entries=config.discover_cache_max_entries,
-        ),
-        executor=executor,
-        approvals=approvals,
+        discoverer=core.discoverer,
+        executor=core.executor,
+        approvals=core.approvals,
         history=HistoryReader(audit_channel),
-        store=store,
+        ledger=core.ledger,
         policy=policy,
         admission=admission,
     )
@@ -124,9 +110,11 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         running, host=config.host, port=config.metrics_port, service_name="actionmesh-gateway"
     )
     background = [
-        supervisor.every("approval-expiry", config.approval_sweep_interval_s, approvals.expire_due),
         supervisor.every(
-            "orphan-sweep", config.approval_sweep_interval_s, approvals.resolve_orphans
+            "approval-expiry", config.approval_sweep_interval_s, core.sweeper.expire_due
+        ),
+        supervisor.every(
+            "orphan-sweep", config.approval_sweep_interval_s, core.sweeper.resolve_orphans
         ),
     ]
     if verifier.refresh_interval_s is not None:
@@ -149,7 +137,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
             await loop.stop()
 
     async def close_dependencies() -> None:
-        await executor.close()
+        await core.dispatcher.close()
         await shipper.close()
         await writer.close()
         await directory.close()
@@ -159,6 +147,76 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     running.on_stop.append(stop_background)
     running.after_drain.append(close_dependencies)
     return running
+
+
+@dataclass(frozen=True)
+class GatewayCore:
+    """The gateway's execution core, wired once: who authorizes, claims, dispatches,
+    writes and sweeps (see actionmesh.gateway.execution for the map)."""
+
+    ledger: Ledger
+    authorizer: Authorizer
+    dispatcher: Dispatcher
+    sweeper: Sweeper
+    executor: Executor
+    approvals: Approvals
+    discoverer: Discoverer
+
+    @classmethod
+    def build(
+        cls,
+        config: GatewayConfig,
+        store: GatewayStore,
+        writer: GroupCommitWriter,
+        directory: ProviderDirectory,
+        policy: PolicyEngine,
+        on_audit_written: Callable[[], None],
+        admission: Admission,
+    ) -> GatewayCore:
+        deadlines = Deadlines(
+            default_timeout_s=config.default_execute_timeout_s,
+            max_timeout_s=config.max_execute_timeout_s,
+            late_result_grace_s=config.late_result_grace_s,
+        )
+        ledger = Ledger(
+            store, writer, Redactor.from_key_file(config.redaction_key_file), on_audit_written
+        )
+        authorizer = Authorizer(policy)
+        dispatcher = Dispatcher(directory, ledger, deadlines)
+        sweeper = Sweeper(ledger, dispatcher, deadlines)
+        claims = Claims(
+            ledger, dispatcher, sweeper, deadlines, approval_ttl_s=config.approval_ttl_s
+        )
+        return cls(
+            ledger=ledger,
+            authorizer=authorizer,
+            dispatcher=dispatcher,
+            sweeper=sweeper,
+            executor=Executor(
+                directory=directory,
+                authorizer=authorizer,
+                admission=admission,
+                claims=claims,
+                dispatcher=dispatcher,
+                ledger=ledger,
+            ),
+            approvals=Approvals(
+                directory=directory,
+                authorizer=authorizer,
+                ledger=ledger,
+                dispatcher=dispatcher,
+                sweeper=sweeper,
+                deadlines=deadlines,
+            ),
+            discoverer=Discoverer(
+                directory,
+                authorizer,
+                config.discover_timeout_s,
+                ledger=ledger,
+                cache_ttl_s=config.discover_cache_ttl_s,
+                cache_max_entries=config.discover_cache_max_entries,
+            ),
+        )
 
 
 async def reload_policy(policy: PolicyEngine, running: RunningServer) -> None:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc.aio
 
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import TokenVerifier
 from actionmesh.gateway.discovery import Discoverer
-from actionmesh.gateway.execution import ExecuteCommand, Executor
+from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
-from actionmesh.gateway.model import ApprovalState, ExecutionRecord, ExecutionState
+from actionmesh.gateway.ledger import Ledger
+from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord
 from actionmesh.gateway.policy import PolicyEngine
-from actionmesh.gateway.storage import GatewayStore
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
-from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -30,7 +27,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         executor: Executor,
         approvals: Approvals,
         history: HistoryReader,
-        store: GatewayStore,
+        ledger: Ledger,
         policy: PolicyEngine,
         admission: Admission,
     ) -> None:
@@ -40,7 +37,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self._executor = executor
         self._approvals = approvals
         self._history = history
-        self._store = store
+        self._ledger = ledger
         self._policy = policy
 
     async def DiscoverActions(
@@ -88,7 +85,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self, request: gateway_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetExecutionResponse:
         caller = await self._verifier.authenticate_async(context.invocation_metadata())
-        record = await asyncio.to_thread(self._store.get, caller.tenant, request.execution_id)
+        record = await self._ledger.get(caller.tenant, request.execution_id)
         if record is None:
             raise NotFound("no such execution", reason="EXECUTION_NOT_FOUND")
         return gateway_pb2.GetExecutionResponse(execution=execution_proto(record))
@@ -189,7 +186,6 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
 
 
 def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
-    outcome = ExecutionState(record.outcome).to_proto()
     message = gateway_pb2.Execution(
         execution_id=record.execution_id,
         action_id=record.action_id,
@@ -197,7 +193,7 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
         tenant=record.tenant,
         record=common_pb2.RecordRef(type=record.record_type, id=record.record_id),
         actor=record.actor,
-        outcome=outcome,
+        outcome=record.outcome.to_proto(),
         reason=record.reason,
         message=record.message,
         external_ref=record.external_ref,
@@ -209,16 +205,16 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
     )
     if record.finished_at is not None:
         message.finished_at.CopyFrom(to_timestamp(record.finished_at))
-    if record.approval_state:
-        message.approval.state = ApprovalState(record.approval_state).to_proto()
+    if record.approval_state is not None:
+        message.approval.state = record.approval_state.to_proto()
         message.approval.approver = record.approver
         message.approval.comment = record.approval_comment
         if record.approval_expires_at is not None:
             message.approval.expires_at.CopyFrom(to_timestamp(record.approval_expires_at))
         if record.approval_decided_at is not None:
             message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
-    if record.late_outcome:
-        message.late_outcome = Outcome.proto_of(record.late_outcome)
+    if record.late_outcome is not None:
+        message.late_outcome = record.late_outcome.to_proto()
         if record.late_result_at is not None:
             message.late_result_at.CopyFrom(to_timestamp(record.late_result_at))
     return message

@@ -39,8 +39,9 @@ from actionmesh.gateway.model import (
     ORPHAN_REASON,
     PENDING_APPROVAL,
     RUNNING,
-    ApprovalDecision,
+    ApprovalState,
     ExecutionRecord,
+    ExecutionState,
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
@@ -230,17 +231,14 @@ class GatewayStore:
         return self.write(finish_execution_op(record, events))
 
     def decide_approval(
-        self,
-        execution_id: str,
-        decision: ApprovalDecision,
-        events: Sequence[audit_pb2.AuditEvent],
+        self, decided: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
     ) -> bool:
-        """Move a pending execution on, exactly once across gateway replicas.
+        """Move a pending execution on (to ``decided``), exactly once across replicas.
 
         False when it was no longer pending (another approver or the expiry
         sweep decided first); the events are then not written.
         """
-        return self.write(decide_approval_op(execution_id, decision, events))
+        return self.write(decide_approval_op(decided, events))
 
     def pending_approvals(
         self,
@@ -400,7 +398,7 @@ def finish_execution_op(
                 _EXECUTIONS.c.outcome == RUNNING,
             )
             .values(
-                outcome=record.outcome,
+                outcome=record.outcome.value,
                 reason=record.reason,
                 message=record.message,
                 external_ref=record.external_ref,
@@ -425,21 +423,25 @@ def finish_execution_op(
 
 
 def decide_approval_op(
-    execution_id: str, decision: ApprovalDecision, events: Sequence[audit_pb2.AuditEvent]
+    decided: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
 ) -> WriteOp[bool]:
+    """Write an approval decision (``decided``, a record just moved out of PENDING_APPROVAL)."""
+    if decided.approval_state in (None, ApprovalState.PENDING):
+        raise ValueError(f"execution {decided.execution_id} carries no approval decision")
+    execution_id = decided.execution_id
     values: dict[str, object] = {
-        "outcome": decision.outcome,
-        "approval_state": decision.state,
-        "approver": decision.approver,
-        "approval_comment": decision.comment,
-        "approval_decided_at": decision.decided_at,
+        "outcome": decided.outcome.value,
+        "approval_state": decided.approval_state.value,
+        "approver": decided.approver,
+        "approval_comment": decided.approval_comment,
+        "approval_decided_at": decided.approval_decided_at,
     }
-    if decision.outcome != RUNNING:
+    if decided.outcome is not ExecutionState.RUNNING:
         values.update(
-            reason=decision.reason, message=decision.message, finished_at=decision.decided_at
+            reason=decided.reason, message=decided.message, finished_at=decided.finished_at
         )
     else:
-        values["dispatch_deadline"] = decision.dispatch_deadline
+        values["dispatch_deadline"] = decided.dispatch_deadline
 
     def op(session: Session) -> bool:
         result = session.execute(
@@ -470,7 +472,7 @@ def record_late_result_op(
                 _EXECUTIONS.c.late_outcome == "",
             )
             .values(
-                late_outcome=record.late_outcome,
+                late_outcome=record.late_outcome.value if record.late_outcome else "",
                 late_result_at=record.late_result_at,
                 external_ref=record.external_ref,
                 changes_json=json.dumps(record.changes),
@@ -493,7 +495,7 @@ def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> Wr
                 _EXECUTIONS.c.execution_id == execution_id,
                 _EXECUTIONS.c.outcome == Outcome.UNAVAILABLE.value,
             )
-            .values(outcome=RUNNING, finished_at=None, dispatch_deadline=dispatch_deadline)
+            .values(outcome=RUNNING.value, finished_at=None, dispatch_deadline=dispatch_deadline)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
@@ -517,7 +519,7 @@ def resolve_orphan_op(
             update(_EXECUTIONS)
             .where(_EXECUTIONS.c.execution_id == execution_id, rule.condition(now))
             .values(
-                outcome=ORPHAN_OUTCOME,
+                outcome=ORPHAN_OUTCOME.value,
                 reason=ORPHAN_REASON,
                 message=ORPHAN_MESSAGE,
                 finished_at=now,
@@ -568,7 +570,7 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "record_type": record.record_type,
         "record_id": record.record_id,
         "actor": record.actor,
-        "outcome": record.outcome,
+        "outcome": record.outcome.value,
         "reason": record.reason,
         "message": record.message,
         "external_ref": record.external_ref,
@@ -578,14 +580,14 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "request_payload": record.request_payload,
-        "requester_roles_json": json.dumps(record.requester_roles),
+        "requester_roles_json": json.dumps(list(record.requester_roles)),
         "sensitive": record.sensitive,
-        "approval_state": record.approval_state,
+        "approval_state": record.approval_state.value if record.approval_state else "",
         "approval_expires_at": record.approval_expires_at,
         "approval_decided_at": record.approval_decided_at,
         "approver": record.approver,
         "approval_comment": record.approval_comment,
-        "late_outcome": record.late_outcome,
+        "late_outcome": record.late_outcome.value if record.late_outcome else "",
         "late_result_at": record.late_result_at,
         "dispatch_deadline": record.dispatch_deadline,
     }
@@ -602,24 +604,24 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         record_type=row.record_type,
         record_id=row.record_id,
         actor=row.actor,
-        outcome=row.outcome,
+        outcome=ExecutionState(row.outcome),
         reason=row.reason,
         message=row.message,
         external_ref=row.external_ref,
-        changes=[(c[0], c[1], c[2]) for c in json.loads(row.changes_json)],
-        warnings=list(json.loads(row.warnings_json)),
+        changes=tuple((c[0], c[1], c[2]) for c in json.loads(row.changes_json)),
+        warnings=tuple(json.loads(row.warnings_json)),
         trace_id=row.trace_id,
         started_at=row.started_at,
         finished_at=row.finished_at,
         request_payload=row.request_payload,
-        requester_roles=list(json.loads(row.requester_roles_json)),
+        requester_roles=tuple(json.loads(row.requester_roles_json)),
         sensitive=row.sensitive,
-        approval_state=row.approval_state,
+        approval_state=ApprovalState(row.approval_state) if row.approval_state else None,
         approval_expires_at=row.approval_expires_at,
         approval_decided_at=row.approval_decided_at,
         approver=row.approver,
         approval_comment=row.approval_comment,
-        late_outcome=row.late_outcome,
+        late_outcome=Outcome(row.late_outcome) if row.late_outcome else None,
         late_result_at=row.late_result_at,
         dispatch_deadline=row.dispatch_deadline,
     )

@@ -1,0 +1,120 @@
+"""Where every governed decision is made: discover, execute and approve share one path.
+
+Discovery asks about every action a record type has; ExecuteAction about one action for
+the requester; an approval asks twice, whether the approver may approve and whether
+the requester may still execute, on the record as it is now. Each answer carries the
+evidence an audit event keeps (the decisions, the policies that made them and the
+context they saw), so the caller of this module never builds evidence by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.directory import ProviderEntry
+from actionmesh.gateway.policy import (
+    ActionSubject,
+    Decision,
+    Operation,
+    PolicyEngine,
+    decision_evidence,
+    policy_context,
+)
+from actionmesh.v1 import audit_pb2, common_pb2
+
+
+@dataclass(frozen=True)
+class Authorized:
+    """One decision on one action, with the evidence an audit event keeps."""
+
+    entry: ProviderEntry
+    descriptor: common_pb2.ActionDescriptor
+    decision: Decision
+    evidence: list[audit_pb2.PolicyDecision] = field(default_factory=list)
+    context: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """Discovery's decisions: one per action the record type has."""
+
+    subjects: list[ActionSubject]
+    decisions: list[Decision]
+    context: dict[str, str]
+
+    @property
+    def evidence(self) -> list[audit_pb2.PolicyDecision]:
+        return [
+            decision_evidence(Operation.DISCOVER, s, d)
+            for s, d in zip(self.subjects, self.decisions, strict=True)
+        ]
+
+    def visible(self) -> list[ActionSubject]:
+        return [s for s, d in zip(self.subjects, self.decisions, strict=True) if d.allowed]
+
+
+class Authorizer:
+    """The policy engine, asked the three questions the gateway has."""
+
+    def __init__(self, policy: PolicyEngine) -> None:
+        self._policy = policy
+
+    def discover(
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        entries: Sequence[ProviderEntry],
+    ) -> Visibility:
+        """Which of the actions ``entries`` offer for ``record``'s type the caller may see."""
+        subjects = [
+            ActionSubject(d.action_id, e.provider_id, d)
+            for e in entries
+            for d in e.registration.actions
+            if record.type in d.record_types
+        ]
+        decisions = self._policy.authorize(Operation.DISCOVER, caller, record, subjects)
+        return Visibility(subjects, decisions, policy_context(caller, record))
+
+    def execute(
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        """May ``caller`` run the action on ``record``."""
+        return self._one(Operation.EXECUTE, caller, record, entry, descriptor)
+
+    def approve(
+        self,
+        approver: Caller,
+        record: common_pb2.RecordContext,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        """May ``approver`` decide another person's execution of the action on ``record``."""
+        return self._one(Operation.APPROVE, approver, record, entry, descriptor)
+
+    def _one(
+        self,
+        operation: Operation,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        subject = ActionSubject(descriptor.action_id, entry.provider_id, descriptor)
+        decision = self._policy.authorize(operation, caller, record, [subject])[0]
+        return Authorized(
+            entry=entry,
+            descriptor=descriptor,
+            decision=decision,
+            evidence=[decision_evidence(operation, subject, decision)],
+            context=policy_context(caller, record),
+        )

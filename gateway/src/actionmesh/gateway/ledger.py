@@ -1,0 +1,345 @@
+"""The one writer of executions and their evidence.
+
+Every change to an execution row goes through :class:`Ledger`, which writes the row
+and the audit events that describe the change in one transaction (through the group
+commit writer), redacts what a sensitive record's evidence must not show, and wakes
+the audit shipper once the write landed. Nobody else writes executions or events, so
+no execution can change without its evidence, and no evidence can name an execution
+that did not change.
+
+Each write takes the record *after* a transition of :mod:`actionmesh.gateway.model`
+and is a compare-and-set on the state that transition starts from: it answers None
+(or False) when another request or replica moved the execution first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.authorization import Authorized, Visibility
+from actionmesh.gateway.events import audit_event
+from actionmesh.gateway.model import (
+    ExecuteCommand,
+    ExecutionRecord,
+    ExecutionState,
+)
+from actionmesh.gateway.redaction import Redactor
+from actionmesh.gateway.storage import (
+    GatewayStore,
+    InsertExecution,
+    OrphanRule,
+    decide_approval_op,
+    finish_execution_op,
+    reclaim_unavailable_op,
+    record_attempt_op,
+    record_late_result_op,
+    resolve_orphan_op,
+)
+from actionmesh.gateway.writer import GroupCommitWriter
+from actionmesh.rpc.convert import utcnow
+from actionmesh.rpc.errors import ActionMeshError, Unavailable
+from actionmesh.rpc.outcomes import Outcome
+from actionmesh.v1 import audit_pb2, common_pb2
+
+STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
+FINISHED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
+LATE_RESULT = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT
+APPROVAL_REQUESTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REQUESTED
+DISCOVERED = audit_pb2.AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED
+GRANTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_GRANTED
+REJECTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REJECTED
+EXPIRED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_EXPIRED
+REFUSED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REFUSED
+# Who acts when the gateway itself moves an execution (expiry, orphan sweep).
+SYSTEM = "actionmesh"
+
+
+def requester_of(record: ExecutionRecord) -> Caller:
+    """The person who asked for ``record``, as they were when they asked."""
+    return Caller(subject=record.actor, tenant=record.tenant, roles=record.requester_roles)
+
+
+class Ledger:
+    def __init__(
+        self,
+        store: GatewayStore,
+        writer: GroupCommitWriter,
+        redactor: Redactor,
+        on_written: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._redactor = redactor
+        self._on_written = on_written
+
+    # -- reads ----------------------------------------------------------------------
+    async def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
+        return await asyncio.to_thread(self._store.get, tenant, execution_id)
+
+    async def find_by_key(self, tenant: str, idempotency_key: str) -> ExecutionRecord | None:
+        return await asyncio.to_thread(self._store.find_by_key, tenant, idempotency_key)
+
+    async def pending_approvals(
+        self,
+        tenant: str,
+        *,
+        record: tuple[str, str] | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[ExecutionRecord]:
+        return await asyncio.to_thread(
+            self._store.pending_approvals,
+            tenant,
+            record=record,
+            not_expired_at=utcnow(),
+            after=after,
+            limit=limit,
+        )
+
+    async def expired_approvals(self, now: datetime, limit: int) -> list[ExecutionRecord]:
+        return await asyncio.to_thread(self._store.expired_approvals, now, limit)
+
+    async def orphaned(self, rule: OrphanRule, now: datetime, limit: int) -> list[ExecutionRecord]:
+        return await asyncio.to_thread(self._store.orphaned_executions, rule, now, limit)
+
+    # -- evidence -------------------------------------------------------------------
+    def event(
+        self,
+        event_type: audit_pb2.AuditEventType.ValueType,
+        actor: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        *,
+        outcome: common_pb2.Outcome.ValueType | None = None,
+        authorized: Authorized | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> audit_pb2.AuditEvent:
+        """An event about one execution; its inputs redacted when the record is sensitive.
+
+        ``outcome``, ``reason`` and ``message`` default to the record's own.
+        """
+        sensitive = record.sensitive or command.sensitive
+        return audit_event(
+            event_type,
+            caller=actor,
+            record=command.record,
+            execution_id=record.execution_id,
+            action_id=record.action_id,
+            provider_id=record.provider_id,
+            outcome=record.outcome.to_proto() if outcome is None else outcome,
+            reason=record.reason if reason is None else reason,
+            message=record.message if message is None else message,
+            idempotency_key=record.idempotency_key,
+            inputs=self._redactor.evidence(command.inputs, sensitive),
+            inputs_redacted=sensitive,
+            policy_ids=authorized.decision.policy_ids if authorized else (),
+            policy_decisions=authorized.evidence if authorized else (),
+            policy_context=authorized.context if authorized else None,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            external_ref=record.external_ref,
+            changes=record.changes,
+            warnings=record.warnings,
+        )
+
+    def scrubbed(self, command: ExecuteCommand, record: ExecutionRecord) -> ExecutionRecord:
+        """A sensitive record's provider texts, without the input values they echo."""
+        if not (record.sensitive or command.sensitive):
+            return record
+
+        def scrub(text: str) -> str:
+            return Redactor.scrub(text, command.inputs, True)
+
+        return replace(
+            record,
+            reason=scrub(record.reason),
+            message=scrub(record.message),
+            warnings=tuple(scrub(w) for w in record.warnings),
+        )
+
+    # -- writes ---------------------------------------------------------------------
+    async def open(
+        self,
+        requester: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        authorized: Authorized,
+    ) -> None:
+        """Store a new execution (RUNNING or PENDING_APPROVAL) with its first event.
+
+        KeyConflict when its idempotency key is taken.
+        """
+        pending = record.outcome is ExecutionState.PENDING_APPROVAL
+        first = self.event(
+            APPROVAL_REQUESTED if pending else STARTED,
+            requester,
+            command,
+            record,
+            authorized=authorized,
+        )
+        await self._writer.write(InsertExecution(record, (first,)))
+        self._on_written()
+
+    async def refuse(
+        self,
+        actor: Caller,
+        command: ExecuteCommand,
+        attempt_id: str,
+        error: ActionMeshError,
+        *,
+        provider_id: str = "",
+        authorized: Authorized | None = None,
+    ) -> Outcome:
+        """Evidence of an ExecuteAction refused before it became an execution; its outcome."""
+        outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
+        now = utcnow()
+        sensitive = command.sensitive
+        event = audit_event(
+            FINISHED,
+            caller=actor,
+            record=command.record,
+            execution_id=attempt_id,
+            action_id=command.action_id,
+            provider_id=provider_id,
+            outcome=outcome.to_proto(),
+            reason=error.reason,
+            message=error.message,
+            idempotency_key=command.idempotency_key,
+            inputs=self._redactor.evidence(command.inputs, sensitive),
+            inputs_redacted=sensitive,
+            policy_ids=authorized.decision.policy_ids if authorized else (),
+            policy_decisions=authorized.evidence if authorized else (),
+            policy_context=authorized.context if authorized else None,
+            started_at=now,
+            finished_at=now,
+        )
+        await self._append([event])
+        return outcome
+
+    async def note(
+        self,
+        event_type: audit_pb2.AuditEventType.ValueType,
+        actor: Caller,
+        command: ExecuteCommand,
+        record: ExecutionRecord,
+        error: ActionMeshError,
+        authorized: Authorized | None = None,
+    ) -> None:
+        """Evidence of a step refused on an execution that does not change (e.g. approval)."""
+        await self._append(
+            [
+                self.event(
+                    event_type,
+                    actor,
+                    command,
+                    record,
+                    outcome=common_pb2.OUTCOME_UNSPECIFIED,
+                    reason=error.reason,
+                    message=error.message,
+                    authorized=authorized,
+                )
+            ]
+        )
+
+    async def discovered(
+        self, caller: Caller, record: common_pb2.RecordContext, visibility: Visibility, summary: str
+    ) -> None:
+        """Evidence of one discovery: every policy decision, shown and hidden."""
+        decisions = visibility.decisions
+        event = audit_event(
+            DISCOVERED,
+            caller=caller,
+            record=record,
+            message=summary,
+            policy_ids=sorted({p for d in decisions for p in d.policy_ids}),
+            policy_decisions=visibility.evidence,
+            policy_context=visibility.context,
+        )
+        await self._append([event])
+
+    async def finish(
+        self,
+        requester: Caller,
+        command: ExecuteCommand,
+        finished: ExecutionRecord,
+        authorized: Authorized | None = None,
+    ) -> ExecutionRecord | None:
+        """Record a dispatch's outcome; None when the row had already left RUNNING."""
+        finished = self.scrubbed(command, finished)
+        event = self.event(FINISHED, requester, command, finished, authorized=authorized)
+        if not await self._writer.write(finish_execution_op(finished, [event])):
+            return None
+        self._on_written()
+        return finished
+
+    async def late_result(
+        self,
+        requester: Caller,
+        command: ExecuteCommand,
+        late: ExecutionRecord,
+        *,
+        reason: str,
+        message: str,
+    ) -> ExecutionRecord | None:
+        """Keep a provider's answer that came after the execution closed as TIMED_OUT."""
+        late = self.scrubbed(command, late)
+        if late.late_outcome is None:
+            raise ValueError(f"execution {late.execution_id} carries no late result")
+        sensitive = late.sensitive or command.sensitive
+        event = self.event(
+            LATE_RESULT,
+            requester,
+            command,
+            late,
+            outcome=late.late_outcome.to_proto(),
+            reason=Redactor.scrub(reason, command.inputs, sensitive),
+            message=Redactor.scrub(message, command.inputs, sensitive),
+        )
+        if not await self._writer.write(record_late_result_op(late, [event])):
+            return None
+        self._on_written()
+        return late
+
+    async def decide(
+        self, decided: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+    ) -> bool:
+        """Move a pending execution on (approved, rejected, expired); False if already moved."""
+        if not events:
+            raise ValueError("an approval decision needs its evidence")
+        if not await self._writer.write(decide_approval_op(decided, events)):
+            return False
+        self._on_written()
+        return True
+
+    async def orphan(
+        self, row: ExecutionRecord, rule: OrphanRule, now: datetime
+    ) -> ExecutionRecord | None:
+        """Close a RUNNING execution whose runner is gone; None if it was not (or no longer) one."""
+        closed = row.orphaned(at=now)
+        event = self.event(
+            FINISHED, requester_of(row), ExecuteCommand.thaw(row.request_payload), closed
+        )
+        if not await self._writer.write(resolve_orphan_op(row.execution_id, rule, now, [event])):
+            return None
+        self._on_written()
+        return closed
+
+    async def reclaim(
+        self, row: ExecutionRecord, dispatch_deadline: datetime
+    ) -> ExecutionRecord | None:
+        """UNAVAILABLE back to RUNNING for a same-key retry; None if another request did."""
+        reclaimed = row.reclaimed(dispatch_deadline=dispatch_deadline)
+        if not await self._writer.write(
+            reclaim_unavailable_op(row.execution_id, dispatch_deadline)
+        ):
+            return None
+        return reclaimed
+
+    async def _append(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
+        await self._writer.write(record_attempt_op(events))
+        self._on_written()
