@@ -27,11 +27,10 @@ from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.dispatch import ORPHAN_MARGIN_S, Deadlines, Dispatcher
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.model import (
-    APPROVAL_APPROVED,
-    APPROVAL_PENDING,
     ORPHAN_REASON,
     PENDING_APPROVAL,
     RUNNING,
+    ApprovalState,
     ExecuteCommand,
     ExecutionRecord,
     ExecutionState,
@@ -166,7 +165,7 @@ def test_finished_and_pending_rows_are_never_orphans(store: GatewayStore) -> Non
         deadline=None,
         started_at=NOW - timedelta(days=1),
         outcome=PENDING_APPROVAL,
-        approval_state=APPROVAL_PENDING,
+        approval_state=ApprovalState.PENDING,
     )
     for record in (done, pending):
         store.insert_execution(record, [])
@@ -183,7 +182,7 @@ def test_rows_from_before_the_migration_use_the_longest_possible_run(store: Gate
     approved = running(
         deadline=None,
         started_at=NOW - timedelta(days=1),
-        approval_state=APPROVAL_APPROVED,
+        approval_state=ApprovalState.APPROVED,
         approval_decided_at=NOW - timedelta(seconds=10),
     )
     for record in (old, young, approved):
@@ -217,7 +216,7 @@ def test_a_runner_finishing_after_its_row_was_closed_changes_nothing(
 
 def test_every_way_into_running_records_a_deadline(store: GatewayStore) -> None:
     deadline = NOW + timedelta(seconds=30)
-    pending = running(deadline=None, outcome=PENDING_APPROVAL, approval_state=APPROVAL_PENDING)
+    pending = running(deadline=None, outcome=PENDING_APPROVAL, approval_state=ApprovalState.PENDING)
     store.insert_execution(pending, [])
     approved = pending.approved(approver="sam", comment="", at=NOW, dispatch_deadline=deadline)
     assert store.write(decide_approval_op(approved, []))

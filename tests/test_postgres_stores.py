@@ -29,7 +29,6 @@ from actionmesh.auditlog.storage import AuditRepository
 from actionmesh.gateway.auth import mint_token
 from actionmesh.gateway.config import GatewayConfig
 from actionmesh.gateway.model import (
-    APPROVAL_PENDING,
     PENDING_APPROVAL,
     RUNNING,
     ApprovalState,
@@ -243,7 +242,7 @@ def test_two_concurrent_approval_decisions_exactly_one_wins(gateway_url: str) ->
     try:
         for round_ in range(10):
             pending = execution(
-                key=f"k-{round_}", outcome=PENDING_APPROVAL, approval_state=APPROVAL_PENDING
+                key=f"k-{round_}", outcome=PENDING_APPROVAL, approval_state=ApprovalState.PENDING
             )
             approve_store.insert_execution(pending, [])
             approve = pending.approved(

@@ -229,7 +229,7 @@ class Approvals:
             authorized=authorized,
         )
         await self._decide(rejected, [event])
-        return await self._reload(rejected)
+        return rejected
 
     # -- internals ------------------------------------------------------------
     async def _pending(
@@ -313,7 +313,7 @@ class Approvals:
         """Approved, but the execution ends before dispatch (policy or provider said no)."""
         finished = self._ledger.event(FINISHED, requester, command, ended, authorized=authorized)
         await self._decide(ended, [granted, finished])
-        return await self._reload(ended)
+        return ended
 
     async def _decide(self, decided: ExecutionRecord, events: list[audit_pb2.AuditEvent]) -> None:
         if not await self._ledger.decide(decided, events):
@@ -322,9 +322,6 @@ class Approvals:
                 reason="APPROVAL_NOT_PENDING",
                 metadata={"execution_id": decided.execution_id},
             )
-
-    async def _reload(self, row: ExecutionRecord) -> ExecutionRecord:
-        return await self._ledger.get(row.tenant, row.execution_id) or row
 
 
 def _check_comment(comment: str, *, required: bool) -> None:

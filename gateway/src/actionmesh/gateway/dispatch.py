@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, TypeVar
 
 import grpc
@@ -65,7 +66,7 @@ class Deadlines:
         """
         return start + timedelta(seconds=self.timeout_for(descriptor))
 
-    @property
+    @cached_property
     def orphan_rule(self) -> OrphanRule:
         return OrphanRule(
             margin=timedelta(seconds=ORPHAN_MARGIN_S),

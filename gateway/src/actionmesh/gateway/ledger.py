@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorized, Visibility
@@ -123,7 +124,6 @@ class Ledger:
 
         ``outcome``, ``reason`` and ``message`` default to the record's own.
         """
-        sensitive = record.sensitive or command.sensitive
         return audit_event(
             event_type,
             caller=actor,
@@ -135,17 +135,26 @@ class Ledger:
             reason=record.reason if reason is None else reason,
             message=record.message if message is None else message,
             idempotency_key=record.idempotency_key,
-            inputs=self._redactor.evidence(command.inputs, sensitive),
-            inputs_redacted=sensitive,
-            policy_ids=authorized.decision.policy_ids if authorized else (),
-            policy_decisions=authorized.evidence if authorized else (),
-            policy_context=authorized.context if authorized else None,
             started_at=record.started_at,
             finished_at=record.finished_at,
             external_ref=record.external_ref,
             changes=record.changes,
             warnings=record.warnings,
+            **self._evidence(command, record.sensitive or command.sensitive, authorized),
         )
+
+    def _evidence(
+        self, command: ExecuteCommand, sensitive: bool, authorized: Authorized | None
+    ) -> dict[str, Any]:
+        """What every execution event keeps of the request: its inputs (digests when the
+        record is sensitive) and the policy decision with the context it saw."""
+        return {
+            "inputs": self._redactor.evidence(command.inputs, sensitive),
+            "inputs_redacted": sensitive,
+            "policy_ids": authorized.decision.policy_ids if authorized else (),
+            "policy_decisions": authorized.evidence if authorized else (),
+            "policy_context": authorized.context if authorized else None,
+        }
 
     def scrubbed(self, command: ExecuteCommand, record: ExecutionRecord) -> ExecutionRecord:
         """A sensitive record's provider texts, without the input values they echo."""
@@ -198,7 +207,6 @@ class Ledger:
         """Evidence of an ExecuteAction refused before it became an execution; its outcome."""
         outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
         now = utcnow()
-        sensitive = command.sensitive
         event = audit_event(
             FINISHED,
             caller=actor,
@@ -210,13 +218,9 @@ class Ledger:
             reason=error.reason,
             message=error.message,
             idempotency_key=command.idempotency_key,
-            inputs=self._redactor.evidence(command.inputs, sensitive),
-            inputs_redacted=sensitive,
-            policy_ids=authorized.decision.policy_ids if authorized else (),
-            policy_decisions=authorized.evidence if authorized else (),
-            policy_context=authorized.context if authorized else None,
             started_at=now,
             finished_at=now,
+            **self._evidence(command, command.sensitive, authorized),
         )
         await self._append([event])
         return outcome

@@ -64,15 +64,11 @@ for _kind in (ExecutionState, ApprovalState):
     # Stored and bound as text: a member's name and value must never differ.
     assert all(member.name == member.value for member in _kind), _kind
 
-# The names the rest of the gateway uses.
+# The two states the storage queries select on.
 RUNNING = ExecutionState.RUNNING
 PENDING_APPROVAL = ExecutionState.PENDING_APPROVAL
-APPROVAL_PENDING = ApprovalState.PENDING
-APPROVAL_APPROVED = ApprovalState.APPROVED
-APPROVAL_REJECTED = ApprovalState.REJECTED
-APPROVAL_EXPIRED = ApprovalState.EXPIRED
 # How an orphaned execution (its gateway stopped while the provider worked) is closed.
-ORPHAN_OUTCOME = ExecutionState.TIMED_OUT
+ORPHAN_OUTCOME = Outcome.TIMED_OUT
 ORPHAN_REASON = "GATEWAY_STOPPED"
 ORPHAN_MESSAGE = (
     "the gateway stopped while the provider was working on it; it may or may not have acted. "
@@ -248,7 +244,7 @@ class ExecutionRecord:
     def orphaned(self, *, at: datetime) -> ExecutionRecord:
         """Closed because its gateway stopped mid-dispatch (see OrphanRule)."""
         self._require("close as orphaned", ExecutionState.RUNNING)
-        return self._closed(self, Outcome(ORPHAN_OUTCOME.value), ORPHAN_REASON, ORPHAN_MESSAGE, at)
+        return self._closed(self, ORPHAN_OUTCOME, ORPHAN_REASON, ORPHAN_MESSAGE, at)
 
     def reclaimed(self, *, dispatch_deadline: datetime) -> ExecutionRecord:
         """UNAVAILABLE (nothing ran) back to RUNNING: the same key dispatches again."""
