@@ -145,6 +145,7 @@ class Ledger:
             external_ref=record.external_ref,
             changes=record.changes,
             warnings=record.warnings,
+            facts=authorized.facts if authorized else None,
         )
 
     def scrubbed(self, command: ExecuteCommand, record: ExecutionRecord) -> ExecutionRecord:
@@ -194,11 +195,18 @@ class Ledger:
         *,
         provider_id: str = "",
         authorized: Authorized | None = None,
+        facts: common_pb2.RecordFacts | None = None,
+        sensitive: bool | None = None,
     ) -> Outcome:
-        """Evidence of an ExecuteAction refused before it became an execution; its outcome."""
+        """Evidence of an ExecuteAction refused before it became an execution; its outcome.
+
+        ``sensitive`` overrides the command's own claim (e.g. the source's facts say so,
+        or no source could be asked).
+        """
         outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
         now = utcnow()
-        sensitive = command.sensitive
+        sensitive = command.sensitive if sensitive is None else sensitive
+        facts = authorized.facts if authorized and authorized.facts else facts
         event = audit_event(
             FINISHED,
             caller=actor,
@@ -217,6 +225,7 @@ class Ledger:
             policy_context=authorized.context if authorized else None,
             started_at=now,
             finished_at=now,
+            facts=facts,
         )
         await self._append([event])
         return outcome
@@ -259,6 +268,7 @@ class Ledger:
             policy_ids=sorted({p for d in decisions for p in d.policy_ids}),
             policy_decisions=visibility.evidence,
             policy_context=visibility.context,
+            facts=visibility.facts,
         )
         await self._append([event])
 
