@@ -7,11 +7,12 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 import pytest
 
-from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.auth import SERVICE_METADATA, mint_service_token, mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import gateway_pb2_grpc
 
@@ -25,8 +26,39 @@ TEST_MESH = dict(
     supportdesk_port=0,
     lease_ttl_s=2.0,
     health_check_interval_s=0.3,
-    extra_env={"ACTIONMESH_LOG_LEVEL": "INFO"},
+    extra_env={
+        "ACTIONMESH_LOG_LEVEL": "INFO",
+        # The tests play the product backend that vouches for the test providers' records
+        # (they have no system of record); workitem and ticket facts come from their sources.
+        "ACTIONMESH_GATEWAY_TRUSTED_CALLERS": "test-backend="
+        + ",".join(("govtest", "faultrec", "tokenprobe", "thing", "order", "case")),
+    },
 )
+SERVICE_CLIENT = "test-backend"
+
+
+class Vouching(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends the test backend's own service token with every call (a trusted caller)."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = (SERVICE_METADATA, f"Bearer {token}")
+
+    async def intercept_unary_unary(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._entry)
+        vouched = grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+        return await continuation(vouched, request)
+
+
+def vouching_channel(mesh: Mesh, address: str | None = None) -> grpc.aio.Channel:
+    """A channel to the gateway on which the test backend vouches for record facts."""
+    token = mint_service_token(mesh.signing_key(), client_id=SERVICE_CLIENT, ttl_s=86400.0)
+    return grpc.aio.insecure_channel(
+        address or mesh.address("gateway"), interceptors=[Vouching(token)]
+    )
 
 
 def start_mesh(data_dir: Path) -> Mesh:
@@ -68,7 +100,7 @@ def token(mesh: Mesh) -> TokenFactory:
 
 @pytest.fixture
 async def gateway(mesh: Mesh) -> AsyncIterator[gateway_pb2_grpc.ActionGatewayServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+    async with vouching_channel(mesh) as channel:
         yield gateway_pb2_grpc.ActionGatewayServiceStub(channel)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from actionmesh.mesh import Mesh
 from actionmesh.providers.records.store import ChangeRecord, RecordStore, Ticket
-from actionmesh.providers.workitems.store import WorkItemStore
+from actionmesh.providers.workitems.store import WorkItem, WorkItemStore
 from actionmesh.runtime.db import sqlite_url
 
 
@@ -15,6 +15,15 @@ def item_state(mesh: Mesh, tenant: str, item_id: str) -> tuple[str, list[str]]:
         item = store.get(tenant, item_id)
         assert item is not None, f"{tenant}/{item_id} is not in the provider's store"
         return item.status, [a.trace_id for a in store.attempts(tenant, item_id)]
+    finally:
+        store.close()
+
+
+def put_item(mesh: Mesh, item: WorkItem) -> None:
+    """Write a work item straight into the provider's store (its system of record)."""
+    store = WorkItemStore.open(sqlite_url(mesh.data_dir / "data" / "providers" / "workitems.db"))
+    try:
+        store.put(item)
     finally:
         store.close()
 

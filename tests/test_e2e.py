@@ -16,6 +16,7 @@ import grpc.aio
 import pytest
 
 from actionmesh.mesh import Mesh
+from actionmesh.providers.workitems.store import WorkItem
 from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import (
     audit_pb2,
@@ -26,7 +27,7 @@ from actionmesh.v1 import (
     registry_pb2_grpc,
 )
 from tests.conftest import TokenFactory, bearer, eventually
-from tests.provider_state import item_state
+from tests.provider_state import item_state, put_item
 
 Stub = gateway_pb2_grpc.ActionGatewayServiceStub
 
@@ -291,19 +292,29 @@ async def test_role_without_permission_sees_and_runs_nothing(
 
 
 async def test_restricted_record_is_visible_to_supervisor_but_not_executable(
-    gateway: Stub, token: TokenFactory
+    mesh: Mesh, gateway: Stub, token: TokenFactory
 ) -> None:
+    # Restricted in the provider's own store (the system of record of work items).
+    put_item(
+        mesh, WorkItem("acme", "wi-1090", "inbound_email", "stuck", 1, sensitivity="restricted")
+    )
     supervisor = token(subject="sam", roles=("supervisor",))
-    locked = record("wi-1002", "stuck", sensitivity=common_pb2.SENSITIVITY_RESTRICTED)
+    # The caller claims the record is normal: the gateway governs on the source's facts.
+    claimed = record("wi-1090", "stuck", sensitivity=common_pb2.SENSITIVITY_NORMAL)
     discovered = await gateway.DiscoverActions(
-        gateway_pb2.DiscoverActionsRequest(record=locked), metadata=bearer(supervisor)
+        gateway_pb2.DiscoverActionsRequest(record=claimed, skip_cache=True),
+        metadata=bearer(supervisor),
     )
     assert "workitem.retry" in [a.descriptor.action_id for a in discovered.actions]
-    request = retry_request("wi-1002", status="stuck")
-    request.record.CopyFrom(locked)
+    assert discovered.facts.source == common_pb2.FACT_SOURCE_PROVIDER
+    assert discovered.facts.vouched_by == "workitems"
+    assert discovered.facts.sensitivity == common_pb2.SENSITIVITY_RESTRICTED
+    request = retry_request("wi-1090", status="stuck")
+    request.record.CopyFrom(claimed)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await gateway.ExecuteAction(request, metadata=bearer(supervisor))
     assert error_details(raised.value).reason == "POLICY_DENIED"
+    assert item_state(mesh, "acme", "wi-1090")[0] == "stuck"
 
 
 @pytest.mark.parametrize(

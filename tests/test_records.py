@@ -445,7 +445,7 @@ async def test_closed_and_unknown_tickets_are_never_changed(served: Served) -> N
 async def test_seeding_again_keeps_existing_state(tmp_path: Path) -> None:
     store = RecordStore.open(f"sqlite:///{tmp_path / 'r.db'}")
     try:
-        assert store.seed_demo() == 6
+        assert store.seed_demo() == 7
         seeded = store.get("acme", "t-100")
         assert seeded is not None
         store.put(replace(seeded, queue="billing"))

@@ -415,7 +415,7 @@ async def test_reprocess_and_retry_share_the_attempt_budget(served: Served) -> N
 async def test_seeding_again_keeps_existing_state(tmp_path: Path) -> None:
     store = WorkItemStore.open(f"sqlite:///{tmp_path / 'w.db'}")
     try:
-        assert store.seed_demo() == 6
+        assert store.seed_demo() == 7
         store.put(WorkItem("acme", "wi-1001", "inbound_email", "processed", attempts=2))
         assert store.seed_demo() == 0
         item = store.get("acme", "wi-1001")

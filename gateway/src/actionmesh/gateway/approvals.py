@@ -34,6 +34,7 @@ from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorized, Authorizer
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.dispatch import Deadlines, Dispatch, Dispatcher
+from actionmesh.gateway.facts import FactResolver, VerifiedRecord
 from actionmesh.gateway.ledger import (
     FINISHED,
     GRANTED,
@@ -53,6 +54,7 @@ from actionmesh.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import audit_pb2, common_pb2
@@ -81,6 +83,7 @@ class Approvals:
         self,
         *,
         directory: ProviderDirectory,
+        facts: FactResolver,
         authorizer: Authorizer,
         ledger: Ledger,
         dispatcher: Dispatcher,
@@ -88,6 +91,7 @@ class Approvals:
         deadlines: Deadlines,
     ) -> None:
         self._directory = directory
+        self._facts = facts
         self._authorizer = authorizer
         self._ledger = ledger
         self._dispatcher = dispatcher
@@ -133,7 +137,7 @@ class Approvals:
         found = self._directory.find_action(row.action_id)
         if found is None:
             return True  # Still decidable (a rejection needs no provider).
-        return self._authorizer.approve(caller, record, *found).allowed
+        return self._authorizer.approve(caller, self._facts.unverified(record), *found).allowed
 
     async def approve(
         self,
@@ -144,9 +148,10 @@ class Approvals:
         has_record: bool,
     ) -> ExecutionRecord:
         _check_comment(comment, required=False)
-        check_record(current, has_record)
+        if has_record:
+            check_record(current, has_record)
         row, command = await self._pending(approver, execution_id)
-        if (current.tenant, current.type, current.id) != (
+        if has_record and (current.tenant, current.type, current.id) != (
             command.record.tenant,
             command.record.type,
             command.record.id,
@@ -156,10 +161,13 @@ class Approvals:
                 reason="RECORD_MISMATCH",
                 violations=[FieldViolation("record", "must be the record the execution is for")],
             )
-        authorized = await self._check_approver(approver, row, command, current, "approve")
+        # The record as it is now: from its system of record (the approver need not, and
+        # cannot, restate it), else from a trusted caller, else the approver's unverified word.
+        verified = await self._resolve(approver, row, command, current if has_record else None)
+        authorized = await self._check_approver(approver, row, command, verified, "approve")
         requester = requester_of(row)
         # What the provider is given: the frozen payload on the record as it is now.
-        now_command = command.on(current)
+        now_command = command.on(verified.record)
         decided_at = utcnow()
         granted = self._ledger.event(
             GRANTED,
@@ -184,7 +192,7 @@ class Approvals:
             )
             return await self._end(ended, now_command, requester, granted)
         entry, descriptor = found
-        recheck = self._authorizer.execute(requester, current, entry, descriptor)
+        recheck = self._authorizer.execute(requester, verified, entry, descriptor)
         if not recheck.allowed:
             ended = row.ended_at_approval(
                 approver=approver.subject,
@@ -217,7 +225,12 @@ class Approvals:
     async def reject(self, approver: Caller, execution_id: str, comment: str) -> ExecutionRecord:
         _check_comment(comment, required=True)
         row, command = await self._pending(approver, execution_id)
-        authorized = await self._check_approver(approver, row, command, command.record, "reject")
+        try:
+            verified = await self._facts.resolve(approver, command.record, fresh=True)
+        except (NotFound, Unavailable):
+            # Rejecting runs nothing: the source being away does not block it.
+            verified = self._facts.unverified(command.record)
+        authorized = await self._check_approver(approver, row, command, verified, "reject")
         rejected = row.rejected(approver=approver.subject, comment=comment, at=utcnow())
         event = self._ledger.event(
             REJECTED,
@@ -256,12 +269,26 @@ class Approvals:
             )
         return row, ExecuteCommand.thaw(row.request_payload)
 
+    async def _resolve(
+        self,
+        approver: Caller,
+        row: ExecutionRecord,
+        command: ExecuteCommand,
+        current: common_pb2.RecordContext | None,
+    ) -> VerifiedRecord:
+        """The record's facts now; a source that is down or lost the record is audited."""
+        try:
+            return await self._facts.resolve(approver, current or command.record, fresh=True)
+        except (NotFound, Unavailable) as error:
+            await self._ledger.note(REFUSED, approver, command, row, error)
+            raise
+
     async def _check_approver(
         self,
         approver: Caller,
         row: ExecutionRecord,
         command: ExecuteCommand,
-        record: common_pb2.RecordContext,
+        verified: VerifiedRecord,
         verb: str,
     ) -> Authorized | None:
         """Self-approval and policy; a refusal is audited before it is raised."""
@@ -280,7 +307,7 @@ class Approvals:
             # The provider is gone: approving is still decided by policy at dispatch
             # (the execution becomes UNAVAILABLE); a rejection needs no action details.
             return None
-        authorized = self._authorizer.approve(approver, record, *found)
+        authorized = self._authorizer.approve(approver, verified, *found)
         if not authorized.allowed:
             await self._refuse(
                 approver,

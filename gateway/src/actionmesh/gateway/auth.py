@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ from actionmesh.rpc.errors import Unauthenticated
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
 
+# A backend service's own token, sent next to the operator's (see Caller.service).
+SERVICE_METADATA = "actionmesh-service-authorization"
 # Claims end up in audit columns of bounded width.
 MAX_CLAIM_LENGTH = 128
 # Roles feed every policy evaluation and are copied into audit events and approvals:
@@ -95,6 +97,10 @@ class Caller:
     subject: str
     tenant: str
     roles: tuple[str, ...]
+    service: str = ""
+    """The backend service the call came through, authenticated by its own token in
+    ``actionmesh-service-authorization`` (its client id); empty without one. The
+    operator is still the person acting, "on behalf of" whom the service calls."""
 
 
 @dataclass(frozen=True)
@@ -415,12 +421,68 @@ class TokenVerifier:
                 else:
                     key = self._source.select(header)
                 caller = self._decode(token, key)
+                service = await self._service(metadata, caller)
             except Unauthenticated as exc:
                 span.set_attribute("actionmesh.auth.refused", exc.reason)
                 raise
             span.set_attribute("actionmesh.tenant", caller.tenant)
         call_span.set_attribute("actionmesh.tenant", caller.tenant)
-        return caller
+        return replace(caller, service=service) if service else caller
+
+    async def _service(self, metadata: Metadata, caller: Caller) -> str:
+        """The calling service's client id from its own token, if it sent one."""
+        values = [v for k, v in metadata or () if k == SERVICE_METADATA]
+        if not values:
+            return ""
+        if len(values) > 1:
+            raise Unauthenticated(
+                f"more than one {SERVICE_METADATA} metadata", reason="SERVICE_TOKEN_INVALID"
+            )
+        raw = values[0]
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+        scheme, _, token = text.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(
+                f"{SERVICE_METADATA} is not `Bearer <token>`", reason="SERVICE_TOKEN_INVALID"
+            )
+        try:
+            header = jwt.get_unverified_header(token.strip())
+            if header.get("alg") not in self._accepted:
+                raise Unauthenticated(
+                    "service token algorithm is not accepted", reason="SERVICE_TOKEN_INVALID"
+                )
+            if isinstance(self._source, JwksKeys):
+                key = await self._source.select_async(header)
+            else:
+                key = self._source.select(header)
+            claims = jwt.decode(
+                token.strip(),
+                key.key,
+                algorithms=list(key.algorithms),
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": list(REQUIRED_CLAIMS)},
+            )
+        except Unauthenticated as exc:
+            raise Unauthenticated(exc.message, reason="SERVICE_TOKEN_INVALID") from None
+        except jwt.PyJWTError as exc:
+            refused = refusal(exc)
+            raise Unauthenticated(
+                f"service token: {refused.message}", reason="SERVICE_TOKEN_INVALID"
+            ) from None
+        client_id = claims.get("client_id") or claims.get("sub")
+        if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLAIM_LENGTH:
+            raise Unauthenticated(
+                "service token names no client id", reason="SERVICE_TOKEN_INVALID"
+            )
+        tenant = claims.get("tenant")
+        if tenant is not None and tenant != caller.tenant:
+            # A service token bound to one tenant never vouches in another.
+            raise Unauthenticated(
+                "service token is for another tenant", reason="SERVICE_TOKEN_INVALID"
+            )
+        return client_id
 
     @property
     def refresh_interval_s(self) -> float | None:
@@ -525,6 +587,30 @@ def caller_from_claims(claims: dict[str, object]) -> Caller:
     return Caller(subject=subject, tenant=tenant, roles=tuple(roles))
 
 
+def mint_service_token(
+    secret: str,
+    *,
+    client_id: str,
+    issuer: str = "actionmesh-dev",
+    audience: str = "actionmesh",
+    ttl_s: float = 3600.0,
+) -> str:
+    """Mint an HS256 development token for a backend service (no tenant, no roles):
+    sent in ``actionmesh-service-authorization`` next to an operator's token."""
+    issued = time.time()
+    claims = {
+        "sub": client_id,
+        "client_id": client_id,
+        "iss": issuer,
+        "aud": audience,
+        "iat": int(issued),
+        "nbf": int(issued),
+        "exp": int(issued + ttl_s),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def mint_token(
     secret: str,
     *,
@@ -535,10 +621,12 @@ def mint_token(
     audience: str = "actionmesh",
     ttl_s: float = 3600.0,
     now: float | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> str:
     """Mint an HS256 development token (``actionmesh token`` and tests)."""
     issued = time.time() if now is None else now
-    claims = {
+    claims: dict[str, object] = {
+        **(extra or {}),
         "sub": subject,
         "tenant": tenant,
         "roles": list(roles),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.directory import ProviderEntry
+from actionmesh.gateway.facts import VerifiedRecord
 from actionmesh.gateway.policy import (
     ActionSubject,
     Decision,
@@ -34,6 +35,8 @@ class Authorized:
     decision: Decision
     evidence: list[audit_pb2.PolicyDecision] = field(default_factory=list)
     context: dict[str, str] = field(default_factory=dict)
+    facts: common_pb2.RecordFacts | None = None
+    """The facts the decision was taken on and who vouched for them."""
 
     @property
     def allowed(self) -> bool:
@@ -47,6 +50,7 @@ class Visibility:
     subjects: list[ActionSubject]
     decisions: list[Decision]
     context: dict[str, str]
+    facts: common_pb2.RecordFacts
 
     @property
     def evidence(self) -> list[audit_pb2.PolicyDecision]:
@@ -68,53 +72,60 @@ class Authorizer:
     def discover(
         self,
         caller: Caller,
-        record: common_pb2.RecordContext,
+        verified: VerifiedRecord,
         entries: Sequence[ProviderEntry],
     ) -> Visibility:
         """Which of the actions ``entries`` offer for ``record``'s type the caller may see."""
+        record, source = verified.record, verified.source_name
         subjects = [
             ActionSubject(d.action_id, e.provider_id, d)
             for e in entries
             for d in e.registration.actions
             if record.type in d.record_types
         ]
-        decisions = self._policy.authorize(Operation.DISCOVER, caller, record, subjects)
-        return Visibility(subjects, decisions, policy_context(caller, record))
+        decisions = self._policy.authorize(
+            Operation.DISCOVER, caller, record, subjects, source=source
+        )
+        return Visibility(
+            subjects, decisions, policy_context(caller, record, source), verified.facts
+        )
 
     def execute(
         self,
         caller: Caller,
-        record: common_pb2.RecordContext,
+        verified: VerifiedRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
     ) -> Authorized:
-        """May ``caller`` run the action on ``record``."""
-        return self._one(Operation.EXECUTE, caller, record, entry, descriptor)
+        """May ``caller`` run the action on the record."""
+        return self._one(Operation.EXECUTE, caller, verified, entry, descriptor)
 
     def approve(
         self,
         approver: Caller,
-        record: common_pb2.RecordContext,
+        verified: VerifiedRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
     ) -> Authorized:
-        """May ``approver`` decide another person's execution of the action on ``record``."""
-        return self._one(Operation.APPROVE, approver, record, entry, descriptor)
+        """May ``approver`` decide another person's execution of the action on the record."""
+        return self._one(Operation.APPROVE, approver, verified, entry, descriptor)
 
     def _one(
         self,
         operation: Operation,
         caller: Caller,
-        record: common_pb2.RecordContext,
+        verified: VerifiedRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
     ) -> Authorized:
+        record, source = verified.record, verified.source_name
         subject = ActionSubject(descriptor.action_id, entry.provider_id, descriptor)
-        decision = self._policy.authorize(operation, caller, record, [subject])[0]
+        decision = self._policy.authorize(operation, caller, record, [subject], source=source)[0]
         return Authorized(
             entry=entry,
             descriptor=descriptor,
             decision=decision,
             evidence=[decision_evidence(operation, subject, decision)],
-            context=policy_context(caller, record),
+            context=policy_context(caller, record, source),
+            facts=verified.facts,
         )

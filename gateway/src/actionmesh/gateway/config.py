@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse
 
+from actionmesh.rpc.identifiers import RECORD_TYPE
 from actionmesh.rpc.tls import TlsConfig
 
 DEFAULT_POLICY_FILE = str(Path(__file__).parent / "policies" / "default.cedar")
@@ -40,6 +41,23 @@ def parse_rate(text: str) -> RateLimitItem | None:
         raise ValueError(
             f"tenant_rate_limit {text!r} is not a rate such as '200/second' or '5000/minute'"
         ) from exc
+
+
+def parse_trusted_callers(text: str) -> dict[str, frozenset[str]]:
+    """`client-id=type,type;client-id=type` as {client id: record types}."""
+    trusted: dict[str, frozenset[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, types = part.partition("=")
+        record_types = frozenset(filter(None, (t.strip() for t in types.split(","))))
+        if not name.strip() or not record_types:
+            raise ValueError(
+                f"trusted_callers entry {part!r} is not `client-id=record_type[,record_type]`"
+            )
+        bad = sorted(t for t in record_types if not RECORD_TYPE.valid(t))
+        if bad:
+            raise ValueError(f"trusted_callers entry {part!r}: invalid record types {bad}")
+        trusted[name.strip()] = trusted.get(name.strip(), frozenset()) | record_types
+    return trusted
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,17 @@ class GatewayConfig:
     provider_max_concurrent_executions: int = 128
     """Executions one provider may have in flight from this replica, across tenants; more
     get RESOURCE_EXHAUSTED `PROVIDER_CONCURRENCY_LIMITED`. 0 turns it off."""
+    trusted_callers: str = ""
+    """Backend services that vouch for the facts of record types without a system of record
+    of their own: `client-id=type,type;client-id=type`. Such a service sends its own token
+    (client id in its `client_id` claim, else `sub`) in `actionmesh-service-authorization`
+    next to the operator's; its request's record facts then count as verified for those
+    types. Anything else a caller says about a record is unverified."""
+    record_source_timeout_s: float = 2.0
+    """Deadline of one ResolveRecord call to a record type's system of record."""
+    record_facts_cache_ttl_s: float = 2.0
+    """How long discovery reuses a source's answer for a record (never for the version the
+    caller says it saw if that differs); execution and approval always ask afresh. 0: never."""
     discover_cache_ttl_s: float = 5.0
     """How long a provider's Discover answer is reused for the same record state and
     caller roles; 0 turns the cache off."""
@@ -169,6 +198,7 @@ class GatewayConfig:
             raise ValueError("timeouts must be positive")
         if self.approval_ttl_s <= 0 or self.approval_sweep_interval_s <= 0:
             raise ValueError("approval_ttl_s and approval_sweep_interval_s must be positive")
+        parse_trusted_callers(self.trusted_callers)
         parse_rate(self.tenant_rate_limit)  # refuse a malformed rate at start, not per call
         if min(self.tenant_max_concurrent_executions, self.provider_max_concurrent_executions) < 0:
             raise ValueError("concurrency limits must be 0 (off) or positive")

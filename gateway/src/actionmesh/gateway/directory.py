@@ -109,6 +109,13 @@ class ProviderDirectory:
     def providers_for(self, record_type: str) -> list[ProviderEntry]:
         return [p for p in self._providers.values() if p.handles(record_type)]
 
+    def record_source(self, record_type: str) -> ProviderEntry | None:
+        """The provider that is the system of record of ``record_type``, if one is registered."""
+        for entry in self._providers.values():
+            if record_type in entry.registration.record_sources:
+                return entry
+        return None
+
     def find_action(
         self, action_id: str
     ) -> tuple[ProviderEntry, common_pb2.ActionDescriptor] | None:

@@ -27,10 +27,12 @@ from opentelemetry import trace
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorizer, Visibility
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
+from actionmesh.gateway.facts import SOURCE_UNAVAILABLE, FactResolver
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import record_discover
 from actionmesh.gateway.requests import check_record
 from actionmesh.gateway.tenancy import require_same_tenant
+from actionmesh.rpc.errors import Unavailable
 from actionmesh.v1 import common_pb2, provider_pb2
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class VisibleAction:
 class DiscoveryResult:
     actions: list[VisibleAction]
     degraded: list[tuple[str, str]]
+    facts: common_pb2.RecordFacts
 
 
 class Discoverer:
@@ -61,12 +64,14 @@ class Discoverer:
         authorizer: Authorizer,
         timeout_s: float,
         *,
+        facts: FactResolver,
         ledger: Ledger,
         cache_ttl_s: float,
         cache_max_entries: int,
     ) -> None:
         self._directory = directory
         self._authorizer = authorizer
+        self._facts = facts
         self._timeout_s = timeout_s
         self._ledger = ledger
         self._cache: TTLCache[tuple[str, ...], Availability] | None = (
@@ -84,8 +89,16 @@ class Discoverer:
         started = time.monotonic()
         check_record(record, has_record)
         require_same_tenant(caller, record)
+        degraded: list[tuple[str, str]] = []
+        try:
+            verified = await self._facts.resolve(caller, record, fresh=skip_cache)
+        except Unavailable:
+            # Shown on the caller's word, marked unverified, and the source named as degraded.
+            verified = self._facts.unverified(record)
+            degraded.append((self._facts.source_of(record.type), SOURCE_UNAVAILABLE))
+        record = verified.record
         entries = self._directory.providers_for(record.type)
-        visibility = self._authorizer.discover(caller, record, entries)
+        visibility = self._authorizer.discover(caller, verified, entries)
         visible: dict[str, list[common_pb2.ActionDescriptor]] = {}
         for subject in visibility.visible():
             visible.setdefault(subject.provider_id, []).append(subject.descriptor)
@@ -110,7 +123,6 @@ class Discoverer:
                 *(self._availability(e, caller, request, content, skip_cache) for e in asked)
             )
         actions: list[VisibleAction] = []
-        degraded: list[tuple[str, str]] = []
         for entry, answer in zip(asked, answers, strict=True):
             if isinstance(answer, str):
                 degraded.append((entry.provider_id, answer))
@@ -126,7 +138,7 @@ class Discoverer:
         if visibility.subjects:
             await self._record_decisions(caller, record, visibility, degraded)
         record_discover(record.type, time.monotonic() - started, bool(degraded))
-        return DiscoveryResult(actions=actions, degraded=degraded)
+        return DiscoveryResult(actions=actions, degraded=degraded, facts=verified.facts)
 
     async def _record_decisions(
         self,

@@ -34,6 +34,7 @@ def audit_event(
     external_ref: str = "",
     changes: Sequence[tuple[str, str, str]] = (),
     warnings: Sequence[str] = (),
+    facts: common_pb2.RecordFacts | None = None,
 ) -> audit_pb2.AuditEvent:
     """One event; ``inputs`` are already display strings or digests (see Redactor)."""
     trace_id, span_id = current_trace_ids()
@@ -63,6 +64,8 @@ def audit_event(
         inputs=dict(inputs or {}),
         inputs_redacted=inputs_redacted,
     )
+    if facts is not None:
+        event.facts.CopyFrom(facts)
     if started_at is not None:
         event.started_at.CopyFrom(to_timestamp(started_at))
     if finished_at is not None:

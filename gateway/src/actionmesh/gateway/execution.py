@@ -2,9 +2,12 @@
 
 Where an execution goes, module by module:
 
-- validated and **authorized** here (:class:`Executor`), with the decision made in
+- validated and **authorized** here (:class:`Executor`), on the record's facts as
+  :mod:`~actionmesh.gateway.facts` resolves them (its system of record, a trusted
+  caller, or marked unverified), with the decision made in
   :mod:`~actionmesh.gateway.authorization`; every refusal (invalid input, tenant,
-  unknown action, policy, unhealthy provider) is one EXECUTION_FINISHED event;
+  unknown action, unknown record, record source down, stale view, policy, unhealthy
+  provider) is one EXECUTION_FINISHED event;
 - **admitted** by :mod:`~actionmesh.gateway.admission` (rate and concurrency limits);
 - **claimed** in :mod:`~actionmesh.gateway.claims` (one execution per idempotency key;
   actions that require approval stop there at APPROVAL_REQUESTED, see
@@ -31,6 +34,7 @@ from actionmesh.gateway.authorization import Authorized, Authorizer
 from actionmesh.gateway.claims import Claims
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.dispatch import Dispatch, Dispatcher
+from actionmesh.gateway.facts import FactResolver
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import record_execution
 from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ExecutionState
@@ -38,12 +42,14 @@ from actionmesh.gateway.requests import execute_violations
 from actionmesh.gateway.tenancy import require_same_tenant
 from actionmesh.rpc.errors import (
     ActionMeshError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
 from actionmesh.rpc.schema import validate_inputs
+from actionmesh.v1 import common_pb2
 
 UNAVAILABLE_RETRY_S = 1.0
 
@@ -53,6 +59,7 @@ class Executor:
         self,
         *,
         directory: ProviderDirectory,
+        facts: FactResolver,
         authorizer: Authorizer,
         admission: Admission,
         claims: Claims,
@@ -60,6 +67,7 @@ class Executor:
         ledger: Ledger,
     ) -> None:
         self._directory = directory
+        self._facts = facts
         self._authorizer = authorizer
         self._admission = admission
         self._claims = claims
@@ -72,7 +80,7 @@ class Executor:
         span.set_attribute("actionmesh.tenant", caller.tenant)
         span.set_attribute("actionmesh.record.type", command.record.type)
         attempt_id = uuid.uuid4().hex
-        authorized = await self._authorize(caller, command, attempt_id)
+        authorized, command = await self._authorize(caller, command, attempt_id)
         # Before the claim: a refused call leaves no row, so the same key may come back.
         slot = self._admission.enter(caller.tenant, authorized.entry.provider_id)
         try:
@@ -96,7 +104,7 @@ class Executor:
 
     async def _authorize(
         self, caller: Caller, command: ExecuteCommand, attempt_id: str
-    ) -> Authorized:
+    ) -> tuple[Authorized, ExecuteCommand]:
         """Every platform check, in order; a refusal is audited, then raised."""
         problems = execute_violations(
             command.action_id,
@@ -144,10 +152,48 @@ class Executor:
                 provider_id=entry.provider_id,
             )
         try:
+            # Fresh: the system of record (or a trusted caller) says what the record is.
+            verified = await self._facts.resolve(caller, command.record, fresh=True)
+        except (NotFound, Unavailable) as unknown:
+            # Nobody vouched for the record: its inputs are kept as if it were sensitive.
+            await self._refuse(
+                caller,
+                command,
+                attempt_id,
+                unknown,
+                provider_id=entry.provider_id,
+                sensitive=True,
+            )
+        if verified.stale:
+            await self._refuse(
+                caller,
+                command,
+                attempt_id,
+                FailedPrecondition(
+                    "the record changed since the caller looked at it (version "
+                    f"{verified.facts.caller_version!r}, now {verified.facts.version!r}); "
+                    "look again before acting",
+                    reason="RECORD_CHANGED",
+                    metadata={"version": verified.facts.version},
+                ),
+                provider_id=entry.provider_id,
+                facts=verified.facts,
+                sensitive=verified.sensitive,
+            )
+        # From here on the request is about the record as its source knows it.
+        command = command.on(verified.record)
+        try:
             validate_inputs(descriptor.inputs, command.inputs)
         except InvalidArgument as invalid:
-            await self._refuse(caller, command, attempt_id, invalid, provider_id=entry.provider_id)
-        authorized = self._authorizer.execute(caller, command.record, entry, descriptor)
+            await self._refuse(
+                caller,
+                command,
+                attempt_id,
+                invalid,
+                provider_id=entry.provider_id,
+                facts=verified.facts,
+            )
+        authorized = self._authorizer.execute(caller, verified, entry, descriptor)
         if not authorized.allowed:
             await self._refuse(
                 caller,
@@ -170,7 +216,7 @@ class Executor:
                 provider_id=entry.provider_id,
                 authorized=authorized,
             )
-        return authorized
+        return authorized, command
 
     async def _refuse(
         self,
@@ -181,10 +227,25 @@ class Executor:
         *,
         provider_id: str = "",
         authorized: Authorized | None = None,
+        facts: common_pb2.RecordFacts | None = None,
+        sensitive: bool | None = None,
     ) -> NoReturn:
-        """Record a refused attempt as evidence, then raise the refusal to the caller."""
+        """Record a refused attempt as evidence, then raise the refusal to the caller.
+
+        Before the record's facts are resolved, its inputs are redacted when the caller
+        says the record is sensitive or a system of record could have said otherwise.
+        """
+        if sensitive is None and facts is None and authorized is None:
+            sensitive = command.sensitive or self._facts.has_source(command.record.type)
         outcome = await self._ledger.refuse(
-            caller, command, attempt_id, error, provider_id=provider_id, authorized=authorized
+            caller,
+            command,
+            attempt_id,
+            error,
+            provider_id=provider_id,
+            authorized=authorized,
+            facts=facts,
+            sensitive=sensitive,
         )
         trace.get_current_span().set_attribute("actionmesh.outcome", outcome.value)
         record_execution(command.action_id, provider_id, outcome.value)

@@ -144,11 +144,19 @@ class Ledger:
         )
 
     def _evidence(
-        self, command: ExecuteCommand, sensitive: bool, authorized: Authorized | None
+        self,
+        command: ExecuteCommand,
+        sensitive: bool,
+        authorized: Authorized | None,
+        facts: common_pb2.RecordFacts | None = None,
     ) -> dict[str, Any]:
         """What every execution event keeps of the request: its inputs (digests when the
-        record is sensitive) and the policy decision with the context it saw."""
+        record is sensitive), the policy decision with the context it saw and the record
+        facts it decided on, with who vouched for them."""
+        if authorized is not None and authorized.facts is not None:
+            facts = authorized.facts
         return {
+            "facts": facts,
             "inputs": self._redactor.evidence(command.inputs, sensitive),
             "inputs_redacted": sensitive,
             "policy_ids": authorized.decision.policy_ids if authorized else (),
@@ -203,10 +211,17 @@ class Ledger:
         *,
         provider_id: str = "",
         authorized: Authorized | None = None,
+        facts: common_pb2.RecordFacts | None = None,
+        sensitive: bool | None = None,
     ) -> Outcome:
-        """Evidence of an ExecuteAction refused before it became an execution; its outcome."""
+        """Evidence of an ExecuteAction refused before it became an execution; its outcome.
+
+        ``sensitive`` overrides the command's own claim (e.g. the source's facts say so,
+        or no source could be asked).
+        """
         outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
         now = utcnow()
+        sensitive = command.sensitive if sensitive is None else sensitive
         event = audit_event(
             FINISHED,
             caller=actor,
@@ -220,7 +235,7 @@ class Ledger:
             idempotency_key=command.idempotency_key,
             started_at=now,
             finished_at=now,
-            **self._evidence(command, command.sensitive, authorized),
+            **self._evidence(command, sensitive, authorized, facts),
         )
         await self._append([event])
         return outcome
@@ -263,6 +278,7 @@ class Ledger:
             policy_ids=sorted({p for d in decisions for p in d.policy_ids}),
             policy_decisions=visibility.evidence,
             policy_context=visibility.context,
+            facts=visibility.facts,
         )
         await self._append([event])
 

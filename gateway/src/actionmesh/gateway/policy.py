@@ -90,7 +90,11 @@ def risk_name(value: int) -> str:
     return common_pb2.Risk.Name(value).removeprefix("RISK_").lower()  # type: ignore[arg-type]
 
 
-def record_context(record: common_pb2.RecordContext) -> dict[str, Any]:
+UNVERIFIED = "unverified"
+"""The fact source of a record nobody the platform trusts vouched for (see facts.py)."""
+
+
+def record_context(record: common_pb2.RecordContext, source: str = UNVERIFIED) -> dict[str, Any]:
     return {
         "tenant": record.tenant,
         "type": record.type,
@@ -98,10 +102,15 @@ def record_context(record: common_pb2.RecordContext) -> dict[str, Any]:
         "status": record.status,
         "sensitivity": sensitivity_name(record.sensitivity),
         "attributes": dict(record.attributes),
+        # Who vouched for the facts: "provider", "trusted_caller" or "unverified".
+        "source": source,
+        "verified": source != UNVERIFIED,
     }
 
 
-def policy_context(caller: Caller, record: common_pb2.RecordContext) -> dict[str, str]:
+def policy_context(
+    caller: Caller, record: common_pb2.RecordContext, source: str = UNVERIFIED
+) -> dict[str, str]:
     """The inputs a decision was taken on, flattened for the audit event."""
     context = {
         "principal.subject": caller.subject,
@@ -109,6 +118,8 @@ def policy_context(caller: Caller, record: common_pb2.RecordContext) -> dict[str
         "principal.roles": ",".join(sorted(caller.roles)),
         "record.status": record.status,
         "record.sensitivity": sensitivity_name(record.sensitivity),
+        "record.source": source,
+        "record.verified": "true" if source != UNVERIFIED else "false",
     }
     for name, value in sorted(record.attributes.items()):
         context[f"record.attributes.{name}"] = value
@@ -227,8 +238,13 @@ class PolicyEngine:
         caller: Caller,
         record: common_pb2.RecordContext,
         subjects: Sequence[ActionSubject],
+        *,
+        source: str = UNVERIFIED,
     ) -> list[Decision]:
-        """One decision per subject, evaluated in one batch against the policies in force."""
+        """One decision per subject, evaluated in one batch against the policies in force.
+
+        ``source`` says who vouched for the record's facts (context.record.source).
+        """
         if not subjects:
             return []
         with tracer.start_as_current_span(
@@ -240,7 +256,7 @@ class PolicyEngine:
                 "actionmesh.policy.subjects": len(subjects),
             },
         ) as span:
-            decisions = self._authorize(operation, caller, record, subjects)
+            decisions = self._authorize(operation, caller, record, subjects, source)
             span.set_attribute("actionmesh.policy.allowed", sum(d.allowed for d in decisions))
             if len(subjects) == 1:
                 span.set_attribute("actionmesh.action_id", subjects[0].action_id)
@@ -254,6 +270,7 @@ class PolicyEngine:
         caller: Caller,
         record: common_pb2.RecordContext,
         subjects: Sequence[ActionSubject],
+        source: str,
     ) -> list[Decision]:
         loaded = self._loaded
         shared = (
@@ -268,6 +285,7 @@ class PolicyEngine:
             record.status,
             record.sensitivity,
             tuple(sorted(record.attributes.items())),
+            source,
         )
         keys = [
             (
@@ -285,7 +303,7 @@ class PolicyEngine:
         missing = [i for i, decision in enumerate(known) if decision is None]
         if missing:
             fresh = self._evaluate(
-                loaded, operation, caller, record, [subjects[i] for i in missing]
+                loaded, operation, caller, record, [subjects[i] for i in missing], source
             )
             with self._decisions_lock:
                 for i, decision in zip(missing, fresh, strict=True):
@@ -299,6 +317,7 @@ class PolicyEngine:
         caller: Caller,
         record: common_pb2.RecordContext,
         subjects: Sequence[ActionSubject],
+        source: str,
     ) -> list[Decision]:
         principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
         entities: list[dict[str, Any]] = [
@@ -309,7 +328,7 @@ class PolicyEngine:
             }
         ]
         requests = []
-        context = {"record": record_context(record)}
+        context = {"record": record_context(record, source)}
         for subject in subjects:
             resource = {"type": RESOURCE_TYPE, "id": subject.action_id}
             entities.append(

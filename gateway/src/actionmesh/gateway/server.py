@@ -14,11 +14,12 @@ from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import TokenVerifier
 from actionmesh.gateway.authorization import Authorizer
 from actionmesh.gateway.claims import Claims
-from actionmesh.gateway.config import GatewayConfig
+from actionmesh.gateway.config import GatewayConfig, parse_trusted_callers
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.discovery import Discoverer
 from actionmesh.gateway.dispatch import Deadlines, Dispatcher
 from actionmesh.gateway.execution import Executor
+from actionmesh.gateway.facts import FactResolver
 from actionmesh.gateway.history import HistoryReader
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
@@ -182,6 +183,12 @@ class GatewayCore:
             store, writer, Redactor.from_key_file(config.redaction_key_file), on_audit_written
         )
         authorizer = Authorizer(policy)
+        facts = FactResolver(
+            directory,
+            parse_trusted_callers(config.trusted_callers),
+            timeout_s=config.record_source_timeout_s,
+            cache_ttl_s=config.record_facts_cache_ttl_s,
+        )
         dispatcher = Dispatcher(directory, ledger, deadlines)
         sweeper = Sweeper(ledger, dispatcher, deadlines)
         claims = Claims(
@@ -194,6 +201,7 @@ class GatewayCore:
             sweeper=sweeper,
             executor=Executor(
                 directory=directory,
+                facts=facts,
                 authorizer=authorizer,
                 admission=admission,
                 claims=claims,
@@ -202,6 +210,7 @@ class GatewayCore:
             ),
             approvals=Approvals(
                 directory=directory,
+                facts=facts,
                 authorizer=authorizer,
                 ledger=ledger,
                 dispatcher=dispatcher,
@@ -212,6 +221,7 @@ class GatewayCore:
                 directory,
                 authorizer,
                 config.discover_timeout_s,
+                facts=facts,
                 ledger=ledger,
                 cache_ttl_s=config.discover_cache_ttl_s,
                 cache_max_entries=config.discover_cache_max_entries,

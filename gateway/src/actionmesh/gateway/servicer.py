@@ -62,6 +62,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
             degraded_providers=[
                 gateway_pb2.DegradedProvider(provider_id=p, reason=r) for p, r in result.degraded
             ],
+            facts=result.facts,
         )
 
     async def ExecuteAction(

@@ -123,6 +123,7 @@ class Directory:
                 endpoint=registration.endpoint,
                 version=registration.version,
                 actions=registration.actions,
+                record_sources=registration.record_sources,
                 lease_id=uuid.uuid4().hex,
                 lease_expires_at=now + self._lease_ttl,
                 registered_at=now,
@@ -140,6 +141,18 @@ class Directory:
                     provider.endpoint,
                 )
                 raise _owned_by_another(provider.provider_id) from None
+            sources = [c for c in conflicts if c.record_source]
+            if sources:
+                # Facts about a record type come from exactly one system of record.
+                listed = ", ".join(f"{c.action_id} (held by {c.provider_id})" for c in sources)
+                raise AlreadyExists(
+                    f"record types another provider already is the source of: {listed}",
+                    reason="RECORD_SOURCE_CONFLICT",
+                    metadata={
+                        "record_type": sources[0].action_id,
+                        "provider_id": sources[0].provider_id,
+                    },
+                )
             if conflicts:
                 # The gateway routes an action id to exactly one provider.
                 listed = ", ".join(f"{c.action_id} (held by {c.provider_id})" for c in conflicts)

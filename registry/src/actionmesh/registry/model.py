@@ -30,6 +30,8 @@ class Registration:
     # The contract's ActionDescriptor is already the domain's description of an
     # action; copying it into a parallel dataclass would only add drift.
     actions: tuple[common_pb2.ActionDescriptor, ...]
+    record_sources: tuple[str, ...] = ()
+    """Record types this provider is the system of record of (one source per type)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Provider:
     lease_expires_at: datetime
     registered_at: datetime
     health: Health
+    record_sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def provider_to_proto(provider: Provider) -> registry_pb2.ProviderRegistration:
         endpoint=provider.endpoint,
         version=provider.version,
         actions=provider.actions,
+        record_sources=provider.record_sources,
         health=_HEALTH[provider.health],
         registered_at=to_timestamp(provider.registered_at),
         lease_expires_at=to_timestamp(provider.lease_expires_at),
@@ -172,6 +173,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     endpoint=request.endpoint,
                     version=request.version,
                     actions=tuple(request.actions),
+                    record_sources=tuple(request.record_sources),
                 ),
                 owner,
             )

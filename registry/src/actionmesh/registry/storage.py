@@ -69,16 +69,27 @@ class ActionConflict:
     """An action id the registering provider wants that another provider holds."""
 
     action_id: str
+    """The action id, or the record type when ``record_source``."""
     provider_id: str
+    record_source: bool = False
 
 
-def encode_actions(actions: Sequence[common_pb2.ActionDescriptor]) -> bytes:
-    return registry_pb2.ProviderRegistration(actions=actions).SerializeToString()
+def encode_actions(
+    actions: Sequence[common_pb2.ActionDescriptor], record_sources: Sequence[str] = ()
+) -> bytes:
+    """What a provider declares (actions and record sources), as the ``actions`` column."""
+    return registry_pb2.ProviderRegistration(
+        actions=actions, record_sources=record_sources
+    ).SerializeToString()
 
 
 def decode_actions(data: bytes) -> tuple[common_pb2.ActionDescriptor, ...]:
     holder = registry_pb2.ProviderRegistration.FromString(data)
     return tuple(holder.actions)
+
+
+def decode_record_sources(data: bytes) -> tuple[str, ...]:
+    return tuple(registry_pb2.ProviderRegistration.FromString(data).record_sources)
 
 
 def _to_provider(row: ProviderRow) -> Provider:
@@ -87,6 +98,7 @@ def _to_provider(row: ProviderRow) -> Provider:
         endpoint=row.endpoint,
         version=row.version,
         actions=decode_actions(row.actions),
+        record_sources=decode_record_sources(row.actions),
         lease_id=row.lease_id,
         lease_expires_at=row.lease_expires_at,
         registered_at=row.registered_at,
@@ -141,16 +153,24 @@ class ProviderRepository:
         self, provider: Provider, owner: str
     ) -> tuple[list[ActionConflict], Provider | None]:
         wanted = {action.action_id for action in provider.actions}
+        sources = set(provider.record_sources)
         with self._sessions.begin() as session:
             bound = _check_owner(session, provider.provider_id, owner)
-            others = session.scalars(
-                select(ProviderRow).where(ProviderRow.provider_id != provider.provider_id)
+            others = list(
+                session.scalars(
+                    select(ProviderRow).where(ProviderRow.provider_id != provider.provider_id)
+                )
             )
             conflicts = [
                 ActionConflict(action.action_id, row.provider_id)
                 for row in others
                 for action in decode_actions(row.actions)
                 if action.action_id in wanted
+            ] + [
+                ActionConflict(record_type, row.provider_id, record_source=True)
+                for row in others
+                for record_type in decode_record_sources(row.actions)
+                if record_type in sources
             ]
             if conflicts:
                 return conflicts, None
@@ -161,7 +181,7 @@ class ProviderRepository:
                 session.add(row)
             row.endpoint = provider.endpoint
             row.version = provider.version
-            row.actions = encode_actions(provider.actions)
+            row.actions = encode_actions(provider.actions, provider.record_sources)
             row.lease_id = provider.lease_id
             row.lease_expires_at = provider.lease_expires_at
             row.registered_at = provider.registered_at

@@ -28,6 +28,9 @@ MAX_VERSION_LENGTH = 128
 REASON = "INVALID_REGISTRATION"
 
 
+MAX_RECORD_SOURCES = 64
+
+
 def endpoint_problem(endpoint: str) -> str | None:
     """Why ``endpoint`` is not a dialable host:port, or None when it is."""
     if len(endpoint) > MAX_ENDPOINT_LENGTH:
@@ -97,6 +100,20 @@ def validate_registration(registration: Registration) -> None:
                 )
         # One schema checker for registry, SDK and gateway, so they can never disagree.
         violations.extend(schema_violations(action.inputs, f"{path}.inputs"))
+    for index, record_type in enumerate(registration.record_sources):
+        if not RECORD_TYPE.valid(record_type):
+            violations.append(
+                FieldViolation(
+                    f"record_sources[{index}]",
+                    "must be lower case letters, digits, '_', '.' or '-'",
+                )
+            )
+        elif registration.record_sources.index(record_type) != index:
+            violations.append(FieldViolation(f"record_sources[{index}]", "is listed twice"))
+    if len(registration.record_sources) > MAX_RECORD_SOURCES:
+        violations.append(
+            FieldViolation("record_sources", f"at most {MAX_RECORD_SOURCES} record types")
+        )
     if violations:
         raise InvalidArgument(
             f"invalid registration: {len(violations)} problem(s)",

@@ -59,6 +59,7 @@ from actionmesh.sdk.servicer import ActionProviderServicer
 from actionmesh.sdk.types import (
     ActionContext,
     Change,
+    Facts,
     OperatorView,
     RecordView,
     Result,
@@ -72,6 +73,7 @@ __all__ = [
     "ActionProviderServicer",
     "Change",
     "Claim",
+    "Facts",
     "IdempotencyKey",
     "IdempotencyStore",
     "Input",

@@ -13,7 +13,7 @@ from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, RECORD_TYPE
 from actionmesh.rpc.schema import schema_problems
 from actionmesh.sdk.dedupe import IdempotencyStore
 from actionmesh.sdk.inputs import InputModel, ProviderDefinitionError, input_model
-from actionmesh.sdk.types import ActionContext, RecordView, Result, Risk, Unavailable
+from actionmesh.sdk.types import ActionContext, Facts, RecordView, Result, Risk, Unavailable
 from actionmesh.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -25,11 +25,13 @@ MAX_TIMEOUT_S = 3600.0
 Availability = bool | Unavailable
 Predicate = Callable[[RecordView], Availability]
 Handler = Callable[[ActionContext, Any], Awaitable[Result]]
+Resolver = Callable[[str, str], Awaitable[Facts | None]]
 StartHook = Callable[["ProviderConfig"], Awaitable[None]]
 StopHook = Callable[[], Awaitable[None]]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Result]])
 S = TypeVar("S", bound=Callable[..., Awaitable[None]])
+SourceT = TypeVar("SourceT", bound=Resolver)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Provider:
         self.version = version
         self.dedupe = dedupe
         self._actions: dict[str, ActionDefinition] = {}
+        self._sources: dict[str, Resolver] = {}
         self._on_start: list[StartHook] = []
         self._on_stop: list[StopHook] = []
         # Set while served: definitions are frozen and a second concurrent serve refused.
@@ -134,6 +137,11 @@ class Provider:
     @property
     def actions(self) -> Mapping[str, ActionDefinition]:
         return dict(self._actions)
+
+    @property
+    def record_sources(self) -> Mapping[str, Resolver]:
+        """The record types this provider is the system of record of, with their resolvers."""
+        return dict(self._sources)
 
     @property
     def start_hooks(self) -> tuple[StartHook, ...]:
@@ -261,6 +269,34 @@ class Provider:
                 timeout_s=None if timeout_s is None else float(timeout_s),
             )
             return declared
+
+        return decorate
+
+    def record_source(self, record_type: str) -> Callable[[SourceT], SourceT]:
+        """Declare this provider the system of record of ``record_type``.
+
+        Decorates ``async def resolve(tenant: str, record_id: str) -> Facts | None``:
+        the record's facts as this provider's own state holds them, or None when the
+        tenant has no such record (answered NOT_FOUND). It must have no side effects.
+        The registry refuses a second provider declaring the same record type.
+
+        >>> @workitems.record_source("workitem")
+        ... async def workitem_facts(tenant: str, record_id: str) -> Facts | None: ...
+        """
+        self._check_mutable()
+        if not isinstance(record_type, str) or not RECORD_TYPE.valid(record_type):
+            raise ProviderDefinitionError(
+                f"provider {self.id}: record type {record_type!r} must match {RECORD_TYPE.pattern}"
+            )
+        if record_type in self._sources:
+            raise ProviderDefinitionError(
+                f"provider {self.id}: record type {record_type!r} already has a record source"
+            )
+
+        def decorate(resolver: SourceT) -> SourceT:
+            _check_hook(resolver, f"record source {record_type!r}", 2)
+            self._sources[record_type] = resolver
+            return resolver
 
         return decorate
 

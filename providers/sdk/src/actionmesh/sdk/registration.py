@@ -44,6 +44,7 @@ class RegistryLink:
         version: str,
         endpoint: str,
         actions: Sequence[common_pb2.ActionDescriptor],
+        record_sources: Sequence[str] = (),
         max_backoff_s: float = 10.0,
         tls: TlsConfig | None = None,
         token: str | None = None,
@@ -56,7 +57,11 @@ class RegistryLink:
         self.provider_id = provider_id
         self.endpoint = endpoint
         self._request = registry_pb2.RegisterProviderRequest(
-            provider_id=provider_id, endpoint=endpoint, version=version, actions=list(actions)
+            provider_id=provider_id,
+            endpoint=endpoint,
+            version=version,
+            actions=list(actions),
+            record_sources=list(record_sources),
         )
         self._max_backoff_s = max_backoff_s
         self._channel: grpc.aio.Channel | None = None

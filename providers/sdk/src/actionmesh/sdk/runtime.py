@@ -115,6 +115,7 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             version=provider.version,
             endpoint=config.endpoint(running.port),
             actions=[a.descriptor() for a in provider.actions.values()],
+            record_sources=sorted(provider.record_sources),
             max_backoff_s=config.registry_retry_max_s,
             tls=config.tls,
             token=config.registration_token_value(),

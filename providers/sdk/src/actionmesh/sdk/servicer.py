@@ -1,4 +1,4 @@
-"""ActionProviderService over a :class:`Provider`: Describe, Discover, Execute."""
+"""ActionProviderService over a :class:`Provider`: Describe, Discover, Execute, ResolveRecord."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from actionmesh.rpc.errors import (
     PermissionDenied,
 )
 from actionmesh.rpc.errors import Unavailable as UnavailableError
+from actionmesh.rpc.identifiers import RECORD_ID, TENANT
 from actionmesh.rpc.outcomes import outcome_for_status
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.sdk.dedupe import IdempotencyKey, IdempotencyStore, KeyedLocks
@@ -72,8 +73,10 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             provider_id=provider.id,
             version=provider.version,
             actions=[a.descriptor() for a in provider.actions.values()],
+            record_sources=sorted(provider.record_sources),
         )
         self._actions = provider.actions
+        self._sources = provider.record_sources
 
     # -- Describe / Discover ------------------------------------------------
 
@@ -101,6 +104,36 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 )
             )
         return provider_pb2.DiscoverResponse(actions=found)
+
+    async def ResolveRecord(
+        self, request: provider_pb2.ResolveRecordRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.ResolveRecordResponse:
+        """The facts of one record, from the resolver of its type (NOT_FOUND when unknown)."""
+        record = request.record
+        resolver = self._sources.get(record.type)
+        if resolver is None:
+            raise NotFound(
+                f"provider {self.provider.id} is not the source of {record.type!r} records",
+                reason="RECORD_TYPE_NOT_SOURCED",
+            )
+        problems = []
+        if not TENANT.valid(request.tenant):
+            problems.append(FieldViolation("tenant", f"must match {TENANT.pattern}"))
+        if not RECORD_ID.valid(record.id):
+            problems.append(FieldViolation("record.id", f"must match {RECORD_ID.pattern}"))
+        if problems:
+            raise InvalidArgument(
+                "invalid record reference", reason="INVALID_REQUEST", violations=problems
+            )
+        with tracer.start_as_current_span(
+            "provider.resolve_record", attributes={"actionmesh.record.type": record.type}
+        ):
+            facts = await resolver(request.tenant, record.id)
+        if facts is None:
+            raise NotFound("no such record for this tenant", reason="RECORD_NOT_FOUND")
+        return provider_pb2.ResolveRecordResponse(
+            record=facts.to_proto(request.tenant, record.type, record.id)
+        )
 
     @staticmethod
     def _availability(action: ActionDefinition, record: RecordView) -> tuple[bool, str]:

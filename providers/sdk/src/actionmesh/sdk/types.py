@@ -21,6 +21,13 @@ _SENSITIVITY = {
     common_pb2.SENSITIVITY_RESTRICTED: "restricted",
 }
 
+_SENSITIVITY_VALUE = {
+    "normal": common_pb2.SENSITIVITY_NORMAL,
+    "sensitive": common_pb2.SENSITIVITY_SENSITIVE,
+    "restricted": common_pb2.SENSITIVITY_RESTRICTED,
+}
+MAX_FACT_VERSION_CHARS = 128
+
 # Results are stored, audited and shown on a record's timeline: keep them small.
 MAX_MESSAGE_CHARS = 2000
 MAX_REF_CHARS = 512
@@ -85,6 +92,45 @@ class RecordView:
             status=record.status,
             sensitivity=_SENSITIVITY.get(record.sensitivity, "normal"),
             attributes=MappingProxyType(dict(record.attributes)),
+        )
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a system of record says about one of its records right now.
+
+    Returned by a ``@provider.record_source(...)`` resolver. The gateway governs on
+    these facts (policy, discovery, redaction, approvals), never on the caller's
+    claims, and names this provider in the evidence. ``version`` must change
+    whenever any of the facts does (a revision number, an etag, an update stamp).
+    """
+
+    status: str
+    version: str
+    # "normal", "sensitive" or "restricted".
+    sensitivity: str = "normal"
+    attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.version, str) or not self.version.strip():
+            raise ValueError("Facts.version is required: it changes whenever the facts do")
+        if len(self.version) > MAX_FACT_VERSION_CHARS:
+            raise ValueError(f"Facts.version must be at most {MAX_FACT_VERSION_CHARS} characters")
+        if self.sensitivity not in _SENSITIVITY_VALUE:
+            raise ValueError(f"Facts.sensitivity must be one of {sorted(_SENSITIVITY_VALUE)}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.attributes.items()):
+            raise ValueError("Facts.attributes must map strings to strings")
+        object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+
+    def to_proto(self, tenant: str, record_type: str, record_id: str) -> common_pb2.RecordContext:
+        return common_pb2.RecordContext(
+            tenant=tenant,
+            type=record_type,
+            id=record_id,
+            status=self.status,
+            sensitivity=_SENSITIVITY_VALUE[self.sensitivity],
+            attributes=dict(self.attributes),
+            version=self.version,
         )
 
 

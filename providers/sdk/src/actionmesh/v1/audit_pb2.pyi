@@ -200,6 +200,7 @@ class AuditEvent(_message.Message):
     CHAIN_INDEX_FIELD_NUMBER: _builtins.int
     PREV_CHAIN_HASH_FIELD_NUMBER: _builtins.int
     CHAIN_HASH_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -265,6 +266,10 @@ class AuditEvent(_message.Message):
         sensitivity, attributes, action risk ("principal.roles", "record.status", ...).
         """
 
+    @_builtins.property
+    def facts(self) -> _common_pb2.RecordFacts:
+        """The facts about the record the decision used, and who vouched for them."""
+
     def __init__(
         self,
         *,
@@ -297,10 +302,11 @@ class AuditEvent(_message.Message):
         chain_index: _builtins.int = ...,
         prev_chain_hash: _builtins.str = ...,
         chain_hash: _builtins.str = ...,
+        facts: _common_pb2.RecordFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

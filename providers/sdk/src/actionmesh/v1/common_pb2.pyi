@@ -116,6 +116,36 @@ SENSITIVITY_SENSITIVE: Sensitivity.ValueType  # 2
 SENSITIVITY_RESTRICTED: Sensitivity.ValueType  # 3
 Global___Sensitivity: _TypeAlias = Sensitivity  # noqa: Y015
 
+class _FactSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FactSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FactSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FACT_SOURCE_UNSPECIFIED: _FactSource.ValueType  # 0
+    FACT_SOURCE_PROVIDER: _FactSource.ValueType  # 1
+    """The record type's system of record, a provider, answered ResolveRecord."""
+    FACT_SOURCE_TRUSTED_CALLER: _FactSource.ValueType  # 2
+    """A backend service the gateway's configuration trusts for the record type,
+    authenticated by its own credential, sent the facts.
+    """
+    FACT_SOURCE_UNVERIFIED: _FactSource.ValueType  # 3
+    """Only the caller's request said so: nobody the platform trusts vouched."""
+
+class FactSource(_FactSource, metaclass=_FactSourceEnumTypeWrapper):
+    """Who vouched for the facts the gateway governed a record on."""
+
+FACT_SOURCE_UNSPECIFIED: FactSource.ValueType  # 0
+FACT_SOURCE_PROVIDER: FactSource.ValueType  # 1
+"""The record type's system of record, a provider, answered ResolveRecord."""
+FACT_SOURCE_TRUSTED_CALLER: FactSource.ValueType  # 2
+"""A backend service the gateway's configuration trusts for the record type,
+authenticated by its own credential, sent the facts.
+"""
+FACT_SOURCE_UNVERIFIED: FactSource.ValueType  # 3
+"""Only the caller's request said so: nobody the platform trusts vouched."""
+Global___FactSource: _TypeAlias = FactSource  # noqa: Y015
+
 class _InputType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -237,6 +267,73 @@ class RecordContext(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordContext: _TypeAlias = RecordContext  # noqa: Y015
+
+@_typing.final
+class RecordFacts(_message.Message):
+    """The facts about a record that policy, discovery, redaction and approvals used,
+    and who vouched for them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    VOUCHED_BY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SENSITIVITY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    CALLER_VERSION_FIELD_NUMBER: _builtins.int
+    source: Global___FactSource.ValueType
+    vouched_by: _builtins.str
+    """The provider id (PROVIDER) or the trusted caller's identity (TRUSTED_CALLER)."""
+    version: _builtins.str
+    """The record's version as its source reported it."""
+    status: _builtins.str
+    sensitivity: Global___Sensitivity.ValueType
+    caller_version: _builtins.str
+    """The version the caller said it saw, when the source's differs: the caller's
+    screen was stale.
+    """
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        source: Global___FactSource.ValueType = ...,
+        vouched_by: _builtins.str = ...,
+        version: _builtins.str = ...,
+        status: _builtins.str = ...,
+        sensitivity: Global___Sensitivity.ValueType = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        caller_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "caller_version", b"caller_version", "sensitivity", b"sensitivity", "source", b"source", "status", b"status", "version", b"version", "vouched_by", b"vouched_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordFacts: _TypeAlias = RecordFacts  # noqa: Y015
 
 @_typing.final
 class Operator(_message.Message):

@@ -134,19 +134,28 @@ class DiscoverActionsResponse(_message.Message):
 
     ACTIONS_FIELD_NUMBER: _builtins.int
     DEGRADED_PROVIDERS_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiscoveredActionView]: ...
     @_builtins.property
     def degraded_providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___DegradedProvider]: ...
+    @_builtins.property
+    def facts(self) -> _common_pb2.RecordFacts:
+        """The facts discovery used and who vouched for them. With source UNVERIFIED
+        nothing the platform trusts stood behind the request's record; with
+        caller_version set the caller's view of the record was stale.
+        """
+
     def __init__(
         self,
         *,
         actions: _abc.Iterable[Global___DiscoveredActionView] | None = ...,
         degraded_providers: _abc.Iterable[Global___DegradedProvider] | None = ...,
+        facts: _common_pb2.RecordFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "degraded_providers", b"degraded_providers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "degraded_providers", b"degraded_providers", "facts", b"facts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

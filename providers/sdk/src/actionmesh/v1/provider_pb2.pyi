@@ -41,20 +41,28 @@ class DescribeResponse(_message.Message):
     PROVIDER_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ACTIONS_FIELD_NUMBER: _builtins.int
+    RECORD_SOURCES_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     version: _builtins.str
     @_builtins.property
     def actions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ActionDescriptor]: ...
+    @_builtins.property
+    def record_sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Record types this provider is the system of record of: it answers
+        ResolveRecord for them, and the gateway governs them on its answers.
+        """
+
     def __init__(
         self,
         *,
         provider_id: _builtins.str = ...,
         version: _builtins.str = ...,
         actions: _abc.Iterable[_common_pb2.ActionDescriptor] | None = ...,
+        record_sources: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "provider_id", b"provider_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "provider_id", b"provider_id", "record_sources", b"record_sources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,3 +239,52 @@ class ExecuteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ResolveRecordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The caller's tenant: only this tenant's records exist for the request."""
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordRef: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        record: _common_pb2.RecordRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveRecordRequest: _TypeAlias = ResolveRecordRequest  # noqa: Y015
+
+@_typing.final
+class ResolveRecordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordContext:
+        """The record as its system of record knows it now: tenant, type and id as asked,
+        status, sensitivity, attributes, and a version that changes whenever any of
+        them does (required).
+        """
+
+    def __init__(
+        self,
+        *,
+        record: _common_pb2.RecordContext | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveRecordResponse: _TypeAlias = ResolveRecordResponse  # noqa: Y015

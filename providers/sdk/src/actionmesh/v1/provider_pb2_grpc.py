@@ -50,6 +50,11 @@ class ActionProviderServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_provider__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_provider__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ResolveRecord = channel.unary_unary(
+                '/actionmesh.v1.ActionProviderService/ResolveRecord',
+                request_serializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.FromString,
+                _registered_method=True)
 
 
 class ActionProviderServiceServicer:
@@ -77,6 +82,16 @@ class ActionProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveRecord(self, request, context):
+        """The facts about one record of a type this provider is the system of record
+        of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
+        a record of another tenant. Read-only and side-effect free; the gateway asks
+        at every execution and approval, and briefly caches answers for discovery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionProviderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +109,11 @@ def add_ActionProviderServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=actionmesh_dot_v1_dot_provider__pb2.ExecuteRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_provider__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ResolveRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveRecord,
+                    request_deserializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,33 @@ class ActionProviderService:
             '/actionmesh.v1.ActionProviderService/Execute',
             actionmesh_dot_v1_dot_provider__pb2.ExecuteRequest.SerializeToString,
             actionmesh_dot_v1_dot_provider__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionProviderService/ResolveRecord',
+            actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.SerializeToString,
+            actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

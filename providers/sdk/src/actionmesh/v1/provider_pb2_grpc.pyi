@@ -39,6 +39,12 @@ class ActionProviderServiceStub:
     """Which of its actions are available for a record. Read-only, side-effect free."""
     Execute: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ExecuteRequest, _provider_pb2.ExecuteResponse]
     """Run one action. Inputs were validated by the gateway against the schema."""
+    ResolveRecord: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ResolveRecordRequest, _provider_pb2.ResolveRecordResponse]
+    """The facts about one record of a type this provider is the system of record
+    of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
+    a record of another tenant. Read-only and side-effect free; the gateway asks
+    at every execution and approval, and briefly caches answers for discovery.
+    """
 
 @_typing.type_check_only
 class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
@@ -51,6 +57,12 @@ class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
     """Which of its actions are available for a record. Read-only, side-effect free."""
     Execute: _aio.UnaryUnaryMultiCallable[_provider_pb2.ExecuteRequest, _provider_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Run one action. Inputs were validated by the gateway against the schema."""
+    ResolveRecord: _aio.UnaryUnaryMultiCallable[_provider_pb2.ResolveRecordRequest, _provider_pb2.ResolveRecordResponse]  # type: ignore[assignment]
+    """The facts about one record of a type this provider is the system of record
+    of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
+    a record of another tenant. Read-only and side-effect free; the gateway asks
+    at every execution and approval, and briefly caches answers for discovery.
+    """
 
 class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Implemented by every provider. Only the gateway calls it."""
@@ -78,5 +90,17 @@ class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.ExecuteResponse, _abc.Awaitable[_provider_pb2.ExecuteResponse]]:
         """Run one action. Inputs were validated by the gateway against the schema."""
+
+    @_abc_1.abstractmethod
+    def ResolveRecord(
+        self,
+        request: _provider_pb2.ResolveRecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.ResolveRecordResponse, _abc.Awaitable[_provider_pb2.ResolveRecordResponse]]:
+        """The facts about one record of a type this provider is the system of record
+        of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
+        a record of another tenant. Read-only and side-effect free; the gateway asks
+        at every execution and approval, and briefly caches answers for discovery.
+        """
 
 def add_ActionProviderServiceServicer_to_server(servicer: ActionProviderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

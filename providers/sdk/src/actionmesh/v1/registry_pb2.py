@@ -27,43 +27,43 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/registry.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x02\n\x14ProviderRegistration\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12-\n\x06health\x18\x05 \x01(\x0e\x32\x1d.actionmesh.v1.ProviderHealth\x12\x31\n\rregistered_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x17RegisterProviderRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\"Z\n\x18RegisterProviderResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x11RenewLeaseRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"J\n\x12RenewLeaseResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x19\x44\x65registerProviderRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65registerProviderResponse\"\x16\n\x14ListProvidersRequest\"O\n\x15ListProvidersResponse\x12\x36\n\tproviders\x18\x01 \x03(\x0b\x32#.actionmesh.v1.ProviderRegistration\"\x17\n\x15WatchProvidersRequest\"J\n\x10ProviderSnapshot\x12\x36\n\tproviders\x18\x01 \x03(\x0b\x32#.actionmesh.v1.ProviderRegistration\"x\n\x0eProviderChange\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.actionmesh.v1.ProviderChangeType\x12\x35\n\x08provider\x18\x02 \x01(\x0b\x32#.actionmesh.v1.ProviderRegistration\"\x87\x01\n\x16WatchProvidersResponse\x12\x33\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1f.actionmesh.v1.ProviderSnapshotH\x00\x12/\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1d.actionmesh.v1.ProviderChangeH\x00\x42\x07\n\x05\x65vent*\x8c\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROVIDER_HEALTH_UNKNOWN\x10\x01\x12\x1b\n\x17PROVIDER_HEALTH_SERVING\x10\x02\x12\x1f\n\x1bPROVIDER_HEALTH_NOT_SERVING\x10\x03*\x7f\n\x12ProviderChangeType\x12$\n PROVIDER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPROVIDER_CHANGE_TYPE_UPSERTED\x10\x01\x12 \n\x1cPROVIDER_CHANGE_TYPE_REMOVED\x10\x02\x32\xf1\x03\n\x0fRegistryService\x12\x63\n\x10RegisterProvider\x12&.actionmesh.v1.RegisterProviderRequest\x1a\'.actionmesh.v1.RegisterProviderResponse\x12Q\n\nRenewLease\x12 .actionmesh.v1.RenewLeaseRequest\x1a!.actionmesh.v1.RenewLeaseResponse\x12i\n\x12\x44\x65registerProvider\x12(.actionmesh.v1.DeregisterProviderRequest\x1a).actionmesh.v1.DeregisterProviderResponse\x12Z\n\rListProviders\x12#.actionmesh.v1.ListProvidersRequest\x1a$.actionmesh.v1.ListProvidersResponse\x12_\n\x0eWatchProviders\x12$.actionmesh.v1.WatchProvidersRequest\x1a%.actionmesh.v1.WatchProvidersResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/registry.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\x14ProviderRegistration\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12-\n\x06health\x18\x05 \x01(\x0e\x32\x1d.actionmesh.v1.ProviderHealth\x12\x31\n\rregistered_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erecord_sources\x18\x08 \x03(\t\"\x9b\x01\n\x17RegisterProviderRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12\x16\n\x0erecord_sources\x18\x05 \x03(\t\"Z\n\x18RegisterProviderResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x11RenewLeaseRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"J\n\x12RenewLeaseResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x19\x44\x65registerProviderRequest\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65registerProviderResponse\"\x16\n\x14ListProvidersRequest\"O\n\x15ListProvidersResponse\x12\x36\n\tproviders\x18\x01 \x03(\x0b\x32#.actionmesh.v1.ProviderRegistration\"\x17\n\x15WatchProvidersRequest\"J\n\x10ProviderSnapshot\x12\x36\n\tproviders\x18\x01 \x03(\x0b\x32#.actionmesh.v1.ProviderRegistration\"x\n\x0eProviderChange\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.actionmesh.v1.ProviderChangeType\x12\x35\n\x08provider\x18\x02 \x01(\x0b\x32#.actionmesh.v1.ProviderRegistration\"\x87\x01\n\x16WatchProvidersResponse\x12\x33\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1f.actionmesh.v1.ProviderSnapshotH\x00\x12/\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x1d.actionmesh.v1.ProviderChangeH\x00\x42\x07\n\x05\x65vent*\x8c\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROVIDER_HEALTH_UNKNOWN\x10\x01\x12\x1b\n\x17PROVIDER_HEALTH_SERVING\x10\x02\x12\x1f\n\x1bPROVIDER_HEALTH_NOT_SERVING\x10\x03*\x7f\n\x12ProviderChangeType\x12$\n PROVIDER_CHANGE_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPROVIDER_CHANGE_TYPE_UPSERTED\x10\x01\x12 \n\x1cPROVIDER_CHANGE_TYPE_REMOVED\x10\x02\x32\xf1\x03\n\x0fRegistryService\x12\x63\n\x10RegisterProvider\x12&.actionmesh.v1.RegisterProviderRequest\x1a\'.actionmesh.v1.RegisterProviderResponse\x12Q\n\nRenewLease\x12 .actionmesh.v1.RenewLeaseRequest\x1a!.actionmesh.v1.RenewLeaseResponse\x12i\n\x12\x44\x65registerProvider\x12(.actionmesh.v1.DeregisterProviderRequest\x1a).actionmesh.v1.DeregisterProviderResponse\x12Z\n\rListProviders\x12#.actionmesh.v1.ListProvidersRequest\x1a$.actionmesh.v1.ListProvidersResponse\x12_\n\x0eWatchProviders\x12$.actionmesh.v1.WatchProvidersRequest\x1a%.actionmesh.v1.WatchProvidersResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'actionmesh.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROVIDERHEALTH']._serialized_start=1350
-  _globals['_PROVIDERHEALTH']._serialized_end=1490
-  _globals['_PROVIDERCHANGETYPE']._serialized_start=1492
-  _globals['_PROVIDERCHANGETYPE']._serialized_end=1619
+  _globals['_PROVIDERHEALTH']._serialized_start=1398
+  _globals['_PROVIDERHEALTH']._serialized_end=1538
+  _globals['_PROVIDERCHANGETYPE']._serialized_start=1540
+  _globals['_PROVIDERCHANGETYPE']._serialized_end=1667
   _globals['_PROVIDERREGISTRATION']._serialized_start=141
-  _globals['_PROVIDERREGISTRATION']._serialized_end=421
-  _globals['_REGISTERPROVIDERREQUEST']._serialized_start=424
-  _globals['_REGISTERPROVIDERREQUEST']._serialized_end=555
-  _globals['_REGISTERPROVIDERRESPONSE']._serialized_start=557
-  _globals['_REGISTERPROVIDERRESPONSE']._serialized_end=647
-  _globals['_RENEWLEASEREQUEST']._serialized_start=649
-  _globals['_RENEWLEASEREQUEST']._serialized_end=707
-  _globals['_RENEWLEASERESPONSE']._serialized_start=709
-  _globals['_RENEWLEASERESPONSE']._serialized_end=783
-  _globals['_DEREGISTERPROVIDERREQUEST']._serialized_start=785
-  _globals['_DEREGISTERPROVIDERREQUEST']._serialized_end=851
-  _globals['_DEREGISTERPROVIDERRESPONSE']._serialized_start=853
-  _globals['_DEREGISTERPROVIDERRESPONSE']._serialized_end=881
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=883
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=905
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=907
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=986
-  _globals['_WATCHPROVIDERSREQUEST']._serialized_start=988
-  _globals['_WATCHPROVIDERSREQUEST']._serialized_end=1011
-  _globals['_PROVIDERSNAPSHOT']._serialized_start=1013
-  _globals['_PROVIDERSNAPSHOT']._serialized_end=1087
-  _globals['_PROVIDERCHANGE']._serialized_start=1089
-  _globals['_PROVIDERCHANGE']._serialized_end=1209
-  _globals['_WATCHPROVIDERSRESPONSE']._serialized_start=1212
-  _globals['_WATCHPROVIDERSRESPONSE']._serialized_end=1347
-  _globals['_REGISTRYSERVICE']._serialized_start=1622
-  _globals['_REGISTRYSERVICE']._serialized_end=2119
+  _globals['_PROVIDERREGISTRATION']._serialized_end=445
+  _globals['_REGISTERPROVIDERREQUEST']._serialized_start=448
+  _globals['_REGISTERPROVIDERREQUEST']._serialized_end=603
+  _globals['_REGISTERPROVIDERRESPONSE']._serialized_start=605
+  _globals['_REGISTERPROVIDERRESPONSE']._serialized_end=695
+  _globals['_RENEWLEASEREQUEST']._serialized_start=697
+  _globals['_RENEWLEASEREQUEST']._serialized_end=755
+  _globals['_RENEWLEASERESPONSE']._serialized_start=757
+  _globals['_RENEWLEASERESPONSE']._serialized_end=831
+  _globals['_DEREGISTERPROVIDERREQUEST']._serialized_start=833
+  _globals['_DEREGISTERPROVIDERREQUEST']._serialized_end=899
+  _globals['_DEREGISTERPROVIDERRESPONSE']._serialized_start=901
+  _globals['_DEREGISTERPROVIDERRESPONSE']._serialized_end=929
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=931
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=953
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=955
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1034
+  _globals['_WATCHPROVIDERSREQUEST']._serialized_start=1036
+  _globals['_WATCHPROVIDERSREQUEST']._serialized_end=1059
+  _globals['_PROVIDERSNAPSHOT']._serialized_start=1061
+  _globals['_PROVIDERSNAPSHOT']._serialized_end=1135
+  _globals['_PROVIDERCHANGE']._serialized_start=1137
+  _globals['_PROVIDERCHANGE']._serialized_end=1257
+  _globals['_WATCHPROVIDERSRESPONSE']._serialized_start=1260
+  _globals['_WATCHPROVIDERSRESPONSE']._serialized_end=1395
+  _globals['_REGISTRYSERVICE']._serialized_start=1670
+  _globals['_REGISTRYSERVICE']._serialized_end=2167
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,7 @@ class ProviderRegistration(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RECORD_SOURCES_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     endpoint: _builtins.str
     """host:port the gateway dials."""
@@ -86,6 +87,10 @@ class ProviderRegistration(_message.Message):
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def record_sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Record types this provider is the system of record of (one source per type)."""
+
     def __init__(
         self,
         *,
@@ -96,10 +101,11 @@ class ProviderRegistration(_message.Message):
         health: Global___ProviderHealth.ValueType = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        record_sources: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "endpoint", b"endpoint", "health", b"health", "lease_expires_at", b"lease_expires_at", "provider_id", b"provider_id", "registered_at", b"registered_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "endpoint", b"endpoint", "health", b"health", "lease_expires_at", b"lease_expires_at", "provider_id", b"provider_id", "record_sources", b"record_sources", "registered_at", b"registered_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -113,11 +119,19 @@ class RegisterProviderRequest(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ACTIONS_FIELD_NUMBER: _builtins.int
+    RECORD_SOURCES_FIELD_NUMBER: _builtins.int
     provider_id: _builtins.str
     endpoint: _builtins.str
     version: _builtins.str
     @_builtins.property
     def actions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ActionDescriptor]: ...
+    @_builtins.property
+    def record_sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Record types this provider is the system of record of. A type another
+        registered provider already is the source of is refused
+        (ALREADY_EXISTS, RECORD_SOURCE_CONFLICT).
+        """
+
     def __init__(
         self,
         *,
@@ -125,10 +139,11 @@ class RegisterProviderRequest(_message.Message):
         endpoint: _builtins.str = ...,
         version: _builtins.str = ...,
         actions: _abc.Iterable[_common_pb2.ActionDescriptor] | None = ...,
+        record_sources: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "endpoint", b"endpoint", "provider_id", b"provider_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "endpoint", b"endpoint", "provider_id", b"provider_id", "record_sources", b"record_sources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,7 @@ from actionmesh.providers.records.store import (
 from actionmesh.sdk import (
     ActionContext,
     Change,
+    Facts,
     Input,
     Provider,
     RecordView,
@@ -56,6 +57,24 @@ _store.bind(
     seed=RecordStore.seed_demo,
     close=RecordStore.close,
 )
+
+
+@records.record_source("ticket")
+async def ticket_facts(tenant: str, ticket_id: str) -> Facts | None:
+    """The system of record of tickets: the gateway governs on these facts."""
+    ticket = await asyncio.to_thread(current_store().get, tenant, ticket_id)
+    if ticket is None:
+        return None
+    return Facts(
+        status=ticket.status,
+        version=str(ticket.version),
+        sensitivity=ticket.sensitivity,
+        attributes={
+            "queue": ticket.queue,
+            "priority": ticket.priority,
+            "service_level": ticket.service_level,
+        },
+    )
 
 
 # -- inputs ---------------------------------------------------------------------

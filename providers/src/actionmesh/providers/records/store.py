@@ -72,6 +72,17 @@ class TicketRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class TicketSensitivityRow(Base):
+    """How sensitive a ticket is; tickets without a row are normal (a table of its
+    own, so databases made before it only gain a table)."""
+
+    __tablename__ = "ticket_sensitivity"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    ticket_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sensitivity: Mapped[str] = mapped_column(String(16))
+
+
 class LinkTargetRow(Base):
     """Assets and customers a ticket may be linked to (the tenant's directory)."""
 
@@ -129,6 +140,8 @@ class Ticket:
     service_level: str
     version: int = 1
     updated_at: datetime | None = None
+    # "normal", "sensitive" or "restricted" (kept in ticket_sensitivity).
+    sensitivity: str = "normal"
 
     @classmethod
     def from_row(cls, row: TicketRow) -> Ticket:
@@ -255,8 +268,11 @@ def _ticket(
     queue: str = "support",
     priority: str = "normal",
     service_level: str = "standard",
+    sensitivity: str = "normal",
 ) -> Ticket:
-    return Ticket(tenant, ticket_id, subject, status, queue, priority, service_level)
+    return Ticket(
+        tenant, ticket_id, subject, status, queue, priority, service_level, sensitivity=sensitivity
+    )
 
 
 DEMO_TICKETS: tuple[Ticket, ...] = (
@@ -271,6 +287,14 @@ DEMO_TICKETS: tuple[Ticket, ...] = (
         service_level="priority",
     ),
     _ticket("acme", "t-103", "Password reset for j.doe", status=CLOSED),
+    # Restricted: the default policies never let anyone execute on it, whatever a caller claims.
+    _ticket(
+        "acme",
+        "t-104",
+        "Legal hold: export of customer records",
+        queue="technical",
+        sensitivity="restricted",
+    ),
     _ticket("globex", "t-200", "Warehouse scanner not syncing", queue="technical"),
     _ticket("globex", "t-201", "Change billing address", status=CLOSED, queue="billing"),
 )
@@ -284,6 +308,18 @@ DEMO_TARGETS: tuple[LinkTarget, ...] = (
 )
 # (tenant, ticket, target type, target id)
 DEMO_LINKS: tuple[tuple[str, str, str, str], ...] = (("acme", "t-101", "customer", "c-100"),)
+
+
+def _set_sensitivity(session: Session, ticket: Ticket) -> None:
+    label = session.get(TicketSensitivityRow, (ticket.tenant, ticket.ticket_id))
+    if label is not None:
+        label.sensitivity = ticket.sensitivity
+    elif ticket.sensitivity != "normal":
+        session.add(
+            TicketSensitivityRow(
+                tenant=ticket.tenant, ticket_id=ticket.ticket_id, sensitivity=ticket.sensitivity
+            )
+        )
 
 
 class RecordStore(SqlStore):
@@ -311,6 +347,7 @@ class RecordStore(SqlStore):
         """Insert or replace one ticket (seeding, tests)."""
         with Session(self.engine) as session, session.begin():
             session.merge(self._row(ticket))
+            _set_sensitivity(session, ticket)
 
     def seed(
         self,
@@ -325,6 +362,7 @@ class RecordStore(SqlStore):
             for ticket in tickets:
                 if session.get(TicketRow, (ticket.tenant, ticket.ticket_id)) is None:
                     session.add(self._row(ticket))
+                    _set_sensitivity(session, ticket)
                     fresh.add((ticket.tenant, ticket.ticket_id))
             for target in targets:
                 key = (target.tenant, target.target_type, target.target_id)
@@ -357,7 +395,11 @@ class RecordStore(SqlStore):
     def get(self, tenant: str, ticket_id: str) -> Ticket | None:
         with Session(self.engine) as session:
             row = session.get(TicketRow, (tenant, ticket_id))
-            return None if row is None else Ticket.from_row(row)
+            if row is None:
+                return None
+            label = session.get(TicketSensitivityRow, (tenant, ticket_id))
+            ticket = Ticket.from_row(row)
+            return ticket if label is None else replace(ticket, sensitivity=label.sensitivity)
 
     def links(self, tenant: str, ticket_id: str) -> list[tuple[str, str]]:
         """(target type, target id) of the ticket's links, sorted."""

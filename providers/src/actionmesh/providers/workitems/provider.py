@@ -1,8 +1,10 @@
 """The work item provider: retry a failed or stuck work item, or reprocess a stuck
 inbound email into a ticket, against its own store.
 
-The caller's record context decides what Discover offers; Execute never trusts
-it and re-checks the item in the provider's own database.
+It is the system of record of ``workitem`` records: the gateway asks it for an
+item's facts (status, sensitivity, kind, version) and governs on those, never on
+the caller's claims. Execute still re-checks the item in its own database (the
+item may move between the gateway's check and the handler).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
-from actionmesh.providers.workitems.store import RETRYABLE, Refused, WorkItemStore
+from actionmesh.providers.workitems.store import RETRYABLE, Refused, WorkItem, WorkItemStore
 from actionmesh.sdk import (
     ActionContext,
     Change,
+    Facts,
     Input,
     Provider,
     RecordView,
@@ -37,6 +40,29 @@ _store.bind(
     seed=WorkItemStore.seed_demo,
     close=WorkItemStore.close,
 )
+
+
+def item_version(item: WorkItem) -> str:
+    """Changes whenever the item does (every write stamps ``updated_at``)."""
+    stamp = item.updated_at.timestamp() if item.updated_at is not None else 0.0
+    return f"{item.attempts}.{round(stamp * 1_000_000)}"
+
+
+@workitems.record_source("workitem")
+async def workitem_facts(tenant: str, item_id: str) -> Facts | None:
+    item = await asyncio.to_thread(current_store().get, tenant, item_id)
+    if item is None:
+        return None
+    return Facts(
+        status=item.status,
+        version=item_version(item),
+        sensitivity=item.sensitivity,
+        attributes={
+            "kind": item.kind,
+            "attempts": str(item.attempts),
+            "max_attempts": str(item.max_attempts),
+        },
+    )
 
 
 @dataclass(frozen=True)

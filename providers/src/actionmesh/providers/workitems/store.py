@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -44,6 +44,17 @@ class WorkItemRow(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=DEFAULT_MAX_ATTEMPTS)
     last_error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WorkItemSensitivityRow(Base):
+    """How sensitive a work item is; items without a row are normal (a table of its
+    own, so databases made before it only gain a table)."""
+
+    __tablename__ = "workitem_sensitivity"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sensitivity: Mapped[str] = mapped_column(String(16))
 
 
 class InboundEmailRow(Base):
@@ -101,6 +112,8 @@ class WorkItem:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     last_error: str = ""
     updated_at: datetime | None = None
+    # "normal", "sensitive" or "restricted" (kept in workitem_sensitivity).
+    sensitivity: str = "normal"
 
     @classmethod
     def from_row(cls, row: WorkItemRow) -> WorkItem:
@@ -219,6 +232,16 @@ DEMO_ITEMS: tuple[WorkItem, ...] = (
         last_error="CRM did not acknowledge the update",
     ),
     WorkItem("acme", "wi-1003", "inbound_email", "processed", 1),
+    # Sensitive (personal data in the email): operators may not act on it, supervisors may.
+    WorkItem(
+        "acme",
+        "wi-1006",
+        "inbound_email",
+        "failed",
+        1,
+        last_error="mail parser timeout",
+        sensitivity="sensitive",
+    ),
     WorkItem(
         "globex", "wi-2001", "customer_update", "failed", 1, last_error="postcode rejected by CRM"
     ),
@@ -244,7 +267,20 @@ DEMO_EMAILS: tuple[InboundEmail, ...] = (
     InboundEmail("acme", "wi-1003", "jo@acme.example", "Thanks for the quick fix"),
     InboundEmail("acme", "wi-1004", "dana@acme.example", "Cannot log in to the portal"),
     InboundEmail("acme", "wi-1005", "lee@acme.example", "Signed contract attached"),
+    InboundEmail("acme", "wi-1006", "hr@acme.example", "Medical certificate for J. Doe"),
 )
+
+
+def _set_sensitivity(session: Session, item: WorkItem) -> None:
+    label = session.get(WorkItemSensitivityRow, (item.tenant, item.item_id))
+    if label is not None:
+        label.sensitivity = item.sensitivity
+    elif item.sensitivity != "normal":
+        session.add(
+            WorkItemSensitivityRow(
+                tenant=item.tenant, item_id=item.item_id, sensitivity=item.sensitivity
+            )
+        )
 
 
 class WorkItemStore(SqlStore):
@@ -269,6 +305,7 @@ class WorkItemStore(SqlStore):
         """Insert or replace one work item (seeding, tests)."""
         with Session(self.engine) as session, session.begin():
             session.merge(self._row(item))
+            _set_sensitivity(session, item)
 
     def seed(self, items: Iterable[WorkItem], emails: Iterable[InboundEmail] = ()) -> int:
         """Insert the items (and emails) that do not exist yet (idempotent).
@@ -280,6 +317,7 @@ class WorkItemStore(SqlStore):
             for item in items:
                 if session.get(WorkItemRow, (item.tenant, item.item_id)) is None:
                     session.add(self._row(item))
+                    _set_sensitivity(session, item)
                     added += 1
             for email in emails:
                 if session.get(InboundEmailRow, (email.tenant, email.item_id)) is None:
@@ -328,7 +366,11 @@ class WorkItemStore(SqlStore):
     def get(self, tenant: str, item_id: str) -> WorkItem | None:
         with Session(self.engine) as session:
             row = session.get(WorkItemRow, (tenant, item_id))
-            return None if row is None else WorkItem.from_row(row)
+            if row is None:
+                return None
+            label = session.get(WorkItemSensitivityRow, (tenant, item_id))
+            item = WorkItem.from_row(row)
+            return item if label is None else replace(item, sensitivity=label.sensitivity)
 
     def attempts(self, tenant: str, item_id: str) -> list[Attempt]:
         with Session(self.engine) as session:
