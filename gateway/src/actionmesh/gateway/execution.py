@@ -152,6 +152,23 @@ class Executor:
                 provider_id=entry.provider_id,
             )
         try:
+            validate_inputs(descriptor.inputs, command.inputs)
+        except InvalidArgument as invalid:
+            await self._refuse(caller, command, attempt_id, invalid, provider_id=entry.provider_id)
+        if entry.not_serving:
+            # Nothing could run: say so before asking the record's source anything.
+            await self._refuse(
+                caller,
+                command,
+                attempt_id,
+                Unavailable(
+                    f"provider {entry.provider_id} is not healthy; nothing ran",
+                    reason="PROVIDER_UNAVAILABLE",
+                    retry_after_s=UNAVAILABLE_RETRY_S,
+                ),
+                provider_id=entry.provider_id,
+            )
+        try:
             # Fresh: the system of record (or a trusted caller) says what the record is.
             verified = await self._facts.resolve(caller, command.record, fresh=True)
         except (NotFound, Unavailable) as unknown:
@@ -182,17 +199,6 @@ class Executor:
             )
         # From here on the request is about the record as its source knows it.
         command = command.on(verified.record)
-        try:
-            validate_inputs(descriptor.inputs, command.inputs)
-        except InvalidArgument as invalid:
-            await self._refuse(
-                caller,
-                command,
-                attempt_id,
-                invalid,
-                provider_id=entry.provider_id,
-                facts=verified.facts,
-            )
         authorized = self._authorizer.execute(caller, verified, entry, descriptor)
         if not authorized.allowed:
             await self._refuse(
@@ -200,19 +206,6 @@ class Executor:
                 command,
                 attempt_id,
                 PermissionDenied("not permitted by policy", reason="POLICY_DENIED"),
-                provider_id=entry.provider_id,
-                authorized=authorized,
-            )
-        if entry.not_serving:
-            await self._refuse(
-                caller,
-                command,
-                attempt_id,
-                Unavailable(
-                    f"provider {entry.provider_id} is not healthy; nothing ran",
-                    reason="PROVIDER_UNAVAILABLE",
-                    retry_after_s=UNAVAILABLE_RETRY_S,
-                ),
                 provider_id=entry.provider_id,
                 authorized=authorized,
             )
