@@ -317,7 +317,9 @@ def cmd_actions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(to_dict(reply), indent=2))
         return 0
-    table = Table(title=f"actions for {args.record} (status {args.status or '-'})")
+    facts = reply.facts
+    title = f"actions for {args.record} ({describe_facts(facts) or 'no facts'})"
+    table = Table(title=title, caption=f"facts: {vouched(facts)}" if facts.ByteSize() else None)
     for column in ("action", "label", "provider", "available", "inputs", "risk"):
         table.add_column(column)
     for view in reply.actions:
@@ -336,6 +338,11 @@ def cmd_actions(args: argparse.Namespace) -> int:
             enum_label("RISK_", common_pb2.Risk.Name(descriptor.risk)).lower(),
         )
     console.print(table)
+    if facts.caller_version:
+        console.print(
+            f"[yellow]you looked at version {facts.caller_version}; the record is now at "
+            f"{facts.version}: the actions above are for the record as it is now[/yellow]"
+        )
     for degraded in reply.degraded_providers:
         console.print(f"[yellow]degraded: {degraded.provider_id} ({degraded.reason})[/yellow]")
     if not reply.actions:
@@ -365,6 +372,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return show_execution(args, execution)
 
 
+def vouched(facts: common_pb2.RecordFacts, *, short: bool = False) -> str:
+    """Who vouched for the record facts a decision was taken on ('' when none recorded)."""
+    if not facts.ByteSize():
+        return ""
+    if facts.source == common_pb2.FACT_SOURCE_PROVIDER:
+        if short:
+            return f"{facts.vouched_by}@{facts.version}"
+        stale = f"; the caller had seen {facts.caller_version}" if facts.caller_version else ""
+        return f"system of record {facts.vouched_by}, version {facts.version}{stale}"
+    if facts.source == common_pb2.FACT_SOURCE_TRUSTED_CALLER:
+        return facts.vouched_by if short else f"trusted caller {facts.vouched_by}"
+    return "unverified" if short else "unverified (the caller's claim)"
+
+
+def describe_facts(facts: common_pb2.RecordFacts) -> str:
+    """The facts themselves, in one line: status, sensitivity, attributes."""
+    if not facts.ByteSize():
+        return ""
+    sensitivity = enum_label("SENSITIVITY_", common_pb2.Sensitivity.Name(facts.sensitivity))
+    parts = [f"status {facts.status or '-'}", f"sensitivity {sensitivity.lower()}"]
+    parts += [f"{k}={v}" for k, v in sorted(facts.attributes.items())]
+    return ", ".join(parts)
+
+
 def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -> int:
     """Print an execution; exit 0 only for SUCCEEDED (3 otherwise, e.g. PENDING_APPROVAL)."""
     if args.json:
@@ -380,6 +411,8 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
         ("message", execution.message),
         ("external ref", execution.external_ref),
         ("trace id", execution.trace_id),
+        ("facts", describe_facts(execution.facts)),
+        ("vouched by", vouched(execution.facts)),
     ]
     if approval.state:
         state = enum_label("APPROVAL_STATE_", gateway_pb2.ApprovalState.Name(approval.state))
@@ -497,6 +530,7 @@ def event_table(title: str, events: Sequence[audit_pb2.AuditEvent]) -> Table:
         "reason",
         "external ref",
         "changes",
+        "facts from",
     ):
         table.add_column(column)
     for event in events:
@@ -511,6 +545,7 @@ def event_table(title: str, events: Sequence[audit_pb2.AuditEvent]) -> Table:
             event.reason if event.type not in TYPES_WITH_MESSAGE else event.message,
             event.external_ref,
             "; ".join(f"{c.field}: {c.before} -> {c.after}" for c in event.changes),
+            vouched(event.facts, short=True),
         )
     return table
 

@@ -189,6 +189,7 @@ class Approvals:
                 reason="PROVIDER_UNAVAILABLE",
                 message="approved, but the provider is not available; nothing ran. "
                 "Retry ExecuteAction with the same idempotency key.",
+                facts=verified.facts,
             )
             return await self._end(ended, now_command, requester, granted)
         entry, descriptor = found
@@ -202,6 +203,7 @@ class Approvals:
                 reason="POLICY_DENIED",
                 message="approved, but policy no longer allows the requester to run this "
                 "action on the record as it is now; nothing ran",
+                facts=verified.facts,
             )
             return await self._end(ended, now_command, requester, granted, recheck)
         approved = row.approved(
@@ -209,6 +211,7 @@ class Approvals:
             comment=comment,
             at=decided_at,
             dispatch_deadline=self._deadlines.dispatch_deadline(descriptor, decided_at),
+            facts=verified.facts,
         )
         started = self._ledger.event(
             STARTED,

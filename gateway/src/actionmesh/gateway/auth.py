@@ -65,6 +65,8 @@ tracer = trace.get_tracer("actionmesh.gateway")
 
 # A backend service's own token, sent next to the operator's (see Caller.service).
 SERVICE_METADATA = "actionmesh-service-authorization"
+# The auth-context property holding a verified client certificate's URI SANs.
+PEER_URI = "peer_uri"
 # Claims end up in audit columns of bounded width.
 MAX_CLAIM_LENGTH = 128
 # Roles feed every policy evaluation and are copied into audit events and approvals:
@@ -98,9 +100,11 @@ class Caller:
     tenant: str
     roles: tuple[str, ...]
     service: str = ""
-    """The backend service the call came through, authenticated by its own token in
-    ``actionmesh-service-authorization`` (its client id); empty without one. The
-    operator is still the person acting, "on behalf of" whom the service calls."""
+    """The backend service the call came through, authenticated by its own credential:
+    the client id of its token in ``actionmesh-service-authorization``, or else (when the
+    gateway requires client certificates) the URI SAN of its verified client certificate,
+    e.g. ``actionmesh://backend``; empty without either. The operator is still the person
+    acting, "on behalf of" whom the service calls."""
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,8 @@ class TokenVerifier:
         self._audience = config.jwt_audience
         self._leeway = config.jwt_leeway_s
         self._refresh_s = config.jwt_jwks_refresh_s
+        # Only a certificate the TLS handshake verified against tls_ca_file names a peer.
+        self._certificates_name_services = config.tls_require_client_cert
         log.info(
             "caller tokens: %s, algorithms %s, issuer %r, audience %r",
             self._source.description,
@@ -410,8 +416,12 @@ class TokenVerifier:
         call_span.set_attribute("actionmesh.tenant", caller.tenant)
         return caller
 
-    async def authenticate_async(self, metadata: Metadata) -> Caller:
-        """As :meth:`authenticate`, but a JWKS re-read runs off the event loop."""
+    async def authenticate_async(
+        self, metadata: Metadata, auth_context: Mapping[str, Sequence[bytes]] | None = None
+    ) -> Caller:
+        """As :meth:`authenticate`, but a JWKS re-read runs off the event loop, and the
+        calling service (:attr:`Caller.service`) is named from its service token or, with
+        client certificates required, from the call's ``auth_context``."""
         call_span = trace.get_current_span()
         with tracer.start_as_current_span("auth.authenticate") as span:
             try:
@@ -422,6 +432,8 @@ class TokenVerifier:
                     key = self._source.select(header)
                 caller = self._decode(token, key)
                 service = await self._service(metadata, caller)
+                if not service and self._certificates_name_services and auth_context:
+                    service = certificate_identity(auth_context)
             except Unauthenticated as exc:
                 span.set_attribute("actionmesh.auth.refused", exc.reason)
                 raise
@@ -553,6 +565,17 @@ def refusal(exc: jwt.PyJWTError) -> Unauthenticated:
         if isinstance(exc, kind):
             return Unauthenticated(message, reason="TOKEN_INVALID")
     return Unauthenticated(f"token rejected ({type(exc).__name__})", reason="TOKEN_INVALID")
+
+
+def certificate_identity(auth_context: Mapping[str, Sequence[bytes]]) -> str:
+    """The workload identity of a verified client certificate: its one URI SAN (the
+    development PKI issues ``actionmesh://<name>``; a SPIFFE id works the same way).
+    A certificate with no URI SAN, or several, names nobody."""
+    uris = auth_context.get(PEER_URI) or ()
+    if len(uris) != 1:
+        return ""
+    identity = uris[0].decode("utf-8", "replace")
+    return identity if 0 < len(identity) <= MAX_CLAIM_LENGTH else ""
 
 
 def bearer_token(metadata: Metadata) -> str:

@@ -76,6 +76,7 @@ class Claims:
             requester_roles=tuple(caller.roles),
             sensitive=command.sensitive,
             dispatch_deadline=self._deadlines.dispatch_deadline(authorized.descriptor, now),
+            facts=authorized.facts,
         )
         if authorized.descriptor.requires_approval:
             record = record.awaiting_approval(

@@ -118,6 +118,9 @@ class ExecutionRecord:
     late_result_at: datetime | None = None
     dispatch_deadline: datetime | None = None
     """When a RUNNING dispatch has written its outcome at the latest (see OrphanRule)."""
+    facts: common_pb2.RecordFacts | None = None
+    """The record's facts it was authorized on and who vouched for them (replaced by the
+    facts at approval time when an approver decides)."""
 
     @property
     def finished(self) -> bool:
@@ -147,12 +150,19 @@ class ExecutionRecord:
         )
 
     def approved(
-        self, *, approver: str, comment: str, at: datetime, dispatch_deadline: datetime
+        self,
+        *,
+        approver: str,
+        comment: str,
+        at: datetime,
+        dispatch_deadline: datetime,
+        facts: common_pb2.RecordFacts | None = None,
     ) -> ExecutionRecord:
-        """Approved: dispatch starts now and must have ended by ``dispatch_deadline``."""
+        """Approved: dispatch starts now and must have ended by ``dispatch_deadline``;
+        ``facts`` are the record's facts the requester was re-authorized on."""
         self._require("approve", ExecutionState.PENDING_APPROVAL)
         return replace(
-            self._decided(ApprovalState.APPROVED, approver, comment, at),
+            self._decided(ApprovalState.APPROVED, approver, comment, at, facts),
             outcome=ExecutionState.RUNNING,
             reason="",
             message="",
@@ -168,11 +178,12 @@ class ExecutionRecord:
         outcome: Outcome,
         reason: str,
         message: str,
+        facts: common_pb2.RecordFacts | None = None,
     ) -> ExecutionRecord:
         """Approved, but ended before dispatch (policy or the provider said no)."""
         self._require("end at approval", ExecutionState.PENDING_APPROVAL)
         return self._closed(
-            self._decided(ApprovalState.APPROVED, approver, comment, at),
+            self._decided(ApprovalState.APPROVED, approver, comment, at, facts),
             outcome,
             reason,
             message,
@@ -257,7 +268,12 @@ class ExecutionRecord:
         )
 
     def _decided(
-        self, state: ApprovalState, approver: str, comment: str, at: datetime
+        self,
+        state: ApprovalState,
+        approver: str,
+        comment: str,
+        at: datetime,
+        facts: common_pb2.RecordFacts | None = None,
     ) -> ExecutionRecord:
         return replace(
             self,
@@ -265,6 +281,7 @@ class ExecutionRecord:
             approver=approver,
             approval_comment=comment,
             approval_decided_at=at,
+            facts=facts if facts is not None else self.facts,
         )
 
     @staticmethod

@@ -6,7 +6,7 @@ import grpc.aio
 
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
-from actionmesh.gateway.auth import TokenVerifier
+from actionmesh.gateway.auth import Caller, TokenVerifier
 from actionmesh.gateway.discovery import Discoverer
 from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
@@ -40,10 +40,16 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self._ledger = ledger
         self._policy = policy
 
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The operator behind the call and, if any, the backend service it came through."""
+        return await self._verifier.authenticate_async(
+            context.invocation_metadata(), context.auth_context()
+        )
+
     async def DiscoverActions(
         self, request: gateway_pb2.DiscoverActionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.DiscoverActionsResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         await self._admission.check_rate(caller.tenant, "discover")
         result = await self._discoverer.discover(
             caller, request.record, request.HasField("record"), skip_cache=request.skip_cache
@@ -68,7 +74,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ExecuteAction(
         self, request: gateway_pb2.ExecuteActionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ExecuteActionResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         await self._admission.check_rate(caller.tenant, "execute")
         record = await self._executor.execute(
             caller,
@@ -85,7 +91,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetExecution(
         self, request: gateway_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetExecutionResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         record = await self._ledger.get(caller.tenant, request.execution_id)
         if record is None:
             raise NotFound("no such execution", reason="EXECUTION_NOT_FOUND")
@@ -94,7 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetRecordHistory(
         self, request: gateway_pb2.GetRecordHistoryRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetRecordHistoryResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         page = await self._history.timeline(
             caller,
             request.record,
@@ -109,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ListExecutions(
         self, request: gateway_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListExecutionsResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         page = await self._history.executions(caller, request)
         return gateway_pb2.ListExecutionsResponse(
             executions=page.executions, next_page_token=page.next_page_token
@@ -118,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def GetTrace(
         self, request: gateway_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetTraceResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         page = await self._history.trace(
             caller, request.trace_id, request.page_size, request.page_token
         )
@@ -129,7 +135,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ListPendingApprovals(
         self, request: gateway_pb2.ListPendingApprovalsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListPendingApprovalsResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         page = await self._approvals.list_pending(
             caller,
             request.record if request.HasField("record") else None,
@@ -152,7 +158,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def ApproveExecution(
         self, request: gateway_pb2.ApproveExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ApproveExecutionResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         record = await self._approvals.approve(
             caller,
             request.execution_id,
@@ -165,14 +171,14 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
     async def RejectExecution(
         self, request: gateway_pb2.RejectExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RejectExecutionResponse:
-        caller = await self._verifier.authenticate_async(context.invocation_metadata())
+        caller = await self._caller(context)
         record = await self._approvals.reject(caller, request.execution_id, request.comment)
         return gateway_pb2.RejectExecutionResponse(execution=execution_proto(record))
 
     async def GetPolicyStatus(
         self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetPolicyStatusResponse:
-        await self._verifier.authenticate_async(context.invocation_metadata())
+        await self._caller(context)
         status = self._policy.status()
         reply = gateway_pb2.GetPolicyStatusResponse(
             policy_file=status.path,
@@ -214,6 +220,8 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
             message.approval.expires_at.CopyFrom(to_timestamp(record.approval_expires_at))
         if record.approval_decided_at is not None:
             message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
+    if record.facts is not None:
+        message.facts.CopyFrom(record.facts)
     if record.late_outcome is not None:
         message.late_outcome = record.late_outcome.to_proto()
         if record.late_result_at is not None:

@@ -46,7 +46,7 @@ from actionmesh.gateway.model import (
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
 from actionmesh.runtime.migrations import ServiceMigrations, prepare_schema
-from actionmesh.v1 import audit_pb2
+from actionmesh.v1 import audit_pb2, common_pb2
 
 
 class Base(DeclarativeBase):
@@ -95,6 +95,8 @@ class ExecutionRow(Base):
     # (TIMED_OUT at the latest), so a row still RUNNING well after it has lost its runner.
     # None on rows written before revision 0002.
     dispatch_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The RecordFacts (serialized) the execution was authorized on; NULL before 0003.
+    facts_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class OutboxRow(Base):
@@ -590,6 +592,7 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "late_outcome": record.late_outcome.value if record.late_outcome else "",
         "late_result_at": record.late_result_at,
         "dispatch_deadline": record.dispatch_deadline,
+        "facts_payload": record.facts.SerializeToString() if record.facts is not None else None,
     }
 
 
@@ -624,6 +627,7 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         late_outcome=Outcome(row.late_outcome) if row.late_outcome else None,
         late_result_at=row.late_result_at,
         dispatch_deadline=row.dispatch_deadline,
+        facts=common_pb2.RecordFacts.FromString(row.facts_payload) if row.facts_payload else None,
     )
 
 

@@ -236,6 +236,7 @@ class Execution(_message.Message):
     APPROVAL_FIELD_NUMBER: _builtins.int
     LATE_OUTCOME_FIELD_NUMBER: _builtins.int
     LATE_RESULT_AT_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     action_id: _builtins.str
     provider_id: _builtins.str
@@ -267,6 +268,12 @@ class Execution(_message.Message):
 
     @_builtins.property
     def late_result_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def facts(self) -> _common_pb2.RecordFacts:
+        """The record's facts the execution was authorized (and, after an approval,
+        re-authorized) on, and who vouched for them.
+        """
+
     def __init__(
         self,
         *,
@@ -289,10 +296,11 @@ class Execution(_message.Message):
         approval: Global___Approval | None = ...,
         late_outcome: _common_pb2.Outcome.ValueType = ...,
         late_result_at: _timestamp_pb2.Timestamp | None = ...,
+        facts: _common_pb2.RecordFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
