@@ -74,6 +74,11 @@ class ProviderDirectory:
         self._loop: SupervisedLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._retired: set[grpc.aio.Channel] = set()
+        # Record type -> the provider that is its system of record (registered now), and
+        # every source this gateway has seen: a type whose source left is not left to
+        # its callers' word (see departed_source).
+        self._sources: dict[str, str] = {}
+        self._known_sources: dict[str, str] = {}
 
     def start(self, supervisor: Supervisor | None = None) -> None:
         """Watch the registry, as a loop of ``supervisor`` (a private one by default)."""
@@ -111,10 +116,16 @@ class ProviderDirectory:
 
     def record_source(self, record_type: str) -> ProviderEntry | None:
         """The provider that is the system of record of ``record_type``, if one is registered."""
-        for entry in self._providers.values():
-            if record_type in entry.registration.record_sources:
-                return entry
-        return None
+        provider_id = self._sources.get(record_type)
+        return self._providers.get(provider_id) if provider_id is not None else None
+
+    def departed_source(self, record_type: str) -> str:
+        """The provider that was the system of record of ``record_type`` and is no longer
+        registered ('' if the type has a source now or never had one while this gateway
+        ran): its records' facts are unavailable, not the caller's to state."""
+        if record_type in self._sources:
+            return ""
+        return self._known_sources.get(record_type, "")
 
     def find_action(
         self, action_id: str
@@ -175,6 +186,15 @@ class ProviderDirectory:
                 ):
                     self._forget_channel(previous)
                 self._providers[provider_id] = ProviderEntry(change.provider)
+        self._index_sources()
+
+    def _index_sources(self) -> None:
+        self._sources = {
+            record_type: entry.provider_id
+            for entry in self._providers.values()
+            for record_type in entry.registration.record_sources
+        }
+        self._known_sources.update(self._sources)
 
     async def _retire(self, channel: grpc.aio.Channel) -> None:
         try:

@@ -92,10 +92,10 @@ class Discoverer:
         degraded: list[tuple[str, str]] = []
         try:
             verified = await self._facts.resolve(caller, record, fresh=skip_cache)
-        except Unavailable:
+        except Unavailable as down:
             # Shown on the caller's word, marked unverified, and the source named as degraded.
             verified = self._facts.unverified(record)
-            degraded.append((self._facts.source_of(record.type), SOURCE_UNAVAILABLE))
+            degraded.append((down.metadata.get("provider_id", ""), SOURCE_UNAVAILABLE))
         record = verified.record
         entries = self._directory.providers_for(record.type)
         visibility = self._authorizer.discover(caller, verified, entries)

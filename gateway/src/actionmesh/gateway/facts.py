@@ -91,6 +91,16 @@ def _facts(
     )
 
 
+def source_unavailable(provider_id: str, record_type: str, why: str) -> Unavailable:
+    """The refusal when a type's system of record cannot say what a record is."""
+    return Unavailable(
+        f"the system of record of {record_type!r} records ({provider_id}) {why}; nothing ran",
+        reason=SOURCE_UNAVAILABLE,
+        retry_after_s=SOURCE_RETRY_S,
+        metadata={"provider_id": provider_id, "record_type": record_type},
+    )
+
+
 class FactResolver:
     def __init__(
         self,
@@ -109,15 +119,14 @@ class FactResolver:
         )
 
     def has_source(self, record_type: str) -> bool:
-        return self._directory.record_source(record_type) is not None
+        """A system of record speaks for the type (or did, and is away now)."""
+        return self._directory.record_source(record_type) is not None or bool(
+            self._directory.departed_source(record_type)
+        )
 
     def unverified(self, claimed: common_pb2.RecordContext) -> VerifiedRecord:
         """The caller's claim, marked as nobody's word (e.g. while the source is down)."""
         return VerifiedRecord(claimed, _facts(claimed, UNVERIFIED, "", ""))
-
-    def source_of(self, record_type: str) -> str:
-        entry = self._directory.record_source(record_type)
-        return entry.provider_id if entry is not None else ""
 
     async def resolve(
         self, caller: Caller, claimed: common_pb2.RecordContext, *, fresh: bool = True
@@ -129,6 +138,9 @@ class FactResolver:
             return VerifiedRecord(
                 record, _facts(record, PROVIDER, source.provider_id, claimed.version)
             )
+        departed = self._directory.departed_source(claimed.type)
+        if departed:
+            raise source_unavailable(departed, claimed.type, "is not registered")
         if caller.service and claimed.type in self._trusted.get(caller.service, ()):
             return VerifiedRecord(claimed, _facts(claimed, TRUSTED_CALLER, caller.service, ""))
         return VerifiedRecord(claimed, _facts(claimed, UNVERIFIED, "", ""))
@@ -155,13 +167,7 @@ class FactResolver:
         self, source: ProviderEntry, tenant: str, claimed: common_pb2.RecordContext
     ) -> common_pb2.RecordContext:
         def unavailable(why: str) -> Unavailable:
-            return Unavailable(
-                f"the system of record of {claimed.type!r} records ({source.provider_id}) "
-                f"{why}; nothing ran",
-                reason=SOURCE_UNAVAILABLE,
-                retry_after_s=SOURCE_RETRY_S,
-                metadata={"provider_id": source.provider_id, "record_type": claimed.type},
-            )
+            return source_unavailable(source.provider_id, claimed.type, why)
 
         if source.not_serving:
             raise unavailable("is not healthy")
