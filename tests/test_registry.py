@@ -667,6 +667,36 @@ async def test_action_id_held_by_another_provider_conflicts(
     assert set(await list_providers(stub)) == {"rival"}
 
 
+async def test_a_record_type_has_one_system_of_record(
+    registries: Registries, fake_provider: Callable[[], Awaitable[FakeProvider]]
+) -> None:
+    running = await registries.start()
+    stub = registries.stub(running)
+    owner, rival = await fake_provider(), await fake_provider()
+    first = registration("owner", owner.endpoint, [action("owner.act")])
+    first.record_sources.append("workitem")
+    owner_lease = (await stub.RegisterProvider(first)).lease_id
+    second = registration("rival", rival.endpoint, [action("rival.act")])
+    second.record_sources.append("workitem")
+    details = await expect_error(
+        stub.RegisterProvider(second), grpc.StatusCode.ALREADY_EXISTS, "RECORD_SOURCE_CONFLICT"
+    )
+    assert details.metadata["provider_id"] == "owner"
+    listed = (await stub.ListProviders(registry_pb2.ListProvidersRequest())).providers
+    assert [(p.provider_id, list(p.record_sources)) for p in listed] == [("owner", ["workitem"])]
+    # Malformed declarations are refused like any other field.
+    bad = registration("rival", rival.endpoint, [action("rival.act")])
+    bad.record_sources.append("Not A Type")
+    await expect_error(
+        stub.RegisterProvider(bad), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REGISTRATION"
+    )
+    # Once the owner is gone, the type may have another source.
+    await stub.DeregisterProvider(
+        registry_pb2.DeregisterProviderRequest(provider_id="owner", lease_id=owner_lease)
+    )
+    await stub.RegisterProvider(second)
+
+
 # --- restart and shutdown ------------------------------------------------------------
 
 

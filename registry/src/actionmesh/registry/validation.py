@@ -63,8 +63,10 @@ def validate_registration(registration: Registration) -> None:
         violations.append(
             FieldViolation("version", f"must be at most {MAX_VERSION_LENGTH} characters")
         )
-    if not registration.actions:
-        violations.append(FieldViolation("actions", "declare at least one action"))
+    if not registration.actions and not registration.record_sources:
+        violations.append(
+            FieldViolation("actions", "declare at least one action or one record source")
+        )
     first_index: dict[str, int] = {}
     for index, action in enumerate(registration.actions):
         path = f"actions[{index}]"

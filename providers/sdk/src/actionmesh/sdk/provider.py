@@ -315,6 +315,9 @@ class Provider:
         return hook
 
     def check(self) -> None:
-        """Refuse to serve a provider that declares no actions."""
-        if not self._actions:
-            raise ProviderDefinitionError(f"provider {self.id} declares no actions")
+        """Refuse to serve a provider that declares neither actions nor record sources (a
+        pure system of record, with no actions of its own, is a provider too)."""
+        if not self._actions and not self._sources:
+            raise ProviderDefinitionError(
+                f"provider {self.id} declares no actions and is the source of no record type"
+            )
