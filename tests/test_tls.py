@@ -259,6 +259,45 @@ async def test_gateway_asks_for_client_certificates_only_when_configured(
         tls_mesh.stop_service("gateway-mtls")
 
 
+async def test_a_client_certificate_names_a_trusted_caller_only_under_mutual_tls(
+    tls_mesh: Mesh, client_tls: TlsConfig
+) -> None:
+    # The backend's certificate (URI SAN actionmesh://backend) vouches for `thing` facts.
+    backend = tls_mesh.tls_for("backend")
+    assert backend is not None
+    trusted = "actionmesh://backend=thing"
+    claim = gateway_pb2.DiscoverActionsRequest(
+        record=common_pb2.RecordContext(tenant="acme", type="thing", id="t-1", status="open")
+    )
+
+    async def facts(address: str, tls: TlsConfig) -> common_pb2.RecordFacts:
+        async with open_channel(address, tls) as channel:
+            reply = await gateway_pb2_grpc.ActionGatewayServiceStub(channel).DiscoverActions(
+                claim, metadata=bearer(token(tls_mesh)), timeout=CALL_TIMEOUT_S
+            )
+        return reply.facts
+
+    tls_mesh.start_gateway(
+        "gateway-vouch", "--tls-require-client-cert", "true", "--trusted-callers", trusted
+    )
+    tls_mesh.start_gateway("gateway-tls-only", "--trusted-callers", trusted)
+    try:
+        vouched = await facts(tls_mesh.address("gateway-vouch"), backend)
+        assert (vouched.source, vouched.vouched_by) == (
+            common_pb2.FACT_SOURCE_TRUSTED_CALLER,
+            "actionmesh://backend",
+        )
+        # Another certificate of the same CA is not the listed identity.
+        other = await facts(tls_mesh.address("gateway-vouch"), client_tls)
+        assert other.source == common_pb2.FACT_SOURCE_UNVERIFIED
+        # Without mutual TLS the gateway never asks for (nor believes) a client certificate.
+        unasked = await facts(tls_mesh.address("gateway-tls-only"), backend)
+        assert unasked.source == common_pb2.FACT_SOURCE_UNVERIFIED
+    finally:
+        tls_mesh.stop_service("gateway-vouch")
+        tls_mesh.stop_service("gateway-tls-only")
+
+
 async def test_server_with_untrusted_certificate_is_not_believed(
     tls_mesh: Mesh, rogue_tls: TlsConfig
 ) -> None:
