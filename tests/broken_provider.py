@@ -6,6 +6,11 @@ undeclared action and a changing reason, executes unknown actions, accepts any
 inputs and tenant, needs no idempotency key, acts again on a repeated key and
 refuses with bare statuses. With ``Flaws.none()`` it honours the contract,
 which shows the kit passes providers not written with the SDK.
+
+It is the system of record of nothing unless started with a :class:`Source`: then
+it declares ``thing`` records in ``record_sources`` and answers ResolveRecord for
+:data:`THINGS`, with the source flaws the Source switches on (flaws the SDK would
+not let a provider have).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ ACTION_ID = "thing.poke"
 RECORD_TYPE = "thing"
 # Records with this status are eligible for ACTION_ID.
 READY = "ready"
+# The things the provider holds as their system of record: (tenant, id) -> (status, version).
+THINGS = {("acme", "t-1"): (READY, "7"), ("globex", "t-9"): (READY, "2")}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,18 @@ class Flaws:
     @classmethod
     def none(cls) -> Flaws:
         return cls(**{name: False for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Source:
+    """The provider as the system of record of things, and how its answers are wrong."""
+
+    # What Describe.record_sources declares.
+    declares: tuple[str, ...] = (RECORD_TYPE,)
+    # Answers a record without a version.
+    unversioned: bool = False
+    # Answers another record than the one asked for (a gadget with its own id): no echo.
+    misdirected: bool = False
 
 
 def _descriptor(action_id: str = ACTION_ID) -> common_pb2.ActionDescriptor:
@@ -81,8 +100,9 @@ def _descriptor(action_id: str = ACTION_ID) -> common_pb2.ActionDescriptor:
 class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     """Breaks the contract as its :class:`Flaws` say."""
 
-    def __init__(self, flaws: Flaws) -> None:
+    def __init__(self, flaws: Flaws, source: Source | None = None) -> None:
         self.flaws = flaws
+        self.source = source
         self.pokes = itertools.count(1)
         self.discovers = itertools.count(1)
         # Idempotency keys of the executions that really acted, in order.
@@ -101,7 +121,42 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             provider_id="broken",
             version="" if self.flaws.bad_describe else "0.0.1",
             actions=actions,
+            record_sources=list(self.source.declares) if self.source else [],
         )
+
+    async def ResolveRecord(
+        self, request: provider_pb2.ResolveRecordRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.ResolveRecordResponse:
+        if self.source is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a record source")
+        try:
+            return self._resolve(request)
+        except ActionMeshError as exc:
+            await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+            raise  # unreachable: abort raises
+
+    def _resolve(
+        self, request: provider_pb2.ResolveRecordRequest
+    ) -> provider_pb2.ResolveRecordResponse:
+        assert self.source is not None
+        if request.record.type != RECORD_TYPE:
+            raise NotFound("not the source of that type", reason="RECORD_TYPE_NOT_SOURCED")
+        found = THINGS.get((request.tenant, request.record.id))
+        if found is None:
+            raise NotFound("no such thing in this tenant", reason="RECORD_NOT_FOUND")
+        status, version = found
+        record = common_pb2.RecordContext(
+            tenant=request.tenant,
+            type=RECORD_TYPE,
+            id=request.record.id,
+            status=status,
+            sensitivity=common_pb2.SENSITIVITY_NORMAL,
+            attributes={"colour": "blue"},
+            version="" if self.source.unversioned else version,
+        )
+        if self.source.misdirected:
+            record.type, record.id = "gadget", f"g-{version}"
+        return provider_pb2.ResolveRecordResponse(record=record)
 
     async def Discover(
         self, request: provider_pb2.DiscoverRequest, context: grpc.aio.ServicerContext
@@ -176,11 +231,13 @@ class BrokenServer:
         await self.server.stop(0)
 
 
-async def start_broken_provider(flaws: Flaws | None = None) -> BrokenServer:
-    """Serve the broken provider on 127.0.0.1 with a free port."""
+async def start_broken_provider(
+    flaws: Flaws | None = None, source: Source | None = None
+) -> BrokenServer:
+    """Serve the broken provider on 127.0.0.1 with a free port (a record source with ``source``)."""
     flaws = flaws or Flaws()
     server = grpc.aio.server()
-    servicer = BrokenServicer(flaws)
+    servicer = BrokenServicer(flaws, source)
     provider_pb2_grpc.add_ActionProviderServiceServicer_to_server(servicer, server)
     if not flaws.no_health:
         health_servicer = health.aio.HealthServicer()

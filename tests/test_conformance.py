@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import itertools
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -27,19 +29,33 @@ from actionmesh.conformance import (
     valid_inputs,
 )
 from actionmesh.mesh import Mesh
+from actionmesh.providers.records import records
 from actionmesh.providers.workitems import WorkItemStore, workitems
 from actionmesh.rpc.errors import ActionMeshError
+from actionmesh.rpc.records import resolved_record_violations
 from actionmesh.rpc.schema import validate_inputs
 from actionmesh.rpc.server import RunningServer
-from actionmesh.sdk import ProviderConfig, start_provider
-from actionmesh.v1 import common_pb2
-from tests.broken_provider import READY, BrokenServer, Flaws, start_broken_provider
+from actionmesh.sdk import (
+    ActionContext,
+    Facts,
+    NoInputs,
+    Provider,
+    ProviderConfig,
+    Result,
+    Risk,
+    start_provider,
+)
+from actionmesh.v1 import common_pb2, provider_pb2
+from tests.broken_provider import READY, BrokenServer, Flaws, Source, start_broken_provider
 
 pytestmark = pytest.mark.timeout(60)
 
 REPO = Path(__file__).resolve().parents[1]
 FAILED_ITEM = SampleRecord.parse("acme/workitem/wi-1001:failed")
 BROKEN_ITEM = SampleRecord("acme", "thing", "t-1", READY)
+SOURCE_CHECKS = [name for name in CHECKS if name.startswith("source.")]
+# The source checks that read a sample record of a sourced type (skipped without one).
+SAMPLE_SOURCE_CHECKS = ["source.tenant_isolation", "source.answer", "source.stable"]
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -107,16 +123,27 @@ async def test_without_an_eligible_record_the_side_effecting_check_is_skipped(
     results = by_name(await run_checks(server.address))
     assert results["execute.idempotent"].status == SKIP
     assert "--record" in results["execute.idempotent"].detail
-    assert all(r.status == PASS for name, r in results.items() if name != "execute.idempotent")
+    # Without a workitem to read, the source checks that read one are skipped too.
+    for name in SAMPLE_SOURCE_CHECKS:
+        assert results[name].status == SKIP
+        assert "no sample record of a type it sources (workitem)" in results[name].detail
+    skipped = ["execute.idempotent", *SAMPLE_SOURCE_CHECKS]
+    assert all(r.status == PASS for name, r in results.items() if name not in skipped)
 
     processed = SampleRecord.parse("acme/workitem/wi-1003:processed")
     results = by_name(await run_checks(server.address, records=[processed]))
     assert results["execute.idempotent"].status == SKIP
     assert "STATUS_NOT_FAILED" in results["execute.idempotent"].detail
 
+    for name in SOURCE_CHECKS:
+        assert results[name].status == PASS, results[name]
+
     strict = await run_checks(server.address, records=[processed], require_all=True)
     assert by_name(strict)["execute.idempotent"].status == FAIL
     assert failed(strict)
+    unread = by_name(await run_checks(server.address, require_all=True))
+    for name in SAMPLE_SOURCE_CHECKS:
+        assert unread[name].status == FAIL and "skipped but required" in unread[name].detail
 
 
 async def test_a_chosen_action_with_invalid_sample_inputs_is_not_executed(
@@ -153,6 +180,8 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
         "discover.declared_only": FAIL,
         "discover.stable": FAIL,
         "discover.side_effect_free": FAIL,
+        # It sources no record type: the source checks do not apply.
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
         "execute.unknown_action": FAIL,
         "execute.idempotency_key_required": FAIL,
         "execute.invalid_inputs": FAIL,
@@ -173,7 +202,7 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
     assert "[thing.ghost yes, thing.poke no (BUSY_" in " ".join(text.split())
     for name in CHECKS:
         assert name in text
-    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 0 skipped" in text
+    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 7 skipped" in text
 
 
 async def test_bare_statuses_and_a_bad_describe_are_failures() -> None:
@@ -213,8 +242,23 @@ async def test_a_provider_without_the_sdk_can_pass() -> None:
         results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
     finally:
         await server.stop()
-    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    # It is the system of record of nothing: the source checks do not apply, and
+    # require_all does not fail it for that.
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+    }, table_text(results)
+    assert not failed(results)
+    for name in SOURCE_CHECKS:
+        assert by_name(results)[name].detail.startswith("not applicable: ")
     assert server.servicer.executed and len(set(server.servicer.executed)) == 1
+
+    server = await start_broken_provider(Flaws.none(), Source())
+    try:
+        results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
+    finally:
+        await server.stop()
+    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
 
 
 async def test_an_unreachable_provider_fails_fast() -> None:
@@ -315,6 +359,178 @@ def test_results_serialise_for_json() -> None:
     }
 
 
+# -- record sources --------------------------------------------------------------
+SOURCE_EXAMPLES = {"workitems": workitems, "records": records}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_EXAMPLES))
+async def test_the_example_record_sources_pass_every_check(tmp_path: Path, name: str) -> None:
+    record, action, inputs = EXAMPLES[name]
+    config = ProviderConfig(port=0, registry="", data_dir=str(tmp_path), seed_demo=True)
+    server = await start_provider(SOURCE_EXAMPLES[name], config)
+    try:
+        results = await run_checks(
+            server.address,
+            records=[SampleRecord.parse(record)],
+            action=action,
+            inputs=inputs,
+            require_all=True,
+        )
+    finally:
+        await server.stop(grace_s=1.0)
+    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    found = by_name(results)
+    record_type = SampleRecord.parse(record).type
+    assert found["source.declared"].detail == f"the system of record of {record_type}"
+    assert "NOT_FOUND RECORD_NOT_FOUND" in found["source.unknown_record"].detail
+    assert "NOT_FOUND RECORD_TYPE_NOT_SOURCED" in found["source.unsourced_type"].detail
+    assert f"{record.split(':')[0]}: " in found["source.answer"].detail
+
+
+GADGET = SampleRecord("acme", "gadget", "g-1", "open")
+GADGETS = {
+    ("acme", "g-1"): Facts(status="open", version="3", attributes={"colour": "blue"}),
+    ("globex", "g-1"): Facts(status="closed", version="8"),
+}
+Resolve = Callable[[str, str], Awaitable[Facts | None]]
+
+
+def gadget_source(resolve: Resolve) -> Provider:
+    """An SDK provider of one action on gadgets, their system of record through ``resolve``."""
+    provider = Provider("gadgets", version="1.0.0", dedupe=True)
+
+    @provider.action("gadget.touch", record_types=["gadget"], risk=Risk.LOW)
+    async def touch(ctx: ActionContext, inputs: NoInputs) -> Result:
+        return Result.succeeded(external_ref=f"touch-{ctx.record.id}")
+
+    provider.record_source("gadget")(resolve)
+    return provider
+
+
+async def by_tenant(tenant: str, gadget_id: str) -> Facts | None:
+    return GADGETS.get((tenant, gadget_id))
+
+
+async def any_id(tenant: str, gadget_id: str) -> Facts | None:
+    # Tenant-aware, but makes up a gadget for any id it is asked about.
+    return GADGETS[("acme", "g-1")] if tenant == "acme" else None
+
+
+async def any_tenant(tenant: str, gadget_id: str) -> Facts | None:
+    # Looks gadgets up by id alone: another tenant gets acme's gadget.
+    return GADGETS.get(("acme", gadget_id))
+
+
+def counting() -> Resolve:
+    reads = itertools.count(1)
+
+    async def resolve(tenant: str, gadget_id: str) -> Facts | None:
+        # The version counts the reads: the same question never gets the same answer.
+        facts = GADGETS.get((tenant, gadget_id))
+        return None if facts is None else dataclasses.replace(facts, version=str(next(reads)))
+
+    return resolve
+
+
+async def check_gadgets(tmp_path: Path, resolve: Resolve) -> list[CheckResult]:
+    config = ProviderConfig(port=0, registry="", data_dir=str(tmp_path))
+    server = await start_provider(gadget_source(resolve), config)
+    try:
+        return await run_checks(server.address, records=[GADGET], require_all=True)
+    finally:
+        await server.stop(grace_s=1.0)
+
+
+async def test_an_sdk_record_source_that_keeps_the_contract_passes(tmp_path: Path) -> None:
+    results = await check_gadgets(tmp_path, by_tenant)
+    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+
+
+@pytest.mark.parametrize(
+    ("resolve", "check", "says"),
+    [
+        (any_id, "source.unknown_record", "probe gadget: answered a record (acme/gadget/"),
+        (any_tenant, "source.tenant_isolation", "answered the record (conformance-other-"),
+        (counting(), "source.stable", "acme/gadget/g-1: version '1' then '2'"),
+    ],
+    ids=["answers-unknown-ids", "leaks-across-tenants", "changes-between-calls"],
+)
+async def test_an_sdk_record_source_breaking_one_rule_fails_that_check_alone(
+    tmp_path: Path, resolve: Resolve, check: str, says: str
+) -> None:
+    results = await check_gadgets(tmp_path, resolve)
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), check: FAIL}, table_text(results)
+    assert says in by_name(results)[check].detail, by_name(results)[check].detail
+
+
+@pytest.mark.parametrize(
+    ("source", "check", "says"),
+    [
+        (
+            Source(unversioned=True),
+            "source.answer",
+            "acme/thing/t-1: record.version is required",
+        ),
+        (
+            Source(misdirected=True),
+            "source.answer",
+            "acme/thing/t-1 (answered acme/gadget/g-7): record.type must be the type asked for, "
+            "record.id must be the id asked for",
+        ),
+        (
+            Source(declares=("thing", "thing", "Not A Type")),
+            "source.declared",
+            "record type 'Not A Type' must match",
+        ),
+    ],
+    ids=["without-version", "answers-another-record", "malformed-declaration"],
+)
+async def test_a_raw_record_source_breaking_one_rule_fails_that_check_alone(
+    source: Source, check: str, says: str
+) -> None:
+    # Flaws the SDK would not let a provider have: a raw servicer.
+    server = await start_broken_provider(Flaws.none(), source)
+    try:
+        results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
+    finally:
+        await server.stop()
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), check: FAIL}, table_text(results)
+    assert says in by_name(results)[check].detail, by_name(results)[check].detail
+
+
+async def test_a_record_source_is_judged_apart_from_its_action_flaws() -> None:
+    # Every action flaw (an unstable Discover among them), and a source that keeps the
+    # contract: the source checks pass, and source.side_effect_free leaves Discover to
+    # discover.stable.
+    server = await start_broken_provider(Flaws(), Source())
+    try:
+        found = by_name(await run_checks(server.address, records=[BROKEN_ITEM], timeout_s=3.0))
+    finally:
+        await server.stop()
+    assert {name: found[name].status for name in SOURCE_CHECKS} == dict.fromkeys(
+        SOURCE_CHECKS, PASS
+    ), [found[name] for name in SOURCE_CHECKS]
+    assert found["discover.stable"].status == FAIL
+    assert "(Discover failed or is unstable)" in found["source.side_effect_free"].detail
+
+
+def test_the_answer_rule_is_the_gateways() -> None:
+    def answer(**fields: object) -> provider_pb2.ResolveRecordResponse:
+        record = {"tenant": "acme", "type": "thing", "id": "t-1", "version": "7", **fields}
+        return provider_pb2.ResolveRecordResponse(record=common_pb2.RecordContext(**record))
+
+    def fields(reply: provider_pb2.ResolveRecordResponse) -> list[str]:
+        return [v.field for v in resolved_record_violations(reply, "acme", "thing", "t-1")]
+
+    assert fields(answer(status="ready", attributes={"colour": "blue"})) == []
+    assert fields(provider_pb2.ResolveRecordResponse()) == ["record"]
+    assert fields(answer(tenant="globex", id="t-2")) == ["record.tenant", "record.id"]
+    assert fields(answer(version="")) == ["record.version"]
+    assert fields(answer(status="x" * 65)) == ["record.status"]
+    too_many = {f"k{i}": "v" for i in range(17)}
+    assert fields(answer(attributes=too_many)) == ["record.attributes"]
+
+
 # Each example provider as `actionmesh up` runs it (its own process, its own state), with
 # a record it may really act on: the idempotency check executes the action once.
 EXAMPLES = {
@@ -361,4 +577,10 @@ def test_every_example_provider_passes_the_kit_from_the_command_line(
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] is True
-    assert {c["name"]: c["status"] for c in report["checks"]} == {name: PASS for name in CHECKS}
+    # workitems and records are the systems of record of their types; escalation sources
+    # nothing, so its source checks do not apply (and --require-all accepts that).
+    unsourced = SOURCE_CHECKS if provider == "escalation" else []
+    assert {c["name"]: c["status"] for c in report["checks"]} == {
+        **dict.fromkeys(CHECKS, PASS),
+        **dict.fromkeys(unsourced, SKIP),
+    }

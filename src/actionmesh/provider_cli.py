@@ -267,13 +267,16 @@ def add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         description="Run the contract checks against any provider over gRPC and print a "
         "table; exit 1 if a check fails. Checks: " + "; ".join(CHECKS) + ". Only "
         "execute.idempotent has a side effect: it EXECUTES the action once on the first "
-        "--record Discover says is eligible (and is skipped without one).",
+        "--record Discover says is eligible (and is skipped without one). The source.* checks "
+        "read (ResolveRecord) the --record of a type the provider is the system of record of; "
+        "they do not apply to a provider that sources no type, even with --require-all.",
     )
     check.add_argument("address", help="HOST:PORT of the provider")
     check.add_argument(
         "--record",
         action="append",
-        help="TENANT/TYPE/ID[:STATUS] of a record the provider may act on (repeatable)",
+        help="TENANT/TYPE/ID[:STATUS] of a record the provider may act on or is the source "
+        "of (repeatable)",
     )
     check.add_argument(
         "--action", help="action id execute.idempotent runs (default: first available)"
@@ -284,7 +287,11 @@ def add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="NAME=VALUE input for that action (others: values derived from the schema)",
     )
     check.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
-    check.add_argument("--require-all", action="store_true", help="a skipped check fails too")
+    check.add_argument(
+        "--require-all",
+        action="store_true",
+        help="a skipped check fails too (one that does not apply to the provider stays skipped)",
+    )
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--tls-ca", default="", help="CA (PEM) of a provider serving TLS")
     check.add_argument("--tls-cert", default="", help="client certificate (PEM) to present")

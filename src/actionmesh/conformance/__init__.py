@@ -11,7 +11,9 @@ It speaks only ActionProviderService and grpc.health.v1, so it checks providers
 written with or without the SDK. ``actionmesh provider check HOST:PORT`` is the
 command-line front end. Every check is listed in :data:`CHECKS`; only
 ``execute.idempotent`` has a real side effect (it executes one action once on a
-sample record you name) and is skipped without one.
+sample record you name) and is skipped without one. The ``source.*`` checks judge
+the provider as a system of record (ResolveRecord, read-only): they read the sample
+records of the types it sources, and do not apply to a provider that sources none.
 """
 
 from actionmesh.conformance.checks import (

@@ -6,11 +6,22 @@ idempotency key, invalid inputs, wrong tenant) is aimed at a *probe record*
 that does not exist (``conformance-probe-<random>``), so even a provider that
 fails to refuse it finds nothing to act on.
 
+The ``source.*`` checks judge a provider's record sources (the record types it
+declares in ``Describe.record_sources`` and answers ResolveRecord for), read-only
+by contract as well: an unknown record is a probe id, and the rest read the sample
+records of a sourced type you pass in. They judge an answer by the rule the gateway
+applies (:func:`actionmesh.rpc.records.resolved_record_violations`). Without a
+sample record of a sourced type, the checks that read one are skipped.
+
 One check has a real side effect: ``execute.idempotent`` executes one action
 **once** on a sample record you pass in (the first sample record for which
 Discover reports an available action), then repeats the request with the same
 idempotency key and expects the stored answer. Without an eligible sample
-record it is skipped, and ``require_all=True`` turns that skip into a failure.
+record it is skipped.
+
+``require_all=True`` turns every skip into a failure, except the skip of a check
+that does not apply: a provider that declares no record sources skips the
+``source.*`` checks as *not applicable*, and passes ``require_all`` without them.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from actionmesh.conformance.samples import (
 )
 from actionmesh.rpc.errors import ActionMeshError, ErrorDetails, error_details
 from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, REASON, RECORD_TYPE
+from actionmesh.rpc.records import resolved_record_violations
 from actionmesh.rpc.schema import schema_problems, validate_inputs
 from actionmesh.rpc.tls import TlsConfig
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
@@ -45,6 +57,9 @@ PROBE_TENANT = "conformance"
 OPERATOR_SUBJECT = "actionmesh-conformance"
 # How many extra Discover rounds the side-effect check makes before comparing.
 DISCOVER_ROUNDS = 3
+# How many extra ResolveRecord rounds source.side_effect_free makes before comparing.
+RESOLVE_ROUNDS = 3
+PROBE_PREFIX = "conformance-probe-"
 # Problems listed in one detail before the rest are counted instead.
 MAX_LISTED = 4
 PROVIDER_OUTCOMES = (
@@ -62,6 +77,21 @@ CHECKS: dict[str, str] = {
     "with an UPPER_SNAKE reason when unavailable",
     "discover.stable": "the same Discover twice gives the same answer",
     "discover.side_effect_free": "Describe and Discover are unchanged after repeated Discovers",
+    "source.declared": "the record types in Describe.record_sources are well-formed and declared "
+    "once (a sourced type no action acts on is noted, not refused); a provider that sources no "
+    "record type skips every source.* check as not applicable, which require_all accepts",
+    "source.unknown_record": "ResolveRecord of a probe id of each sourced type is NOT_FOUND "
+    "with an ErrorInfo reason",
+    "source.tenant_isolation": "a sample record of a sourced type asked for under another "
+    "tenant is NOT_FOUND like an unknown id, never the record (needs a sample record)",
+    "source.answer": "ResolveRecord of each sample record of a sourced type answers it: tenant, "
+    "type and id echoed, a version, status, sensitivity and attributes the gateway accepts "
+    "(needs a sample record)",
+    "source.stable": "the same ResolveRecord twice gives the same answer (needs a sample record)",
+    "source.side_effect_free": "Describe, Discover and ResolveRecord (samples and probes) are "
+    "unchanged after repeated ResolveRecords",
+    "source.unsourced_type": "ResolveRecord of a type it does not source is NOT_FOUND or "
+    "INVALID_ARGUMENT with an ErrorInfo reason, never a record",
     "execute.unknown_action": "an unknown action id is refused (NOT_FOUND or INVALID_ARGUMENT) "
     "with an ErrorInfo reason",
     "execute.idempotency_key_required": "an Execute without idempotency key is INVALID_ARGUMENT",
@@ -84,12 +114,22 @@ class CheckResult:
 
 
 class _Verdict(Exception):
-    """Ends a check early with a status other than pass."""
+    """Ends a check early with a status other than pass.
 
-    def __init__(self, status: Status, detail: str) -> None:
+    ``required=False`` marks the skip of a check that does not apply to the provider
+    (``require_all`` leaves it a skip); every other skip is one ``require_all`` fails.
+    """
+
+    def __init__(self, status: Status, detail: str, *, required: bool = True) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.required = required
+
+
+def _probe_id() -> str:
+    """The id of a record that does not exist."""
+    return f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 def _listing(problems: Sequence[str]) -> str:
@@ -135,7 +175,7 @@ def _discover_text(reply: provider_pb2.DiscoverResponse) -> str:
 
 def _label(record: common_pb2.RecordContext) -> str:
     """How a Discover target is named in details: probes by type, samples in full."""
-    if record.id.startswith("conformance-probe-"):
+    if record.id.startswith(PROBE_PREFIX):
         return f"probe {record.type}"
     return f"{record.tenant}/{record.type}/{record.id}"
 
@@ -166,6 +206,87 @@ class _Answer:
         return ", ".join(parts)
 
 
+RecordKey = tuple[str, str, str]
+"""A ResolveRecord target: (tenant, type, id)."""
+
+
+def _key_text(key: RecordKey) -> str:
+    tenant, record_type, record_id = key
+    if record_id.startswith(PROBE_PREFIX):
+        return f"probe {record_type}"
+    return f"{tenant}/{record_type}/{record_id}"
+
+
+def _sensitivity_name(value: int) -> str:
+    try:
+        name = common_pb2.Sensitivity.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"sensitivity {value}"
+    return name.removeprefix("SENSITIVITY_")
+
+
+def _facts_text(record: common_pb2.RecordContext) -> str:
+    status = repr(record.status) if record.status else "no status"
+    return (
+        f"{status}, version {record.version!r}, {_sensitivity_name(record.sensitivity)}, "
+        f"{len(record.attributes)} attribute(s)"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Resolved:
+    """One ResolveRecord answer: the reply, or the refusal's code and reason."""
+
+    reply: provider_pb2.ResolveRecordResponse | None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+
+    def refusal(self) -> str:
+        return self.code.name + (f" {self.reason}" if self.reason else "")
+
+    def __str__(self) -> str:
+        if self.reply is None:
+            return self.refusal()
+        record = self.reply.record
+        return f"{record.tenant}/{record.type}/{record.id} {_facts_text(record)}"
+
+    def changes(self, later: _Resolved) -> list[str]:
+        """How ``later`` differs from this answer (empty when it is the same answer)."""
+        if self.reply is None or later.reply is None:
+            same = (self.code, self.reason, self.reply) == (later.code, later.reason, later.reply)
+            return [] if same else [f"{self} then {later}"]
+        first, then = self.reply.record, later.reply.record
+        found = [
+            f"{name} {getattr(first, name)!r} then {getattr(then, name)!r}"
+            for name in ("tenant", "type", "id", "status", "version")
+            if getattr(first, name) != getattr(then, name)
+        ]
+        if first.sensitivity != then.sensitivity:
+            found.append(
+                f"sensitivity {_sensitivity_name(first.sensitivity)} then "
+                f"{_sensitivity_name(then.sensitivity)}"
+            )
+        for key in sorted(set(first.attributes) | set(then.attributes)):
+            before, after = first.attributes.get(key), then.attributes.get(key)
+            if before != after:
+                found.append(f"attributes[{key}] {before!r} then {after!r}")
+        if not found and self.reply != later.reply:
+            found.append("the reply changed")
+        return found
+
+
+def _refusal_problem(answer: _Resolved, codes: Sequence[grpc.StatusCode]) -> str | None:
+    """What is wrong with an answer that must be a refusal with ``codes`` and a reason."""
+    expected = " or ".join(code.name for code in codes)
+    if answer.reply is not None:
+        return f"answered a record ({answer}), expected {expected}"
+    if answer.code not in codes:
+        return f"answered {answer.refusal()}, expected {expected}"
+    if not answer.reason:
+        return f"{answer.code.name} without google.rpc.Status details (no ErrorInfo reason)"
+    return None
+
+
 class _Kit:
     """One run of the checks against one provider channel."""
 
@@ -190,6 +311,14 @@ class _Kit:
         self.targets: list[common_pb2.RecordContext] = []
         self.first_answers: list[provider_pb2.DiscoverResponse] = []
         self.probe_tenant = records[0].tenant if records else PROBE_TENANT
+        # The record types of Describe.record_sources (each once, in declared order).
+        self.sources: list[str] = []
+        # source.answer's answers, which source.stable asks for again.
+        self.first_resolved: dict[RecordKey, _Resolved] = {}
+        # Sample records source.stable saw change: side effects are not judged on them.
+        self.unstable: set[RecordKey] = set()
+        # Whether discover.stable saw an answer change (likewise).
+        self.discover_unstable = False
 
     # -- helpers --------------------------------------------------------------
 
@@ -201,7 +330,7 @@ class _Kit:
         return common_pb2.RecordContext(
             tenant=self.probe_tenant,
             type=record_type,
-            id=f"conformance-probe-{uuid.uuid4().hex[:12]}",
+            id=_probe_id(),
             status="",
             sensitivity=common_pb2.SENSITIVITY_NORMAL,
         )
@@ -264,6 +393,48 @@ class _Kit:
     async def discover_all(self) -> list[provider_pb2.DiscoverResponse]:
         return [await self.discover(target) for target in self.targets]
 
+    async def resolve(self, key: RecordKey) -> _Resolved:
+        """ResolveRecord of (tenant, type, id): the reply, or the refusal."""
+        tenant, record_type, record_id = key
+        request = provider_pb2.ResolveRecordRequest(
+            tenant=tenant, record=common_pb2.RecordRef(type=record_type, id=record_id)
+        )
+        try:
+            reply = await self.stub.ResolveRecord(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            details = _safe_details(exc)
+            return _Resolved(None, details.code, details.reason)
+        return _Resolved(reply)
+
+    def require_sources(self) -> list[str]:
+        """The sourced record types; a provider without any skips (not applicable)."""
+        if self.describe is None:
+            raise _Verdict(SKIP, "Describe failed, so there is nothing to check against")
+        if not self.sources:
+            raise _Verdict(
+                SKIP,
+                "not applicable: the provider declares no record_sources (it is the system "
+                "of record of no record type)",
+                required=False,
+            )
+        return self.sources
+
+    def source_samples(self, use: str) -> list[SampleRecord]:
+        """The sample records of a sourced type; skips without one."""
+        sources = self.require_sources()
+        samples = [r for r in self.records if r.type in sources]
+        if not samples:
+            raise _Verdict(
+                SKIP,
+                f"no sample record of a type it sources ({', '.join(sources)}); pass "
+                f"--record TENANT/TYPE/ID of a record it holds ({use})",
+            )
+        return samples
+
+    def source_tenant(self, record_type: str) -> str:
+        """The tenant to ask for probes of a type: a sample's of that type, if any."""
+        return next((r.tenant for r in self.records if r.type == record_type), self.probe_tenant)
+
     def require_describe(self) -> None:
         if self.describe is None:
             raise _Verdict(SKIP, "Describe failed, so there is nothing to check against")
@@ -295,6 +466,7 @@ class _Kit:
         except grpc.RpcError as exc:
             raise _Verdict(FAIL, f"Describe failed: {_rpc_summary(_safe_details(exc))}") from None
         self.describe = reply
+        self.sources = list(dict.fromkeys(reply.record_sources))
         problems: list[str] = []
         if not PROVIDER_ID.valid(reply.provider_id):
             problems.append(f"provider_id {reply.provider_id!r} must match {PROVIDER_ID.pattern}")
@@ -376,6 +548,7 @@ class _Kit:
             if _discover_key(a) != _discover_key(b)
         ]
         if changed:
+            self.discover_unstable = True
             raise _Verdict(FAIL, "the same request got another answer: " + _listing(changed))
         return f"{len(self.targets)} record(s) answered identically twice"
 
@@ -407,6 +580,200 @@ class _Kit:
                 FAIL, f"after {DISCOVER_ROUNDS + 2} Discover rounds: " + _listing(problems)
             )
         return f"Describe and Discover unchanged after {DISCOVER_ROUNDS + 2} Discover rounds"
+
+    async def check_source_declared(self) -> str:
+        sources = self.require_sources()
+        assert self.describe is not None
+        problems = [
+            f"record type {t!r} must match {RECORD_TYPE.pattern}"
+            for t in sources
+            if not RECORD_TYPE.valid(t)
+        ]
+        problems.extend(
+            f"record type {t!r} declared more than once"
+            for t in sources
+            if list(self.describe.record_sources).count(t) > 1
+        )
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        acted_on = {t for action in self.declared.values() for t in action.record_types}
+        alone = [t for t in sources if t not in acted_on]
+        note = (
+            f"; no declared action acts on {', '.join(alone)} (only its system of record)"
+            if alone
+            else ""
+        )
+        return f"the system of record of {', '.join(sources)}{note}"
+
+    async def check_source_unknown_record(self) -> str:
+        problems: list[str] = []
+        answers: list[str] = []
+        for record_type in self.require_sources():
+            key = (self.source_tenant(record_type), record_type, _probe_id())
+            answer = await self.resolve(key)
+            problem = _refusal_problem(answer, (grpc.StatusCode.NOT_FOUND,))
+            if problem:
+                problems.append(f"{_key_text(key)}: {problem}")
+            answers.append(f"{_key_text(key)} {answer.refusal()}")
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return "unknown ids refused: " + _listing(answers)
+
+    async def check_source_tenant_isolation(self) -> str:
+        samples = self.source_samples("this check asks for it under another tenant")
+        other = f"{PROBE_TENANT}-other-{uuid.uuid4().hex[:8]}"
+        problems: list[str] = []
+        answers: set[str] = set()
+        for sample in samples:
+            where = f"{sample.tenant}/{sample.type}/{sample.id} asked for by tenant {other}"
+            answer = await self.resolve((other, sample.type, sample.id))
+            if answer.reply is not None:
+                problems.append(
+                    f"{where}: answered the record ({answer}); another tenant's record must "
+                    "be NOT_FOUND"
+                )
+                continue
+            if answer.code != grpc.StatusCode.NOT_FOUND:
+                problems.append(f"{where}: answered {answer.refusal()}, expected NOT_FOUND")
+                continue
+            unknown = await self.resolve((other, sample.type, _probe_id()))
+            if unknown.reply is None and unknown.refusal() != answer.refusal():
+                problems.append(
+                    f"{where}: answered {answer.refusal()}, but an unknown id "
+                    f"{unknown.refusal()}: the answer tells another tenant the record exists"
+                )
+                continue
+            answers.add(answer.refusal())
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return (
+            f"{len(samples)} sample record(s) {' / '.join(sorted(answers))} for another tenant, "
+            "like an unknown id"
+        )
+
+    async def check_source_answer(self) -> str:
+        samples = self.source_samples("this check reads it")
+        problems: list[str] = []
+        answers: list[str] = []
+        for sample in samples:
+            key = (sample.tenant, sample.type, sample.id)
+            where = _key_text(key)
+            answer = await self.resolve(key)
+            self.first_resolved[key] = answer
+            if answer.reply is None:
+                problems.append(
+                    f"{where}: answered {answer.refusal()}; a sample record of a type it "
+                    "sources must be found (pass a record it holds)"
+                )
+                continue
+            record = answer.reply.record
+            violations = resolved_record_violations(answer.reply, *key)
+            if violations:
+                echoed = (record.tenant, record.type, record.id)
+                other = f" (answered {'/'.join(echoed)})" if echoed != key else ""
+                problems.append(
+                    f"{where}{other}: "
+                    + ", ".join(f"{v.field} {v.description}" for v in violations)
+                )
+                continue
+            answers.append(f"{where}: {_facts_text(record)}")
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return _listing(answers)
+
+    async def check_source_stable(self) -> str:
+        samples = self.source_samples("this check reads it twice")
+        keys = [(s.tenant, s.type, s.id) for s in samples]
+        if any(key not in self.first_resolved for key in keys):
+            raise _Verdict(SKIP, "the first ResolveRecord (source.answer) did not run")
+        changed: list[str] = []
+        for key in keys:
+            changes = self.first_resolved[key].changes(await self.resolve(key))
+            if changes:
+                self.unstable.add(key)
+                changed.append(f"{_key_text(key)}: {', '.join(changes)}")
+        if changed:
+            raise _Verdict(FAIL, "the same request got another answer: " + _listing(changed))
+        return f"{len(keys)} record(s) answered identically twice"
+
+    async def check_source_side_effect_free(self) -> str:
+        sources = self.require_sources()
+        samples = [(r.tenant, r.type, r.id) for r in self.records if r.type in sources]
+        keys = [key for key in dict.fromkeys(samples) if key not in self.unstable]
+        keys += [(self.source_tenant(t), t, _probe_id()) for t in sources]
+        # Discover is compared when it answered, the same twice, in the discover checks.
+        discovers = len(self.first_answers) == len(self.targets) and not self.discover_unstable
+
+        async def resolve_all() -> list[_Resolved]:
+            return [await self.resolve(key) for key in keys]
+
+        try:
+            described = await self.stub.Describe(
+                provider_pb2.DescribeRequest(), timeout=self.timeout_s
+            )
+            discovered = await self.discover_all() if discovers else []
+            before = await resolve_all()
+            for _ in range(RESOLVE_ROUNDS):
+                await resolve_all()
+            described_after = await self.stub.Describe(
+                provider_pb2.DescribeRequest(), timeout=self.timeout_s
+            )
+            discovered_after = await self.discover_all() if discovers else []
+            after = await resolve_all()
+        except grpc.RpcError as exc:
+            raise _Verdict(
+                FAIL, f"a repeated call failed: {_rpc_summary(_safe_details(exc))}"
+            ) from None
+        problems: list[str] = []
+        if described != described_after:
+            problems.append("Describe changed")
+        problems.extend(
+            f"Discover of {_label(t)} changed"
+            for t, a, b in zip(self.targets, discovered, discovered_after, strict=False)
+            if _discover_key(a) != _discover_key(b)
+        )
+        for key, first, then in zip(keys, before, after, strict=True):
+            changes = first.changes(then)
+            if changes:
+                problems.append(f"ResolveRecord of {_key_text(key)} changed: {', '.join(changes)}")
+        rounds = RESOLVE_ROUNDS + 2
+        if problems:
+            raise _Verdict(FAIL, f"after {rounds} ResolveRecord rounds: " + _listing(problems))
+        what = "Describe, Discover" if discovers else "Describe (Discover failed or is unstable)"
+        unstable = len(set(samples) & self.unstable)
+        left = f"; {unstable} unstable record(s) left to source.stable" if unstable else ""
+        probes = len(sources)
+        return (
+            f"{what} and ResolveRecord of {len(keys) - probes} sample(s) and {probes} probe(s) "
+            f"unchanged after {rounds} ResolveRecord rounds{left}"
+        )
+
+    async def check_source_unsourced_type(self) -> str:
+        sources = self.require_sources()
+        # A type it does not source, asked for with the id of a record it does hold (a
+        # source that looks records up by id alone answers it), else with a probe id.
+        samples = [r for r in self.records if r.type in sources]
+        tenant, record_id = (
+            (samples[0].tenant, samples[0].id) if samples else (self.probe_tenant, _probe_id())
+        )
+        acted_on = {t for action in self.declared.values() for t in action.record_types}
+        made_up = f"{PROBE_TENANT}-unsourced-{uuid.uuid4().hex[:8]}"
+        types = [*sorted(acted_on - set(sources)), made_up]
+        problems: list[str] = []
+        answers: list[str] = []
+        for record_type in types:
+            answer = await self.resolve((tenant, record_type, record_id))
+            label = "an unknown type" if record_type == made_up else f"type {record_type}"
+            problem = _refusal_problem(
+                answer, (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+            )
+            if problem:
+                problems.append(f"{label}: {problem}")
+            else:
+                answers.append(f"{label} {answer.refusal()}")
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return "refused: " + _listing(answers)
 
     async def check_unknown_action(self) -> str:
         self.require_describe()
@@ -575,11 +942,14 @@ async def run_checks(
     ``records`` are records the provider may act on; ``action`` and ``inputs``
     (``name -> text``, converted with the declared input types; other required
     inputs get schema-derived values) choose what ``execute.idempotent`` runs.
-    That check executes the action once for real. ``require_all`` turns skips
-    into failures. With ``tls`` the kit connects over TLS and presents
-    ``tls.cert_file`` (a provider serving TLS requires a client certificate). A
-    coroutine: call it from a running event loop (tests with an in-process
-    provider) or through ``asyncio.run``.
+    That check executes the action once for real. ``records`` of a type the
+    provider is the system of record of are what the ``source.*`` checks read.
+    ``require_all`` turns skips into failures, except the skips of checks that do
+    not apply (the ``source.*`` checks of a provider that sources no record type).
+    With ``tls`` the kit connects over TLS and presents ``tls.cert_file`` (a
+    provider serving TLS requires a client certificate). A coroutine: call it from
+    a running event loop (tests with an in-process provider) or through
+    ``asyncio.run``.
     """
     channel = (
         grpc.aio.secure_channel(address, tls.channel_credentials())
@@ -600,6 +970,13 @@ async def run_checks(
             ("discover.declared_only", kit.check_declared_only),
             ("discover.stable", kit.check_stable),
             ("discover.side_effect_free", kit.check_side_effect_free),
+            ("source.declared", kit.check_source_declared),
+            ("source.unknown_record", kit.check_source_unknown_record),
+            ("source.tenant_isolation", kit.check_source_tenant_isolation),
+            ("source.answer", kit.check_source_answer),
+            ("source.stable", kit.check_source_stable),
+            ("source.side_effect_free", kit.check_source_side_effect_free),
+            ("source.unsourced_type", kit.check_source_unsourced_type),
             ("execute.unknown_action", kit.check_unknown_action),
             ("execute.idempotency_key_required", kit.check_key_required),
             ("execute.invalid_inputs", kit.check_invalid_inputs),
@@ -608,13 +985,15 @@ async def run_checks(
         ]
         results = []
         for name, step in steps:
+            required = True
             try:
                 result = CheckResult(name, PASS, await step())
             except _Verdict as verdict:
                 result = CheckResult(name, verdict.status, verdict.detail)
+                required = verdict.required
             except grpc.RpcError as exc:
                 result = CheckResult(name, FAIL, f"call failed: {_rpc_summary(_safe_details(exc))}")
-            if require_all and result.status == SKIP:
+            if require_all and required and result.status == SKIP:
                 result = CheckResult(name, FAIL, f"skipped but required: {result.detail}")
             results.append(result)
         return results

@@ -31,8 +31,8 @@ from opentelemetry import trace
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
 from actionmesh.gateway.redaction import is_sensitive
-from actionmesh.gateway.requests import record_violations
 from actionmesh.rpc.errors import NotFound, Unavailable
+from actionmesh.rpc.records import resolved_record_violations
 from actionmesh.v1 import common_pb2, provider_pb2
 
 log = logging.getLogger(__name__)
@@ -199,16 +199,14 @@ class FactResolver:
                     exc.code().name,
                 )
                 raise unavailable(f"did not answer ({exc.code().name})") from None
-        record = reply.record
-        asked = (tenant, claimed.type, claimed.id)
-        if (
-            not reply.HasField("record")
-            or (record.tenant, record.type, record.id) != asked
-            or not record.version
-            or record_violations(record, True)
-        ):
+        # The one rule of a valid answer, shared with the conformance kit's source.answer.
+        problems = resolved_record_violations(reply, tenant, claimed.type, claimed.id)
+        if problems:
             log.warning(
-                "record source %s answered a malformed record for %s", source.provider_id, asked
+                "record source %s answered a malformed record for %s: %s",
+                source.provider_id,
+                (tenant, claimed.type, claimed.id),
+                ", ".join(sorted({p.field for p in problems})),
             )
             raise unavailable("answered a malformed record")
-        return record
+        return reply.record

@@ -1,11 +1,12 @@
 """Shape checks of caller requests, before anything else looks at them.
 
-Every size and shape limit of what a caller may send the gateway lives here (the
+Every size and shape limit of what a caller may send the gateway is checked here (the
 input limits an action's schema also enforces come from :mod:`actionmesh.rpc.schema`,
-so the two can never disagree). The checks run before the tenant, the directory
-or policy see a request, so nothing downstream (Cedar, the stores, audit
-evidence) ever holds an unbounded or malformed value. The whole request is
-bounded as well: the gateway's gRPC server refuses messages over
+and a record's from :mod:`actionmesh.rpc.records`, which also judges the answers of
+record sources, for the gateway and the conformance kit alike: none can disagree).
+The checks run before the tenant, the directory or policy see a request, so nothing
+downstream (Cedar, the stores, audit evidence) ever holds an unbounded or malformed
+value. The whole request is bounded as well: the gateway's gRPC server refuses messages over
 ``GatewayConfig.max_request_bytes`` with RESOURCE_EXHAUSTED before decoding them.
 
 Violations name the field (``record.attributes``, ``inputs.reason``) and state the
@@ -26,6 +27,16 @@ from actionmesh.rpc.identifiers import (
     INPUT_NAME,
     RECORD_ID,
     RECORD_TYPE,
+)
+from actionmesh.rpc.records import (
+    MAX_ATTRIBUTE_KEY,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_ATTRIBUTES,
+    MAX_STATUS,
+    MAX_TENANT,
+    MAX_VERSION,
+    free_text,
+    record_violations,
 )
 from actionmesh.rpc.schema import MAX_INPUTS, MAX_STRING_CHARS
 from actionmesh.v1 import common_pb2
@@ -55,106 +66,14 @@ __all__ = [
 ]
 
 # The identifier rules are the contract's (actionmesh.rpc.identifiers), shared with
-# the registry, the SDK and the support platform.
+# the registry, the SDK and the support platform; the shape rules of a record are
+# actionmesh.rpc.records, shared with the record sources' answers and the conformance kit.
 MAX_ACTION_ID = ACTION_ID.max_length
-MAX_TENANT = 128
-MAX_STATUS = 64
-# Etags and revisions are short; this only keeps the discovery cache key bounded.
-MAX_VERSION = 128
-MAX_ATTRIBUTES = 16
-# Keys appear in policy (context.record.attributes.KEY) and in evidence paths.
-MAX_ATTRIBUTE_KEY = ATTRIBUTE_KEY.max_length
-MAX_ATTRIBUTE_VALUE = 256
 # Same pattern as a declared input name (^[a-z][a-z0-9_]{0,63}$).
 MAX_INPUT_NAME = 64
 # Error details travel in a trailer that gRPC refuses past 8 KiB (after base64): past
 # this many violations the rest are summarised in one, so the refusal stays readable.
 MAX_LISTED_VIOLATIONS = 20
-_SENSITIVITIES = frozenset(common_pb2.Sensitivity.values())
-# No control characters in identifiers and labels; free text (input strings,
-# attribute values) may hold tabs and line breaks, nothing else below 0x20. NUL in
-# particular cannot be stored in PostgreSQL text.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def _plain(text: str) -> bool:
-    return _CONTROL.search(text) is None
-
-
-def _free_text(text: str) -> bool:
-    return _TEXT_CONTROL.search(text) is None
-
-
-def record_violations(
-    record: common_pb2.RecordContext, present: bool, path: str = "record"
-) -> list[FieldViolation]:
-    if not present:
-        return [FieldViolation(path, "is required")]
-    problems = []
-    if not record.tenant or len(record.tenant) > MAX_TENANT or not _plain(record.tenant):
-        problems.append(
-            FieldViolation(
-                f"{path}.tenant", f"must be 1..{MAX_TENANT} characters, no control characters"
-            )
-        )
-    if not RECORD_TYPE.valid(record.type):
-        problems.append(FieldViolation(f"{path}.type", "must match ^[a-z][a-z0-9_.-]{0,63}$"))
-    if not RECORD_ID.valid(record.id):
-        problems.append(
-            FieldViolation(f"{path}.id", "must be 1..256 of letters, digits and _ . : / -")
-        )
-    if len(record.status) > MAX_STATUS or not _plain(record.status):
-        problems.append(
-            FieldViolation(
-                f"{path}.status",
-                f"must be at most {MAX_STATUS} characters, no control characters",
-            )
-        )
-    if record.sensitivity not in _SENSITIVITIES:
-        problems.append(
-            FieldViolation(
-                f"{path}.sensitivity", "must be NORMAL, SENSITIVE, RESTRICTED or unspecified"
-            )
-        )
-    if len(record.version) > MAX_VERSION or not _plain(record.version):
-        problems.append(
-            FieldViolation(
-                f"{path}.version",
-                f"must be at most {MAX_VERSION} characters, no control characters",
-            )
-        )
-    problems.extend(_attribute_violations(record.attributes, f"{path}.attributes"))
-    return problems
-
-
-def _attribute_violations(attributes: Mapping[str, str], path: str) -> list[FieldViolation]:
-    if len(attributes) > MAX_ATTRIBUTES:
-        # Past the count there is no point judging each one (and the list stays short).
-        return [FieldViolation(path, f"at most {MAX_ATTRIBUTES} attributes")]
-    problems = []
-    bad_keys = False
-    for key, value in sorted(attributes.items()):
-        if not ATTRIBUTE_KEY.valid(key):
-            bad_keys = True
-            continue
-        if len(value) > MAX_ATTRIBUTE_VALUE or not _free_text(value):
-            problems.append(
-                FieldViolation(
-                    f"{path}[{key}]",
-                    f"must be at most {MAX_ATTRIBUTE_VALUE} characters, "
-                    "no control characters but tab and line breaks",
-                )
-            )
-    if bad_keys:
-        problems.append(
-            FieldViolation(
-                path,
-                f"keys must be 1..{MAX_ATTRIBUTE_KEY} of letters, digits and _ . - "
-                "starting with a letter",
-            )
-        )
-    return problems
 
 
 def listed(problems: list[FieldViolation]) -> list[FieldViolation]:
@@ -195,7 +114,7 @@ def input_violations(
             problems.append(
                 FieldViolation(f"{path}.{name}", f"must be at most {MAX_STRING_CHARS} characters")
             )
-        elif not _free_text(text):
+        elif not free_text(text):
             problems.append(
                 FieldViolation(
                     f"{path}.{name}", "must not hold control characters but tab and line breaks"
