@@ -170,6 +170,7 @@ def record_context(args: argparse.Namespace, token: str) -> common_pb2.RecordCon
         status=args.status,
         sensitivity=common_pb2.Sensitivity.Value(f"SENSITIVITY_{args.sensitivity.upper()}"),
         attributes=attributes,
+        version=args.version,
     )
 
 
@@ -477,7 +478,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     request = gateway_pb2.ApproveExecutionRequest(
         execution_id=args.execution_id,
         comment=args.comment or "",
-        record=record_context(args, token),
+        record=record_context(args, token) if args.record else None,
     )
     reply = on_gateway(args, lambda gateway: gateway.approve(request))
     return show_execution(args, reply.execution)
@@ -773,9 +774,18 @@ def build_parser() -> argparse.ArgumentParser:
         add_tls_flags(command)
         return command
 
-    def with_record(command: argparse.ArgumentParser) -> None:
-        command.add_argument("record", help="TYPE/ID, e.g. workitem/wi-1001")
+    def with_record(command: argparse.ArgumentParser, *, optional: bool = False) -> None:
+        command.add_argument(
+            "record", nargs="?" if optional else None, help="TYPE/ID, e.g. workitem/wi-1001"
+        )
+        # What the caller sees; a record type with a system of record is governed on the
+        # source's facts whatever these say (see `actions`, which shows who vouched).
         command.add_argument("--status", default="", help="the record's status, e.g. failed")
+        command.add_argument(
+            "--version",
+            default="",
+            help="the record version you looked at; a newer one refuses with RECORD_CHANGED",
+        )
         command.add_argument("--tenant", help="record tenant (default: the token's)")
         command.add_argument(
             "--sensitivity", default="normal", choices=["normal", "sensitive", "restricted"]
@@ -814,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     approve = client("approve", "approve a pending execution, which then runs")
     approve.add_argument("execution_id")
-    with_record(approve)
+    # Only for record types without a system of record: the gateway asks the source.
+    with_record(approve, optional=True)
     approve.add_argument("--comment", help="why it is fine")
     approve.set_defaults(func=cmd_approve)
 

@@ -122,7 +122,8 @@ class Ledger:
     ) -> audit_pb2.AuditEvent:
         """An event about one execution; its inputs redacted when the record is sensitive.
 
-        ``outcome``, ``reason`` and ``message`` default to the record's own.
+        ``outcome``, ``reason`` and ``message`` default to the record's own; the facts are
+        the decision's, else those the execution was decided on.
         """
         return audit_event(
             event_type,
@@ -140,7 +141,9 @@ class Ledger:
             external_ref=record.external_ref,
             changes=record.changes,
             warnings=record.warnings,
-            **self._evidence(command, record.sensitive or command.sensitive, authorized),
+            **self._evidence(
+                command, record.sensitive or command.sensitive, authorized, record.facts
+            ),
         )
 
     def _evidence(
