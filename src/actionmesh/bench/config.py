@@ -42,6 +42,15 @@ class BenchConfig:
     """Measured time of each fan-out run (concurrency 1: latency, not throughput)."""
     discover_timeout_s: float = 0.5
     """The gateway's per-provider Discover deadline (what a hanging provider may cost)."""
+    facts_cache_ttl_s: float = 2.0
+    """The gateway's ``record_facts_cache_ttl_s`` (its default): how long discovery reuses
+    a record source's answer. The uncached discovery runs use a second gateway with 0."""
+    facts_discover_records: int = 10
+    """Record ids the fact-resolution discovery runs rotate over (few: the caches hold them)."""
+    facts_warmup_s: float = 1.0
+    """Warm-up before each fact-resolution discovery run (fills the caches)."""
+    facts_duration_s: float = 4.0
+    """Measured time of each fact-resolution discovery run (concurrency 1)."""
     audit_warmup_s: float = 1.0
     """Warm-up of each audit ingest run."""
     audit_duration_s: float = 6.0
@@ -69,11 +78,19 @@ class BenchConfig:
             "request_timeout_s",
             "audit_drain_timeout_s",
             "lag_probe_interval_s",
+            "facts_duration_s",
+            "facts_cache_ttl_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("warmup_s", "fanout_warmup_s", "audit_warmup_s", "fanout_delay_ms"):
+        for name in (
+            "warmup_s",
+            "fanout_warmup_s",
+            "audit_warmup_s",
+            "fanout_delay_ms",
+            "facts_warmup_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative")
         if not self.concurrencies or min(self.concurrencies) < 1:
@@ -84,6 +101,8 @@ class BenchConfig:
             raise ValueError("audit_batch_size must be in 1..1000 (the AppendEvents limit)")
         if self.audit_concurrency < 1:
             raise ValueError("audit_concurrency must be positive")
+        if self.facts_discover_records < 1:
+            raise ValueError("facts_discover_records must be positive")
 
     @property
     def out_path(self) -> Path:
@@ -95,6 +114,8 @@ QUICK = dict(
     duration_s=0.8,
     fanout_warmup_s=0.2,
     fanout_duration_s=0.8,
+    facts_warmup_s=0.2,
+    facts_duration_s=0.8,
     audit_warmup_s=0.2,
     audit_duration_s=1.0,
     lag_probe_interval_s=0.05,

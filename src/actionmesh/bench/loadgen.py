@@ -42,6 +42,8 @@ STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
 RECORDS = 1000
 LAG_POLL_S = 0.01
 LAG_GIVE_UP_S = 10.0
+# Modes that call the gateway's ExecuteAction (the others call the provider's Execute).
+GATEWAY_MODES = ("gateway", "gateway_trusted")
 
 # One request: called with whether it is measured; returns None or an error label.
 Call = Callable[[bool], Awaitable[str | None]]
@@ -132,6 +134,12 @@ async def drive(call: Call, *, concurrency: int, warmup_s: float, duration_s: fl
 
 
 # -- ExecuteAction (direct, bare hop, gateway) ----------------------------------
+def _gateway_metadata(spec: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The operator's token, plus any ``extra_metadata`` pairs (a backend's own token)."""
+    extra = tuple((str(name), str(value)) for name, value in spec.get("extra_metadata", ()))
+    return (("authorization", f"Bearer {spec['token']}"), *extra)
+
+
 def _record(spec: dict[str, Any], record_id: str) -> common_pb2.RecordContext:
     return common_pb2.RecordContext(
         tenant=spec["tenant"],
@@ -148,13 +156,13 @@ def execute_sender(
     """A function sending one execution for a record id; None when it SUCCEEDED."""
     timeout = float(spec["timeout_s"])
     inputs = {"note": common_pb2.InputValue(string_value="bench")}
-    if spec["mode"] == "gateway":
+    if spec["mode"] in GATEWAY_MODES:
         gateway_call = channel.unary_unary(
             GATEWAY_EXECUTE,
             request_serializer=gateway_pb2.ExecuteActionRequest.SerializeToString,
             response_deserializer=gateway_pb2.ExecuteActionResponse.FromString,
         )
-        metadata = (("authorization", f"Bearer {spec['token']}"),)
+        metadata = _gateway_metadata(spec)
 
         async def via_gateway(record_id: str) -> str | None:
             request = gateway_pb2.ExecuteActionRequest(
@@ -317,10 +325,16 @@ async def run_execute(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-# -- DiscoverActions fan-out ----------------------------------------------------
+# -- DiscoverActions (fan-out, fact resolution) ---------------------------------
 async def run_discover(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop DiscoverActions; ``skip_cache`` (default true) and ``records`` (how many
+    record ids the calls rotate over, default RECORDS) say how much the caches may hold."""
     expected = int(spec["expected_actions"])
+    skip_cache = bool(spec.get("skip_cache", True))
+    records = int(spec.get("records", RECORDS))
     degraded: Counter[str] = Counter()
+    # Who vouched for the facts each answer was decided on: SOURCE:vouched_by.
+    facts: Counter[str] = Counter()
     incomplete = 0
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         discover = channel.unary_unary(
@@ -328,14 +342,14 @@ async def run_discover(spec: dict[str, Any]) -> dict[str, Any]:
             request_serializer=gateway_pb2.DiscoverActionsRequest.SerializeToString,
             response_deserializer=gateway_pb2.DiscoverActionsResponse.FromString,
         )
-        metadata = (("authorization", f"Bearer {spec['token']}"),)
+        metadata = _gateway_metadata(spec)
         counter = 0
 
         async def call(measured: bool) -> str | None:
             nonlocal counter, incomplete
             counter += 1
             request = gateway_pb2.DiscoverActionsRequest(
-                record=_record(spec, f"f-{counter % RECORDS}"), skip_cache=True
+                record=_record(spec, f"f-{counter % records}"), skip_cache=skip_cache
             )
             try:
                 response = await discover(
@@ -347,6 +361,8 @@ async def run_discover(spec: dict[str, Any]) -> dict[str, Any]:
                 for provider in response.degraded_providers:
                     degraded[f"{provider.provider_id}:{provider.reason}"] += 1
                 incomplete += len(response.actions) != expected
+                source = common_pb2.FactSource.Name(response.facts.source)
+                facts[f"{source.removeprefix('FACT_SOURCE_')}:{response.facts.vouched_by}"] += 1
             return None
 
         observed = await drive(
@@ -360,6 +376,7 @@ async def run_discover(spec: dict[str, Any]) -> dict[str, Any]:
         "expected_actions": expected,
         "incomplete_answers": incomplete,
         "degraded": dict(degraded),
+        "facts": dict(facts),
     }
 
 
