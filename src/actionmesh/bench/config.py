@@ -32,6 +32,10 @@ class BenchConfig:
     """Measured time of each ExecuteAction run (per mode and concurrency)."""
     concurrencies: tuple[int, ...] = (1, 32)
     """Concurrent requests in flight for the ExecuteAction modes."""
+    alternate_slices: int = 4
+    """Runs compared with each other (gateway with and without fact resolution; the four
+    fact-resolution discoveries) are measured in this many turns each, alternating, so a
+    change of the machine's load lands on all of them alike."""
     fanout_sizes: tuple[int, ...] = (1, 8, 32)
     """Numbers of providers DiscoverActions fans out to."""
     fanout_delay_ms: float = 20.0
@@ -101,6 +105,8 @@ class BenchConfig:
             raise ValueError("audit_batch_size must be in 1..1000 (the AppendEvents limit)")
         if self.audit_concurrency < 1:
             raise ValueError("audit_concurrency must be positive")
+        if self.alternate_slices < 1:
+            raise ValueError("alternate_slices must be positive")
         if self.facts_discover_records < 1:
             raise ValueError("facts_discover_records must be positive")
 
@@ -115,7 +121,8 @@ QUICK = dict(
     fanout_warmup_s=0.2,
     fanout_duration_s=0.8,
     facts_warmup_s=0.2,
-    facts_duration_s=0.8,
+    facts_duration_s=0.5,
+    alternate_slices=2,
     audit_warmup_s=0.2,
     audit_duration_s=1.0,
     lag_probe_interval_s=0.05,

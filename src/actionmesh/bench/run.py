@@ -64,6 +64,8 @@ from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 MODES = ("direct", "bare_hop", "gateway", "gateway_trusted")
+# Measured in turns (see loadgen.run_alternate): their difference is the cost of resolution.
+GATEWAY_MODES = ("gateway", "gateway_trusted")
 EXEC_TENANT = "bench-exec"
 FANOUT_TENANT = "bench-fanout"
 FACTS_TENANT = "bench-facts"
@@ -397,6 +399,7 @@ class Bench:
         lag: dict[str, Any] | None = None
         profile: dict[str, Any] | None = None
         for concurrency in config.concurrencies:
+            specs: dict[str, dict[str, Any]] = {}
             for mode in MODES:
                 spec: dict[str, Any] = {
                     "kind": "execute",
@@ -416,31 +419,36 @@ class Bench:
                     # The same call on a type without a source: no ResolveRecord.
                     spec["record_type"] = TRUSTED_RECORD_TYPE
                     spec["extra_metadata"] = vouching
-                probing = mode == "gateway" and concurrency == loaded
-                if probing:
+                if mode == "gateway" and concurrency == loaded:
                     spec["lag_probe_auditlog"] = mesh.address("auditlog")
                     spec["lag_probe_interval_s"] = config.lag_probe_interval_s
-                profiler = None
-                if probing and config.profile:
-                    profiler = start_profiler(
-                        config.profile,
-                        self._pid(mesh, "gateway"),
-                        config.warmup_s + config.duration_s,
-                    )
-                result = loadgen.run(spec)
-                if profiler is not None:
-                    profile = self._finish_profiler(profiler)
-                if mode in ("gateway", "gateway_trusted"):
-                    gateway_executions += result["successes"] + result["warmup_successes"]
-                    if "lag" in result:
-                        lag = result.pop("lag")
-                        gateway_executions += lag["executions_succeeded"]
-                runs.append({"mode": mode, "concurrency": concurrency, **result})
-                self.progress(
-                    f"{mode:>15} c={concurrency:<3} {result['rps']:8.0f} req/s  "
-                    f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-                    f"errors {result['errors']}"
+                specs[mode] = spec
+            results: dict[str, dict[str, Any]] = {}
+            for mode in ("direct", "bare_hop"):
+                results[mode] = loadgen.run(specs[mode])
+                self._said_run(mode, concurrency, results[mode])
+            # With and without resolution in turns: their difference is what is measured.
+            pair = {mode: specs[mode] for mode in GATEWAY_MODES}
+            profiler = None
+            if concurrency == loaded and config.profile:
+                profiler = start_profiler(
+                    config.profile,
+                    self._pid(mesh, "gateway"),
+                    len(pair) * (config.warmup_s + config.duration_s),
                 )
+            alternated = loadgen.run(
+                {"kind": "alternate", "slices": config.alternate_slices, "specs": pair}
+            )
+            if profiler is not None:
+                profile = self._finish_profiler(profiler)
+            for mode in GATEWAY_MODES:
+                result = results[mode] = alternated[mode]
+                gateway_executions += result["successes"] + result["warmup_successes"]
+                if "lag" in result:
+                    lag = result.pop("lag")
+                    gateway_executions += lag["executions_succeeded"]
+                self._said_run(mode, concurrency, result)
+            runs.extend({"mode": m, "concurrency": concurrency, **results[m]} for m in MODES)
         self.report["runs"] = runs
         self.report["ratios"] = ratios(runs)
         self.report["facts"] = {
@@ -472,6 +480,13 @@ class Bench:
             "lag": lag or {"skipped": "no loaded gateway run"},
         }
 
+    def _said_run(self, mode: str, concurrency: int, result: dict[str, Any]) -> None:
+        self.progress(
+            f"{mode:>15} c={concurrency:<3} {result['rps']:8.0f} req/s  "
+            f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+            f"errors {result['errors']}"
+        )
+
     def _finish_profiler(self, profiler: subprocess.Popen[bytes]) -> dict[str, Any]:
         try:
             _, err = profiler.communicate(timeout=30)
@@ -498,7 +513,7 @@ class Bench:
         try:
             wait_gateway_resolves(mesh.address(NOCACHE_GATEWAY), ready)
             gateways = (("cached", "gateway"), ("uncached", NOCACHE_GATEWAY))
-            runs: list[dict[str, Any]] = []
+            specs: dict[str, dict[str, Any]] = {}
             for facts_cache, gateway in gateways:
                 for source, kind in (("trusted", TRUSTED_RECORD_TYPE), ("source", RECORD_TYPE)):
                     spec: dict[str, Any] = {
@@ -519,13 +534,20 @@ class Bench:
                     }
                     if source == "trusted":
                         spec["extra_metadata"] = _vouching(mesh)
-                    result = loadgen.run(spec)
-                    runs.append({"facts_cache": facts_cache, "facts_from": source, **result})
-                    self.progress(
-                        f"discover {source:>7}, facts {facts_cache:>8}: "
-                        f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
-                        f"({result['successes']} calls)"
-                    )
+                    specs[f"{source} {facts_cache}"] = spec
+            # In turns, so a change of the machine's load lands on all four alike.
+            alternated = loadgen.run(
+                {"kind": "alternate", "slices": config.alternate_slices, "specs": specs}
+            )
+            runs: list[dict[str, Any]] = []
+            for name, result in alternated.items():
+                source, facts_cache = name.split()
+                runs.append({"facts_cache": facts_cache, "facts_from": source, **result})
+                self.progress(
+                    f"discover {source:>7}, facts {facts_cache:>8}: "
+                    f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                    f"({result['successes']} calls)"
+                )
             discoveries = sum(r["successes"] + r["warmup_successes"] for r in runs)
             self.progress(f"waiting for {discoveries} discovery audit events (facts runs)")
             count, waited = audit.wait_for_events(
