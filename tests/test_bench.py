@@ -3,7 +3,8 @@
 The benchmark is run as a user would (its own process, real services on
 loopback), bounded in time. Only the shape and the consistency of the report are
 checked (every mode present, counts adding up, no audit event lost, a real PNG),
-never the timings: those depend on the machine.
+never the timings: those depend on the machine. The same holds for the cost of fact
+resolution: its measures must be there and well-formed, whatever they measure.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODES = {"direct", "bare_hop", "gateway"}
+MODES = {"direct", "bare_hop", "gateway", "gateway_trusted"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"requests", "successes", "errors", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms"}
+# Differences between two runs: a cost too small to measure may come out below zero.
+SIGNED = {"source_added_p50_ms", "source_added_mean_ms", "cache_saves_p50_ms"}
+COST_KEYS = {
+    "trusted_p50_ms",
+    "source_p50_ms",
+    "source_added_p50_ms",
+    "source_added_mean_ms",
+    "source_p50_over_trusted_p50",
+    "source_rps_over_trusted_rps",
+}
 TARGETS = {
     "gateway_p50_over_bare_hop_p50",
     "gateway_rps_over_bare_hop_rps",
@@ -80,7 +91,8 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, postgres_url_if
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["python"].startswith("3.")
     for where, value in numbers(report):
-        assert math.isfinite(value) and value >= 0, f"{where} = {value}"
+        signed = where.rsplit(".", 1)[-1] in SIGNED
+        assert math.isfinite(value) and (signed or value >= 0), f"{where} = {value}"
 
     # ExecuteAction: every mode at both concurrencies, every request accounted for.
     runs = report["runs"]
@@ -91,6 +103,8 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, postgres_url_if
         ratios = report["ratios"][f"c{concurrency}"]
         assert ratios["gateway_p50_over_bare_hop_p50"] > 0
         assert ratios["gateway_rps_over_bare_hop_rps"] > 0
+
+    check_fact_resolution(report)
 
     # Fan-out: 1, 8, 32 providers, then 32 with one hanging, which every answer names.
     fanout = {run["scenario"]: run for run in report["fanout"]["runs"]}
@@ -107,6 +121,9 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, postgres_url_if
     assert gateway_events["stored"] == gateway_events["expected"]
     assert gateway_events["chain_intact"] is True
     assert audit["discovery_events"]["stored"] == audit["discovery_events"]["expected"] > 0
+    facts_events = audit["facts_discovery_events"]
+    assert facts_events["stored"] == facts_events["expected"] > 0
+    assert facts_events["chain_intact"] is True
     assert audit["lag"]["measured"] >= 1
     assert audit["lag"]["timeouts"] == 0
     sqlite = audit["ingest"]["sqlite"]
@@ -121,7 +138,8 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, postgres_url_if
     assert report["audit_events_lost"] == 0
 
     # Peak RSS of every service process, and every target judged or marked unmeasured.
-    for process in ("registry", "auditlog", "gateway", "noop", "proxy", "fanout-0", "fanout-1"):
+    processes = ("registry", "auditlog", "gateway", "gateway-nocache", "noop", "proxy")
+    for process in (*processes, "fanout-0", "fanout-1"):
         assert report["rss_mb"][process] > 10, process
     assert {t["name"] for t in report["targets"]} == TARGETS
     for target in report["targets"]:
@@ -131,3 +149,47 @@ def test_quick_bench_writes_a_well_formed_report(tmp_path: Path, postgres_url_if
 
     png = (out / "bench.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def check_fact_resolution(report: dict[str, Any]) -> None:
+    """The cost of resolving facts: execute with a source vs a trusted caller at each
+    concurrency, discover (caches warm) with the facts cache on and off; every answer
+    decided on facts from whom it should be, every measure present and well-formed."""
+    facts = report["facts"]
+    assert facts["source"] == {"record_type": "benchrec", "provider": "bench"}
+    assert facts["trusted"] == {"record_type": "benchtrusted", "caller": "bench-backend"}
+    assert facts["cache_ttl_s"] > 0
+    for concurrency in (1, 32):
+        cost = facts["execute"][f"c{concurrency}"]
+        check_cost(cost, f"execute c={concurrency}")
+        runs = {r["mode"]: r for r in report["runs"] if r["concurrency"] == concurrency}
+        assert cost["source_p50_ms"] == runs["gateway"]["p50_ms"]
+        assert cost["trusted_p50_ms"] == runs["gateway_trusted"]["p50_ms"]
+
+    discover = facts["discover"]
+    assert discover["skip_cache"] is False and discover["records"] >= 1
+    runs = {(r["facts_cache"], r["facts_from"]): r for r in discover["runs"]}
+    assert set(runs) == {(c, f) for c in ("cached", "uncached") for f in ("trusted", "source")}
+    for (cache, source), run in runs.items():
+        where = f"discover {source}, facts {cache}"
+        check_counts(run, where)
+        assert run["incomplete_answers"] == 0, where
+        assert run["degraded"] == {}, where
+        vouched = "PROVIDER:bench" if source == "source" else "TRUSTED_CALLER:bench-backend"
+        assert run["facts"] == {vouched: run["successes"]}, where
+    for cache in ("cached", "uncached"):
+        check_cost(discover[cache], f"discover facts {cache}")
+        assert discover[cache]["source_p50_ms"] == runs[(cache, "source")]["p50_ms"]
+    saves = discover["cache_saves_p50_ms"]
+    added = discover["uncached"]["source_added_p50_ms"] - discover["cached"]["source_added_p50_ms"]
+    assert math.isclose(saves, added, abs_tol=1e-9)
+
+
+def check_cost(cost: dict[str, Any], where: str) -> None:
+    """Both sides measured; the difference is theirs; ratios positive (never a timing bound)."""
+    assert COST_KEYS <= cost.keys(), where
+    assert cost["trusted_p50_ms"] > 0 and cost["source_p50_ms"] > 0, where
+    added = cost["source_p50_ms"] - cost["trusted_p50_ms"]
+    assert math.isclose(cost["source_added_p50_ms"], added, abs_tol=1e-9), where
+    assert cost["source_p50_over_trusted_p50"] > 0, where
+    assert cost["source_rps_over_trusted_rps"] > 0, where

@@ -6,9 +6,10 @@
     python -m actionmesh.bench --json     # the same, JSON on stdout
 
 One run starts everything it needs on 127.0.0.1 (a mesh, a pass-through proxy,
-fan-out providers, audit logs), drives it from a load generator in its own
-process, and writes ``bench.json`` and ``bench.png`` into ``--out``. See
-docs/performance.md for what each mode measures and the baseline figures.
+a second gateway without a record facts cache, fan-out providers, audit logs),
+drives it from a load generator in its own process, and writes ``bench.json``
+and ``bench.png`` into ``--out``. See docs/performance.md for what each mode
+measures, the baseline figures and what fact resolution costs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from actionmesh.bench.config import BenchConfig, add_arguments, from_args
 
 DESCRIPTION = (
     "Measure ExecuteAction direct, through a bare Python hop and through the gateway, "
-    "DiscoverActions fan-out, audit ingest and lag, and peak RSS; write bench.json and bench.png."
+    "what resolving record facts costs, DiscoverActions fan-out, audit ingest and lag, "
+    "and peak RSS; write bench.json and bench.png."
 )
 
 __all__ = ["BenchConfig", "add_bench_command", "cmd_bench", "main"]

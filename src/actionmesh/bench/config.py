@@ -32,6 +32,10 @@ class BenchConfig:
     """Measured time of each ExecuteAction run (per mode and concurrency)."""
     concurrencies: tuple[int, ...] = (1, 32)
     """Concurrent requests in flight for the ExecuteAction modes."""
+    alternate_slices: int = 4
+    """Runs compared with each other (gateway with and without fact resolution; the four
+    fact-resolution discoveries) are measured in this many turns each, alternating, so a
+    change of the machine's load lands on all of them alike."""
     fanout_sizes: tuple[int, ...] = (1, 8, 32)
     """Numbers of providers DiscoverActions fans out to."""
     fanout_delay_ms: float = 20.0
@@ -42,6 +46,15 @@ class BenchConfig:
     """Measured time of each fan-out run (concurrency 1: latency, not throughput)."""
     discover_timeout_s: float = 0.5
     """The gateway's per-provider Discover deadline (what a hanging provider may cost)."""
+    facts_cache_ttl_s: float = 2.0
+    """The gateway's ``record_facts_cache_ttl_s`` (its default): how long discovery reuses
+    a record source's answer. The uncached discovery runs use a second gateway with 0."""
+    facts_discover_records: int = 10
+    """Record ids the fact-resolution discovery runs rotate over (few: the caches hold them)."""
+    facts_warmup_s: float = 1.0
+    """Warm-up before each fact-resolution discovery run (fills the caches)."""
+    facts_duration_s: float = 4.0
+    """Measured time of each fact-resolution discovery run (concurrency 1)."""
     audit_warmup_s: float = 1.0
     """Warm-up of each audit ingest run."""
     audit_duration_s: float = 6.0
@@ -69,11 +82,19 @@ class BenchConfig:
             "request_timeout_s",
             "audit_drain_timeout_s",
             "lag_probe_interval_s",
+            "facts_duration_s",
+            "facts_cache_ttl_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("warmup_s", "fanout_warmup_s", "audit_warmup_s", "fanout_delay_ms"):
+        for name in (
+            "warmup_s",
+            "fanout_warmup_s",
+            "audit_warmup_s",
+            "fanout_delay_ms",
+            "facts_warmup_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative")
         if not self.concurrencies or min(self.concurrencies) < 1:
@@ -84,6 +105,10 @@ class BenchConfig:
             raise ValueError("audit_batch_size must be in 1..1000 (the AppendEvents limit)")
         if self.audit_concurrency < 1:
             raise ValueError("audit_concurrency must be positive")
+        if self.alternate_slices < 1:
+            raise ValueError("alternate_slices must be positive")
+        if self.facts_discover_records < 1:
+            raise ValueError("facts_discover_records must be positive")
 
     @property
     def out_path(self) -> Path:
@@ -95,6 +120,9 @@ QUICK = dict(
     duration_s=0.8,
     fanout_warmup_s=0.2,
     fanout_duration_s=0.8,
+    facts_warmup_s=0.1,
+    facts_duration_s=0.4,
+    alternate_slices=2,
     audit_warmup_s=0.2,
     audit_duration_s=1.0,
     lag_probe_interval_s=0.05,

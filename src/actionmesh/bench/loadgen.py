@@ -9,19 +9,21 @@ A run is closed-loop: ``concurrency`` workers each send the next request as
 soon as the previous one answered, first for ``warmup_s`` (not measured), then
 for ``duration_s``. Every request started in the measured window is awaited and
 counted, as a success or as an error by gRPC status (or outcome); latencies are
-those of successful requests.
+those of successful requests. Runs that are compared with each other can be
+measured in alternating slices (``"kind": "alternate"``, :func:`run_alternate`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,8 @@ STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
 RECORDS = 1000
 LAG_POLL_S = 0.01
 LAG_GIVE_UP_S = 10.0
+# Modes that call the gateway's ExecuteAction (the others call the provider's Execute).
+GATEWAY_MODES = ("gateway", "gateway_trusted")
 
 # One request: called with whether it is measured; returns None or an error label.
 Call = Callable[[bool], Awaitable[str | None]]
@@ -132,6 +136,12 @@ async def drive(call: Call, *, concurrency: int, warmup_s: float, duration_s: fl
 
 
 # -- ExecuteAction (direct, bare hop, gateway) ----------------------------------
+def _gateway_metadata(spec: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The operator's token, plus any ``extra_metadata`` pairs (a backend's own token)."""
+    extra = tuple((str(name), str(value)) for name, value in spec.get("extra_metadata", ()))
+    return (("authorization", f"Bearer {spec['token']}"), *extra)
+
+
 def _record(spec: dict[str, Any], record_id: str) -> common_pb2.RecordContext:
     return common_pb2.RecordContext(
         tenant=spec["tenant"],
@@ -148,13 +158,13 @@ def execute_sender(
     """A function sending one execution for a record id; None when it SUCCEEDED."""
     timeout = float(spec["timeout_s"])
     inputs = {"note": common_pb2.InputValue(string_value="bench")}
-    if spec["mode"] == "gateway":
+    if spec["mode"] in GATEWAY_MODES:
         gateway_call = channel.unary_unary(
             GATEWAY_EXECUTE,
             request_serializer=gateway_pb2.ExecuteActionRequest.SerializeToString,
             response_deserializer=gateway_pb2.ExecuteActionResponse.FromString,
         )
-        metadata = (("authorization", f"Bearer {spec['token']}"),)
+        metadata = _gateway_metadata(spec)
 
         async def via_gateway(record_id: str) -> str | None:
             request = gateway_pb2.ExecuteActionRequest(
@@ -274,93 +284,188 @@ async def probe_lag(
     return probe
 
 
-async def run_execute(spec: dict[str, Any]) -> dict[str, Any]:
-    async with grpc.aio.insecure_channel(spec["target"]) as channel:
-        send = execute_sender(channel, spec)
-        counter = 0
+@dataclass
+class Prepared:
+    """One spec's request function on its open channel, and what it observed beyond the
+    latencies (``extras``, read after the run)."""
 
-        async def call(measured: bool) -> str | None:
-            nonlocal counter
-            counter += 1
-            return await send(f"r-{counter % RECORDS}")
+    call: Call
+    send: Callable[[str], Awaitable[str | None]] | None = None
+    extras: Callable[[], dict[str, Any]] = dict
 
-        lag_task: asyncio.Task[LagProbe] | None = None
-        audit: grpc.aio.Channel | None = None
-        if spec.get("lag_probe_auditlog"):
-            audit = grpc.aio.insecure_channel(spec["lag_probe_auditlog"])
-            now = time.perf_counter()
-            lag_task = asyncio.create_task(
-                probe_lag(
-                    send,
-                    audit,
-                    spec,
-                    start_at=now + spec["warmup_s"],
-                    stop_at=now + spec["warmup_s"] + spec["duration_s"],
-                    interval_s=float(spec["lag_probe_interval_s"]),
-                )
-            )
+
+async def prepare_execute(spec: dict[str, Any], stack: contextlib.AsyncExitStack) -> Prepared:
+    channel = await stack.enter_async_context(grpc.aio.insecure_channel(spec["target"]))
+    send = execute_sender(channel, spec)
+    counter = 0
+
+    async def call(measured: bool) -> str | None:
+        nonlocal counter
+        counter += 1
+        return await send(f"r-{counter % RECORDS}")
+
+    return Prepared(call, send)
+
+
+async def prepare_discover(spec: dict[str, Any], stack: contextlib.AsyncExitStack) -> Prepared:
+    """DiscoverActions; ``skip_cache`` (default true) and ``records`` (how many record ids
+    the calls rotate over, default RECORDS) say how much the caches may hold."""
+    expected = int(spec["expected_actions"])
+    skip_cache = bool(spec.get("skip_cache", True))
+    records = int(spec.get("records", RECORDS))
+    degraded: Counter[str] = Counter()
+    # Who vouched for the facts each answer was decided on: SOURCE:vouched_by.
+    facts: Counter[str] = Counter()
+    incomplete = 0
+    channel = await stack.enter_async_context(grpc.aio.insecure_channel(spec["target"]))
+    discover = channel.unary_unary(
+        GATEWAY_DISCOVER,
+        request_serializer=gateway_pb2.DiscoverActionsRequest.SerializeToString,
+        response_deserializer=gateway_pb2.DiscoverActionsResponse.FromString,
+    )
+    metadata = _gateway_metadata(spec)
+    counter = 0
+
+    async def call(measured: bool) -> str | None:
+        nonlocal counter, incomplete
+        counter += 1
+        request = gateway_pb2.DiscoverActionsRequest(
+            record=_record(spec, f"f-{counter % records}"), skip_cache=skip_cache
+        )
         try:
+            response = await discover(request, metadata=metadata, timeout=float(spec["timeout_s"]))
+        except Exception as exc:
+            return error_label(exc)
+        if measured:
+            for provider in response.degraded_providers:
+                degraded[f"{provider.provider_id}:{provider.reason}"] += 1
+            incomplete += len(response.actions) != expected
+            source = common_pb2.FactSource.Name(response.facts.source)
+            facts[f"{source.removeprefix('FACT_SOURCE_')}:{response.facts.vouched_by}"] += 1
+        return None
+
+    def extras() -> dict[str, Any]:
+        return {
+            "expected_actions": expected,
+            "incomplete_answers": incomplete,
+            "degraded": dict(degraded),
+            "facts": dict(facts),
+        }
+
+    return Prepared(call, extras=extras)
+
+
+PREPARERS: dict[str, Callable[[dict[str, Any], contextlib.AsyncExitStack], Awaitable[Prepared]]] = {
+    "execute": prepare_execute,
+    "discover": prepare_discover,
+}
+
+
+@contextlib.asynccontextmanager
+async def lag_probing(
+    spec: dict[str, Any], send: Callable[[str], Awaitable[str | None]] | None, measure_s: float
+) -> AsyncIterator[Callable[[], Awaitable[dict[str, Any] | None]]]:
+    """When ``spec`` asks for it (``lag_probe_auditlog``), probe the end-to-end audit lag
+    from after its warm-up for ``measure_s``; yields a function giving the probe's result."""
+    if not spec.get("lag_probe_auditlog") or send is None:
+
+        async def nothing() -> None:
+            return None
+
+        yield nothing
+        return
+    audit = grpc.aio.insecure_channel(spec["lag_probe_auditlog"])
+    now = time.perf_counter()
+    task = asyncio.create_task(
+        probe_lag(
+            send,
+            audit,
+            spec,
+            start_at=now + float(spec["warmup_s"]),
+            stop_at=now + float(spec["warmup_s"]) + measure_s,
+            interval_s=float(spec["lag_probe_interval_s"]),
+        )
+    )
+
+    async def result() -> dict[str, Any]:
+        return (await task).result()
+
+    try:
+        yield result
+    finally:
+        if not task.done():
+            task.cancel()
+        await audit.close()
+
+
+async def run_single(spec: dict[str, Any]) -> dict[str, Any]:
+    """One closed-loop run: warm-up, then ``duration_s`` measured."""
+    async with contextlib.AsyncExitStack() as stack:
+        prepared = await PREPARERS[spec["kind"]](spec, stack)
+        async with lag_probing(spec, prepared.send, float(spec["duration_s"])) as lag:
             observed = await drive(
-                call,
+                prepared.call,
                 concurrency=int(spec["concurrency"]),
                 warmup_s=float(spec["warmup_s"]),
                 duration_s=float(spec["duration_s"]),
             )
-            result = observed.result()
-            if lag_task is not None:
-                result["lag"] = (await lag_task).result()
-        finally:
-            if lag_task is not None and not lag_task.done():
-                lag_task.cancel()
-            if audit is not None:
-                await audit.close()
+            result = {**observed.result(), **prepared.extras()}
+            probed = await lag()
+            if probed is not None:
+                result["lag"] = probed
     return result
 
 
-# -- DiscoverActions fan-out ----------------------------------------------------
-async def run_discover(spec: dict[str, Any]) -> dict[str, Any]:
-    expected = int(spec["expected_actions"])
-    degraded: Counter[str] = Counter()
-    incomplete = 0
-    async with grpc.aio.insecure_channel(spec["target"]) as channel:
-        discover = channel.unary_unary(
-            GATEWAY_DISCOVER,
-            request_serializer=gateway_pb2.DiscoverActionsRequest.SerializeToString,
-            response_deserializer=gateway_pb2.DiscoverActionsResponse.FromString,
-        )
-        metadata = (("authorization", f"Bearer {spec['token']}"),)
-        counter = 0
+async def run_alternate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Several runs measured in turns, to compare them on a machine whose load drifts.
 
-        async def call(measured: bool) -> str | None:
-            nonlocal counter, incomplete
-            counter += 1
-            request = gateway_pb2.DiscoverActionsRequest(
-                record=_record(spec, f"f-{counter % RECORDS}"), skip_cache=True
+    ``{"kind": "alternate", "slices": N, "specs": {name: spec, ...}}``: each spec warms
+    up once (in order), then its ``duration_s`` is measured in N slices, the specs taking
+    turns (in order, then in reverse, ...), so a change of the machine's load lands on
+    all of them alike. Answers ``{name: result}``, each result as a single run's plus
+    ``slices``. A lag probe (one spec may ask) runs through all the slices.
+    """
+    specs: dict[str, dict[str, Any]] = spec["specs"]
+    slices = max(1, int(spec["slices"]))
+    async with contextlib.AsyncExitStack() as stack:
+        prepared = {name: await PREPARERS[sub["kind"]](sub, stack) for name, sub in specs.items()}
+        totals = {name: Drive() for name in specs}
+        for name, sub in specs.items():
+            warm = await drive(
+                prepared[name].call,
+                concurrency=int(sub["concurrency"]),
+                warmup_s=float(sub["warmup_s"]),
+                duration_s=0.0,
             )
-            try:
-                response = await discover(
-                    request, metadata=metadata, timeout=float(spec["timeout_s"])
-                )
-            except Exception as exc:
-                return error_label(exc)
-            if measured:
-                for provider in response.degraded_providers:
-                    degraded[f"{provider.provider_id}:{provider.reason}"] += 1
-                incomplete += len(response.actions) != expected
-            return None
-
-        observed = await drive(
-            call,
-            concurrency=int(spec["concurrency"]),
-            warmup_s=float(spec["warmup_s"]),
-            duration_s=float(spec["duration_s"]),
-        )
-    return {
-        **observed.result(),
-        "expected_actions": expected,
-        "incomplete_answers": incomplete,
-        "degraded": dict(degraded),
-    }
+            totals[name].warmup_requests += warm.warmup_requests
+            totals[name].warmup_successes += warm.warmup_successes
+        probing = next((name for name, sub in specs.items() if sub.get("lag_probe_auditlog")), "")
+        measure_s = sum(float(sub["duration_s"]) for sub in specs.values())
+        probe_spec = {**specs[probing], "warmup_s": 0.0} if probing else {}
+        probe_send = prepared[probing].send if probing else None
+        async with lag_probing(probe_spec, probe_send, measure_s) as lag:
+            names = list(specs)
+            for turn in range(slices):
+                for name in names if turn % 2 == 0 else reversed(names):
+                    sub = specs[name]
+                    part = await drive(
+                        prepared[name].call,
+                        concurrency=int(sub["concurrency"]),
+                        warmup_s=0.0,
+                        duration_s=float(sub["duration_s"]) / slices,
+                    )
+                    total = totals[name]
+                    total.latencies.extend(part.latencies)
+                    total.errors.update(part.errors)
+                    total.elapsed_s += part.elapsed_s
+            probed = await lag()
+        results = {
+            name: {**totals[name].result(), **prepared[name].extras(), "slices": slices}
+            for name in specs
+        }
+    if probed is not None:
+        results[probing]["lag"] = probed
+    return results
 
 
 # -- AuditService.AppendEvents ingest -------------------------------------------
@@ -457,14 +562,15 @@ async def run_append(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-    "execute": run_execute,
-    "discover": run_discover,
+    "execute": run_single,
+    "discover": run_single,
+    "alternate": run_alternate,
     "append": run_append,
 }
 
 
 async def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one spec: ``{"kind": "execute"|"discover"|"append", "target": ..., ...}``."""
+    """Run one spec: ``{"kind": "execute"|"discover"|"append"|"alternate", ...}``."""
     runner = RUNNERS.get(spec.get("kind", ""))
     if runner is None:
         return {"error": f"unknown kind {spec.get('kind')!r}"}

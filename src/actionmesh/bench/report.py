@@ -3,7 +3,7 @@
 Pass/fail is only ever judged on what the issue sets as targets: ratios measured
 in the same run (gateway vs. bare hop), and the few absolute numbers it names
 (fan-out p50, hanging-provider cost, ingest rate, audit lag, lost events).
-Everything else is reported, not judged.
+Everything else is reported, not judged, the cost of fact resolution included.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from rich.table import Table
 SCHEMA_VERSION = 1
 JSON_NAME = "bench.json"
 PNG_NAME = "bench.png"
+EXECUTE_MODES = ("direct", "bare_hop", "gateway", "gateway_trusted")
+SIGNED_MEASURES = frozenset({"source_added_p50_ms", "source_added_mean_ms", "cache_saves_p50_ms"})
+"""The only numbers of the report that may be negative: differences between two runs of
+the same run, where a cost too small to measure can come out below zero."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ def _lost(report: dict[str, Any]) -> float | None:
     audit = report.get("audit", {})
     lost = audit.get("gateway_events", {}).get("lost", 0)
     lost += audit.get("discovery_events", {}).get("lost", 0)
+    lost += audit.get("facts_discovery_events", {}).get("lost", 0)
     for result in audit.get("ingest", {}).values():
         lost += result.get("events_lost", 0)
     return float(lost)
@@ -166,7 +171,8 @@ def write_json(report: dict[str, Any], out_dir: Path) -> Path:
 
 
 def write_png(report: dict[str, Any], out_dir: Path) -> Path:
-    """Throughput and latency per mode, fan-out latency and ingest rate, as one PNG."""
+    """Throughput and latency per mode, fan-out latency, ingest rate and what fact
+    resolution costs (discovery latency, added p50), as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,12 +181,12 @@ def write_png(report: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PNG_NAME
     runs = report.get("runs", [])
-    modes = [m for m in ("direct", "bare_hop", "gateway") if any(r["mode"] == m for r in runs)]
+    modes = [m for m in EXECUTE_MODES if any(r["mode"] == m for r in runs)]
     concurrencies = sorted({r["concurrency"] for r in runs})
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9))
     width = 0.8 / max(1, len(concurrencies))
 
-    throughput, latency = axes[0]
+    throughput, latency, discover_ax = axes[0]
     for i, concurrency in enumerate(concurrencies):
         xs = [m + (i - (len(concurrencies) - 1) / 2) * width for m in range(len(modes))]
         found = [_run(report, mode, concurrency) or {} for mode in modes]
@@ -199,7 +205,7 @@ def write_png(report: dict[str, Any], out_dir: Path) -> Path:
         ax.legend()
     latency.set_yscale("log")
 
-    fanout_ax, audit_ax = axes[1]
+    fanout_ax, audit_ax, cost_ax = axes[1]
     fanout_runs = report.get("fanout", {}).get("runs", [])
     labels = [r["scenario"] for r in fanout_runs]
     fanout_ax.bar(labels, [r["p50_ms"] for r in fanout_runs], label="p50")
@@ -230,6 +236,8 @@ def write_png(report: dict[str, Any], out_dir: Path) -> Path:
     audit_ax.set_ylabel("events/s")
     audit_ax.legend()
 
+    _plot_facts(report.get("facts", {}), discover_ax, cost_ax)
+
     machine = report.get("machine", {})
     fig.suptitle(
         f"actionmesh bench ({'quick' if report['config'].get('quick') else 'full'}) - "
@@ -239,6 +247,42 @@ def write_png(report: dict[str, Any], out_dir: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _plot_facts(facts: dict[str, Any], discover_ax: Any, cost_ax: Any) -> None:
+    """Discovery latency per (facts from, facts cache), and the p50 a source adds."""
+    discover = facts.get("discover", {})
+    runs = discover.get("runs", [])
+    labels = [f"{r['facts_from']}\nfacts {r['facts_cache']}" for r in runs]
+    discover_ax.bar(
+        labels,
+        [r["p50_ms"] for r in runs],
+        color=["tab:gray" if r["facts_from"] == "trusted" else "tab:purple" for r in runs],
+        label="p50",
+    )
+    discover_ax.scatter(
+        labels, [r["p99_ms"] for r in runs], marker="_", s=400, color="black", label="p99"
+    )
+    discover_ax.set_title("DiscoverActions c=1, caches warm: facts trusted or from a source")
+    discover_ax.set_ylabel("ms")
+    discover_ax.legend()
+
+    names: list[str] = []
+    found: list[dict[str, Any]] = []
+    for key, measured in sorted(facts.get("execute", {}).items(), key=lambda kv: int(kv[0][1:])):
+        names.append(f"execute\n{key.replace('c', 'c=')}")
+        found.append(measured)
+    for cache in ("cached", "uncached"):
+        if cache in discover:
+            names.append(f"discover\nfacts {cache}")
+            found.append(discover[cache])
+    ratios = [f["source_p50_over_trusted_p50"] or 0.0 for f in found]
+    bars = cost_ax.bar(names, ratios, color="tab:purple")
+    cost_ax.bar_label(bars, [f"{f['source_added_p50_ms']:+.2f} ms" for f in found])
+    cost_ax.axhline(1, color="black", linewidth=0.8)
+    cost_ax.margins(y=0.12)
+    cost_ax.set_title("Fact resolution: p50 with a source / p50 trusted (same run)")
+    cost_ax.set_ylabel("ratio (labels: p50 added)")
 
 
 # -- terminal -----------------------------------------------------------------------------
@@ -251,9 +295,13 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def print_tables(report: dict[str, Any], console: Console) -> None:
-    runs = Table(title="ExecuteAction: direct, bare hop, gateway")
-    for column in ("mode", "conc.", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"):
-        runs.add_column(column, justify="left" if column == "mode" else "right")
+    runs = Table(
+        title="ExecuteAction: direct, bare hop, gateway (facts: source, trusted caller)",
+        pad_edge=False,
+    )
+    runs.add_column("mode", no_wrap=True, min_width=len("gateway_trusted"))
+    for column in ("conc.", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"):
+        runs.add_column(column, justify="right")
     for run in report.get("runs", []):
         runs.add_row(
             run["mode"],
@@ -286,7 +334,7 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
     audits = Table(title="Audit")
     audits.add_column("measure")
     audits.add_column("value", justify="right")
-    for name in ("gateway_events", "discovery_events"):
+    for name in ("gateway_events", "discovery_events", "facts_discovery_events"):
         counts = audit.get(name, {})
         if counts:
             audits.add_row(
@@ -311,6 +359,8 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
             )
     console.print(audits)
 
+    _print_facts(report.get("facts", {}), console)
+
     rss = Table(title="Peak RSS (VmHWM)")
     rss.add_column("process")
     rss.add_column("MiB", justify="right")
@@ -330,3 +380,47 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
             "-" if passed is None else ("[green]pass[/green]" if passed else "[red]FAIL[/red]"),
         )
     console.print(targets)
+
+
+def _print_facts(facts: dict[str, Any], console: Console) -> None:
+    """What resolving a record's facts from its source costs, against a trusted caller."""
+    if not facts:
+        return
+    table = Table(
+        title=f"Fact resolution: facts from a source ({facts['source']['record_type']}) vs "
+        f"a trusted caller ({facts['trusted']['record_type']}), same run"
+    )
+    table.add_column("call", no_wrap=True)
+    table.add_column("facts", no_wrap=True)
+    for column in ("trusted p50", "source p50", "added ms", "p50 x", "req/s x"):
+        table.add_column(column, justify="right")
+
+    def row(call: str, cache: str, found: dict[str, Any]) -> None:
+        table.add_row(
+            call,
+            cache,
+            _fmt(found["trusted_p50_ms"]),
+            _fmt(found["source_p50_ms"]),
+            f"{found['source_added_p50_ms']:+.2f}",
+            _fmt(found["source_p50_over_trusted_p50"]),
+            _fmt(found["source_rps_over_trusted_rps"]),
+        )
+
+    for key, found in sorted(facts.get("execute", {}).items(), key=lambda kv: int(kv[0][1:])):
+        row(f"execute c={key[1:]}", "fresh", found)
+    discover = facts.get("discover", {})
+    for cache in ("cached", "uncached"):
+        if cache in discover:
+            row(f"discover c={discover.get('concurrency', 1)}", cache, discover[cache])
+    console.print(table)
+    notes = [
+        f"facts cached for {facts['cache_ttl_s']:g} s at discovery (uncached: a second "
+        "gateway with record_facts_cache_ttl_s=0)"
+    ]
+    if "cache_saves_p50_ms" in discover:
+        notes.append(
+            f"the facts cache saves {discover['cache_saves_p50_ms']:+.2f} ms of p50 per "
+            "discovery (uncached added minus cached added)"
+        )
+    for note in notes:
+        console.print(f"  {note}", highlight=False)

@@ -6,10 +6,19 @@ Phases, in order, all on 127.0.0.1 under a temporary directory:
    :class:`actionmesh.mesh.Mesh`, plus the pass-through proxy in front of the
    same provider; ExecuteAction direct, through the proxy and through the gateway
    at each concurrency, the end-to-end audit lag probed during the loaded gateway
-   run, then the audit count check (2 events per successful execution);
-2. fan-out providers registered in the same mesh; DiscoverActions over 1, 8, 32
+   run, then the audit count check (2 events per successful execution). The
+   gateway runs act on a record type whose system of record is the bench provider
+   (one ResolveRecord per execution); ``gateway_trusted`` runs the same on a type
+   without a source, its facts vouched for by the bench's backend identity (a
+   trusted caller): the difference is what resolving facts costs;
+2. fact resolution at discovery: DiscoverActions (concurrency 1, caches warm) on
+   the trusted type and on the sourced type, on the mesh's gateway (record facts
+   cached for ``facts_cache_ttl_s``) and on a second gateway that never caches
+   them (``record_facts_cache_ttl_s=0``; started with the proxy, idle until
+   then, stopped after); the discovery audit events counted;
+3. fan-out providers registered in the same mesh; DiscoverActions over 1, 8, 32
    providers and with one hanging; the discovery audit events counted;
-3. the mesh stopped; AppendEvents ingest on SQLite, then PostgreSQL if given.
+4. the mesh stopped; AppendEvents ingest on SQLite, then PostgreSQL if given.
 
 Peak RSS of every process is read before it stops. Whatever happens (error,
 Ctrl-C, SIGTERM), every process started here is stopped before returning.
@@ -39,7 +48,7 @@ import grpc
 from actionmesh.bench import audit
 from actionmesh.bench.config import BenchConfig, as_dict
 from actionmesh.bench.fanout import HANG_PROVIDER_ID, HANG_RECORD_TYPE, record_type
-from actionmesh.bench.noop import ACTION_ID, RECORD_TYPE
+from actionmesh.bench.noop import ACTION_ID, PROVIDER_ID, RECORD_TYPE, TRUSTED_RECORD_TYPE
 from actionmesh.bench.procs import (
     Child,
     ChildError,
@@ -50,13 +59,20 @@ from actionmesh.bench.procs import (
     start_child,
 )
 from actionmesh.bench.report import SCHEMA_VERSION, evaluate_targets
-from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.auth import SERVICE_METADATA, mint_service_token, mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-MODES = ("direct", "bare_hop", "gateway")
+MODES = ("direct", "bare_hop", "gateway", "gateway_trusted")
+# Measured in turns (see loadgen.run_alternate): their difference is the cost of resolution.
+GATEWAY_MODES = ("gateway", "gateway_trusted")
 EXEC_TENANT = "bench-exec"
 FANOUT_TENANT = "bench-fanout"
+FACTS_TENANT = "bench-facts"
+# The bench's backend identity, which the gateway trusts for TRUSTED_RECORD_TYPE's facts.
+TRUSTED_CALLER = "bench-backend"
+# The second gateway of the discovery runs: record facts never cached.
+NOCACHE_GATEWAY = "gateway-nocache"
 # Readiness probes run in a tenant of their own, so they never enter the counts.
 READY_TENANT = "bench-ready"
 SUBJECT = "bench"
@@ -159,6 +175,29 @@ def wait_gateway_executes(address: str, token: str) -> None:
 
     with channel:
         _until(executes, READY_TIMEOUT_S, "the gateway could not execute the bench action")
+
+
+def wait_gateway_resolves(address: str, token: str) -> None:
+    """Until the gateway discovers the bench action on facts its record source vouched for."""
+    channel, stub = _gateway_stub(address)
+    metadata = (("authorization", f"Bearer {token}"),)
+
+    def resolves() -> bool:
+        reply = stub.DiscoverActions(
+            gateway_pb2.DiscoverActionsRequest(
+                record=_ready_record(RECORD_TYPE, "ready"), skip_cache=True
+            ),
+            metadata=metadata,
+            timeout=5.0,
+        )
+        return (
+            len(reply.actions) == 1
+            and reply.facts.source == common_pb2.FACT_SOURCE_PROVIDER
+            and reply.facts.vouched_by == PROVIDER_ID
+        )
+
+    with channel:
+        _until(resolves, READY_TIMEOUT_S, f"{address} did not resolve facts from its source")
 
 
 def wait_gateway_fans_out(address: str, token: str, largest: int) -> None:
@@ -286,23 +325,50 @@ class Bench:
                         # The per-tenant rate limiter still runs on every call, but at a
                         # rate no run reaches: the bench measures capacity, not fair use.
                         "ACTIONMESH_GATEWAY_TENANT_RATE_LIMIT": BENCH_TENANT_RATE,
+                        # The bench's backend vouches for the facts of the type without a
+                        # source (the gateway_trusted runs); benchrec's come from its source.
+                        "ACTIONMESH_GATEWAY_TRUSTED_CALLERS": (
+                            f"{TRUSTED_CALLER}={TRUSTED_RECORD_TYPE}"
+                        ),
+                        "ACTIONMESH_GATEWAY_RECORD_FACTS_CACHE_TTL_S": str(
+                            self.config.facts_cache_ttl_s
+                        ),
                     },
                 )
             )
             stack.callback(mesh.stop)
             self.progress("starting the mesh (registry, audit log, gateway, bench provider)")
             mesh.start()
-            proxy = start_child(
-                "proxy", "actionmesh.bench.proxy", ["--target", mesh.address("noop")], self.run_dir
-            )
-            stack.callback(proxy.stop)
+            proxy = self._start_proxy_and_second_gateway(mesh, stack)
             self._execute_modes(mesh, proxy, loadgen)
+            self._facts_discover(mesh, loadgen)
             self._fanout(mesh, loadgen)
             self._record_rss(mesh, [proxy], loadgen)
             self.progress("stopping the mesh")
             stop_all([proxy.stop, *(partial(mesh.stop_service, name) for name in mesh.services)])
             self._ingest(loadgen, auditlogs)
             self.rss["loadgen"] = peak_rss_mb(loadgen.pid)
+
+    def _start_proxy_and_second_gateway(self, mesh: Mesh, stack: contextlib.ExitStack) -> Child:
+        """The pass-through proxy, and the gateway that never caches record facts (phase 2),
+        started side by side to save a start-up; that gateway idles until phase 2."""
+        self.progress("starting the pass-through proxy and a gateway without a facts cache")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            proxy_started = pool.submit(
+                start_child,
+                "proxy",
+                "actionmesh.bench.proxy",
+                ["--target", mesh.address("noop")],
+                self.run_dir,
+            )
+            # A failed start stays in mesh.services, which mesh.stop stops.
+            gateway_started = pool.submit(
+                mesh.start_gateway, NOCACHE_GATEWAY, "--record-facts-cache-ttl-s", "0"
+            )
+        proxy = proxy_started.result()  # a proxy that failed to start was stopped
+        stack.callback(proxy.stop)
+        gateway_started.result()
+        return proxy
 
     def _keep_logs(self) -> None:
         """Copy the logs of a failed run where the user looks (OUT/logs)."""
@@ -324,13 +390,16 @@ class Bench:
             "direct": mesh.address("noop"),
             "bare_hop": proxy.address,
             "gateway": mesh.address("gateway"),
+            "gateway_trusted": mesh.address("gateway"),
         }
+        vouching = _vouching(mesh)
         loaded = max(config.concurrencies)
         runs: list[dict[str, Any]] = []
         gateway_executions = 0
         lag: dict[str, Any] | None = None
         profile: dict[str, Any] | None = None
         for concurrency in config.concurrencies:
+            specs: dict[str, dict[str, Any]] = {}
             for mode in MODES:
                 spec: dict[str, Any] = {
                     "kind": "execute",
@@ -346,33 +415,48 @@ class Bench:
                     "action_id": ACTION_ID,
                     "token": token,
                 }
-                probing = mode == "gateway" and concurrency == loaded
-                if probing:
+                if mode == "gateway_trusted":
+                    # The same call on a type without a source: no ResolveRecord.
+                    spec["record_type"] = TRUSTED_RECORD_TYPE
+                    spec["extra_metadata"] = vouching
+                if mode == "gateway" and concurrency == loaded:
                     spec["lag_probe_auditlog"] = mesh.address("auditlog")
                     spec["lag_probe_interval_s"] = config.lag_probe_interval_s
-                profiler = None
-                if probing and config.profile:
-                    profiler = start_profiler(
-                        config.profile,
-                        self._pid(mesh, "gateway"),
-                        config.warmup_s + config.duration_s,
-                    )
-                result = loadgen.run(spec)
-                if profiler is not None:
-                    profile = self._finish_profiler(profiler)
-                if mode == "gateway":
-                    gateway_executions += result["successes"] + result["warmup_successes"]
-                    if "lag" in result:
-                        lag = result.pop("lag")
-                        gateway_executions += lag["executions_succeeded"]
-                runs.append({"mode": mode, "concurrency": concurrency, **result})
-                self.progress(
-                    f"{mode:>8} c={concurrency:<3} {result['rps']:8.0f} req/s  "
-                    f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-                    f"errors {result['errors']}"
+                specs[mode] = spec
+            results: dict[str, dict[str, Any]] = {}
+            for mode in ("direct", "bare_hop"):
+                results[mode] = loadgen.run(specs[mode])
+                self._said_run(mode, concurrency, results[mode])
+            # With and without resolution in turns: their difference is what is measured.
+            pair = {mode: specs[mode] for mode in GATEWAY_MODES}
+            profiler = None
+            if concurrency == loaded and config.profile:
+                profiler = start_profiler(
+                    config.profile,
+                    self._pid(mesh, "gateway"),
+                    len(pair) * (config.warmup_s + config.duration_s),
                 )
+            alternated = loadgen.run(
+                {"kind": "alternate", "slices": config.alternate_slices, "specs": pair}
+            )
+            if profiler is not None:
+                profile = self._finish_profiler(profiler)
+            for mode in GATEWAY_MODES:
+                result = results[mode] = alternated[mode]
+                gateway_executions += result["successes"] + result["warmup_successes"]
+                if "lag" in result:
+                    lag = result.pop("lag")
+                    gateway_executions += lag["executions_succeeded"]
+                self._said_run(mode, concurrency, result)
+            runs.extend({"mode": m, "concurrency": concurrency, **results[m]} for m in MODES)
         self.report["runs"] = runs
         self.report["ratios"] = ratios(runs)
+        self.report["facts"] = {
+            "source": {"record_type": RECORD_TYPE, "provider": PROVIDER_ID},
+            "trusted": {"record_type": TRUSTED_RECORD_TYPE, "caller": TRUSTED_CALLER},
+            "cache_ttl_s": config.facts_cache_ttl_s,
+            "execute": execute_resolution(runs),
+        }
         if profile is not None or config.profile:
             self.report["profile"] = profile or {
                 "skipped": "py-spy not found (pip install py-spy)",
@@ -396,6 +480,13 @@ class Bench:
             "lag": lag or {"skipped": "no loaded gateway run"},
         }
 
+    def _said_run(self, mode: str, concurrency: int, result: dict[str, Any]) -> None:
+        self.progress(
+            f"{mode:>15} c={concurrency:<3} {result['rps']:8.0f} req/s  "
+            f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+            f"errors {result['errors']}"
+        )
+
     def _finish_profiler(self, profiler: subprocess.Popen[bytes]) -> dict[str, Any]:
         try:
             _, err = profiler.communicate(timeout=30)
@@ -412,7 +503,77 @@ class Bench:
             "stderr": (err or b"").decode(errors="replace")[-500:],
         }
 
-    # -- phase 2: DiscoverActions fan-out -----------------------------------------
+    # -- phase 2: fact resolution at discovery ------------------------------------
+    def _facts_discover(self, mesh: Mesh, loadgen: LoadGenerator) -> None:
+        """DiscoverActions on the trusted and the sourced type, facts cached and not."""
+        config = self.config
+        key = mesh.signing_key()
+        ready = mint_token(key, subject=SUBJECT, tenant=READY_TENANT, roles=("operator",))
+        token = mint_token(key, subject=SUBJECT, tenant=FACTS_TENANT, roles=("operator",))
+        try:
+            wait_gateway_resolves(mesh.address(NOCACHE_GATEWAY), ready)
+            gateways = (("cached", "gateway"), ("uncached", NOCACHE_GATEWAY))
+            specs: dict[str, dict[str, Any]] = {}
+            for facts_cache, gateway in gateways:
+                for source, kind in (("trusted", TRUSTED_RECORD_TYPE), ("source", RECORD_TYPE)):
+                    spec: dict[str, Any] = {
+                        "kind": "discover",
+                        "target": mesh.address(gateway),
+                        "token": token,
+                        "tenant": FACTS_TENANT,
+                        "record_type": kind,
+                        "expected_actions": 1,
+                        # Warm caches: what a UI refresh meets. Few records, so every
+                        # cache holds them all; the TTLs refresh a record now and then.
+                        "skip_cache": False,
+                        "records": config.facts_discover_records,
+                        "concurrency": 1,
+                        "warmup_s": config.facts_warmup_s,
+                        "duration_s": config.facts_duration_s,
+                        "timeout_s": config.request_timeout_s,
+                    }
+                    if source == "trusted":
+                        spec["extra_metadata"] = _vouching(mesh)
+                    specs[f"{source} {facts_cache}"] = spec
+            # In turns, so a change of the machine's load lands on all four alike.
+            alternated = loadgen.run(
+                {"kind": "alternate", "slices": config.alternate_slices, "specs": specs}
+            )
+            runs: list[dict[str, Any]] = []
+            for name, result in alternated.items():
+                source, facts_cache = name.split()
+                runs.append({"facts_cache": facts_cache, "facts_from": source, **result})
+                self.progress(
+                    f"discover {source:>7}, facts {facts_cache:>8}: "
+                    f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  "
+                    f"({result['successes']} calls)"
+                )
+            discoveries = sum(r["successes"] + r["warmup_successes"] for r in runs)
+            self.progress(f"waiting for {discoveries} discovery audit events (facts runs)")
+            count, waited = audit.wait_for_events(
+                mesh.address("auditlog"), FACTS_TENANT, discoveries, config.audit_drain_timeout_s
+            )
+            self.rss[NOCACHE_GATEWAY] = peak_rss_mb(self._pid(mesh, NOCACHE_GATEWAY))
+        finally:
+            mesh.stop_service(NOCACHE_GATEWAY)
+        self.report["facts"]["discover"] = {
+            "concurrency": 1,
+            "skip_cache": False,
+            "records": config.facts_discover_records,
+            "runs": runs,
+            **discover_resolution(runs),
+        }
+        self.report["audit"]["facts_discovery_events"] = {
+            "tenant": FACTS_TENANT,
+            "expected": discoveries,
+            "stored": count.events,
+            "lost": max(0, discoveries - count.events),
+            "extra": max(0, count.events - discoveries),
+            "chain_intact": count.intact,
+            "drain_wait_s": round(waited, 3),
+        }
+
+    # -- phase 3: DiscoverActions fan-out -----------------------------------------
     def _fanout(self, mesh: Mesh, loadgen: LoadGenerator) -> None:
         config = self.config
         sizes = sorted(set(config.fanout_sizes))
@@ -507,7 +668,7 @@ class Bench:
             "drain_wait_s": round(waited, 3),
         }
 
-    # -- phase 3: audit ingest ------------------------------------------------------
+    # -- phase 4: audit ingest ------------------------------------------------------
     def _launch_auditlogs(self) -> dict[str, Launched]:
         backends = {"sqlite": audit.sqlite_ingest_url(self.run_dir)}
         if self.config.postgres_url:
@@ -548,7 +709,10 @@ class Bench:
 
     def _record_rss(self, mesh: Mesh, children: list[Child], loadgen: LoadGenerator) -> None:
         for name, service in mesh.services.items():
-            self.rss[name] = peak_rss_mb(service.process.pid if service.process else None)
+            process = service.process
+            if name in self.rss and (process is None or process.poll() is not None):
+                continue  # stopped earlier, its peak read before it stopped
+            self.rss[name] = peak_rss_mb(process.pid if process else None)
         for child in children:
             self.rss[child.name] = peak_rss_mb(child.pid)
 
@@ -556,6 +720,7 @@ class Bench:
         found = self.report.get("audit", {})
         lost = int(found.get("gateway_events", {}).get("lost", 0))
         lost += int(found.get("discovery_events", {}).get("lost", 0))
+        lost += int(found.get("facts_discovery_events", {}).get("lost", 0))
         for result in found.get("ingest", {}).values():
             lost += int(result.get("events_lost", 0))
         return lost
@@ -583,6 +748,56 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "bare_hop_rps_over_direct_rps": ratio(bare["rps"], direct["rps"]),
             "gateway_added_p50_ms": gateway["p50_ms"] - bare["p50_ms"],
         }
+    return result
+
+
+def _vouching(mesh: Mesh) -> list[list[str]]:
+    """The bench backend's own token, as the metadata a trusted caller adds to its calls."""
+    token = mint_service_token(mesh.signing_key(), client_id=TRUSTED_CALLER, ttl_s=86400.0)
+    return [[SERVICE_METADATA, f"Bearer {token}"]]
+
+
+def _difference(with_source: dict[str, Any], trusted: dict[str, Any]) -> dict[str, Any]:
+    """What the source adds over the trusted caller: signed differences (noise can make
+    a cost too small to measure come out negative) and ratios."""
+
+    def ratio(numerator: float, denominator: float) -> float | None:
+        return numerator / denominator if denominator > 0 else None
+
+    return {
+        "trusted_p50_ms": trusted["p50_ms"],
+        "source_p50_ms": with_source["p50_ms"],
+        "source_added_p50_ms": with_source["p50_ms"] - trusted["p50_ms"],
+        "source_added_mean_ms": with_source["mean_ms"] - trusted["mean_ms"],
+        "source_p50_over_trusted_p50": ratio(with_source["p50_ms"], trusted["p50_ms"]),
+        "source_rps_over_trusted_rps": ratio(with_source["rps"], trusted["rps"]),
+    }
+
+
+def execute_resolution(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per concurrency: gateway (fresh ResolveRecord per call) vs gateway_trusted (none)."""
+    by_key = {(run["mode"], run["concurrency"]): run for run in runs}
+    result: dict[str, Any] = {}
+    for c in sorted({run["concurrency"] for run in runs}):
+        with_source, trusted = by_key.get(("gateway", c)), by_key.get(("gateway_trusted", c))
+        if with_source is not None and trusted is not None:
+            result[f"c{c}"] = _difference(with_source, trusted)
+    return result
+
+
+def discover_resolution(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per facts cache (cached, uncached): the sourced type's discovery vs the trusted
+    type's on the same gateway; and what the cache saves (uncached minus cached cost)."""
+    by_key = {(run["facts_cache"], run["facts_from"]): run for run in runs}
+    result: dict[str, Any] = {}
+    for cache in ("cached", "uncached"):
+        with_source, trusted = by_key.get((cache, "source")), by_key.get((cache, "trusted"))
+        if with_source is not None and trusted is not None:
+            result[cache] = _difference(with_source, trusted)
+    if "cached" in result and "uncached" in result:
+        result["cache_saves_p50_ms"] = (
+            result["uncached"]["source_added_p50_ms"] - result["cached"]["source_added_p50_ms"]
+        )
     return result
 
 
