@@ -114,8 +114,8 @@ CHECKS: dict[str, str] = {
     "result or progress; a provider answering UNIMPLEMENTED (it keeps no record of its "
     "executions) skips every status.* check as not supported, which require_all accepts",
     "status.finished": "the key execute.idempotent executed is FINISHED with the outcome, "
-    "reason, external ref and changes Execute answered (a PARTIAL answer may since have been "
-    "settled) (needs execute.idempotent to have executed)",
+    "reason, external ref and changes Execute answered, or, where Execute answered PARTIAL, "
+    "RUNNING or a settled answer (needs execute.idempotent to have executed)",
     "status.stable": "the same GetExecutionStatus twice gives the same answer, for the executed "
     "key and a key never sent",
     "status.tenant_isolation": "the executed key asked for by another tenant is NEVER_RECEIVED, "
