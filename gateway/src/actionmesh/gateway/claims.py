@@ -18,7 +18,13 @@ from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorized
 from actionmesh.gateway.dispatch import Deadlines, Dispatcher
 from actionmesh.gateway.ledger import Ledger
-from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ExecutionState
+from actionmesh.gateway.model import (
+    ExecuteCommand,
+    ExecutionRecord,
+    ExecutionState,
+    ReconcileState,
+)
+from actionmesh.gateway.reconciler import Reconciler
 from actionmesh.gateway.storage import KeyConflict
 from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.rpc.convert import input_value_to_python, utcnow
@@ -38,12 +44,14 @@ class Claims:
         deadlines: Deadlines,
         *,
         approval_ttl_s: float,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self._ledger = ledger
         self._dispatcher = dispatcher
         self._sweeper = sweeper
         self._deadlines = deadlines
         self._approval_ttl_s = approval_ttl_s
+        self._reconciler = reconciler
 
     async def claim(
         self,
@@ -131,7 +139,13 @@ class Claims:
                 pause = min(pause * 2, MAX_WAIT_POLL_S)
             fresh = await self._ledger.find_by_key(existing.tenant, command.idempotency_key)
             existing = fresh or existing
-        if existing.outcome is ExecutionState.UNAVAILABLE:
+        if existing.reconcile_state is ReconcileState.PENDING and self._reconciler is not None:
+            # Unsettled: ask the provider now rather than repeat "we don't know" (bounded
+            # by the status deadline; the caller's own deadline cancels us earlier).
+            settled = await self._reconciler.reconcile(existing)
+            fresh = await self._ledger.find_by_key(existing.tenant, command.idempotency_key)
+            existing = fresh or settled or existing
+        if existing.nothing_ran:
             # Nothing ran the first time, so the same key may dispatch again.
             redispatch_by = utcnow() + timedelta(seconds=timeout_s)
             reclaimed = await self._ledger.reclaim(existing, redispatch_by)

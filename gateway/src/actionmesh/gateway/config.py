@@ -125,6 +125,25 @@ class GatewayConfig:
     approval_sweep_interval_s: float = 30.0
     """How often pending approvals past their window are expired and audited, and RUNNING
     executions a stopped gateway left past their dispatch deadline are closed as TIMED_OUT."""
+    reconcile_interval_s: float = 5.0
+    """How often the reconciler looks for unsettled executions (TIMED_OUT, orphans included,
+    and PARTIAL `DOWNSTREAM_OUTCOME_UNKNOWN`) that are due, and asks their provider
+    (GetExecutionStatus) what became of them. It is also the first backoff: an execution
+    still RUNNING at the provider (or whose provider cannot be reached) is asked again
+    after this, then twice as long each time up to `reconcile_max_backoff_s`."""
+    reconcile_max_backoff_s: float = 300.0
+    """The longest pause between two questions about one unsettled execution."""
+    reconcile_max_attempts: int = 50
+    """After this many questions without a final answer the execution NEEDS_ATTENTION
+    (`RECONCILE_GAVE_UP`): a person must find out what happened."""
+    reconcile_max_age_s: float = 86400.0
+    """An unsettled execution older than this (from when it ended) is no longer asked
+    about: it NEEDS_ATTENTION (`RECONCILE_GAVE_UP`)."""
+    reconcile_status_timeout_s: float = 5.0
+    """Deadline of one GetExecutionStatus call to a provider."""
+    reconcile_lease_s: float = 30.0
+    """How long one replica holds an execution it reconciles; a crashed replica's lease
+    lapses after this and another replica asks. Must exceed `reconcile_status_timeout_s`."""
     tenant_rate_limit: str = "200/second"
     """Requests per tenant, counted separately for ExecuteAction and DiscoverActions, in
     `limits` notation (`200/second`, `5000/minute`); over it a call gets
@@ -198,6 +217,19 @@ class GatewayConfig:
             raise ValueError("timeouts must be positive")
         if self.approval_ttl_s <= 0 or self.approval_sweep_interval_s <= 0:
             raise ValueError("approval_ttl_s and approval_sweep_interval_s must be positive")
+        if (
+            min(
+                self.reconcile_interval_s,
+                self.reconcile_max_backoff_s,
+                self.reconcile_max_age_s,
+                self.reconcile_status_timeout_s,
+            )
+            <= 0
+            or self.reconcile_max_attempts < 1
+        ):
+            raise ValueError("the reconcile_* settings must be positive")
+        if self.reconcile_lease_s <= self.reconcile_status_timeout_s:
+            raise ValueError("reconcile_lease_s must exceed reconcile_status_timeout_s")
         parse_trusted_callers(self.trusted_callers)
         parse_rate(self.tenant_rate_limit)  # refuse a malformed rate at start, not per call
         if min(self.tenant_max_concurrent_executions, self.provider_max_concurrent_executions) < 0:

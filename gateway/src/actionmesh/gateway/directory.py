@@ -111,6 +111,10 @@ class ProviderDirectory:
         """Every provider the directory knows, healthy or not."""
         return list(self._providers.values())
 
+    def provider(self, provider_id: str) -> ProviderEntry | None:
+        """The registered provider ``provider_id``, if any."""
+        return self._providers.get(provider_id)
+
     def providers_for(self, record_type: str) -> list[ProviderEntry]:
         return [p for p in self._providers.values() if p.handles(record_type)]
 

@@ -86,10 +86,14 @@ class ProviderAnswer:
     changes: Sequence[Change] = ()
     warnings: Sequence[str] = ()
 
-    def applied_to(self, record: ExecutionRecord) -> ExecutionRecord:
+    def applied_to(self, record: ExecutionRecord, settle_after_s: float = 0.0) -> ExecutionRecord:
+        """``record`` finished with this answer; an unsettled outcome is reconciled from
+        ``settle_after_s`` on (while this gateway may still hear a late answer)."""
+        now = utcnow()
         return record.finished_with(
             self.outcome,
-            at=utcnow(),
+            at=now,
+            reconcile_from=now + timedelta(seconds=settle_after_s),
             reason=self.reason,
             message=self.message,
             external_ref=self.external_ref,
@@ -236,7 +240,9 @@ class Dispatcher:
         self, dispatch: Dispatch, record: ExecutionRecord, answer: ProviderAnswer
     ) -> ExecutionRecord:
         finished = await self._ledger.finish(
-            dispatch.caller, dispatch.command, answer.applied_to(record)
+            dispatch.caller,
+            dispatch.command,
+            answer.applied_to(record, self._deadlines.late_result_grace_s),
         )
         if finished is None:
             return await self._finished_as_orphan(dispatch, record, answer)

@@ -27,6 +27,7 @@ from actionmesh.gateway.model import (
     ExecuteCommand,
     ExecutionRecord,
     ExecutionState,
+    ReconcileState,
 )
 from actionmesh.gateway.redaction import Redactor
 from actionmesh.gateway.storage import (
@@ -35,7 +36,9 @@ from actionmesh.gateway.storage import (
     OrphanRule,
     decide_approval_op,
     finish_execution_op,
+    lease_reconcile_op,
     reclaim_unavailable_op,
+    reconcile_op,
     record_attempt_op,
     record_late_result_op,
     resolve_orphan_op,
@@ -55,6 +58,8 @@ GRANTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_GRANTED
 REJECTED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REJECTED
 EXPIRED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_EXPIRED
 REFUSED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REFUSED
+RECONCILED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_RECONCILED
+NEEDS_ATTENTION = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_NEEDS_ATTENTION
 # Who acts when the gateway itself moves an execution (expiry, orphan sweep).
 SYSTEM = "actionmesh"
 
@@ -106,6 +111,12 @@ class Ledger:
 
     async def orphaned(self, rule: OrphanRule, now: datetime, limit: int) -> list[ExecutionRecord]:
         return await asyncio.to_thread(self._store.orphaned_executions, rule, now, limit)
+
+    async def due_reconciles(self, now: datetime, limit: int) -> list[ExecutionRecord]:
+        return await asyncio.to_thread(self._store.due_reconciles, now, limit)
+
+    async def unresolved(self, tenant: str, limit: int) -> list[ExecutionRecord]:
+        return await asyncio.to_thread(self._store.unresolved, tenant, limit)
 
     # -- evidence -------------------------------------------------------------------
     def event(
@@ -362,6 +373,57 @@ class Ledger:
         ):
             return None
         return reclaimed
+
+    async def lease_reconcile(
+        self, row: ExecutionRecord, owner: str, now: datetime, until: datetime
+    ) -> bool:
+        """Take the lease to reconcile ``row`` until ``until``; False if it is not due or
+        another replica holds it (no evidence: nothing changed)."""
+        return bool(
+            await self._writer.write(lease_reconcile_op(row.execution_id, owner, now, until))
+        )
+
+    async def reconcile(
+        self, moved: ExecutionRecord, owner: str, *, told: ExecutionRecord
+    ) -> ExecutionRecord | None:
+        """Write a reconcile attempt's finding (``moved``, from ``told``) under ``owner``'s
+        lease, with its event when it settles the execution; None if the lease was lost
+        or the execution was settled first (e.g. a late answer)."""
+        events: list[audit_pb2.AuditEvent] = []
+        command = ExecuteCommand.thaw(moved.request_payload)
+        moved = self.scrubbed(command, moved)
+        if moved.reconcile_state is ReconcileState.RESOLVED and moved.late_outcome is not None:
+            event = self.event(
+                RECONCILED,
+                Caller(subject=SYSTEM, tenant=moved.tenant, roles=()),
+                command,
+                moved,
+                outcome=moved.late_outcome.to_proto(),
+                reason=moved.resolved_reason,
+                message=f"the provider settled the outcome: {moved.late_outcome.value}",
+            )
+            event.told_outcome = told.outcome.to_proto()
+            event.finished_at.FromDatetime(moved.late_result_at or utcnow())
+            events.append(event)
+        elif moved.reconcile_state is ReconcileState.NEEDS_ATTENTION:
+            event = self.event(
+                NEEDS_ATTENTION,
+                Caller(subject=SYSTEM, tenant=moved.tenant, roles=()),
+                command,
+                moved,
+                reason=moved.resolved_reason,
+                message=(
+                    "the gateway cannot find out whether the provider acted; "
+                    "a person must check the provider's system"
+                ),
+            )
+            event.told_outcome = told.outcome.to_proto()
+            events.append(event)
+        if not await self._writer.write(reconcile_op(moved, owner, events)):
+            return None
+        if events:
+            self._on_written()
+        return moved
 
     async def _append(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
         await self._writer.write(record_attempt_op(events))

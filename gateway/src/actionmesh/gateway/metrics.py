@@ -47,6 +47,13 @@ ADMISSION_REFUSED = _meter.create_counter(
     unit="{call}",
     description="Calls refused by a tenant rate or a tenant/provider concurrency limit, by reason.",
 )
+RECONCILED = _meter.create_counter(
+    "actionmesh.executions.reconciled",
+    unit="{execution}",
+    description="Unsettled executions (TIMED_OUT, PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN) whose "
+    "outcome the reconciler settled, by provider, told and resolved outcome; resolved "
+    "NEEDS_ATTENTION when it gave up and a person must find out.",
+)
 OUTBOX_DEPTH = ObservedGauge(
     METER,
     "actionmesh.audit.outbox.depth",
@@ -70,6 +77,11 @@ def record_execution(
         EXECUTION_DURATION.record(
             max(duration_s, 0.0), {"action_id": action_id, "outcome": outcome}
         )
+
+
+def record_reconciled(provider_id: str, told: str, resolved: str) -> None:
+    """Count one settled execution (``resolved`` NEEDS_ATTENTION when nobody could say)."""
+    RECONCILED.add(1, {"provider_id": provider_id, "told": told, "resolved": resolved})
 
 
 def record_admission_refused(reason: str) -> None:

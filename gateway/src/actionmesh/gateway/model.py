@@ -9,8 +9,19 @@ back from a row compare equal to them.
 
 :class:`ExecutionRecord` is immutable; each legal move is a method returning the next
 record (``awaiting_approval``, ``approved``, ``rejected``, ``expired``,
-``ended_at_approval``, ``finished``, ``with_late_result``, ``orphaned``, ``reclaimed``),
-and any other move raises :class:`IllegalTransition`. The storage layer writes a move
+``ended_at_approval``, ``finished``, ``with_late_result``, ``orphaned``, ``reclaimed``,
+and the reconciler's ``reconciled``, ``never_received``, ``reconcile_later``,
+``needs_attention``), and any other move raises :class:`IllegalTransition`.
+
+An outcome that leaves open whether the provider acted (TIMED_OUT, orphans included, and
+PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``) is *unsettled*: it is written with
+``reconcile_state`` PENDING, and the reconciler (:mod:`actionmesh.gateway.reconciler`)
+asks the provider what became of it. What the caller was told stays in ``outcome``,
+``reason`` and ``message``; the outcome learned afterwards, by a late answer or by
+reconciliation, is the *resolved* outcome: ``late_outcome`` and ``late_result_at``
+(with ``external_ref``, ``changes`` and ``warnings`` from that answer), and
+``resolved_reason``. UNAVAILABLE as resolved outcome means "nothing ran": the same key may
+dispatch again, as after an UNAVAILABLE outcome. The storage layer writes a move
 as a compare-and-set on the state it starts from, so replicas agree on who made it.
 """
 
@@ -48,6 +59,24 @@ class ExecutionState(enum.StrEnum):
         return common_pb2.OUTCOME_UNSPECIFIED if outcome is None else outcome.to_proto()
 
 
+class ReconcileState(enum.StrEnum):
+    """Whether an execution's outcome still needs an answer from its provider.
+
+    NONE: its outcome is final. PENDING: unsettled, the reconciler will ask the provider.
+    RESOLVED: the provider's answer is recorded (``late_outcome``). NEEDS_ATTENTION: the
+    gateway gave up asking (the provider cannot say, or the bound was reached); final,
+    a person must find out what happened.
+    """
+
+    NONE = "NONE"
+    PENDING = "PENDING"
+    RESOLVED = "RESOLVED"
+    NEEDS_ATTENTION = "NEEDS_ATTENTION"
+
+    def to_proto(self) -> gateway_pb2.ReconcileState.ValueType:
+        return gateway_pb2.ReconcileState.Value(f"RECONCILE_STATE_{self.value}")
+
+
 class ApprovalState(enum.StrEnum):
     """Where an execution's approval stands (actions that require one)."""
 
@@ -60,7 +89,7 @@ class ApprovalState(enum.StrEnum):
         return gateway_pb2.ApprovalState.Value(f"APPROVAL_STATE_{self.value}")
 
 
-for _kind in (ExecutionState, ApprovalState):
+for _kind in (ExecutionState, ApprovalState, ReconcileState):
     # Stored and bound as text: a member's name and value must never differ.
     assert all(member.name == member.value for member in _kind), _kind
 
@@ -74,6 +103,20 @@ ORPHAN_MESSAGE = (
     "the gateway stopped while the provider was working on it; it may or may not have acted. "
     "Retry only with the same idempotency key"
 )
+
+
+# The PARTIAL reason that leaves open whether the downstream system acted.
+OUTCOME_UNKNOWN_REASON = "DOWNSTREAM_OUTCOME_UNKNOWN"
+# resolved_reason when the provider says it never received the request (nothing ran).
+NEVER_RECEIVED_REASON = "PROVIDER_NEVER_RECEIVED"
+
+
+def unsettled(outcome: ExecutionState | Outcome, reason: str) -> bool:
+    """Whether an outcome leaves open whether the provider acted (so it is reconciled)."""
+    value = outcome.value
+    return value == ExecutionState.TIMED_OUT.value or (
+        value == ExecutionState.PARTIAL.value and reason == OUTCOME_UNKNOWN_REASON
+    )
 
 
 class IllegalTransition(RuntimeError):
@@ -121,6 +164,25 @@ class ExecutionRecord:
     facts: common_pb2.RecordFacts | None = None
     """The record's facts it was authorized on and who vouched for them (replaced by the
     facts at approval time when an approver decides)."""
+    reconcile_state: ReconcileState = ReconcileState.NONE
+    reconcile_attempts: int = 0
+    """How many times the reconciler asked the provider (and got no final answer)."""
+    reconcile_next_at: datetime | None = None
+    """When the reconciler asks next (PENDING only)."""
+    resolved_reason: str = ""
+    """Why the resolved outcome is what it is (e.g. PROVIDER_NEVER_RECEIVED), or why the
+    execution needs attention (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP)."""
+
+    @property
+    def nothing_ran(self) -> bool:
+        """The provider did not act: UNAVAILABLE, or resolved as UNAVAILABLE afterwards.
+
+        The same idempotency key may then dispatch again (see Claims).
+        """
+        return self.outcome is ExecutionState.UNAVAILABLE or (
+            self.reconcile_state is ReconcileState.RESOLVED
+            and self.late_outcome is Outcome.UNAVAILABLE
+        )
 
     @property
     def finished(self) -> bool:
@@ -220,15 +282,20 @@ class ExecutionRecord:
         external_ref: str = "",
         changes: Sequence[Change] = (),
         warnings: Sequence[str] = (),
+        reconcile_from: datetime | None = None,
     ) -> ExecutionRecord:
-        """A dispatch's outcome (the provider's answer, or the gateway's verdict on it)."""
+        """A dispatch's outcome (the provider's answer, or the gateway's verdict on it).
+
+        An unsettled outcome is marked for reconciliation from ``reconcile_from``
+        (default ``at``; later while this gateway still awaits a late answer).
+        """
         self._require("finish", ExecutionState.RUNNING)
         return replace(
             self._closed(self, outcome, reason, message, at),
             external_ref=external_ref,
             changes=tuple(changes),
             warnings=tuple(warnings),
-        )
+        )._marked_unsettled(reconcile_from or at)
 
     def with_late_result(
         self,
@@ -250,21 +317,100 @@ class ExecutionRecord:
             external_ref=external_ref,
             changes=tuple(changes),
             warnings=tuple(warnings),
+            reconcile_state=ReconcileState.RESOLVED,
+            reconcile_next_at=None,
+        )
+
+    # -- reconciliation (unsettled outcomes) ----------------------------------------
+    def _require_pending(self, move: str) -> None:
+        if self.reconcile_state is not ReconcileState.PENDING or self.late_outcome is not None:
+            raise IllegalTransition(
+                f"execution {self.execution_id}: cannot {move} "
+                f"(reconcile state {self.reconcile_state.value})"
+            )
+
+    def reconciled(
+        self,
+        outcome: Outcome,
+        *,
+        at: datetime,
+        reason: str = "",
+        external_ref: str = "",
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> ExecutionRecord:
+        """The provider said how the unsettled execution ended; what the caller was told stays."""
+        self._require_pending("record a reconciled outcome")
+        if ExecutionState(outcome.value) in (
+            ExecutionState.RUNNING,
+            ExecutionState.PENDING_APPROVAL,
+        ):
+            raise IllegalTransition(f"{outcome.value} is not a final outcome")
+        return replace(
+            self,
+            late_outcome=outcome,
+            late_result_at=at,
+            resolved_reason=reason,
+            external_ref=external_ref,
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+            reconcile_state=ReconcileState.RESOLVED,
+            reconcile_next_at=None,
+        )
+
+    def never_received(self, *, at: datetime) -> ExecutionRecord:
+        """The provider never received the request: resolved as UNAVAILABLE, nothing ran."""
+        return self.reconciled(Outcome.UNAVAILABLE, at=at, reason=NEVER_RECEIVED_REASON)
+
+    def reconcile_later(self, *, next_at: datetime) -> ExecutionRecord:
+        """No final answer yet (still running, provider unreachable): ask again at ``next_at``."""
+        self._require_pending("reconcile later")
+        return replace(
+            self, reconcile_attempts=self.reconcile_attempts + 1, reconcile_next_at=next_at
+        )
+
+    def needs_attention(self, *, reason: str) -> ExecutionRecord:
+        """The gateway cannot find out (unsupported, or gave up): a person must."""
+        self._require_pending("hand over to a person")
+        return replace(
+            self,
+            reconcile_state=ReconcileState.NEEDS_ATTENTION,
+            reconcile_attempts=self.reconcile_attempts + 1,
+            reconcile_next_at=None,
+            resolved_reason=reason,
+        )
+
+    def _marked_unsettled(self, at: datetime) -> ExecutionRecord:
+        if not unsettled(self.outcome, self.reason):
+            return self
+        return replace(
+            self, reconcile_state=ReconcileState.PENDING, reconcile_attempts=0, reconcile_next_at=at
         )
 
     def orphaned(self, *, at: datetime) -> ExecutionRecord:
         """Closed because its gateway stopped mid-dispatch (see OrphanRule)."""
         self._require("close as orphaned", ExecutionState.RUNNING)
-        return self._closed(self, ORPHAN_OUTCOME, ORPHAN_REASON, ORPHAN_MESSAGE, at)
+        closed = self._closed(self, ORPHAN_OUTCOME, ORPHAN_REASON, ORPHAN_MESSAGE, at)
+        return closed._marked_unsettled(at)
 
     def reclaimed(self, *, dispatch_deadline: datetime) -> ExecutionRecord:
-        """UNAVAILABLE (nothing ran) back to RUNNING: the same key dispatches again."""
-        self._require("dispatch again", ExecutionState.UNAVAILABLE)
+        """Nothing ran (UNAVAILABLE, or resolved so): back to RUNNING, the same key dispatches
+        again and the resolution starts over."""
+        if not self.nothing_ran:
+            raise IllegalTransition(
+                f"execution {self.execution_id}: cannot dispatch again from {self.outcome.value}"
+            )
         return replace(
             self,
             outcome=ExecutionState.RUNNING,
             finished_at=None,
             dispatch_deadline=dispatch_deadline,
+            late_outcome=None,
+            late_result_at=None,
+            resolved_reason="",
+            reconcile_state=ReconcileState.NONE,
+            reconcile_attempts=0,
+            reconcile_next_at=None,
         )
 
     def _decided(

@@ -25,6 +25,7 @@ from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
 from actionmesh.gateway.outbox import OutboxShipper
 from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.reconciler import Reconciler, ReconcileSettings
 from actionmesh.gateway.redaction import Redactor
 from actionmesh.gateway.servicer import GatewayServicer
 from actionmesh.gateway.storage import GatewayStore
@@ -117,6 +118,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         supervisor.every(
             "orphan-sweep", config.approval_sweep_interval_s, core.sweeper.resolve_orphans
         ),
+        supervisor.every("reconcile", config.reconcile_interval_s, core.reconciler.reconcile_due),
     ]
     if verifier.refresh_interval_s is not None:
         # Re-reads a JWKS so removed keys stop working.
@@ -159,6 +161,7 @@ class GatewayCore:
     authorizer: Authorizer
     dispatcher: Dispatcher
     sweeper: Sweeper
+    reconciler: Reconciler
     executor: Executor
     approvals: Approvals
     discoverer: Discoverer
@@ -191,14 +194,32 @@ class GatewayCore:
         )
         dispatcher = Dispatcher(directory, ledger, deadlines)
         sweeper = Sweeper(ledger, dispatcher, deadlines)
+        reconciler = Reconciler(
+            ledger,
+            directory,
+            ReconcileSettings(
+                interval_s=config.reconcile_interval_s,
+                max_backoff_s=config.reconcile_max_backoff_s,
+                max_attempts=config.reconcile_max_attempts,
+                max_age_s=config.reconcile_max_age_s,
+                status_timeout_s=config.reconcile_status_timeout_s,
+                lease_s=config.reconcile_lease_s,
+            ),
+        )
         claims = Claims(
-            ledger, dispatcher, sweeper, deadlines, approval_ttl_s=config.approval_ttl_s
+            ledger,
+            dispatcher,
+            sweeper,
+            deadlines,
+            approval_ttl_s=config.approval_ttl_s,
+            reconciler=reconciler,
         )
         return cls(
             ledger=ledger,
             authorizer=authorizer,
             dispatcher=dispatcher,
             sweeper=sweeper,
+            reconciler=reconciler,
             executor=Executor(
                 directory=directory,
                 facts=facts,

@@ -42,6 +42,7 @@ from actionmesh.gateway.model import (
     ApprovalState,
     ExecutionRecord,
     ExecutionState,
+    ReconcileState,
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
@@ -59,6 +60,8 @@ class ExecutionRow(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_execution_key"),
         # The few RUNNING rows (and pending approvals) without scanning every finished one.
         Index("ix_executions_outcome_deadline", "outcome", "dispatch_deadline"),
+        # The few executions the reconciler has to ask about, by when they are due.
+        Index("ix_executions_reconcile_due", "reconcile_state", "reconcile_next_at"),
     )
 
     execution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -97,6 +100,16 @@ class ExecutionRow(Base):
     dispatch_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The RecordFacts (serialized) the execution was authorized on; NULL before 0003.
     facts_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Reconciliation of unsettled outcomes (revision 0004, see model.ReconcileState).
+    reconcile_state: Mapped[str] = mapped_column(
+        String(16), default=ReconcileState.NONE.value, server_default=ReconcileState.NONE.value
+    )
+    reconcile_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reconcile_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Which replica is asking the provider now, and until when (a crashed one's lapses).
+    reconcile_lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    reconcile_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    resolved_reason: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
 
 class OutboxRow(Base):
@@ -317,6 +330,47 @@ class GatewayStore:
         """Atomically move an UNAVAILABLE execution back to RUNNING; False if another did."""
         return self.write(reclaim_unavailable_op(execution_id, dispatch_deadline))
 
+    def due_reconciles(self, now: datetime, limit: int) -> list[ExecutionRecord]:
+        """PENDING executions (any tenant) due for a reconcile and not leased, oldest due first."""
+        query = (
+            select(ExecutionRow)
+            .where(_reconcile_due(now))
+            .order_by(ExecutionRow.reconcile_next_at, ExecutionRow.execution_id)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def unresolved(self, tenant: str, limit: int) -> list[ExecutionRecord]:
+        """A tenant's executions whose outcome still needs an answer, oldest first."""
+        query = (
+            select(ExecutionRow)
+            .where(
+                ExecutionRow.tenant == tenant,
+                ExecutionRow.reconcile_state.in_(
+                    [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
+                ),
+            )
+            .order_by(ExecutionRow.started_at, ExecutionRow.execution_id)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return [_from_row(row) for row in session.scalars(query)]
+
+    def unresolved_counts(self) -> dict[str, int]:
+        """How many executions are PENDING and NEEDS_ATTENTION (all tenants)."""
+        query = (
+            select(ExecutionRow.reconcile_state, func.count())
+            .where(
+                ExecutionRow.reconcile_state.in_(
+                    [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
+                )
+            )
+            .group_by(ExecutionRow.reconcile_state)
+        )
+        with self._session() as session:
+            return {state: int(count) for state, count in session.execute(query).all()}
+
     def get(self, tenant: str, execution_id: str) -> ExecutionRecord | None:
         with self._session() as session:
             row = session.get(ExecutionRow, execution_id)
@@ -407,6 +461,9 @@ def finish_execution_op(
                 changes_json=json.dumps(record.changes),
                 warnings_json=json.dumps(record.warnings),
                 finished_at=record.finished_at,
+                reconcile_state=record.reconcile_state.value,
+                reconcile_attempts=record.reconcile_attempts,
+                reconcile_next_at=record.reconcile_next_at,
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -479,6 +536,8 @@ def record_late_result_op(
                 external_ref=record.external_ref,
                 changes_json=json.dumps(record.changes),
                 warnings_json=json.dumps(record.warnings),
+                reconcile_state=ReconcileState.RESOLVED.value,
+                reconcile_next_at=None,
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -490,16 +549,106 @@ def record_late_result_op(
 
 
 def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> WriteOp[bool]:
+    """Back to RUNNING when nothing ran: outcome UNAVAILABLE, or resolved as UNAVAILABLE."""
+    columns = _EXECUTIONS.c
+
     def op(session: Session) -> bool:
         result = session.execute(
             update(_EXECUTIONS)
             .where(
-                _EXECUTIONS.c.execution_id == execution_id,
-                _EXECUTIONS.c.outcome == Outcome.UNAVAILABLE.value,
+                columns.execution_id == execution_id,
+                or_(
+                    columns.outcome == Outcome.UNAVAILABLE.value,
+                    and_(
+                        columns.reconcile_state == ReconcileState.RESOLVED.value,
+                        columns.late_outcome == Outcome.UNAVAILABLE.value,
+                    ),
+                ),
             )
-            .values(outcome=RUNNING.value, finished_at=None, dispatch_deadline=dispatch_deadline)
+            .values(
+                outcome=RUNNING.value,
+                finished_at=None,
+                dispatch_deadline=dispatch_deadline,
+                late_outcome="",
+                late_result_at=None,
+                resolved_reason="",
+                reconcile_state=ReconcileState.NONE.value,
+                reconcile_attempts=0,
+                reconcile_next_at=None,
+            )
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    return op
+
+
+def _reconcile_due(now: datetime) -> ColumnElement[bool]:
+    columns = _EXECUTIONS.c
+    return and_(
+        columns.reconcile_state == ReconcileState.PENDING.value,
+        columns.reconcile_next_at <= now,
+        or_(columns.reconcile_lease_until.is_(None), columns.reconcile_lease_until <= now),
+    )
+
+
+def lease_reconcile_op(
+    execution_id: str, owner: str, now: datetime, until: datetime
+) -> WriteOp[bool]:
+    """Take the lease to reconcile one due execution: exactly one replica gets True.
+
+    A lease whose holder crashed lapses at its ``until``; then another may take it.
+    """
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(_EXECUTIONS.c.execution_id == execution_id, _reconcile_due(now))
+            .values(reconcile_lease_owner=owner, reconcile_lease_until=until)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    return op
+
+
+def reconcile_op(
+    record: ExecutionRecord, owner: str, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    """Write what a reconcile attempt found (``record``, moved on from PENDING) and release
+    the lease; False (nothing written) unless ``owner`` still holds it on a PENDING row
+    without a resolved outcome (a late answer may have come first)."""
+    columns = _EXECUTIONS.c
+    values: dict[str, object] = {
+        "reconcile_state": record.reconcile_state.value,
+        "reconcile_attempts": record.reconcile_attempts,
+        "reconcile_next_at": record.reconcile_next_at,
+        "reconcile_lease_owner": "",
+        "reconcile_lease_until": None,
+        "resolved_reason": record.resolved_reason,
+    }
+    if record.reconcile_state is ReconcileState.RESOLVED:
+        values.update(
+            late_outcome=record.late_outcome.value if record.late_outcome else "",
+            late_result_at=record.late_result_at,
+            external_ref=record.external_ref,
+            changes_json=json.dumps(record.changes),
+            warnings_json=json.dumps(record.warnings),
+        )
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                columns.execution_id == record.execution_id,
+                columns.reconcile_state == ReconcileState.PENDING.value,
+                columns.reconcile_lease_owner == owner,
+                columns.late_outcome == "",
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
 
     return op
 
@@ -525,6 +674,10 @@ def resolve_orphan_op(
                 reason=ORPHAN_REASON,
                 message=ORPHAN_MESSAGE,
                 finished_at=now,
+                # Nobody asked the provider: the reconciler will.
+                reconcile_state=ReconcileState.PENDING.value,
+                reconcile_attempts=0,
+                reconcile_next_at=now,
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -593,6 +746,10 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "late_result_at": record.late_result_at,
         "dispatch_deadline": record.dispatch_deadline,
         "facts_payload": record.facts.SerializeToString() if record.facts is not None else None,
+        "reconcile_state": record.reconcile_state.value,
+        "reconcile_attempts": record.reconcile_attempts,
+        "reconcile_next_at": record.reconcile_next_at,
+        "resolved_reason": record.resolved_reason,
     }
 
 
@@ -628,6 +785,10 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         late_result_at=row.late_result_at,
         dispatch_deadline=row.dispatch_deadline,
         facts=common_pb2.RecordFacts.FromString(row.facts_payload) if row.facts_payload else None,
+        reconcile_state=ReconcileState(row.reconcile_state),
+        reconcile_attempts=row.reconcile_attempts,
+        reconcile_next_at=row.reconcile_next_at,
+        resolved_reason=row.resolved_reason,
     )
 
 

@@ -52,6 +52,17 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """Discovery ran for the record: which actions policy showed or hid, and why.
     Hidden actions are never revealed to the caller; this event is for operators.
     """
+    AUDIT_EVENT_TYPE_EXECUTION_RECONCILED: _AuditEventType.ValueType  # 10
+    """The gateway asked the provider what became of an execution whose outcome left
+    open whether it acted (TIMED_OUT, PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN), and got
+    an answer: outcome is the resolved one (UNAVAILABLE with reason
+    PROVIDER_NEVER_RECEIVED: nothing ran), told_outcome what the caller was told.
+    """
+    AUDIT_EVENT_TYPE_EXECUTION_NEEDS_ATTENTION: _AuditEventType.ValueType  # 11
+    """The gateway cannot find out what became of such an execution (the provider
+    keeps no results, or it gave up asking): a person must. reason says why
+    (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP); outcome is the one told.
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper): ...
 
@@ -79,6 +90,17 @@ what the provider finally reported.
 AUDIT_EVENT_TYPE_ACTIONS_DISCOVERED: AuditEventType.ValueType  # 9
 """Discovery ran for the record: which actions policy showed or hid, and why.
 Hidden actions are never revealed to the caller; this event is for operators.
+"""
+AUDIT_EVENT_TYPE_EXECUTION_RECONCILED: AuditEventType.ValueType  # 10
+"""The gateway asked the provider what became of an execution whose outcome left
+open whether it acted (TIMED_OUT, PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN), and got
+an answer: outcome is the resolved one (UNAVAILABLE with reason
+PROVIDER_NEVER_RECEIVED: nothing ran), told_outcome what the caller was told.
+"""
+AUDIT_EVENT_TYPE_EXECUTION_NEEDS_ATTENTION: AuditEventType.ValueType  # 11
+"""The gateway cannot find out what became of such an execution (the provider
+keeps no results, or it gave up asking): a person must. reason says why
+(RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP); outcome is the one told.
 """
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
@@ -201,6 +223,7 @@ class AuditEvent(_message.Message):
     PREV_CHAIN_HASH_FIELD_NUMBER: _builtins.int
     CHAIN_HASH_FIELD_NUMBER: _builtins.int
     FACTS_FIELD_NUMBER: _builtins.int
+    TOLD_OUTCOME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -235,6 +258,10 @@ class AuditEvent(_message.Message):
     """Hex SHA-256 over "actionmesh.audit.chain.v1", the tenant, chain_index,
     prev_chain_hash and the event's stored bytes (the event with sequence and the
     chain fields cleared, serialized deterministically). See VerifyChain.
+    """
+    told_outcome: _common_pb2.Outcome.ValueType
+    """EXECUTION_RECONCILED and EXECUTION_NEEDS_ATTENTION: the outcome the caller was
+    told when the execution ended (outcome is then the resolved one).
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -303,10 +330,11 @@ class AuditEvent(_message.Message):
         prev_chain_hash: _builtins.str = ...,
         chain_hash: _builtins.str = ...,
         facts: _common_pb2.RecordFacts | None = ...,
+        told_outcome: _common_pb2.Outcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "told_outcome", b"told_outcome", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

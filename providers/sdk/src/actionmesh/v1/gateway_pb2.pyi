@@ -22,6 +22,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReconcileState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReconcileStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReconcileState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECONCILE_STATE_UNSPECIFIED: _ReconcileState.ValueType  # 0
+    RECONCILE_STATE_NONE: _ReconcileState.ValueType  # 1
+    """The outcome is final; nothing to reconcile."""
+    RECONCILE_STATE_PENDING: _ReconcileState.ValueType  # 2
+    RECONCILE_STATE_RESOLVED: _ReconcileState.ValueType  # 3
+    RECONCILE_STATE_NEEDS_ATTENTION: _ReconcileState.ValueType  # 4
+
+class ReconcileState(_ReconcileState, metaclass=_ReconcileStateEnumTypeWrapper): ...
+
+RECONCILE_STATE_UNSPECIFIED: ReconcileState.ValueType  # 0
+RECONCILE_STATE_NONE: ReconcileState.ValueType  # 1
+"""The outcome is final; nothing to reconcile."""
+RECONCILE_STATE_PENDING: ReconcileState.ValueType  # 2
+RECONCILE_STATE_RESOLVED: ReconcileState.ValueType  # 3
+RECONCILE_STATE_NEEDS_ATTENTION: ReconcileState.ValueType  # 4
+Global___ReconcileState: _TypeAlias = ReconcileState  # noqa: Y015
+
 class _ApprovalState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -237,6 +260,10 @@ class Execution(_message.Message):
     LATE_OUTCOME_FIELD_NUMBER: _builtins.int
     LATE_RESULT_AT_FIELD_NUMBER: _builtins.int
     FACTS_FIELD_NUMBER: _builtins.int
+    RECONCILE_STATE_FIELD_NUMBER: _builtins.int
+    RESOLVED_REASON_FIELD_NUMBER: _builtins.int
+    RECONCILE_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RECONCILE_NEXT_AT_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     action_id: _builtins.str
     provider_id: _builtins.str
@@ -252,6 +279,18 @@ class Execution(_message.Message):
     """When the outcome is TIMED_OUT and the provider answered later: what it
     finally reported (external_ref, changes and warnings are then the late ones).
     """
+    reconcile_state: Global___ReconcileState.ValueType
+    """Whether the outcome still needs an answer from the provider: PENDING while the
+    gateway reconciles a TIMED_OUT (or PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN) outcome,
+    RESOLVED once late_outcome holds the provider's answer (outcome stays what the
+    caller was told), NEEDS_ATTENTION when a person must find out.
+    """
+    resolved_reason: _builtins.str
+    """Why the resolved outcome is what it is (PROVIDER_NEVER_RECEIVED: nothing ran), or
+    why the execution needs attention (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP).
+    """
+    reconcile_attempts: _builtins.int
+    """How often the gateway asked the provider without a final answer."""
     @_builtins.property
     def record(self) -> _common_pb2.RecordRef: ...
     @_builtins.property
@@ -273,6 +312,10 @@ class Execution(_message.Message):
         """The record's facts the execution was authorized (and, after an approval,
         re-authorized) on, and who vouched for them.
         """
+
+    @_builtins.property
+    def reconcile_next_at(self) -> _timestamp_pb2.Timestamp:
+        """When it asks next (PENDING only)."""
 
     def __init__(
         self,
@@ -297,10 +340,14 @@ class Execution(_message.Message):
         late_outcome: _common_pb2.Outcome.ValueType = ...,
         late_result_at: _timestamp_pb2.Timestamp | None = ...,
         facts: _common_pb2.RecordFacts | None = ...,
+        reconcile_state: Global___ReconcileState.ValueType = ...,
+        resolved_reason: _builtins.str = ...,
+        reconcile_attempts: _builtins.int = ...,
+        reconcile_next_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "reconcile_next_at", b"reconcile_next_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "reconcile_attempts", b"reconcile_attempts", "reconcile_next_at", b"reconcile_next_at", "reconcile_state", b"reconcile_state", "record", b"record", "resolved_reason", b"resolved_reason", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

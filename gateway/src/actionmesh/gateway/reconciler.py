@@ -1,0 +1,191 @@
+"""The reconciler: no execution ends in "we don't know".
+
+An *unsettled* execution (TIMED_OUT, orphans closed as GATEWAY_STOPPED included, and
+PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``; see :func:`actionmesh.gateway.model.unsettled`)
+is written with ``reconcile_state`` PENDING. The gateway's ``reconcile`` loop (supervised,
+on every replica) picks the due ones, takes a lease on each with a compare-and-set (one
+replica asks about an execution at a time; a crashed replica's lease lapses), asks the
+provider ``GetExecutionStatus`` with a deadline, and writes what it learned under the
+lease:
+
+* FINISHED: RESOLVED with the provider's answer as the resolved outcome (``late_outcome``,
+  ``external_ref``, ``changes``); what the caller was told stays. Event
+  EXECUTION_RECONCILED with both.
+* NEVER_RECEIVED: RESOLVED as UNAVAILABLE ``PROVIDER_NEVER_RECEIVED``: nothing ran, so a
+  same-key retry dispatches again (see :class:`~actionmesh.gateway.claims.Claims`).
+* RUNNING, or the provider unknown or unreachable: asked again after a backoff
+  (``reconcile_interval_s`` doubling up to ``reconcile_max_backoff_s``).
+* UNIMPLEMENTED (the provider keeps no results), or ``reconcile_max_attempts`` /
+  ``reconcile_max_age_s`` reached: NEEDS_ATTENTION, final, with an
+  EXECUTION_NEEDS_ATTENTION event and the ``actionmesh.executions.reconciled`` metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import grpc
+import grpc.aio
+
+from actionmesh.gateway.directory import ProviderDirectory
+from actionmesh.gateway.ledger import Ledger
+from actionmesh.gateway.metrics import record_reconciled
+from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ReconcileState
+from actionmesh.rpc.convert import utcnow
+from actionmesh.rpc.outcomes import PROVIDER_OUTCOMES, Outcome
+from actionmesh.v1 import provider_pb2
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED_REASON = "RECONCILE_UNSUPPORTED"
+GAVE_UP_REASON = "RECONCILE_GAVE_UP"
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    interval_s: float
+    max_backoff_s: float
+    max_attempts: int
+    max_age_s: float
+    status_timeout_s: float
+    lease_s: float
+
+    def backoff(self, attempts: int) -> timedelta:
+        """The pause after the ``attempts``-th question without a final answer."""
+        return timedelta(
+            seconds=min(self.interval_s * (2 ** max(attempts - 1, 0)), self.max_backoff_s)
+        )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        ledger: Ledger,
+        directory: ProviderDirectory,
+        settings: ReconcileSettings,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self._directory = directory
+        self._settings = settings
+        # Who holds a lease: this process (unique per start, so a restarted replica does
+        # not mistake its predecessor's leases for its own).
+        self.owner = owner or f"gateway-{uuid.uuid4().hex[:16]}"
+
+    async def reconcile_due(self, limit: int = 50) -> int:
+        """Ask about every due unsettled execution (any tenant); how many were settled."""
+        settled = 0
+        for row in await self._ledger.due_reconciles(utcnow(), limit):
+            moved = await self.reconcile(row)
+            if moved is not None and moved.reconcile_state is not ReconcileState.PENDING:
+                settled += 1
+        return settled
+
+    async def reconcile(
+        self, row: ExecutionRecord, *, timeout_s: float | None = None
+    ) -> ExecutionRecord | None:
+        """One attempt on ``row`` under a lease; the execution as written, or None when
+        another replica holds it, it was not due, or it was settled first."""
+        now = utcnow()
+        if not await self._ledger.lease_reconcile(
+            row, self.owner, now, now + timedelta(seconds=self._settings.lease_s)
+        ):
+            return None
+        try:
+            moved = await self._attempt(row, timeout_s)
+        except Exception:
+            # The lease lapses on its own; the loop's supervisor sees what broke.
+            log.exception("reconcile of execution %s failed", row.execution_id)
+            raise
+        written = await self._ledger.reconcile(moved, self.owner, told=row)
+        if written is None:
+            return None
+        if written.reconcile_state is ReconcileState.RESOLVED:
+            resolved = written.late_outcome.value if written.late_outcome else ""
+            record_reconciled(row.provider_id, row.outcome.value, resolved)
+            log.info(
+                "execution %s reconciled: told %s, resolved %s %s",
+                row.execution_id,
+                row.outcome.value,
+                resolved,
+                written.resolved_reason,
+            )
+        elif written.reconcile_state is ReconcileState.NEEDS_ATTENTION:
+            record_reconciled(row.provider_id, row.outcome.value, "NEEDS_ATTENTION")
+            log.warning(
+                "execution %s (%s on %s) NEEDS ATTENTION (%s): whether the provider acted "
+                "is unknown and the gateway stopped asking",
+                row.execution_id,
+                row.action_id,
+                row.provider_id,
+                written.resolved_reason,
+            )
+        return written
+
+    async def _attempt(self, row: ExecutionRecord, timeout_s: float | None) -> ExecutionRecord:
+        settings = self._settings
+        now = utcnow()
+        ended = row.finished_at or row.started_at
+        if (now - ended).total_seconds() > settings.max_age_s or (
+            row.reconcile_attempts + 1 > settings.max_attempts
+        ):
+            return row.needs_attention(reason=GAVE_UP_REASON)
+        entry = self._directory.provider(row.provider_id)
+        if entry is None:
+            return self._later(row, "its provider is not registered")
+        command = ExecuteCommand.thaw(row.request_payload)
+        request = provider_pb2.GetExecutionStatusRequest(
+            tenant=command.record.tenant or row.tenant,
+            action_id=row.action_id,
+            idempotency_key=row.idempotency_key,
+            request_id=row.execution_id,
+        )
+        deadline = settings.status_timeout_s if timeout_s is None else timeout_s
+        try:
+            reply = await self._directory.stub(entry).GetExecutionStatus(
+                request, timeout=max(deadline, 0.05)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return row.needs_attention(reason=UNSUPPORTED_REASON)
+            return self._later(row, f"GetExecutionStatus failed: {exc.code().name}")
+        except TimeoutError:
+            return self._later(row, "GetExecutionStatus timed out")
+        return self._apply(row, reply)
+
+    def _apply(
+        self, row: ExecutionRecord, reply: provider_pb2.GetExecutionStatusResponse
+    ) -> ExecutionRecord:
+        state = reply.state
+        if state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
+            return row.never_received(at=utcnow())
+        if state == provider_pb2.EXECUTION_STATE_FINISHED:
+            result = reply.result
+            outcome = Outcome.from_proto(result.outcome)
+            if outcome not in PROVIDER_OUTCOMES:
+                return self._later(row, f"the provider answered FINISHED with {outcome}")
+            at = (
+                reply.finished_at.ToDatetime(tzinfo=utcnow().tzinfo)
+                if reply.HasField("finished_at")
+                else utcnow()
+            )
+            return row.reconciled(
+                outcome,
+                at=at,
+                reason=result.reason,
+                external_ref=result.external_ref,
+                changes=[(c.field, c.before, c.after) for c in result.changes],
+                warnings=list(result.warnings),
+            )
+        if state == provider_pb2.EXECUTION_STATE_RUNNING:
+            return self._later(row, "still running at the provider")
+        return self._later(row, f"unexpected status {state}")
+
+    def _later(self, row: ExecutionRecord, why: str) -> ExecutionRecord:
+        next_at: datetime = utcnow() + self._settings.backoff(row.reconcile_attempts + 1)
+        log.info("execution %s: %s; asking again at %s", row.execution_id, why, next_at)
+        return row.reconcile_later(next_at=next_at)
