@@ -226,4 +226,9 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
         message.late_outcome = record.late_outcome.to_proto()
         if record.late_result_at is not None:
             message.late_result_at.CopyFrom(to_timestamp(record.late_result_at))
+    message.reconcile_state = record.reconcile_state.to_proto()
+    message.resolved_reason = record.resolved_reason
+    message.reconcile_attempts = record.reconcile_attempts
+    if record.reconcile_next_at is not None:
+        message.reconcile_next_at.CopyFrom(to_timestamp(record.reconcile_next_at))
     return message
