@@ -10,6 +10,8 @@ each execution once.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +34,7 @@ from tests.fault_provider import (
     SLEEP_MS_ENV,
     TIMEOUT_S_ENV,
 )
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,6 +194,19 @@ async def test_a_late_answer_lost_with_its_gateway_is_recorded_by_reconciliation
             assert events[0].outcome == common_pb2.OUTCOME_SUCCEEDED
             assert events[0].told_outcome == common_pb2.OUTCOME_TIMED_OUT
             assert events[0].execution_id == told.execution_id
+
+        # The CLI shows both: what the caller was told and what became of it.
+        address = mesh.address(service.name)
+        shown = await asyncio.to_thread(
+            cli, mesh, "execution", told.execution_id, "--gateway", address, token=token()
+        )
+        assert "told: TIMED_OUT" in shown.stdout, shown.stdout + shown.stderr
+        assert "resolved: SUCCEEDED" in shown.stdout
+        listed = await asyncio.to_thread(
+            cli, mesh, "executions", "--unresolved", "--json", "--gateway", address, token=token()
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert told.execution_id not in listed.stdout
     finally:
         mesh.stop_service(service.name)
 
@@ -273,6 +289,26 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
             assert isinstance(events, list) and len(events) == 1
             assert events[0].told_outcome == common_pb2.OUTCOME_TIMED_OUT
             assert events[0].reason == "RECONCILE_UNSUPPORTED"
+
+        # `actionmesh executions --unresolved` lists it, and exits 3: a person must look.
+        listed = await asyncio.to_thread(
+            cli,
+            mesh,
+            "executions",
+            "--unresolved",
+            "--json",
+            "--gateway",
+            service.address,
+            token=token(),
+        )
+        assert listed.returncode == 3, listed.stdout + listed.stderr
+        unresolved = {e["execution_id"]: e for e in json.loads(listed.stdout)}
+        assert row.execution_id in unresolved
+        assert unresolved[row.execution_id]["reconcile_state"].endswith("NEEDS_ATTENTION")
+        shown = await asyncio.to_thread(
+            cli, mesh, "execution", row.execution_id, "--gateway", service.address, token=token()
+        )
+        assert "NEEDS ATTENTION" in shown.stdout, shown.stdout + shown.stderr
     finally:
         mesh.stop_service(service.name)
         seeded.close()

@@ -422,9 +422,7 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
         lines.append(("approval", f"{state.lower()}{by}{note}"))
         if approval.state == gateway_pb2.APPROVAL_STATE_PENDING:
             lines.append(("expires", approval.expires_at.ToDatetime().isoformat(" ", "seconds")))
-    if execution.late_outcome:
-        late = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.late_outcome))
-        lines.append(("late result", f"{late}, after the deadline"))
+    lines.extend(reconcile_lines(execution))
     for label, value in lines:
         if value:
             console.print(f"  {label}: {value}")
@@ -433,6 +431,41 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
     for warning in execution.warnings:
         console.print(f"  [yellow]warning: {warning}[/yellow]")
     return 0 if execution.outcome == common_pb2.OUTCOME_SUCCEEDED else 3
+
+
+def reconcile_lines(execution: gateway_pb2.Execution) -> list[tuple[str, str]]:
+    """What the caller was told against what became of it (unsettled outcomes)."""
+    told = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.outcome))
+    state = execution.reconcile_state
+    lines: list[tuple[str, str]] = []
+    if execution.late_outcome:
+        resolved = enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.late_outcome))
+        why = f" ({execution.resolved_reason})" if execution.resolved_reason else ""
+        ran = " - nothing ran" if execution.late_outcome == common_pb2.OUTCOME_UNAVAILABLE else ""
+        lines.append(("told", told))
+        lines.append(("resolved", f"{resolved}{why}{ran}, learned after the caller was told"))
+        if execution.late_result_at.seconds:
+            lines.append(("resolved at", execution.late_result_at.ToDatetime().isoformat(" ")))
+    elif state == gateway_pb2.RECONCILE_STATE_PENDING:
+        lines.append(("told", told))
+        when = execution.reconcile_next_at.ToDatetime().isoformat(" ", "seconds")
+        lines.append(
+            (
+                "resolved",
+                f"not yet: the gateway asks the provider ({execution.reconcile_attempts} "
+                f"attempts so far, next at {when})",
+            )
+        )
+    elif state == gateway_pb2.RECONCILE_STATE_NEEDS_ATTENTION:
+        lines.append(("told", told))
+        lines.append(
+            (
+                "resolved",
+                f"[red]NEEDS ATTENTION[/red] ({execution.resolved_reason}): the gateway cannot "
+                "find out whether the provider acted; check the provider's system",
+            )
+        )
+    return lines
 
 
 def cmd_execution(args: argparse.Namespace) -> int:
@@ -607,6 +640,7 @@ def cmd_executions(args: argparse.Namespace) -> int:
         outcomes=outcomes,
         page_size=args.limit,
         page_token=args.page_token or "",
+        unresolved=args.unresolved,
     )
     if args.record:
         request.record.CopyFrom(parse_record_ref(args.record))
@@ -615,6 +649,8 @@ def cmd_executions(args: argparse.Namespace) -> int:
     if args.until:
         request.started_before.FromDatetime(parse_instant(args.until))
     reply = on_gateway(args, lambda gateway: gateway.list_executions(request))
+    if args.unresolved:
+        return show_unresolved(args, reply.unresolved)
     if args.json:
         print(
             json.dumps(
@@ -656,6 +692,39 @@ def cmd_executions(args: argparse.Namespace) -> int:
     if reply.next_page_token:
         console.print(f"more: --page-token {reply.next_page_token}")
     return 0
+
+
+def show_unresolved(args: argparse.Namespace, executions: Sequence[gateway_pb2.Execution]) -> int:
+    """Executions whose outcome still needs an answer; exit 3 when one needs a person."""
+    attention = any(
+        e.reconcile_state == gateway_pb2.RECONCILE_STATE_NEEDS_ATTENTION for e in executions
+    )
+    if args.json:
+        print(json.dumps([to_dict(e) for e in executions], indent=2))
+        return 3 if attention else 0
+    table = Table(title="executions whose outcome still needs an answer, oldest first")
+    for column in ("started", "execution", "who", "action", "record", "told", "state", "why"):
+        table.add_column(column)
+    for execution in executions:
+        state = enum_label(
+            "RECONCILE_STATE_", gateway_pb2.ReconcileState.Name(execution.reconcile_state)
+        )
+        if execution.reconcile_state == gateway_pb2.RECONCILE_STATE_PENDING:
+            state = f"{state} ({execution.reconcile_attempts} attempts)"
+        table.add_row(
+            execution.started_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            execution.execution_id,
+            execution.actor,
+            execution.action_id,
+            f"{execution.record.type}/{execution.record.id}",
+            enum_label("OUTCOME_", common_pb2.Outcome.Name(execution.outcome)),
+            state,
+            execution.resolved_reason or execution.reason,
+        )
+    console.print(table)
+    if not executions:
+        console.print("every execution's outcome is known")
+    return 3 if attention else 0
 
 
 def auditlog_address(args: argparse.Namespace) -> str:
@@ -853,6 +922,12 @@ def build_parser() -> argparse.ArgumentParser:
     executions.add_argument("--until", help="started before: ISO 8601 time or 30m/2h/7d ago")
     executions.add_argument("--limit", type=int, default=50)
     executions.add_argument("--page-token", help="continue a listing")
+    executions.add_argument(
+        "--unresolved",
+        action="store_true",
+        help="only executions whose outcome still needs an answer (the gateway is asking "
+        "the provider, or a person must check); exit 3 when one needs attention",
+    )
     executions.set_defaults(func=cmd_executions)
 
     audit = sub.add_parser("audit", help="operator tools for the audit log")

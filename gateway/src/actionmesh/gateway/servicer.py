@@ -116,6 +116,22 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self, request: gateway_pb2.ListExecutionsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListExecutionsResponse:
         caller = await self._caller(context)
+        if request.unresolved:
+            limit = min(request.page_size or 100, 500)
+            rows = await self._ledger.unresolved(caller.tenant, limit)
+            wanted = [
+                row
+                for row in rows
+                if (not request.actor or request.actor in (row.actor, row.approver))
+                and (not request.action_id or request.action_id == row.action_id)
+                and (
+                    not request.HasField("record")
+                    or (request.record.type, request.record.id) == (row.record_type, row.record_id)
+                )
+            ]
+            return gateway_pb2.ListExecutionsResponse(
+                unresolved=[execution_proto(row) for row in wanted]
+            )
         page = await self._history.executions(caller, request)
         return gateway_pb2.ListExecutionsResponse(
             executions=page.executions, next_page_token=page.next_page_token

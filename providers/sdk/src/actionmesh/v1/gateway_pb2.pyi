@@ -776,12 +776,19 @@ class ListExecutionsRequest(_message.Message):
     STARTED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    UNRESOLVED_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
     """Requester or approver subject; empty means anyone."""
     action_id: _builtins.str
     page_size: _builtins.int
     """At most 500; 0 means 100."""
     page_token: _builtins.str
+    unresolved: _builtins.bool
+    """Only executions whose outcome still needs an answer (reconcile_state PENDING or
+    NEEDS_ATTENTION), oldest first, from the gateway's own records: the answer is in
+    ListExecutionsResponse.unresolved (actor, action_id and record narrow it; the
+    other filters and paging do not apply: at most page_size are returned).
+    """
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Outcome.ValueType]:
         """Current outcome is one of these; empty means any."""
@@ -803,10 +810,11 @@ class ListExecutionsRequest(_message.Message):
         started_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        unresolved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "outcomes", b"outcomes", "page_size", b"page_size", "page_token", b"page_token", "record", b"record", "started_after", b"started_after", "started_before", b"started_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "outcomes", b"outcomes", "page_size", b"page_size", "page_token", b"page_token", "record", b"record", "started_after", b"started_after", "started_before", b"started_before", "unresolved", b"unresolved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -818,18 +826,26 @@ class ListExecutionsResponse(_message.Message):
 
     EXECUTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    UNRESOLVED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     @_builtins.property
     def executions(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.ExecutionSummary]: ...
+    @_builtins.property
+    def unresolved(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]:
+        """ListExecutionsRequest.unresolved only: the executions, with what the caller was
+        told, their reconcile state and why.
+        """
+
     def __init__(
         self,
         *,
         executions: _abc.Iterable[_audit_pb2.ExecutionSummary] | None = ...,
         next_page_token: _builtins.str = ...,
+        unresolved: _abc.Iterable[Global___Execution] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token", "unresolved", b"unresolved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
