@@ -71,9 +71,11 @@ def recon(mesh: Mesh) -> Iterator[str]:
     mesh.stop_service(RECON)
 
 
-def start_gateway(mesh: Mesh, *flags: str, database_url: str = "") -> Service:
+def start_gateway(
+    mesh: Mesh, *flags: str, database_url: str = "", fast: tuple[str, ...] = FAST_RECONCILE
+) -> Service:
     return mesh.start_gateway(
-        f"gateway-recon-{uuid.uuid4().hex[:6]}", *FAST_RECONCILE, *flags, database_url=database_url
+        f"gateway-recon-{uuid.uuid4().hex[:6]}", *fast, *flags, database_url=database_url
     )
 
 
@@ -207,6 +209,40 @@ async def test_a_late_answer_lost_with_its_gateway_is_recorded_by_reconciliation
         )
         assert listed.returncode == 0, listed.stdout + listed.stderr
         assert told.execution_id not in listed.stdout
+    finally:
+        mesh.stop_service(service.name)
+
+
+async def test_a_same_key_retry_asks_the_provider_instead_of_repeating_timed_out(
+    mesh: Mesh, recon: str, token: TokenFactory
+) -> None:
+    # The reconcile loop would not come round for an hour, and no late answer is awaited:
+    # only the retry can learn the outcome.
+    service = start_gateway(
+        mesh, "--late-result-grace-s", "0", "--reconcile-interval-s", "3600", fast=()
+    )
+    operator = bearer(token())
+    record_id = f"retry-{uuid.uuid4().hex[:8]}"
+    request = touch(record_id, sleep_ms=1500)
+    try:
+        async with vouching_channel(mesh, service.address) as channel:
+            stub = Stub(channel)
+            await eventually(lambda: sees(stub, operator, recon), timeout_s=20)
+            first = await stub.ExecuteAction(request, metadata=operator, timeout=10)
+            assert first.execution.outcome == common_pb2.OUTCOME_TIMED_OUT
+            assert first.execution.reconcile_state == gateway_pb2.RECONCILE_STATE_PENDING
+
+            async def retried() -> gateway_pb2.Execution | None:
+                reply = await stub.ExecuteAction(request, metadata=operator, timeout=10)
+                found = reply.execution
+                return found if found.reconcile_state == RESOLVED else None
+
+            settled = await eventually(retried, timeout_s=20)
+            assert isinstance(settled, gateway_pb2.Execution)
+            assert settled.execution_id == first.execution.execution_id
+            assert settled.outcome == common_pb2.OUTCOME_TIMED_OUT
+            assert settled.late_outcome == common_pb2.OUTCOME_SUCCEEDED
+            assert settled.external_ref == f"{recon}/{record_id}"
     finally:
         mesh.stop_service(service.name)
 

@@ -96,7 +96,12 @@ def fold(summary: Summary, event: audit_pb2.AuditEvent, sequence: int) -> None:
         summary.actor = event.actor
     if event.type in _DECIDER_EVENTS:
         summary.approver = event.actor
-    if event.type == _T.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT:
+    if event.type in (
+        _T.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT,
+        # The outcome the gateway learned from the provider afterwards (it stays what
+        # the caller was told; NEEDS_ATTENTION changes neither).
+        _T.AUDIT_EVENT_TYPE_EXECUTION_RECONCILED,
+    ):
         summary.late_outcome = common_pb2.Outcome.Name(event.outcome)
         return
     if event.type not in _FINAL_EVENTS | _OPEN_EVENTS:

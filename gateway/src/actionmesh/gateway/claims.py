@@ -142,7 +142,7 @@ class Claims:
         if existing.reconcile_state is ReconcileState.PENDING and self._reconciler is not None:
             # Unsettled: ask the provider now rather than repeat "we don't know" (bounded
             # by the status deadline; the caller's own deadline cancels us earlier).
-            settled = await self._reconciler.reconcile(existing)
+            settled = await self._reconciler.reconcile(existing, right_away=True)
             fresh = await self._ledger.find_by_key(existing.tenant, command.idempotency_key)
             existing = fresh or settled or existing
         if existing.nothing_ran:

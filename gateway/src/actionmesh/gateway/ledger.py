@@ -375,12 +375,20 @@ class Ledger:
         return reclaimed
 
     async def lease_reconcile(
-        self, row: ExecutionRecord, owner: str, now: datetime, until: datetime
+        self,
+        row: ExecutionRecord,
+        owner: str,
+        now: datetime,
+        until: datetime,
+        *,
+        right_away: bool = False,
     ) -> bool:
-        """Take the lease to reconcile ``row`` until ``until``; False if it is not due or
-        another replica holds it (no evidence: nothing changed)."""
+        """Take the lease to reconcile ``row`` until ``until``; False if it is not due
+        (unless ``right_away``) or another replica holds it (no evidence: nothing changed)."""
         return bool(
-            await self._writer.write(lease_reconcile_op(row.execution_id, owner, now, until))
+            await self._writer.write(
+                lease_reconcile_op(row.execution_id, owner, now, until, right_away=right_away)
+            )
         )
 
     async def reconcile(

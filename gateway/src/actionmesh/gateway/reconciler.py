@@ -86,13 +86,18 @@ class Reconciler:
         return settled
 
     async def reconcile(
-        self, row: ExecutionRecord, *, timeout_s: float | None = None
+        self, row: ExecutionRecord, *, timeout_s: float | None = None, right_away: bool = False
     ) -> ExecutionRecord | None:
         """One attempt on ``row`` under a lease; the execution as written, or None when
-        another replica holds it, it was not due, or it was settled first."""
+        another replica holds it, it was not due (``right_away``: due or not), or it was
+        settled first. ``timeout_s`` bounds the provider call (default the setting)."""
         now = utcnow()
         if not await self._ledger.lease_reconcile(
-            row, self.owner, now, now + timedelta(seconds=self._settings.lease_s)
+            row,
+            self.owner,
+            now,
+            now + timedelta(seconds=self._settings.lease_s),
+            right_away=right_away,
         ):
             return None
         try:

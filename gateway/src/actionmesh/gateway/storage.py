@@ -582,27 +582,34 @@ def reclaim_unavailable_op(execution_id: str, dispatch_deadline: datetime) -> Wr
     return op
 
 
-def _reconcile_due(now: datetime) -> ColumnElement[bool]:
+def _reconcile_due(now: datetime, *, right_away: bool = False) -> ColumnElement[bool]:
+    """PENDING, not leased (or its lease lapsed), and due (``right_away``: due or not)."""
     columns = _EXECUTIONS.c
     return and_(
         columns.reconcile_state == ReconcileState.PENDING.value,
-        columns.reconcile_next_at <= now,
+        columns.reconcile_next_at <= now
+        if not right_away
+        else columns.reconcile_next_at.is_not(None),
         or_(columns.reconcile_lease_until.is_(None), columns.reconcile_lease_until <= now),
     )
 
 
 def lease_reconcile_op(
-    execution_id: str, owner: str, now: datetime, until: datetime
+    execution_id: str, owner: str, now: datetime, until: datetime, *, right_away: bool = False
 ) -> WriteOp[bool]:
     """Take the lease to reconcile one due execution: exactly one replica gets True.
 
     A lease whose holder crashed lapses at its ``until``; then another may take it.
+    ``right_away`` takes it before the execution is due (a same-key retry asks now).
     """
 
     def op(session: Session) -> bool:
         result = session.execute(
             update(_EXECUTIONS)
-            .where(_EXECUTIONS.c.execution_id == execution_id, _reconcile_due(now))
+            .where(
+                _EXECUTIONS.c.execution_id == execution_id,
+                _reconcile_due(now, right_away=right_away),
+            )
             .values(reconcile_lease_owner=owner, reconcile_lease_until=until)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
