@@ -12,7 +12,9 @@ from actionmesh.gateway.model import (
     ExecutionRecord,
     ExecutionState,
     IllegalTransition,
+    ReconcileState,
 )
+from actionmesh.gateway.reconciler import ReconcileSettings
 from actionmesh.rpc.outcomes import Outcome
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -134,3 +136,75 @@ def test_records_are_values() -> None:
     record = fresh()
     with pytest.raises(AttributeError):
         record.outcome = ExecutionState.SUCCEEDED  # type: ignore[misc]
+
+
+def test_unsettled_outcomes_are_marked_to_reconcile_and_settled_ones_are_not() -> None:
+    timed_out = fresh().finished_with(Outcome.TIMED_OUT, at=NOW, reconcile_from=LATER)
+    assert (timed_out.reconcile_state, timed_out.reconcile_next_at) == (
+        ReconcileState.PENDING,
+        LATER,
+    )
+    unknown = fresh().finished_with(Outcome.PARTIAL, at=NOW, reason="DOWNSTREAM_OUTCOME_UNKNOWN")
+    assert (unknown.reconcile_state, unknown.reconcile_next_at) == (ReconcileState.PENDING, NOW)
+    orphan = fresh().orphaned(at=NOW)
+    assert orphan.reconcile_state is ReconcileState.PENDING
+    for outcome, reason in (
+        (Outcome.SUCCEEDED, ""),
+        (Outcome.PARTIAL, "PROVIDER_ERROR"),
+        (Outcome.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    ):
+        settled = fresh().finished_with(outcome, at=NOW, reason=reason)
+        assert settled.reconcile_state is ReconcileState.NONE
+    # A late answer settles it as well.
+    late = timed_out.with_late_result(Outcome.SUCCEEDED, at=LATER, external_ref="x")
+    assert late.reconcile_state is ReconcileState.RESOLVED and late.reconcile_next_at is None
+
+
+def test_reconciling_keeps_what_the_caller_was_told_and_settles_once() -> None:
+    told = fresh().finished_with(Outcome.TIMED_OUT, at=NOW, reason="DEADLINE_EXCEEDED")
+    later = told.reconcile_later(next_at=LATER)
+    assert (later.reconcile_attempts, later.reconcile_next_at) == (1, LATER)
+    resolved = later.reconciled(Outcome.SUCCEEDED, at=LATER, external_ref="ref-1")
+    assert (resolved.outcome, resolved.reason) == (ExecutionState.TIMED_OUT, "DEADLINE_EXCEEDED")
+    assert (resolved.late_outcome, resolved.external_ref) == (Outcome.SUCCEEDED, "ref-1")
+    assert resolved.reconcile_state is ReconcileState.RESOLVED and not resolved.nothing_ran
+    for move in (
+        lambda r: r.reconciled(Outcome.REJECTED, at=LATER),
+        lambda r: r.never_received(at=LATER),
+        lambda r: r.reconcile_later(next_at=LATER),
+        lambda r: r.needs_attention(reason="RECONCILE_GAVE_UP"),
+        lambda r: r.reclaimed(dispatch_deadline=LATER),
+    ):
+        with pytest.raises(IllegalTransition):
+            move(resolved)
+    with pytest.raises(IllegalTransition):
+        fresh().finished_with(Outcome.SUCCEEDED, at=NOW).reconcile_later(next_at=LATER)
+    with pytest.raises(IllegalTransition):
+        told.reconciled(Outcome.PENDING_APPROVAL, at=LATER)
+
+
+def test_never_received_means_nothing_ran_so_the_same_key_dispatches_again() -> None:
+    orphan = fresh().orphaned(at=NOW)
+    with pytest.raises(IllegalTransition):
+        orphan.reclaimed(dispatch_deadline=LATER)
+    nothing = orphan.never_received(at=LATER)
+    assert nothing.nothing_ran and nothing.late_outcome is Outcome.UNAVAILABLE
+    assert nothing.resolved_reason == "PROVIDER_NEVER_RECEIVED"
+    again = nothing.reclaimed(dispatch_deadline=LATER)
+    assert again.outcome is ExecutionState.RUNNING and again.late_outcome is None
+    assert again.reconcile_state is ReconcileState.NONE and again.reconcile_attempts == 0
+
+
+def test_needing_attention_is_final() -> None:
+    attention = fresh().orphaned(at=NOW).needs_attention(reason="RECONCILE_UNSUPPORTED")
+    assert attention.reconcile_state is ReconcileState.NEEDS_ATTENTION
+    assert attention.resolved_reason == "RECONCILE_UNSUPPORTED" and not attention.nothing_ran
+    with pytest.raises(IllegalTransition):
+        attention.reconciled(Outcome.SUCCEEDED, at=LATER)
+
+
+def test_the_reconcile_backoff_doubles_up_to_its_cap() -> None:
+    settings = ReconcileSettings(
+        interval_s=5, max_backoff_s=30, max_attempts=10, max_age_s=60, status_timeout_s=1, lease_s=5
+    )
+    assert [settings.backoff(n).total_seconds() for n in range(1, 6)] == [5, 10, 20, 30, 30]
