@@ -350,6 +350,37 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
         seeded.close()
 
 
+async def test_a_provider_still_running_after_the_bound_leaves_the_execution_needing_attention(
+    mesh: Mesh, recon: str, token: TokenFactory
+) -> None:
+    # Asked twice, still RUNNING both times: the gateway gives up and says so.
+    service = start_gateway(mesh, "--late-result-grace-s", "0", "--reconcile-max-attempts", "2")
+    operator = bearer(token())
+    try:
+        async with vouching_channel(mesh, service.address) as channel:
+            stub = Stub(channel)
+            await eventually(lambda: sees(stub, operator, recon), timeout_s=20)
+            reply = await stub.ExecuteAction(
+                touch(f"bound-{uuid.uuid4().hex[:8]}", sleep_ms=15000),
+                metadata=operator,
+                timeout=10,
+            )
+            assert reply.execution.outcome == common_pb2.OUTCOME_TIMED_OUT
+
+            async def gave_up() -> gateway_pb2.Execution | None:
+                found = await execution(stub, operator, reply.execution.execution_id)
+                state = found.reconcile_state
+                return found if state == gateway_pb2.RECONCILE_STATE_NEEDS_ATTENTION else None
+
+            settled = await eventually(gave_up, timeout_s=30)
+            assert isinstance(settled, gateway_pb2.Execution)
+            assert settled.resolved_reason == "RECONCILE_GAVE_UP"
+            assert settled.reconcile_attempts == 3  # two questions, then the verdict
+            assert settled.late_outcome == common_pb2.OUTCOME_UNSPECIFIED
+    finally:
+        mesh.stop_service(service.name)
+
+
 async def test_two_replicas_on_one_database_reconcile_each_execution_once(
     mesh: Mesh, recon: str, token: TokenFactory, tmp_path: Path
 ) -> None:

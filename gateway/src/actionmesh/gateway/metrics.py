@@ -60,6 +60,13 @@ OUTBOX_DEPTH = ObservedGauge(
     unit="{event}",
     description="Audit events written by the gateway and not yet acknowledged by the audit log.",
 )
+UNRESOLVED = ObservedGauge(
+    METER,
+    "actionmesh.executions.unresolved",
+    unit="{execution}",
+    description="Executions whose outcome still needs an answer, by reconcile state: PENDING "
+    "(the reconciler asks the provider) and NEEDS_ATTENTION (a person must find out).",
+)
 PROVIDER_HEALTHY = ObservedGauge(
     METER,
     "actionmesh.provider.healthy",
@@ -102,6 +109,13 @@ def observe_gateway(
     def depth() -> Iterable[Observation]:
         return [Observation(store.outbox_depth())]
 
+    def unresolved() -> Iterable[Observation]:
+        counts = store.unresolved_counts()
+        return [
+            Observation(counts.get(state, 0), {"state": state})
+            for state in ("PENDING", "NEEDS_ATTENTION")
+        ]
+
     def providers() -> Iterable[Observation]:
         # The directory replaces or updates this dict on the event loop; copying
         # its values is a single C-level step, safe from the scrape's thread.
@@ -116,10 +130,12 @@ def observe_gateway(
 
     detach_depth = OUTBOX_DEPTH.attach(depth)
     detach_providers = PROVIDER_HEALTHY.attach(providers)
+    detach_unresolved = UNRESOLVED.attach(unresolved)
 
     async def detach() -> None:
         # Before the store closes after the drain: a scrape must not query a closed store.
         detach_depth()
         detach_providers()
+        detach_unresolved()
 
     running.on_stop.append(detach)
