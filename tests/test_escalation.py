@@ -712,3 +712,95 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
         raise
     finally:
         await asyncio.to_thread(mesh.stop)
+
+
+async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_platform(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN is what the caller is told; the gateway's
+    reconciler then asks the provider, which asks the platform, and records SUCCEEDED."""
+    async with Relay(platform.url) as relay:
+        extra = {
+            **TEST_MESH["extra_env"],  # type: ignore[dict-item]
+            URL_ENV: relay.url,
+            "ACTIONMESH_GATEWAY_RECONCILE_INTERVAL_S": "0.3",
+            "ACTIONMESH_GATEWAY_RECONCILE_MAX_BACKOFF_S": "1",
+        }
+        mesh = Mesh(
+            MeshSettings(
+                data_dir=tmp_path / "mesh",
+                provider_modules=(
+                    "actionmesh.providers.records",
+                    "actionmesh.providers.escalation",
+                ),
+                **{**TEST_MESH, "extra_env": extra},  # type: ignore[arg-type]
+            )
+        )
+        mesh.start()
+        try:
+            token = mint_token(
+                mesh.signing_key(), subject="alice", tenant="acme", roles=["operator"]
+            )
+            ticket = common_pb2.RecordContext(
+                tenant="acme", type="ticket", id="t-101", status="open"
+            )
+            async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+                gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
+
+                async def offered() -> bool:
+                    found = await gateway.DiscoverActions(
+                        gateway_pb2.DiscoverActionsRequest(record=ticket, skip_cache=True),
+                        metadata=bearer(token),
+                        timeout=10,
+                    )
+                    return any(
+                        a.descriptor.action_id == "case.escalate" and a.available
+                        for a in found.actions
+                    )
+
+                await eventually(offered, timeout_s=15)
+                relay.hold_answers = True
+                reply = await gateway.ExecuteAction(
+                    gateway_pb2.ExecuteActionRequest(
+                        action_id="case.escalate",
+                        record=ticket,
+                        inputs={
+                            "summary": common_pb2.InputValue(string_value="Refund stuck"),
+                            "severity": common_pb2.InputValue(string_value="critical"),
+                        },
+                        idempotency_key=uuid.uuid4().hex,
+                    ),
+                    metadata=bearer(token),
+                    timeout=20,
+                )
+                told = reply.execution
+                assert (told.outcome, told.reason) == (
+                    common_pb2.OUTCOME_PARTIAL,
+                    "DOWNSTREAM_OUTCOME_UNKNOWN",
+                ), told
+                assert told.reconcile_state == gateway_pb2.RECONCILE_STATE_PENDING
+                relay.hold_answers = False
+
+                async def resolved() -> gateway_pb2.Execution | None:
+                    found = await gateway.GetExecution(
+                        gateway_pb2.GetExecutionRequest(execution_id=told.execution_id),
+                        metadata=bearer(token),
+                        timeout=10,
+                    )
+                    state = found.execution.reconcile_state
+                    return (
+                        found.execution if state == gateway_pb2.RECONCILE_STATE_RESOLVED else None
+                    )
+
+                settled = await eventually(resolved, timeout_s=40)
+                assert isinstance(settled, gateway_pb2.Execution)
+                [held] = await asyncio.to_thread(platform.escalations)
+                assert settled.outcome == common_pb2.OUTCOME_PARTIAL
+                assert settled.late_outcome == common_pb2.OUTCOME_SUCCEEDED
+                assert settled.external_ref == held["id"]
+        except BaseException:
+            for service in mesh.services.values():
+                print(f"--- {service.name} log ---\n{tail(service.log_path, 40)}")
+            raise
+        finally:
+            await asyncio.to_thread(mesh.stop)

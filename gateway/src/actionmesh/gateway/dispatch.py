@@ -239,10 +239,11 @@ class Dispatcher:
     async def _finish(
         self, dispatch: Dispatch, record: ExecutionRecord, answer: ProviderAnswer
     ) -> ExecutionRecord:
+        # Only a deadline this dispatcher keeps listening past waits for its late answer
+        # before the reconciler asks; any other unsettled outcome is asked about at once.
+        settle_after_s = self._deadlines.late_result_grace_s if answer is TIMED_OUT_ANSWER else 0.0
         finished = await self._ledger.finish(
-            dispatch.caller,
-            dispatch.command,
-            answer.applied_to(record, self._deadlines.late_result_grace_s),
+            dispatch.caller, dispatch.command, answer.applied_to(record, settle_after_s)
         )
         if finished is None:
             return await self._finished_as_orphan(dispatch, record, answer)
