@@ -381,10 +381,18 @@ async def test_a_provider_still_running_after_the_bound_leaves_the_execution_nee
         mesh.stop_service(service.name)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One database for two replicas: SQLite, and PostgreSQL when the suite has one."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "gateway.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
 async def test_two_replicas_on_one_database_reconcile_each_execution_once(
-    mesh: Mesh, recon: str, token: TokenFactory, tmp_path: Path
+    mesh: Mesh, recon: str, token: TokenFactory, shared_url: str
 ) -> None:
-    url = sqlite_url(tmp_path / "gateway.db")
+    url = shared_url
     seeded = GatewayStore(url)
     requests = [touch(f"pair-{uuid.uuid4().hex[:8]}") for _ in range(8)]
     rows = [orphan(request, recon, ALICE) for request in requests]
