@@ -13,9 +13,11 @@ After each fault the same invariants are checked:
 - no call took longer than its deadline plus a small slack;
 - no idempotency key reached a provider's handler twice (the journals);
 - every execution's audit events reached the audit log: one STARTED, its
-  FINISHED events ending in the outcome the gateway stored, a LATE_RESULT exactly
-  when one was recorded, and each refusal as one FINISHED event (counted per key
-  from the audit log's database, against the gateway's own store).
+  FINISHED events ending in the outcome the gateway stored, a LATE_RESULT or an
+  EXECUTION_RECONCILED exactly when a resolved outcome was recorded (plus one
+  reconciliation per earlier run found never received), and each refusal as one
+  FINISHED event (counted per key from the audit log's database, against the
+  gateway's own store).
 
 Run alone with ``pytest -m faults``; the whole file stays well under four minutes.
 """
@@ -69,6 +71,7 @@ REPEAT_EVERY = 4
 NEVER = {"UNKNOWN", "INTERNAL"}
 STARTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_STARTED
 FINISHED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
+RECONCILED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_RECONCILED
 LATE = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_LATE_RESULT
 # A client channel that finds a restarted gateway quickly (the default backoff grows to 2 min).
 CHANNEL_OPTIONS = [
@@ -401,13 +404,24 @@ def audit_problems(mesh: Mesh, calls: Sequence[Call], *, allow_running: bool = F
         final = f"OUTCOME_{execution.outcome}"
         if not finished or common_pb2.Outcome.Name(finished[-1].outcome) != final:
             problems.append(f"{key}: last FINISHED is not {final}: {finished}")
-        # Earlier FINISHED events are dispatches that found the provider down (then re-run).
-        if any(e.outcome != common_pb2.OUTCOME_UNAVAILABLE for e in finished[:-1]):
+        # Earlier FINISHED events are dispatches that found the provider down, or whose
+        # outcome the reconciler found never received (nothing ran), then re-run.
+        never_received = [
+            e for e in mine if e.type == RECONCILED and e.outcome == common_pb2.OUTCOME_UNAVAILABLE
+        ]
+        rerun_after_unsettled = sum(
+            1 for e in finished[:-1] if e.outcome != common_pb2.OUTCOME_UNAVAILABLE
+        )
+        current_never_received = execution.late_outcome == "UNAVAILABLE"
+        if rerun_after_unsettled != len(never_received) - (1 if current_never_received else 0):
             problems.append(f"{key}: more than one final FINISHED event")
         if len(finished) > len(key_calls):
             problems.append(f"{key}: {len(finished)} FINISHED events for {len(key_calls)} calls")
-        if kinds[LATE] != (1 if execution.late_outcome else 0):
-            problems.append(f"{key}: {kinds[LATE]} LATE_RESULT events")
+        resolutions = kinds[LATE] + kinds[RECONCILED] - rerun_after_unsettled
+        if resolutions != (1 if execution.late_outcome else 0):
+            problems.append(
+                f"{key}: {kinds[LATE]} LATE_RESULT and {kinds[RECONCILED]} RECONCILED events"
+            )
         for call in key_calls:
             if call.execution_id and call.execution_id != execution.execution_id:
                 problems.append(f"{key}: a caller saw another execution id")
