@@ -22,6 +22,7 @@ lease:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_REASON = "RECONCILE_UNSUPPORTED"
 GAVE_UP_REASON = "RECONCILE_GAVE_UP"
+# How many GetExecutionStatus calls one replica has open at once.
+CONCURRENT_ASKS = 8
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,29 @@ class Reconciler:
         self.owner = owner or f"gateway-{uuid.uuid4().hex[:16]}"
 
     async def reconcile_due(self, limit: int = 50) -> int:
-        """Ask about every due unsettled execution (any tenant); how many were settled."""
-        settled = 0
-        for row in await self._ledger.due_reconciles(utcnow(), limit):
-            moved = await self.reconcile(row)
-            if moved is not None and moved.reconcile_state is not ReconcileState.PENDING:
-                settled += 1
-        return settled
+        """Ask about every due unsettled execution (any tenant); how many were settled.
+
+        At most ``CONCURRENT_ASKS`` questions are open at once, so one slow provider does
+        not hold up the others by a whole status deadline each. A failure is raised once
+        all of the batch has been tried (the loop's supervisor sees it).
+        """
+        rows = await self._ledger.due_reconciles(utcnow(), limit)
+        gate = asyncio.Semaphore(CONCURRENT_ASKS)
+
+        async def one(row: ExecutionRecord) -> ExecutionRecord | None:
+            async with gate:
+                return await self.reconcile(row)
+
+        results = await asyncio.gather(*(one(row) for row in rows), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(
+            1
+            for result in results
+            if isinstance(result, ExecutionRecord)
+            and result.reconcile_state is not ReconcileState.PENDING
+        )
 
     async def reconcile(
         self, row: ExecutionRecord, *, timeout_s: float | None = None, right_away: bool = False
