@@ -21,9 +21,17 @@ import pytest
 
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.claims import request_hash
-from actionmesh.gateway.model import ORPHAN_REASON, RUNNING, ExecuteCommand, ExecutionRecord
-from actionmesh.gateway.storage import GatewayStore
+from actionmesh.gateway.model import (
+    ORPHAN_OUTCOME,
+    ORPHAN_REASON,
+    RUNNING,
+    ExecuteCommand,
+    ExecutionRecord,
+    ReconcileState,
+)
+from actionmesh.gateway.storage import GatewayStore, lease_reconcile_op, reconcile_op
 from actionmesh.mesh import Mesh, Service
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
@@ -424,3 +432,31 @@ async def test_two_replicas_on_one_database_reconcile_each_execution_once(
         for service in services:
             mesh.stop_service(service.name)
         seeded.close()
+
+
+def test_one_lease_at_a_time_and_a_lapsed_lease_passes_to_another_replica(
+    tmp_path: Path,
+) -> None:
+    store = GatewayStore(sqlite_url(tmp_path / "gateway.db"))
+    try:
+        now = datetime.now(UTC)
+        told = orphan(touch("lease"), RECON, ALICE).orphaned(at=now - timedelta(seconds=1))
+        store.insert_execution(told, [])
+        lease = timedelta(seconds=30)
+        assert store.write(lease_reconcile_op(told.execution_id, "a", now, now + lease))
+        assert not store.write(lease_reconcile_op(told.execution_id, "b", now, now + lease))
+        # Replica "a" crashed: once its lease lapses, "b" takes over...
+        later = now + lease + timedelta(seconds=1)
+        assert store.write(lease_reconcile_op(told.execution_id, "b", later, later + lease))
+        # ... and "a", back late, may no longer write what it found.
+        settled = told.reconciled(Outcome.SUCCEEDED, at=later, external_ref="ref")
+        assert not store.write(reconcile_op(settled, "a", []))
+        assert store.write(reconcile_op(settled, "b", []))
+        stored = store.get("acme", told.execution_id)
+        assert stored is not None and stored.reconcile_state is ReconcileState.RESOLVED
+        assert (stored.outcome, stored.late_outcome) == (ORPHAN_OUTCOME, Outcome.SUCCEEDED)
+        # Settled: nobody leases it again, and it is not due.
+        assert not store.write(lease_reconcile_op(told.execution_id, "c", later, later + lease))
+        assert store.due_reconciles(later + lease * 10, 10) == []
+    finally:
+        store.close()
