@@ -50,7 +50,7 @@ from actionmesh.bench.procs import (
     start_child,
 )
 from actionmesh.bench.report import SCHEMA_VERSION, evaluate_targets
-from actionmesh.gateway.auth import mint_token
+from actionmesh.gateway.auth import SERVICE_METADATA, mint_service_token, mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -64,6 +64,11 @@ FANOUT_PROCESSES = 2
 READY_TIMEOUT_S = 60.0
 # High enough that the admission check is measured without refusing anything.
 BENCH_TENANT_RATE = "1000000/second"
+# The bench plays the product backend that vouches for its records' facts (a trusted
+# caller of the gateway for the bench record type, which has no system of record):
+# without it the default policy refuses to execute on the caller's word.
+BENCH_BACKEND = "bench-backend"
+BENCH_TRUSTED_CALLERS = f"{BENCH_BACKEND}={RECORD_TYPE}"
 
 Progress = Callable[[str], None]
 
@@ -136,10 +141,15 @@ def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise BenchError(f"{what} within {timeout_s:.0f}s")
 
 
-def wait_gateway_executes(address: str, token: str) -> None:
+def service_metadata(service_token: str) -> tuple[str, str]:
+    """The bench backend's own token, sent next to the operator's."""
+    return (SERVICE_METADATA, f"Bearer {service_token}")
+
+
+def wait_gateway_executes(address: str, token: str, service_token: str) -> None:
     """Until the gateway's directory has the bench provider SERVING (an execution succeeds)."""
     channel, stub = _gateway_stub(address)
-    metadata = (("authorization", f"Bearer {token}"),)
+    metadata = (("authorization", f"Bearer {token}"), service_metadata(service_token))
     attempt = 0
 
     def executes() -> bool:
@@ -286,6 +296,7 @@ class Bench:
                         # The per-tenant rate limiter still runs on every call, but at a
                         # rate no run reaches: the bench measures capacity, not fair use.
                         "ACTIONMESH_GATEWAY_TENANT_RATE_LIMIT": BENCH_TENANT_RATE,
+                        "ACTIONMESH_GATEWAY_TRUSTED_CALLERS": BENCH_TRUSTED_CALLERS,
                     },
                 )
             )
@@ -318,8 +329,9 @@ class Bench:
         key = mesh.signing_key()
         token = mint_token(key, subject=SUBJECT, tenant=EXEC_TENANT, roles=("operator",))
         ready_token = mint_token(key, subject=SUBJECT, tenant=READY_TENANT, roles=("operator",))
+        backend = mint_service_token(key, client_id=BENCH_BACKEND, ttl_s=24 * 3600.0)
         self.progress("waiting for the gateway to route to the bench provider")
-        wait_gateway_executes(mesh.address("gateway"), ready_token)
+        wait_gateway_executes(mesh.address("gateway"), ready_token, backend)
         targets = {
             "direct": mesh.address("noop"),
             "bare_hop": proxy.address,
@@ -345,6 +357,7 @@ class Bench:
                     "record_type": RECORD_TYPE,
                     "action_id": ACTION_ID,
                     "token": token,
+                    "extra_metadata": [list(service_metadata(backend))],
                 }
                 probing = mode == "gateway" and concurrency == loaded
                 if probing:
