@@ -33,10 +33,17 @@ def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
 
     actions = cli(mesh, "actions", "workitem/wi-2001", "--status", "failed", "--json", token=token)
     assert actions.returncode == 0, actions.stdout + actions.stderr
-    views = json.loads(actions.stdout)["actions"]
-    assert ("workitem.retry", True) in [
-        (v["descriptor"]["action_id"], v["available"]) for v in views
-    ]
+    discovered = json.loads(actions.stdout)
+    assert discovered["facts"]["source"] == "FACT_SOURCE_PROVIDER"
+    views = discovered["actions"]
+    # JSON leaves out false booleans and empty strings (proto3 defaults).
+    offered = {
+        v["descriptor"]["action_id"]: (v.get("available", False), v.get("unavailable_reason", ""))
+        for v in views
+    }
+    assert offered["workitem.retry"] == (True, "")
+    # The item's source says it is a customer update, whatever the CLI claims.
+    assert offered["workitem.reprocess_email"] == (False, "NOT_INBOUND_EMAIL")
 
     key = uuid.uuid4().hex
     run = cli(
