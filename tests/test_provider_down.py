@@ -53,11 +53,11 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
             assert details.retry_after_s is not None and details.retry_after_s > 0
             return details
 
-        # The provider is also the system of record of work items. Until the registry's
-        # health check reaches the gateway, the gateway meets the dead provider first as
-        # the record's source (asked before anything is dispatched); nothing runs either way.
+        # The provider is also the system of record of work items. Before the registry's
+        # health check reaches the gateway, the gateway meets the dead provider as the
+        # record's source; it is the action's own provider, so that is what it names.
         details = await unavailable()
-        assert details.reason in ("RECORD_SOURCE_UNAVAILABLE", "PROVIDER_UNAVAILABLE"), details
+        assert details.reason == "PROVIDER_UNAVAILABLE", details
 
         # Discovery still answers, naming the provider as degraded instead of hiding it:
         # as the source of the record's facts (so they are unverified) and as the
@@ -74,14 +74,10 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
         assert discovered.facts.source == common_pb2.FACT_SOURCE_UNVERIFIED
         assert not any(a.provider_id == "workitems" for a in discovered.actions)
 
-        # Once the gateway has heard that the provider is not serving, it says so before
-        # asking the record's source anything (until the lease expires, below).
-        async def provider_unavailable() -> ErrorDetails | None:
-            details = await unavailable()
-            return details if details.reason != "RECORD_SOURCE_UNAVAILABLE" else None
-
-        known = await eventually(provider_unavailable, timeout_s=10)
-        assert isinstance(known, ErrorDetails) and known.reason == "PROVIDER_UNAVAILABLE", known
+        # Before and after the gateway hears that the provider is not serving (then it
+        # does not ask the record's source at all), until the lease expires (below).
+        again = await unavailable()
+        assert again.reason == "PROVIDER_UNAVAILABLE", again
 
         async def gone() -> bool:
             reply = await registry.ListProviders(registry_pb2.ListProvidersRequest())
