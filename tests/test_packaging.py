@@ -260,7 +260,12 @@ def test_a_new_provider_runs_on_the_sdk_alone(served_template: str) -> None:
     )
     report = json.loads(checked.stdout)
     assert checked.returncode == 0 and report["passed"], report
-    assert all(c["status"] == "pass" for c in report["checks"]), report
+    # The template acts on tickets but is the system of record of none: the source
+    # checks are not applicable to it, everything else passes.
+    assert all(
+        c["status"] == ("skip" if c["name"].startswith("source.") else "pass")
+        for c in report["checks"]
+    ), report
 
 
 @pytest.fixture(scope="module")
