@@ -3,9 +3,11 @@
 A raw grpc.aio ActionProviderServiceServicer whose flaws can be switched on one
 by one. With the default flaws it has no health service, answers Discover with an
 undeclared action and a changing reason, executes unknown actions, accepts any
-inputs and tenant, needs no idempotency key, acts again on a repeated key and
-refuses with bare statuses. With ``Flaws.none()`` it honours the contract,
-which shows the kit passes providers not written with the SDK.
+inputs and tenant, needs no idempotency key, acts again on a repeated key,
+refuses with bare statuses and has no GetExecutionStatus (UNIMPLEMENTED, as a server
+without the method answers). With ``Flaws.none()`` it honours the contract, which
+shows the kit passes providers not written with the SDK; the ``status_*`` flaws
+break one rule of GetExecutionStatus each.
 
 It is the system of record of nothing unless started with a :class:`Source`: then
 it declares ``thing`` records in ``record_sources`` and answers ResolveRecord for
@@ -54,6 +56,16 @@ class Flaws:
     ignores_tenant: bool = True
     acts_twice: bool = True
     bare_errors: bool = True
+    # GetExecutionStatus: not there at all (UNIMPLEMENTED, no details).
+    no_status: bool = True
+    # Looks executions up by idempotency key alone: another tenant's key is answered.
+    status_ignores_tenant: bool = False
+    # Answers a finished execution with another external ref than Execute gave.
+    status_misreports: bool = False
+    # Answers the same question differently after the first time.
+    status_unstable: bool = False
+    # Answers RUNNING for a key it never received.
+    status_makes_up_keys: bool = False
 
     @classmethod
     def none(cls) -> Flaws:
@@ -108,6 +120,9 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         # Idempotency keys of the executions that really acted, in order.
         self.executed: list[str] = []
         self.done: dict[str, provider_pb2.ExecuteResponse] = {}
+        # Every answer given, by (tenant, action, key): what GetExecutionStatus reports.
+        self.answers: dict[tuple[str, str, str], provider_pb2.ExecuteResponse] = {}
+        self.status_asks = itertools.count(1)
 
     async def Describe(
         self, request: provider_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -212,7 +227,41 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             changes=[common_pb2.FieldChange(field="pokes", before=str(poke - 1), after=str(poke))],
         )
         self.done[key] = reply
+        self.answers[(request.record.tenant, request.action_id, key)] = reply
         return reply
+
+    async def GetExecutionStatus(
+        self, request: provider_pb2.GetExecutionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.GetExecutionStatusResponse:
+        flaws = self.flaws
+        if flaws.no_status:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        found = self.answers.get((request.tenant, request.action_id, request.idempotency_key))
+        if found is None and flaws.status_ignores_tenant:
+            found = next(
+                (
+                    reply
+                    for (_, action_id, key), reply in self.answers.items()
+                    if (action_id, key) == (request.action_id, request.idempotency_key)
+                ),
+                None,
+            )
+        if found is None:
+            state = (
+                provider_pb2.EXECUTION_STATE_RUNNING
+                if flaws.status_makes_up_keys
+                else provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+            )
+            return provider_pb2.GetExecutionStatusResponse(state=state)
+        result = provider_pb2.ExecuteResponse()
+        result.CopyFrom(found)
+        if flaws.status_misreports:
+            result.external_ref = "poke-0"
+        if flaws.status_unstable and next(self.status_asks) > 1:
+            result.external_ref += "-again"
+        return provider_pb2.GetExecutionStatusResponse(
+            state=provider_pb2.EXECUTION_STATE_FINISHED, result=result
+        )
 
 
 @dataclass

@@ -37,6 +37,7 @@ from actionmesh.rpc.schema import validate_inputs
 from actionmesh.rpc.server import RunningServer
 from actionmesh.sdk import (
     ActionContext,
+    ExecutionStatus,
     Facts,
     NoInputs,
     Provider,
@@ -54,6 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 FAILED_ITEM = SampleRecord.parse("acme/workitem/wi-1001:failed")
 BROKEN_ITEM = SampleRecord("acme", "thing", "t-1", READY)
 SOURCE_CHECKS = [name for name in CHECKS if name.startswith("source.")]
+STATUS_CHECKS = [name for name in CHECKS if name.startswith("status.")]
+# The status checks that ask about the key execute.idempotent executed (skipped without it).
+EXECUTED_STATUS_CHECKS = ["status.finished", "status.tenant_isolation"]
 # The source checks that read a sample record of a sourced type (skipped without one).
 SAMPLE_SOURCE_CHECKS = ["source.tenant_isolation", "source.answer", "source.stable"]
 
@@ -127,7 +131,10 @@ async def test_without_an_eligible_record_the_side_effecting_check_is_skipped(
     for name in SAMPLE_SOURCE_CHECKS:
         assert results[name].status == SKIP
         assert "no sample record of a type it sources (workitem)" in results[name].detail
-    skipped = ["execute.idempotent", *SAMPLE_SOURCE_CHECKS]
+    for name in EXECUTED_STATUS_CHECKS:
+        assert results[name].status == SKIP
+        assert "no executed key to ask about" in results[name].detail
+    skipped = ["execute.idempotent", *SAMPLE_SOURCE_CHECKS, *EXECUTED_STATUS_CHECKS]
     assert all(r.status == PASS for name, r in results.items() if name not in skipped)
 
     processed = SampleRecord.parse("acme/workitem/wi-1003:processed")
@@ -187,6 +194,8 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
         "execute.invalid_inputs": FAIL,
         "execute.tenant_mismatch": FAIL,
         "execute.idempotent": FAIL,
+        # It has no GetExecutionStatus: the status checks are not supported.
+        **dict.fromkeys(STATUS_CHECKS, SKIP),
     }
     assert "no grpc.health.v1 Health service" in found["health"].detail
     assert "undeclared action 'thing.ghost'" in found["discover.declared_only"].detail
@@ -202,7 +211,9 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
     assert "[thing.ghost yes, thing.poke no (BUSY_" in " ".join(text.split())
     for name in CHECKS:
         assert name in text
-    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 7 skipped" in text
+    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 11 skipped" in text
+    for name in STATUS_CHECKS:
+        assert found[name].detail.startswith("not supported: GetExecutionStatus is UNIMPLEMENTED")
 
 
 async def test_bare_statuses_and_a_bad_describe_are_failures() -> None:
@@ -529,6 +540,107 @@ def test_the_answer_rule_is_the_gateways() -> None:
     assert fields(answer(status="x" * 65)) == ["record.status"]
     too_many = {f"k{i}": "v" for i in range(17)}
     assert fields(answer(attributes=too_many)) == ["record.attributes"]
+
+
+# -- execution status ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flaw", "checks", "says"),
+    [
+        (
+            "status_makes_up_keys",
+            {"status.unknown_key", "status.tenant_isolation"},
+            "a key never sent: answered RUNNING, expected NEVER_RECEIVED",
+        ),
+        (
+            "status_misreports",
+            {"status.finished"},
+            "FINISHED with [SUCCEEDED, ref poke-0, pokes 0->1], but Execute answered "
+            "[SUCCEEDED, ref poke-1, pokes 0->1]",
+        ),
+        ("status_unstable", {"status.stable"}, "the executed key: FINISHED [SUCCEEDED, ref"),
+        (
+            "status_ignores_tenant",
+            {"status.tenant_isolation"},
+            "answered FINISHED [SUCCEEDED, ref poke-1, pokes 0->1]; another tenant's key must "
+            "be NEVER_RECEIVED",
+        ),
+    ],
+)
+async def test_a_status_breaking_one_rule_fails_that_check(
+    flaw: str, checks: set[str], says: str
+) -> None:
+    server = await start_broken_provider(dataclasses.replace(Flaws.none(), **{flaw: True}))
+    try:
+        results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
+    finally:
+        await server.stop()
+    expected = {**dict.fromkeys(CHECKS, PASS), **dict.fromkeys(SOURCE_CHECKS, SKIP)}
+    expected.update(dict.fromkeys(checks, FAIL))
+    assert statuses(results) == expected, table_text(results)
+    details = " | ".join(by_name(results)[name].detail for name in checks)
+    assert says in details, details
+
+
+async def test_a_provider_without_execution_status_is_not_supported_not_failed(
+    tmp_path: Path,
+) -> None:
+    # The SDK without dedupe and without a status function: UNIMPLEMENTED, with a reason.
+    provider = Provider("stateless", version="1.0.0", dedupe=False)
+
+    @provider.action("gadget.touch", record_types=["gadget"], risk=Risk.LOW)
+    async def touch(ctx: ActionContext, inputs: NoInputs) -> Result:
+        return Result.succeeded(external_ref=f"touch-{ctx.record.id}")
+
+    config = ProviderConfig(port=0, registry="", data_dir=str(tmp_path))
+    server = await start_provider(provider, config)
+    try:
+        results = await run_checks(server.address, records=[GADGET], require_all=True)
+    finally:
+        await server.stop(grace_s=1.0)
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+        **dict.fromkeys(STATUS_CHECKS, SKIP),
+    }, table_text(results)
+    assert not failed(results)
+    for name in STATUS_CHECKS:
+        assert by_name(results)[name].detail.startswith("not supported: "), by_name(results)[name]
+
+
+async def test_an_sdk_provider_passes_the_status_checks_with_its_own_function(
+    tmp_path: Path,
+) -> None:
+    # No dedupe store: the provider's own system answers, here a dict of what it did.
+    provider = Provider("ledger", version="1.0.0", dedupe=False)
+    done: dict[tuple[str, str, str], Result] = {}
+
+    @provider.action("gadget.touch", record_types=["gadget"], risk=Risk.LOW)
+    async def touch(ctx: ActionContext, inputs: NoInputs) -> Result:
+        key = (ctx.tenant, ctx.action_id, ctx.idempotency_key)
+        if key not in done:
+            done[key] = Result.succeeded(external_ref=f"touch-{len(done) + 1}")
+        return done[key]
+
+    @provider.execution_status
+    async def status(tenant: str, action_id: str, key: str) -> ExecutionStatus | None:
+        found = done.get((tenant, action_id, key))
+        return None if found is None else ExecutionStatus.finished(found)
+
+    config = ProviderConfig(port=0, registry="", data_dir=str(tmp_path))
+    server = await start_provider(provider, config)
+    try:
+        results = await run_checks(server.address, records=[GADGET], require_all=True)
+    finally:
+        await server.stop(grace_s=1.0)
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+    }, table_text(results)
+    assert "FINISHED [SUCCEEDED, ref touch-1], as Execute answered" in (
+        by_name(results)["status.finished"].detail
+    )
 
 
 # Each example provider as `actionmesh up` runs it (its own process, its own state), with

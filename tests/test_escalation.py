@@ -419,6 +419,215 @@ def test_the_platform_call_stays_inside_the_callers_deadline() -> None:
     assert call_budget(-1.0, 8.0) < 0
 
 
+# -- what became of an escalation (GetExecutionStatus) ------------------------------------
+
+
+class Relay:
+    """A TCP relay in front of the platform, to make it look slow or unreachable for real.
+
+    ``hold_answers``: requests reach the platform, its answers never come back (the
+    connection stays open until the client gives up): a platform too slow to answer.
+    ``drop_requests``: requests never reach the platform and nothing answers.
+    Each connection keeps the mode it was opened in.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        self.target_port = int(target_url.rsplit(":", 1)[1])
+        self.hold_answers = False
+        self.drop_requests = False
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> Relay:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hold, drop = self.hold_answers, self.drop_requests
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, swallow: bool
+        ) -> None:
+            while data := await source.read(65536):
+                if not swallow:
+                    sink.write(data)
+                    await sink.drain()
+            if not swallow:
+                sink.close()
+
+        # The client's side ends the connection: when it gives up, or got its answer.
+        answers = asyncio.ensure_future(pipe(upstream_reader, writer, hold or drop))
+        try:
+            await pipe(reader, upstream_writer, drop)
+            if not drop:
+                await asyncio.wait_for(answers, 15)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            answers.cancel()
+            for end in (writer, upstream_writer):
+                end.close()
+
+
+def status_request(key: str, tenant: str = "acme") -> provider_pb2.GetExecutionStatusRequest:
+    return provider_pb2.GetExecutionStatusRequest(
+        tenant=tenant, action_id="case.escalate", idempotency_key=key, request_id=f"req-{key}"
+    )
+
+
+def changes_of(reply: provider_pb2.ExecuteResponse) -> list[tuple[str, str, str]]:
+    return [(c.field, c.before, c.after) for c in reply.changes]
+
+
+async def test_the_status_of_an_answered_escalation_is_its_answer(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
+        unknown = await stub.GetExecutionStatus(status_request("key-status"), timeout=10)
+        assert unknown.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+        answer = await stub.Execute(escalate_request("key-status"), timeout=15)
+        assert answer.outcome == common_pb2.OUTCOME_SUCCEEDED, answer
+        status = await stub.GetExecutionStatus(status_request("key-status"), timeout=10)
+        assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
+        assert status.result == answer
+        # Another tenant asking the same key: never received, like an unknown key.
+        other = await stub.GetExecutionStatus(status_request("key-status", "globex"), timeout=10)
+        assert other.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+
+        # The stored answer is final: given without asking the platform, even when it is down.
+        await asyncio.to_thread(platform.stop)
+        again = await stub.GetExecutionStatus(status_request("key-status"), timeout=10)
+        assert again == status
+
+
+async def test_an_answer_lost_to_a_slow_platform_is_settled_by_the_platform(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Relay(platform.url) as relay:
+        relay.hold_answers = True
+        async with served(tmp_path / "provider", relay.url, monkeypatch) as stub:
+            lost = await stub.Execute(escalate_request("key-slow"), timeout=4.0)
+            # The platform got the request and opened the escalation; its answer came too late.
+            assert (lost.outcome, lost.reason) == (
+                common_pb2.OUTCOME_PARTIAL,
+                "DOWNSTREAM_OUTCOME_UNKNOWN",
+            ), lost
+            assert lost.external_ref == ""
+            [held] = await asyncio.to_thread(platform.escalations)
+
+            relay.hold_answers = False
+            status = await stub.GetExecutionStatus(status_request("key-slow"), timeout=10)
+            assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
+            settled = status.result
+            assert (settled.outcome, settled.reason) == (common_pb2.OUTCOME_SUCCEEDED, "")
+            assert settled.external_ref == held["id"]
+            assert changes_of(settled) == [
+                ("escalation", "", held["id"]),
+                ("escalation_queue", "", held["queue"]),
+            ]
+            assert "DOWNSTREAM_OUTCOME_UNKNOWN" in settled.message
+            assert status.finished_at.ToDatetime().isoformat()[:19] == held["created_at"][:19]
+            # Stable, and asking changed nothing: no second escalation, Execute still
+            # answers what it answered.
+            assert await stub.GetExecutionStatus(status_request("key-slow"), timeout=10) == status
+            assert await stub.Execute(escalate_request("key-slow"), timeout=10) == lost
+    assert len(await asyncio.to_thread(platform.escalations)) == 1
+
+
+async def test_an_answer_lost_before_the_platform_got_it_settles_as_not_created(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "provider"
+    async with Relay(platform.url) as relay:
+        relay.drop_requests = True
+        async with served(data_dir, relay.url, monkeypatch) as stub:
+            lost = await stub.Execute(escalate_request("key-dropped"), timeout=4.0)
+            assert lost.reason == "DOWNSTREAM_OUTCOME_UNKNOWN", lost
+            relay.drop_requests = False
+            # The platform holds nothing yet, and may still be handling the request.
+            waiting = await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10)
+            assert waiting.state == provider_pb2.EXECUTION_STATE_RUNNING
+            assert "holds no escalation for this idempotency key yet" in waiting.progress.message
+            assert waiting.progress.HasField("updated_at")
+        assert await asyncio.to_thread(platform.escalations) == []
+
+        # Past the settle window the platform's "none" is final: nothing was escalated.
+        monkeypatch.setenv(f"{ENV_PREFIX}_OUTCOME_SETTLE_S", "0")
+        async with served(data_dir, relay.url, monkeypatch) as stub:
+            final = await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10)
+            assert final.state == provider_pb2.EXECUTION_STATE_FINISHED
+            assert (final.result.outcome, final.result.reason) == (
+                common_pb2.OUTCOME_REJECTED,
+                "DOWNSTREAM_NOT_CREATED",
+            )
+            assert final.result.external_ref == "" and not final.result.changes
+            assert await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10) == final
+
+
+async def test_the_platform_tells_a_provider_that_lost_its_state(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served(tmp_path / "provider-a", platform.url, monkeypatch) as stub:
+        answer = await stub.Execute(escalate_request("key-a"), timeout=15)
+    # Another replica (or this one after losing its store) holds nothing for the key,
+    # but the platform does.
+    async with served(tmp_path / "provider-b", platform.url, monkeypatch) as stub:
+        status = await stub.GetExecutionStatus(status_request("key-a"), timeout=10)
+        assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
+        assert status.result.external_ref == answer.external_ref
+        assert changes_of(status.result) == changes_of(answer)
+        assert "kept no answer" in status.result.message
+        other = await stub.GetExecutionStatus(status_request("key-a", "globex"), timeout=10)
+        assert other.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+        never = await stub.GetExecutionStatus(status_request("key-never"), timeout=10)
+        assert never.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+
+        await asyncio.to_thread(platform.stop)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.GetExecutionStatus(status_request("key-never"), timeout=15)
+        details = error_details(raised.value)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert details.reason == "DOWNSTREAM_UNAVAILABLE" and details.retry_after_s
+    await asyncio.to_thread(platform.start)
+
+
+async def test_the_platform_looks_keys_up_within_the_tenant(platform: Platform) -> None:
+    body = {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-9"},
+        "summary": "Look me up by key",
+        "severity": "low",
+        "requested_by": "alice",
+    }
+    async with httpx.AsyncClient(base_url=platform.url, timeout=5) as http:
+        created = await http.post("/v1/escalations", json=body, headers={"Idempotency-Key": "k-9"})
+        assert created.status_code == 201
+
+        async def lookup(**params: str) -> httpx.Response:
+            return await http.get("/v1/escalations", params=params)
+
+        found = await lookup(tenant="acme", idempotency_key="k-9")
+        assert [e["id"] for e in found.json()["escalations"]] == [created.json()["id"]]
+        assert (await lookup(tenant="globex", idempotency_key="k-9")).json() == {"escalations": []}
+        assert (await lookup(tenant="acme", idempotency_key="k-8")).json() == {"escalations": []}
+        for bad in ("", "has space", "k" * 256, "k\n"):
+            refused = await lookup(tenant="acme", idempotency_key=bad)
+            assert refused.status_code == 400, bad
+            assert [f["field"] for f in refused.json()["error"]["fields"]] == ["idempotency_key"]
+
+
 # -- through the real gateway -----------------------------------------------------------
 
 

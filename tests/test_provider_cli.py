@@ -213,10 +213,11 @@ async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer
     for name in CHECKS:
         row = next((line for line in lines if f" {name} " in line), "")
         assert row, f"no table row for {name}:\n{output}"
-        # It sources no record type: the source checks do not apply.
-        expected = "SKIP" if name.startswith("source.") else "FAIL"
+        # It sources no record type and keeps no execution status: the source and status
+        # checks do not apply.
+        expected = "SKIP" if name.startswith(("source.", "status.")) else "FAIL"
         assert ("PASS" if name == "describe" else expected) in row, row
-    assert "FAILED" in output and "1 passed, 9 failed, 7 skipped" in output
+    assert "FAILED" in output and "1 passed, 9 failed, 11 skipped" in output
 
     code, output = await run(
         *provider_cli("check", broken.address, "--json", "--record", "acme/thing/t-1:ready")
@@ -225,7 +226,9 @@ async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer
     report = json.loads(output)
     assert report["passed"] is False
     assert [c["name"] for c in report["checks"] if c["status"] == "fail"] == [
-        name for name in CHECKS if name != "describe" and not name.startswith("source.")
+        name
+        for name in CHECKS
+        if name != "describe" and not name.startswith(("source.", "status."))
     ]
 
 
@@ -239,12 +242,15 @@ async def test_check_exit_codes_for_skips_and_usage_errors(tmp_path: Path) -> No
         code, output = await run(*provider_cli("check", server.address, "--json"))
         assert code == 0, output
         skipped = [c["name"] for c in json.loads(output)["checks"] if c["status"] == "skip"]
-        # Without a --record: nothing to execute, and no workitem for the source checks to read.
+        # Without a --record: nothing to execute (so no executed key to ask the status of),
+        # and no workitem for the source checks to read.
         assert skipped == [
             "source.tenant_isolation",
             "source.answer",
             "source.stable",
             "execute.idempotent",
+            "status.finished",
+            "status.tenant_isolation",
         ]
 
         code, output = await run(*provider_cli("check", server.address, "--require-all"))

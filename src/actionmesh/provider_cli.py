@@ -269,7 +269,10 @@ def add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "execute.idempotent has a side effect: it EXECUTES the action once on the first "
         "--record Discover says is eligible (and is skipped without one). The source.* checks "
         "read (ResolveRecord) the --record of a type the provider is the system of record of; "
-        "they do not apply to a provider that sources no type, even with --require-all.",
+        "they do not apply to a provider that sources no type, even with --require-all. The "
+        "status.* checks ask GetExecutionStatus about a key never sent and the key "
+        "execute.idempotent executed; a provider answering UNIMPLEMENTED skips them as not "
+        "supported, even with --require-all.",
     )
     check.add_argument("address", help="HOST:PORT of the provider")
     check.add_argument(

@@ -14,6 +14,9 @@ command-line front end. Every check is listed in :data:`CHECKS`; only
 sample record you name) and is skipped without one. The ``source.*`` checks judge
 the provider as a system of record (ResolveRecord, read-only): they read the sample
 records of the types it sources, and do not apply to a provider that sources none.
+The ``status.*`` checks ask GetExecutionStatus (read-only) about a key never sent and
+about the key ``execute.idempotent`` executed; a provider that answers UNIMPLEMENTED
+(it keeps no record of its executions) skips them as not supported.
 """
 
 from actionmesh.conformance.checks import (

@@ -19,9 +19,18 @@ Discover reports an available action), then repeats the request with the same
 idempotency key and expects the stored answer. Without an eligible sample
 record it is skipped.
 
+The ``status.*`` checks ask GetExecutionStatus (read-only by contract) about a key
+never sent and about the key ``execute.idempotent`` executed: never received, then
+finished with the answer Execute gave, the same twice, and never received for
+another tenant. A provider answering UNIMPLEMENTED keeps no record of its
+executions, which the contract allows: the ``status.*`` checks are then skipped as
+*not supported* (the gateway cannot settle that provider's unknown outcomes).
+
 ``require_all=True`` turns every skip into a failure, except the skip of a check
 that does not apply: a provider that declares no record sources skips the
-``source.*`` checks as *not applicable*, and passes ``require_all`` without them.
+``source.*`` checks as *not applicable*, and one that does not support
+GetExecutionStatus the ``status.*`` checks as *not supported*; either passes
+``require_all`` without them.
 """
 
 from __future__ import annotations
@@ -101,6 +110,16 @@ CHECKS: dict[str, str] = {
     "PERMISSION_DENIED with an ErrorInfo reason",
     "execute.idempotent": "the same idempotency key twice acts once: identical outcome, "
     "reason, external ref and changes (executes the action once on a sample record)",
+    "status.unknown_key": "GetExecutionStatus of a key never sent is NEVER_RECEIVED, without "
+    "result or progress; a provider answering UNIMPLEMENTED (it keeps no record of its "
+    "executions) skips every status.* check as not supported, which require_all accepts",
+    "status.finished": "the key execute.idempotent executed is FINISHED with the outcome, "
+    "reason, external ref and changes Execute answered, or, where Execute answered PARTIAL, "
+    "RUNNING or a settled answer (needs execute.idempotent to have executed)",
+    "status.stable": "the same GetExecutionStatus twice gives the same answer, for the executed "
+    "key and a key never sent",
+    "status.tenant_isolation": "the executed key asked for by another tenant is NEVER_RECEIVED, "
+    "like a key never sent (needs execute.idempotent to have executed)",
 }
 
 
@@ -208,6 +227,47 @@ class _Answer:
 
 RecordKey = tuple[str, str, str]
 """A ResolveRecord target: (tenant, type, id)."""
+
+StatusKey = tuple[str, str, str]
+"""A GetExecutionStatus target: (tenant, action id, idempotency key)."""
+
+
+def _state_name(value: int) -> str:
+    try:
+        name = provider_pb2.ExecutionState.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"state {value}"
+    return name.removeprefix("EXECUTION_STATE_")
+
+
+@dataclass(frozen=True, eq=False)
+class _Status:
+    """One GetExecutionStatus answer: the reply, or the refusal's code and reason."""
+
+    reply: provider_pb2.GetExecutionStatusResponse | None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+
+    @property
+    def state(self) -> int:
+        return provider_pb2.EXECUTION_STATE_UNSPECIFIED if self.reply is None else self.reply.state
+
+    def answer(self) -> _Answer | None:
+        if self.reply is None or not self.reply.HasField("result"):
+            return None
+        return _Answer.of(self.reply.result)
+
+    def key(self) -> tuple[object, ...]:
+        """What must not differ between two answers to the same question."""
+        if self.reply is None:
+            return (self.code, self.reason)
+        return (self.reply.state, self.answer())
+
+    def __str__(self) -> str:
+        if self.reply is None:
+            return self.code.name + (f" {self.reason}" if self.reason else "")
+        answer = self.answer()
+        return _state_name(self.reply.state) + (f" [{answer}]" if answer else "")
 
 
 def _key_text(key: RecordKey) -> str:
@@ -319,6 +379,16 @@ class _Kit:
         self.unstable: set[RecordKey] = set()
         # Whether discover.stable saw an answer change (likewise).
         self.discover_unstable = False
+        # GetExecutionStatus: None until status.unknown_key asked, then whether it is
+        # supported (not UNIMPLEMENTED).
+        self.status_supported: bool | None = None
+        # The key never sent that status.unknown_key asked about, and its answer.
+        self.unknown_status: tuple[StatusKey, _Status] | None = None
+        # The key execute.idempotent executed and the answer Execute gave; why not, if not.
+        self.executed: tuple[StatusKey, _Answer] | None = None
+        self.not_executed = "execute.idempotent did not run"
+        # status.finished's answer, which status.stable asks for again.
+        self.finished_status: _Status | None = None
 
     # -- helpers --------------------------------------------------------------
 
@@ -405,6 +475,35 @@ class _Kit:
             details = _safe_details(exc)
             return _Resolved(None, details.code, details.reason)
         return _Resolved(reply)
+
+    async def ask_status(self, key: StatusKey) -> _Status:
+        """GetExecutionStatus of (tenant, action, idempotency key): the reply, or the refusal."""
+        tenant, action_id, idempotency_key = key
+        request = provider_pb2.GetExecutionStatusRequest(
+            tenant=tenant,
+            action_id=action_id,
+            idempotency_key=idempotency_key,
+            request_id=f"conformance-{uuid.uuid4().hex}",
+        )
+        try:
+            reply = await self.stub.GetExecutionStatus(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            details = _safe_details(exc)
+            return _Status(None, details.code, details.reason)
+        return _Status(reply)
+
+    def require_status(self) -> None:
+        """Skips when GetExecutionStatus is not supported (not applicable) or was not asked."""
+        if self.status_supported is None:
+            raise _Verdict(SKIP, "the first GetExecutionStatus (status.unknown_key) did not run")
+        if not self.status_supported:
+            raise _Verdict(SKIP, _STATUS_UNSUPPORTED, required=False)
+
+    def require_executed(self) -> tuple[StatusKey, _Answer]:
+        self.require_status()
+        if self.executed is None:
+            raise _Verdict(SKIP, f"no executed key to ask about: {self.not_executed}")
+        return self.executed
 
     def require_sources(self) -> list[str]:
         """The sourced record types; a provider without any skips (not applicable)."""
@@ -889,11 +988,13 @@ class _Kit:
         )
 
     async def check_idempotent(self) -> str:
+        self.not_executed = "execute.idempotent executed nothing"
         self.require_describe()
         record, action = self.eligible()
         inputs = self.sample_inputs(action)
         key = f"conformance-{uuid.uuid4().hex}"
         where = f"{action.action_id} on {record.tenant}/{record.type}/{record.id}"
+        self.not_executed = f"execute.idempotent got no answer for {where}"
         answers = []
         for attempt in (1, 2):
             try:
@@ -913,11 +1014,16 @@ class _Kit:
             answers.append(_Answer.of(reply))
         first, second = answers
         if first != second:
+            self.not_executed = (
+                f"execute.idempotent got two answers for one key ({where}): no one answer "
+                "to compare"
+            )
             raise _Verdict(
                 FAIL,
                 f"{where}: the same idempotency key got another answer: [{first}] then "
                 f"[{second}]; a repeated key must return the first answer without acting again",
             )
+        self.executed = ((record.tenant, action.action_id, key), first)
         if first.outcome == _outcome_name(common_pb2.OUTCOME_REJECTED):
             raise _Verdict(
                 SKIP,
@@ -925,6 +1031,104 @@ class _Kit:
                 "pass a record it will act on",
             )
         return f"{where}: {first} once; the repeated key returned the same answer"
+
+    # -- GetExecutionStatus -------------------------------------------------------
+
+    async def check_status_unknown_key(self) -> str:
+        self.require_describe()
+        action = self.chosen_action() or next(iter(self.declared.values()))
+        key = (self.probe_tenant, action.action_id, f"conformance-never-{uuid.uuid4().hex}")
+        answer = await self.ask_status(key)
+        if answer.code == grpc.StatusCode.UNIMPLEMENTED:
+            self.status_supported = False
+            raise _Verdict(SKIP, _STATUS_UNSUPPORTED, required=False)
+        self.status_supported = True
+        self.unknown_status = (key, answer)
+        where = f"{action.action_id}, a key never sent"
+        if answer.reply is None:
+            raise _Verdict(FAIL, f"{where}: answered {answer}, expected NEVER_RECEIVED")
+        if answer.state != provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
+            raise _Verdict(FAIL, f"{where}: answered {answer}, expected NEVER_RECEIVED")
+        extra = [name for name in ("result", "progress") if answer.reply.HasField(name)]
+        if extra:
+            raise _Verdict(FAIL, f"{where}: NEVER_RECEIVED with {' and '.join(extra)}")
+        return f"{where}: NEVER_RECEIVED"
+
+    async def check_status_finished(self) -> str:
+        key, executed = self.require_executed()
+        tenant, action_id, _ = key
+        where = f"{action_id} key of execute.idempotent ({tenant})"
+        answer = await self.ask_status(key)
+        self.finished_status = answer
+        reported = answer.answer()
+        partial = executed.outcome == _outcome_name(common_pb2.OUTCOME_PARTIAL)
+        if (
+            answer.reply is not None
+            and partial
+            and answer.state
+            in (
+                provider_pb2.EXECUTION_STATE_RUNNING,
+                provider_pb2.EXECUTION_STATE_FINISHED,
+            )
+        ):
+            if reported == executed:
+                return f"{where}: FINISHED [{reported}], as Execute answered"
+            # The contract lets a provider settle a PARTIAL it could not tell about.
+            return f"{where}: Execute answered [{executed}], since settled as {answer}"
+        if answer.reply is None or answer.state != provider_pb2.EXECUTION_STATE_FINISHED:
+            raise _Verdict(
+                FAIL, f"{where}: answered {answer}, expected FINISHED [{executed}] as Execute did"
+            )
+        if reported != executed:
+            raise _Verdict(
+                FAIL,
+                f"{where}: FINISHED with [{reported or 'no result'}], but Execute answered "
+                f"[{executed}]",
+            )
+        return f"{where}: FINISHED [{reported}], as Execute answered"
+
+    async def check_status_stable(self) -> str:
+        self.require_status()
+        asked: list[tuple[str, _Status, StatusKey]] = []
+        if self.unknown_status is not None:
+            key, first = self.unknown_status
+            asked.append(("a key never sent", first, key))
+        if self.executed is not None and self.finished_status is not None:
+            asked.append(("the executed key", self.finished_status, self.executed[0]))
+        if not asked:
+            raise _Verdict(SKIP, "no earlier GetExecutionStatus answer to compare with")
+        changed = []
+        for label, first, key in asked:
+            for _ in range(2):
+                then = await self.ask_status(key)
+                if then.key() != first.key():
+                    changed.append(f"{label}: {first} then {then}")
+                    break
+        if changed:
+            raise _Verdict(FAIL, "the same request got another answer: " + _listing(changed))
+        return f"{' and '.join(label for label, _, _ in asked)} answered the same 3 times"
+
+    async def check_status_tenant_isolation(self) -> str:
+        (tenant, action_id, key), _ = self.require_executed()
+        other = f"{PROBE_TENANT}-other-{uuid.uuid4().hex[:8]}"
+        answer = await self.ask_status((other, action_id, key))
+        where = f"the {action_id} key of {tenant} asked for by tenant {other}"
+        if answer.reply is None or answer.state != provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
+            raise _Verdict(
+                FAIL,
+                f"{where}: answered {answer}; another tenant's key must be NEVER_RECEIVED, like "
+                "a key never sent",
+            )
+        if answer.reply.HasField("result") or answer.reply.HasField("progress"):
+            raise _Verdict(FAIL, f"{where}: NEVER_RECEIVED, but with what the key holds")
+        return f"{where}: NEVER_RECEIVED"
+
+
+_STATUS_UNSUPPORTED = (
+    "not supported: GetExecutionStatus is UNIMPLEMENTED (the provider keeps no record of its "
+    "executions), so the gateway cannot settle its unknown outcomes; the SDK answers it with "
+    "dedupe=True or @provider.execution_status"
+)
 
 
 async def run_checks(
@@ -945,7 +1149,8 @@ async def run_checks(
     That check executes the action once for real. ``records`` of a type the
     provider is the system of record of are what the ``source.*`` checks read.
     ``require_all`` turns skips into failures, except the skips of checks that do
-    not apply (the ``source.*`` checks of a provider that sources no record type).
+    not apply (the ``source.*`` checks of a provider that sources no record type, the
+    ``status.*`` checks of one that answers GetExecutionStatus UNIMPLEMENTED).
     With ``tls`` the kit connects over TLS and presents ``tls.cert_file`` (a
     provider serving TLS requires a client certificate). A coroutine: call it from
     a running event loop (tests with an in-process provider) or through
@@ -982,6 +1187,10 @@ async def run_checks(
             ("execute.invalid_inputs", kit.check_invalid_inputs),
             ("execute.tenant_mismatch", kit.check_tenant_mismatch),
             ("execute.idempotent", kit.check_idempotent),
+            ("status.unknown_key", kit.check_status_unknown_key),
+            ("status.finished", kit.check_status_finished),
+            ("status.stable", kit.check_status_stable),
+            ("status.tenant_isolation", kit.check_status_tenant_isolation),
         ]
         results = []
         for name, step in steps:

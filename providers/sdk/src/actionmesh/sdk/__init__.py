@@ -38,6 +38,9 @@ the SDK answers Describe and Discover from the declarations, and for Execute
 re-validates the inputs, checks tenant and record type, de-duplicates on the
 idempotency key (``dedupe=True``), runs the handler and maps its
 :class:`Result` (or exception: INTERNAL ``HANDLER_FAILED``) onto the protocol.
+GetExecutionStatus (what became of an execution, by its idempotency key) is answered
+from the dedupe store, or by an ``@provider.execution_status`` function returning an
+:class:`ExecutionStatus`; a provider with neither answers UNIMPLEMENTED.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,7 @@ from actionmesh.sdk.dedupe import (
     Claim,
     IdempotencyKey,
     IdempotencyStore,
+    KeyStatus,
     MemoryIdempotencyStore,
     SqliteIdempotencyStore,
 )
@@ -59,8 +63,11 @@ from actionmesh.sdk.servicer import ActionProviderServicer
 from actionmesh.sdk.types import (
     ActionContext,
     Change,
+    ExecutionState,
+    ExecutionStatus,
     Facts,
     OperatorView,
+    Progress,
     RecordView,
     Result,
     Risk,
@@ -73,13 +80,17 @@ __all__ = [
     "ActionProviderServicer",
     "Change",
     "Claim",
+    "ExecutionState",
+    "ExecutionStatus",
     "Facts",
     "IdempotencyKey",
     "IdempotencyStore",
     "Input",
+    "KeyStatus",
     "MemoryIdempotencyStore",
     "NoInputs",
     "OperatorView",
+    "Progress",
     "Provider",
     "ProviderConfig",
     "ProviderDefinitionError",

@@ -9,6 +9,9 @@ the claim is released so a retry can run it again (handlers re-check their own
 state). A claim left behind by a crashed process is taken over once it is older
 than ``stale_claim_s``.
 
+``lookup`` reads what a store holds for a key without changing anything: what the
+SDK answers GetExecutionStatus from (see :class:`KeyStatus`).
+
 ``Provider(..., dedupe=True)`` uses :class:`SqliteIdempotencyStore` on the
 provider's own SQLite file (``ProviderConfig.database_url_for``), or, when that URL
 names another database, :class:`~actionmesh.sdk.sqlstore.SqlIdempotencyStore`
@@ -51,6 +54,45 @@ class Claim:
     response: bytes | None = None
 
 
+@dataclass(frozen=True)
+class KeyStatus:
+    """What a store holds for one key, read without changing it (``lookup``).
+
+    ``absent``: nothing: never claimed, or released (the handler raised).
+    ``running``: claimed ``claimed_at`` (epoch seconds), no result yet, and younger
+    than the store's ``stale_claim_s``: an execution holds it.
+    ``abandoned``: a claim older than ``stale_claim_s`` without a result: its owner
+    stopped (a crashed process) and the next claim of the key takes it over.
+    ``done``: ``response`` holds the stored serialized ExecuteResponse, completed at
+    ``completed_at`` (epoch seconds).
+    """
+
+    status: Literal["absent", "running", "abandoned", "done"]
+    response: bytes | None = None
+    claimed_at: float | None = None
+    completed_at: float | None = None
+
+
+ABSENT = KeyStatus("absent")
+
+
+def key_status_of(
+    claimed_at: float,
+    completed_at: float | None,
+    response: bytes | None,
+    stale_claim_s: float,
+    now: float,
+) -> KeyStatus:
+    """The :class:`KeyStatus` of a stored row (for stores written outside the SDK too)."""
+    if response is not None:
+        return KeyStatus("done", response, claimed_at, completed_at)
+    # The same rule as claim(): a claim becomes stale strictly after stale_claim_s.
+    state: Literal["running", "abandoned"] = (
+        "running" if now - claimed_at <= stale_claim_s else "abandoned"
+    )
+    return KeyStatus(state, None, claimed_at)
+
+
 class IdempotencyStore(Protocol):
     """Where claims and results live. Implementations must be safe to call concurrently."""
 
@@ -60,6 +102,12 @@ class IdempotencyStore(Protocol):
 
     async def release(self, key: IdempotencyKey, owner: str) -> None: ...
 
+    async def lookup(self, key: IdempotencyKey) -> KeyStatus:
+        """What the store holds for ``key``; read-only. A store without it (written
+        before it existed) still dedupes; its provider answers GetExecutionStatus
+        UNIMPLEMENTED."""
+        ...
+
 
 @dataclass
 class _Entry:
@@ -67,6 +115,7 @@ class _Entry:
     owner: str
     claimed_at: float
     response: bytes | None = None
+    completed_at: float | None = None
 
 
 class MemoryIdempotencyStore:
@@ -95,11 +144,20 @@ class MemoryIdempotencyStore:
         entry = self._entries.get(key)
         if entry is not None and entry.owner == owner:
             entry.response = response
+            entry.completed_at = time.time()
 
     async def release(self, key: IdempotencyKey, owner: str) -> None:
         entry = self._entries.get(key)
         if entry is not None and entry.owner == owner and entry.response is None:
             del self._entries[key]
+
+    async def lookup(self, key: IdempotencyKey) -> KeyStatus:
+        entry = self._entries.get(key)
+        if entry is None:
+            return ABSENT
+        return key_status_of(
+            entry.claimed_at, entry.completed_at, entry.response, self._stale_claim_s, time.time()
+        )
 
 
 _SCHEMA = """
@@ -174,6 +232,27 @@ class SqliteIdempotencyStore:
 
     async def release(self, key: IdempotencyKey, owner: str) -> None:
         await asyncio.to_thread(self._release, key, owner)
+
+    async def lookup(self, key: IdempotencyKey) -> KeyStatus:
+        return await asyncio.to_thread(self._lookup, key)
+
+    def _lookup(self, key: IdempotencyKey) -> KeyStatus:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT claimed_at, completed_at, response FROM actionmesh_idempotency"
+                f" WHERE {_WHERE}",
+                (key.tenant, key.action_id, key.key),
+            ).fetchone()
+        if row is None:
+            return ABSENT
+        claimed_at, completed_at, response = row
+        return key_status_of(
+            claimed_at,
+            completed_at,
+            None if response is None else bytes(response),
+            self._stale_claim_s,
+            time.time(),
+        )
 
     def _claim(self, key: IdempotencyKey, fingerprint: str, owner: str) -> Claim:
         now = time.time()

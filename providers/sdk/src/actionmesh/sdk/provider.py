@@ -13,7 +13,15 @@ from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, RECORD_TYPE
 from actionmesh.rpc.schema import schema_problems
 from actionmesh.sdk.dedupe import IdempotencyStore
 from actionmesh.sdk.inputs import InputModel, ProviderDefinitionError, input_model
-from actionmesh.sdk.types import ActionContext, Facts, RecordView, Result, Risk, Unavailable
+from actionmesh.sdk.types import (
+    ActionContext,
+    ExecutionStatus,
+    Facts,
+    RecordView,
+    Result,
+    Risk,
+    Unavailable,
+)
 from actionmesh.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -26,12 +34,15 @@ Availability = bool | Unavailable
 Predicate = Callable[[RecordView], Availability]
 Handler = Callable[[ActionContext, Any], Awaitable[Result]]
 Resolver = Callable[[str, str], Awaitable[Facts | None]]
+# (tenant, action_id, idempotency_key) or (..., stored): see Provider.execution_status.
+StatusFunction = Callable[..., Awaitable[ExecutionStatus | None]]
 StartHook = Callable[["ProviderConfig"], Awaitable[None]]
 StopHook = Callable[[], Awaitable[None]]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Result]])
 S = TypeVar("S", bound=Callable[..., Awaitable[None]])
 SourceT = TypeVar("SourceT", bound=Resolver)
+StatusT = TypeVar("StatusT", bound=StatusFunction)
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,12 @@ class Provider:
     ``dedupe=True`` stores each (tenant, action, idempotency key) and its result
     in the provider's database, so a repeated key returns the stored result
     without running the handler again; pass an :class:`IdempotencyStore` to use
-    your own store instead. Lifecycle: ``@provider.on_start`` hooks get the
-    :class:`ProviderConfig` and run before the server accepts calls (open your
-    state there); ``@provider.on_stop`` hooks run at shutdown after in-flight
-    executions finished, in reverse order of declaration.
+    your own store instead. GetExecutionStatus (what became of an execution, by its
+    idempotency key) is answered from that store; a provider without one answers
+    UNIMPLEMENTED unless it declares ``@provider.execution_status``. Lifecycle:
+    ``@provider.on_start`` hooks get the :class:`ProviderConfig` and run before the
+    server accepts calls (open your state there); ``@provider.on_stop`` hooks run at
+    shutdown after in-flight executions finished, in reverse order of declaration.
     """
 
     def __init__(
@@ -124,6 +137,8 @@ class Provider:
         self.dedupe = dedupe
         self._actions: dict[str, ActionDefinition] = {}
         self._sources: dict[str, Resolver] = {}
+        self._status: StatusFunction | None = None
+        self._status_takes_stored = False
         self._on_start: list[StartHook] = []
         self._on_stop: list[StopHook] = []
         # Set while served: definitions are frozen and a second concurrent serve refused.
@@ -142,6 +157,16 @@ class Provider:
     def record_sources(self) -> Mapping[str, Resolver]:
         """The record types this provider is the system of record of, with their resolvers."""
         return dict(self._sources)
+
+    @property
+    def status_function(self) -> StatusFunction | None:
+        """The ``@provider.execution_status`` function, if one was declared."""
+        return self._status
+
+    @property
+    def status_takes_stored(self) -> bool:
+        """Whether the status function takes a fourth argument, the stored status."""
+        return self._status_takes_stored
 
     @property
     def start_hooks(self) -> tuple[StartHook, ...]:
@@ -299,6 +324,49 @@ class Provider:
             return resolver
 
         return decorate
+
+    def execution_status(self, function: StatusT) -> StatusT:
+        """Declare how this provider tells what became of an execution (GetExecutionStatus).
+
+        Decorates ``async def status(tenant: str, action_id: str, idempotency_key: str)
+        -> ExecutionStatus | None``, for a provider whose own or external system can say
+        what happened under an idempotency key. It may take a fourth argument, ``stored:
+        ExecutionStatus``: what the SDK's idempotency store holds for the key
+        (``dedupe=True``; always NEVER_RECEIVED without dedupe), to keep or improve on.
+        None means "nothing to add": the stored status is the answer. It must have no
+        side effects, answer another tenant's key as never received, and never change a
+        FINISHED answer. Raise ``actionmesh.rpc.errors.Unavailable`` when the system it
+        asks does not answer (the caller asks again later).
+
+        Without it a ``dedupe`` provider answers from its store alone, and a provider
+        without dedupe answers UNIMPLEMENTED.
+
+        >>> @tickets.execution_status
+        ... async def status(tenant: str, action_id: str, key: str) -> ExecutionStatus | None: ...
+        """
+        declared = function  # returned untouched (un-narrowed by the checks below)
+        self._check_mutable()
+        where = f"provider {self.id}: execution_status"
+        if self._status is not None:
+            raise ProviderDefinitionError(f"{where} is declared twice")
+        name = getattr(function, "__qualname__", repr(function))
+        if not inspect.iscoroutinefunction(function):
+            raise ProviderDefinitionError(
+                f"{where} {name} must be an async def (tenant, action_id, idempotency_key)"
+            )
+        params = _positional_params(function)
+        if (
+            params is None
+            or not 3 <= len(params) <= 4
+            or any(p.default is not p.empty for p in params)
+        ):
+            raise ProviderDefinitionError(
+                f"{where} {name} must take (tenant, action_id, idempotency_key), optionally "
+                "followed by stored (what the SDK's idempotency store holds)"
+            )
+        self._status = function
+        self._status_takes_stored = len(params) == 4
+        return declared
 
     def on_start(self, hook: S) -> S:
         """Run ``async def hook(config: ProviderConfig)`` before serving (open state here)."""

@@ -1,4 +1,22 @@
-"""ActionProviderService over a :class:`Provider`: Describe, Discover, Execute, ResolveRecord."""
+"""ActionProviderService over a :class:`Provider`: Describe, Discover, Execute, ResolveRecord,
+GetExecutionStatus.
+
+GetExecutionStatus answers from the idempotency store (``dedupe``), through the
+provider's ``@provider.execution_status`` function when it declares one:
+
+- a stored result: FINISHED with it;
+- a claim younger than the store's ``stale_claim_s``: RUNNING (with the handler's
+  last ``ctx.report_progress`` when it runs in this process, else since when);
+- nothing, a released claim (the handler raised: an error status went back and
+  nothing was kept) or a *stale* claim: NEVER_RECEIVED. A stale claim is one whose
+  process stopped before answering (a crash): the store gives the key to the next
+  Execute, which runs the handler again (handlers re-check their own state), so the
+  status says what that Execute would do. Answering RUNNING would have the caller
+  wait for a process that is gone; there is no result to answer FINISHED with.
+
+Without a store (``dedupe=False``) and without a status function it is UNIMPLEMENTED:
+the provider keeps no record of its executions.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -20,16 +39,20 @@ from actionmesh.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unimplemented,
 )
 from actionmesh.rpc.errors import Unavailable as UnavailableError
 from actionmesh.rpc.identifiers import RECORD_ID, TENANT
 from actionmesh.rpc.outcomes import outcome_for_status
 from actionmesh.rpc.telemetry import current_trace_ids
-from actionmesh.sdk.dedupe import IdempotencyKey, IdempotencyStore, KeyedLocks
+from actionmesh.sdk.dedupe import IdempotencyKey, IdempotencyStore, KeyedLocks, KeyStatus
 from actionmesh.sdk.provider import ActionDefinition, Provider
 from actionmesh.sdk.types import (
     ActionContext,
+    ExecutionState,
+    ExecutionStatus,
     OperatorView,
+    Progress,
     RecordView,
     Result,
     Unavailable,
@@ -50,6 +73,10 @@ class HandlerFailed(ActionMeshError):
     """A handler raised or misbehaved; INTERNAL, details only in the provider's logs."""
 
 
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
 def _fingerprint(record: RecordView, inputs: dict[str, Any]) -> str:
     """What must match for a repeated idempotency key to mean "the same request"."""
     payload = json.dumps(
@@ -68,6 +95,8 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         self.store = store
         self._locks = KeyedLocks()
         self._inflight: set[asyncio.Task[provider_pb2.ExecuteResponse]] = set()
+        # The last progress each execution running in this process reported.
+        self._progress: dict[IdempotencyKey, Progress] = {}
         self._draining = False
         self._describe = provider_pb2.DescribeResponse(
             provider_id=provider.id,
@@ -134,6 +163,113 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         return provider_pb2.ResolveRecordResponse(
             record=facts.to_proto(request.tenant, record.type, record.id)
         )
+
+    # -- GetExecutionStatus ---------------------------------------------------
+
+    async def GetExecutionStatus(
+        self, request: provider_pb2.GetExecutionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.GetExecutionStatusResponse:
+        """What became of the execution of (tenant, action, idempotency key); read-only."""
+        self._check_status_request(request)
+        key = IdempotencyKey(request.tenant, request.action_id, request.idempotency_key)
+        function = self.provider.status_function
+        lookup = getattr(self.store, "lookup", None)
+        if function is None and lookup is None:
+            raise Unimplemented(
+                f"provider {self.provider.id} keeps no record of its executions (no dedupe "
+                "store and no status function), so it cannot tell what became of one",
+                reason="EXECUTION_STATUS_NOT_KEPT",
+            )
+        attributes = {
+            "actionmesh.provider_id": self.provider.id,
+            "actionmesh.action_id": request.action_id,
+            "actionmesh.tenant": request.tenant,
+            "actionmesh.execution_id": request.request_id,
+        }
+        with tracer.start_as_current_span(
+            "provider.execution_status", attributes=attributes
+        ) as span:
+            stored = (
+                ExecutionStatus.never_received()
+                if lookup is None
+                else self._status_of(key, await lookup(key))
+            )
+            answer = stored if function is None else await self._ask(function, key, stored)
+            span.set_attribute("actionmesh.execution_state", answer.state.name)
+            return answer.to_proto()
+
+    def _check_status_request(self, request: provider_pb2.GetExecutionStatusRequest) -> None:
+        problems = []
+        if not TENANT.valid(request.tenant):
+            problems.append(FieldViolation("tenant", f"must match {TENANT.pattern}"))
+        if not request.idempotency_key:
+            problems.append(FieldViolation("idempotency_key", "is required"))
+        elif len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+            problems.append(
+                FieldViolation(
+                    "idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+                )
+            )
+        if problems:
+            raise InvalidArgument(
+                "invalid execution status request", reason="INVALID_REQUEST", violations=problems
+            )
+        if request.action_id not in self._actions:
+            # Like Execute: a provider cannot vouch for what it never declared.
+            raise NotFound("this provider has no such action", reason="UNKNOWN_ACTION")
+
+    def _status_of(self, key: IdempotencyKey, held: KeyStatus) -> ExecutionStatus:
+        """The status the store's entry means (see the module docstring)."""
+        if held.status == "done" and held.response is not None:
+            finished_at = held.completed_at
+            return ExecutionStatus.finished(
+                Result.from_proto(provider_pb2.ExecuteResponse.FromString(held.response)),
+                finished_at=None if finished_at is None else _utc(finished_at),
+            )
+        if held.status == "running":
+            reported = self._progress.get(key)
+            if reported is not None:
+                return ExecutionStatus(ExecutionState.RUNNING, progress=reported)
+            since = None if held.claimed_at is None else _utc(held.claimed_at)
+            return ExecutionStatus.running(
+                message="running; no progress reported", updated_at=since
+            )
+        # absent, released or abandoned: the next Execute with the key runs the handler.
+        return ExecutionStatus.never_received()
+
+    async def _ask(
+        self,
+        function: Any,
+        key: IdempotencyKey,
+        stored: ExecutionStatus,
+    ) -> ExecutionStatus:
+        """The provider's status function's answer (None: the stored status stands)."""
+        args: tuple[Any, ...] = (key.tenant, key.action_id, key.key)
+        if self.provider.status_takes_stored:
+            args += (stored,)
+        try:
+            answer: object = await function(*args)
+        except ActionMeshError:
+            raise  # deliberate, e.g. Unavailable: the system it asks did not answer
+        except Exception as exc:
+            log.exception("execution status function of %s failed", self.provider.id)
+            raise HandlerFailed(
+                "the execution status function failed; see the provider's logs",
+                reason="STATUS_FUNCTION_FAILED",
+            ) from exc
+        if answer is None:
+            return stored
+        if not isinstance(answer, ExecutionStatus):
+            log.error(
+                "execution status function of %s returned %s; expected an ExecutionStatus or None",
+                self.provider.id,
+                type(answer).__name__,
+            )
+            raise HandlerFailed(
+                "the execution status function failed; see the provider's logs",
+                reason="STATUS_FUNCTION_FAILED",
+            )
+        return answer
 
     @staticmethod
     def _availability(action: ActionDefinition, record: RecordView) -> tuple[bool, str]:
@@ -263,7 +399,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         **call: Any,
     ) -> provider_pb2.ExecuteResponse:
         if self.store is None:
-            return await self._run_handler(action, inputs, **call)
+            return await self._run_handler(action, inputs, key=key, **call)
         store = self.store
         owner = uuid.uuid4().hex
         async with self._locks.hold(key):
@@ -288,7 +424,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                     retry_after_s=1.0,
                 )
             try:
-                response = await self._run_handler(action, inputs, **call)
+                response = await self._run_handler(action, inputs, key=key, **call)
             except BaseException:
                 await asyncio.shield(store.release(key, owner))
                 raise
@@ -300,6 +436,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         action: ActionDefinition,
         inputs: Any,
         *,
+        key: IdempotencyKey,
         request: provider_pb2.ExecuteRequest,
         record: RecordView,
         operator: OperatorView,
@@ -313,6 +450,13 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             "actionmesh.execution_id": request.request_id,
             "actionmesh.record.type": record.type,
         }
+        running = True
+
+        def report(progress: Progress) -> None:
+            # A report after the handler returned (from a task it left behind) is dropped.
+            if running:
+                self._progress[key] = progress
+
         with tracer.start_as_current_span("action.handle", attributes=attributes) as span:
             trace_id, _ = current_trace_ids()
             logger = logging.LoggerAdapter(
@@ -330,6 +474,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 logger=logger,
                 span=span,
                 trace_id=trace_id,
+                on_progress=report,
             )
             hard_limit = (
                 DEFAULT_HARD_LIMIT_S
@@ -358,6 +503,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 raise HandlerFailed(
                     "the action handler failed; see the provider's logs", reason="HANDLER_FAILED"
                 ) from exc
+            finally:
+                running = False
+                self._progress.pop(key, None)
             span.set_attribute(
                 "actionmesh.outcome",
                 common_pb2.Outcome.Name(result.outcome).removeprefix("OUTCOME_"),

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from actionmesh.sdk.dedupe import Claim, IdempotencyKey
+from actionmesh.sdk.dedupe import ABSENT, Claim, IdempotencyKey, KeyStatus, key_status_of
 
 
 class _Base(DeclarativeBase):
@@ -85,6 +85,29 @@ class SqlIdempotencyStore:
 
     async def release(self, key: IdempotencyKey, owner: str) -> None:
         await asyncio.to_thread(self._release, key, owner)
+
+    async def lookup(self, key: IdempotencyKey) -> KeyStatus:
+        return await asyncio.to_thread(self._lookup, key)
+
+    def _lookup(self, key: IdempotencyKey) -> KeyStatus:
+        with Session(self._engine) as session:
+            row = session.execute(
+                select(
+                    IdempotencyRow.claimed_at,
+                    IdempotencyRow.completed_at,
+                    IdempotencyRow.response,
+                ).where(self._where(key))
+            ).one_or_none()
+        if row is None:
+            return ABSENT
+        claimed_at, completed_at, response = row
+        return key_status_of(
+            claimed_at,
+            completed_at,
+            None if response is None else bytes(response),
+            self._stale_claim_s,
+            time.time(),
+        )
 
     def _where(self, key: IdempotencyKey) -> ColumnElement[bool]:
         return and_(

@@ -1,16 +1,19 @@
-"""The values a provider author handles: records, operators, availability, results."""
+"""The values a provider author handles: records, operators, availability, results,
+execution status."""
 
 from __future__ import annotations
 
 import enum
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import MappingProxyType
 
 from opentelemetry.trace import Span
 
+from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.identifiers import REASON
 from actionmesh.v1 import common_pb2, provider_pb2
 
@@ -264,6 +267,124 @@ class Result:
             warnings=list(self.warnings),
         )
 
+    @classmethod
+    def from_proto(cls, response: provider_pb2.ExecuteResponse) -> Result:
+        """The result an ExecuteResponse carries (changes as their display strings);
+        ``to_proto`` gives the same message back. ValueError for a response no handler
+        could have returned."""
+        return cls(
+            outcome=response.outcome,
+            reason=response.reason,
+            message=response.message,
+            external_ref=response.external_ref,
+            changes=tuple(Change(c.field, c.before, c.after) for c in response.changes),
+            warnings=tuple(response.warnings),
+        )
+
+
+class ExecutionState(enum.Enum):
+    """Where one execution stands (GetExecutionStatus); see :class:`ExecutionStatus`."""
+
+    NEVER_RECEIVED = provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+    RUNNING = provider_pb2.EXECUTION_STATE_RUNNING
+    FINISHED = provider_pb2.EXECUTION_STATE_FINISHED
+
+
+def _aware(moment: datetime | None, name: str) -> None:
+    if moment is not None and (not isinstance(moment, datetime) or moment.tzinfo is None):
+        raise ValueError(f"{name} must be a timezone-aware datetime (e.g. datetime.now(UTC))")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a running execution got: a percentage when known, a message, and when
+    the provider last learned something about it."""
+
+    percent: int | None = None
+    message: str = ""
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.percent is not None and (
+            isinstance(self.percent, bool)
+            or not isinstance(self.percent, int)
+            or not 0 <= self.percent <= 100
+        ):
+            raise ValueError("Progress.percent must be an integer in 0..100, or None")
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"Progress.message must be at most {MAX_MESSAGE_CHARS} characters")
+        _aware(self.updated_at, "Progress.updated_at")
+
+    def to_proto(self) -> provider_pb2.ExecutionProgress:
+        progress = provider_pb2.ExecutionProgress(message=self.message)
+        if self.percent is not None:
+            progress.percent = self.percent
+        if self.updated_at is not None:
+            progress.updated_at.CopyFrom(to_timestamp(self.updated_at))
+        return progress
+
+
+@dataclass(frozen=True)
+class ExecutionStatus:
+    """What became of one execution, by its idempotency key: the answer to
+    GetExecutionStatus. Build it with the class methods.
+
+    ``ExecutionStatus.never_received()``: nothing is held or running under the key (an
+    Execute with it would run now). ``ExecutionStatus.running(...)``: started, final
+    answer not known yet, with optional progress. ``ExecutionStatus.finished(result)``:
+    the final answer; once a key is finished, every later answer must be the same.
+    """
+
+    state: ExecutionState
+    result: Result | None = None
+    progress: Progress | None = None
+    finished_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, ExecutionState):
+            raise ValueError(f"state must be an ExecutionState, got {self.state!r}")
+        finished = self.state is ExecutionState.FINISHED
+        if finished != isinstance(self.result, Result):
+            raise ValueError("a FINISHED status carries its Result, and only a FINISHED one")
+        if self.progress is not None and (
+            self.state is not ExecutionState.RUNNING or not isinstance(self.progress, Progress)
+        ):
+            raise ValueError("only a RUNNING status carries Progress")
+        if self.finished_at is not None and not finished:
+            raise ValueError("only a FINISHED status has finished_at")
+        _aware(self.finished_at, "finished_at")
+
+    @classmethod
+    def never_received(cls) -> ExecutionStatus:
+        return cls(ExecutionState.NEVER_RECEIVED)
+
+    @classmethod
+    def running(
+        cls,
+        *,
+        percent: int | None = None,
+        message: str = "",
+        updated_at: datetime | None = None,
+    ) -> ExecutionStatus:
+        return cls(
+            ExecutionState.RUNNING,
+            progress=Progress(percent=percent, message=message, updated_at=updated_at),
+        )
+
+    @classmethod
+    def finished(cls, result: Result, *, finished_at: datetime | None = None) -> ExecutionStatus:
+        return cls(ExecutionState.FINISHED, result=result, finished_at=finished_at)
+
+    def to_proto(self) -> provider_pb2.GetExecutionStatusResponse:
+        reply = provider_pb2.GetExecutionStatusResponse(state=self.state.value)
+        if self.result is not None:
+            reply.result.CopyFrom(self.result.to_proto())
+        if self.progress is not None:
+            reply.progress.CopyFrom(self.progress.to_proto())
+        if self.finished_at is not None:
+            reply.finished_at.CopyFrom(to_timestamp(self.finished_at))
+        return reply
+
 
 @dataclass(frozen=True)
 class ActionContext:
@@ -287,7 +408,16 @@ class ActionContext:
     span: Span
     # Hex trace id of the current trace; "" when tracing is not configured.
     trace_id: str
+    # Where report_progress goes (the SDK's servicer); None: nowhere.
+    on_progress: Callable[[Progress], None] | None = field(default=None, repr=False, compare=False)
 
     def time_remaining(self) -> float | None:
         """Seconds until the caller's deadline (may be negative), or None."""
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def report_progress(self, percent: int | None = None, message: str = "") -> None:
+        """Say how far this execution got. GetExecutionStatus answers it (RUNNING) while
+        the handler runs, when asked in this process; cheap, call it as often as useful."""
+        progress = Progress(percent=percent, message=message, updated_at=datetime.now(UTC))
+        if self.on_progress is not None:
+            self.on_progress(progress)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from actionmesh.v1 import common_pb2 as actionmesh_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/provider.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x82\x01\n\x10\x44\x65scribeResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12\x16\n\x0erecord_sources\x18\x04 \x03(\t\"j\n\x0f\x44iscoverRequest\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x02 \x01(\x0b\x32\x17.actionmesh.v1.Operator\"T\n\x10\x44iscoveredAction\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x03 \x01(\t\"D\n\x10\x44iscoverResponse\x12\x30\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1f.actionmesh.v1.DiscoveredAction\"\xae\x02\n\x0e\x45xecuteRequest\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x03 \x01(\x0b\x32\x17.actionmesh.v1.Operator\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).actionmesh.v1.ExecuteRequest.InputsEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.actionmesh.v1.InputValue:\x02\x38\x01\"\xb0\x01\n\x0f\x45xecuteResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x04 \x01(\t\x12+\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x06 \x03(\t\"P\n\x14ResolveRecordRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\"E\n\x15ResolveRecordResponse\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext2\xd7\x02\n\x15\x41\x63tionProviderService\x12K\n\x08\x44\x65scribe\x12\x1e.actionmesh.v1.DescribeRequest\x1a\x1f.actionmesh.v1.DescribeResponse\x12K\n\x08\x44iscover\x12\x1e.actionmesh.v1.DiscoverRequest\x1a\x1f.actionmesh.v1.DiscoverResponse\x12H\n\x07\x45xecute\x12\x1d.actionmesh.v1.ExecuteRequest\x1a\x1e.actionmesh.v1.ExecuteResponse\x12Z\n\rResolveRecord\x12#.actionmesh.v1.ResolveRecordRequest\x1a$.actionmesh.v1.ResolveRecordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/provider.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x82\x01\n\x10\x44\x65scribeResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12\x16\n\x0erecord_sources\x18\x04 \x03(\t\"j\n\x0f\x44iscoverRequest\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x02 \x01(\x0b\x32\x17.actionmesh.v1.Operator\"T\n\x10\x44iscoveredAction\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x03 \x01(\t\"D\n\x10\x44iscoverResponse\x12\x30\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1f.actionmesh.v1.DiscoveredAction\"\xae\x02\n\x0e\x45xecuteRequest\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x03 \x01(\x0b\x32\x17.actionmesh.v1.Operator\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).actionmesh.v1.ExecuteRequest.InputsEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.actionmesh.v1.InputValue:\x02\x38\x01\"\xb0\x01\n\x0f\x45xecuteResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x04 \x01(\t\x12+\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x06 \x03(\t\"P\n\x14ResolveRecordRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\"E\n\x15ResolveRecordResponse\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\"k\n\x19GetExecutionStatusRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"v\n\x11\x45xecutionProgress\x12\x14\n\x07percent\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_percent\"\xdf\x01\n\x1aGetExecutionStatusResponse\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.actionmesh.v1.ExecutionState\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.actionmesh.v1.ExecuteResponse\x12\x32\n\x08progress\x18\x03 \x01(\x0b\x32 .actionmesh.v1.ExecutionProgress\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x90\x01\n\x0e\x45xecutionState\x12\x1f\n\x1b\x45XECUTION_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x45XECUTION_STATE_NEVER_RECEIVED\x10\x01\x12\x1b\n\x17\x45XECUTION_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x45XECUTION_STATE_FINISHED\x10\x03\x32\xc2\x03\n\x15\x41\x63tionProviderService\x12K\n\x08\x44\x65scribe\x12\x1e.actionmesh.v1.DescribeRequest\x1a\x1f.actionmesh.v1.DescribeResponse\x12K\n\x08\x44iscover\x12\x1e.actionmesh.v1.DiscoverRequest\x1a\x1f.actionmesh.v1.DiscoverResponse\x12H\n\x07\x45xecute\x12\x1d.actionmesh.v1.ExecuteRequest\x1a\x1e.actionmesh.v1.ExecuteResponse\x12Z\n\rResolveRecord\x12#.actionmesh.v1.ResolveRecordRequest\x1a$.actionmesh.v1.ResolveRecordResponse\x12i\n\x12GetExecutionStatus\x12(.actionmesh.v1.GetExecutionStatusRequest\x1a).actionmesh.v1.GetExecutionStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTEREQUEST_INPUTSENTRY']._loaded_options = None
   _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DESCRIBEREQUEST']._serialized_start=75
-  _globals['_DESCRIBEREQUEST']._serialized_end=92
-  _globals['_DESCRIBERESPONSE']._serialized_start=95
-  _globals['_DESCRIBERESPONSE']._serialized_end=225
-  _globals['_DISCOVERREQUEST']._serialized_start=227
-  _globals['_DISCOVERREQUEST']._serialized_end=333
-  _globals['_DISCOVEREDACTION']._serialized_start=335
-  _globals['_DISCOVEREDACTION']._serialized_end=419
-  _globals['_DISCOVERRESPONSE']._serialized_start=421
-  _globals['_DISCOVERRESPONSE']._serialized_end=489
-  _globals['_EXECUTEREQUEST']._serialized_start=492
-  _globals['_EXECUTEREQUEST']._serialized_end=794
-  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_start=722
-  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_end=794
-  _globals['_EXECUTERESPONSE']._serialized_start=797
-  _globals['_EXECUTERESPONSE']._serialized_end=973
-  _globals['_RESOLVERECORDREQUEST']._serialized_start=975
-  _globals['_RESOLVERECORDREQUEST']._serialized_end=1055
-  _globals['_RESOLVERECORDRESPONSE']._serialized_start=1057
-  _globals['_RESOLVERECORDRESPONSE']._serialized_end=1126
-  _globals['_ACTIONPROVIDERSERVICE']._serialized_start=1129
-  _globals['_ACTIONPROVIDERSERVICE']._serialized_end=1472
+  _globals['_EXECUTIONSTATE']._serialized_start=1617
+  _globals['_EXECUTIONSTATE']._serialized_end=1761
+  _globals['_DESCRIBEREQUEST']._serialized_start=108
+  _globals['_DESCRIBEREQUEST']._serialized_end=125
+  _globals['_DESCRIBERESPONSE']._serialized_start=128
+  _globals['_DESCRIBERESPONSE']._serialized_end=258
+  _globals['_DISCOVERREQUEST']._serialized_start=260
+  _globals['_DISCOVERREQUEST']._serialized_end=366
+  _globals['_DISCOVEREDACTION']._serialized_start=368
+  _globals['_DISCOVEREDACTION']._serialized_end=452
+  _globals['_DISCOVERRESPONSE']._serialized_start=454
+  _globals['_DISCOVERRESPONSE']._serialized_end=522
+  _globals['_EXECUTEREQUEST']._serialized_start=525
+  _globals['_EXECUTEREQUEST']._serialized_end=827
+  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_start=755
+  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_end=827
+  _globals['_EXECUTERESPONSE']._serialized_start=830
+  _globals['_EXECUTERESPONSE']._serialized_end=1006
+  _globals['_RESOLVERECORDREQUEST']._serialized_start=1008
+  _globals['_RESOLVERECORDREQUEST']._serialized_end=1088
+  _globals['_RESOLVERECORDRESPONSE']._serialized_start=1090
+  _globals['_RESOLVERECORDRESPONSE']._serialized_end=1159
+  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_start=1161
+  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_end=1268
+  _globals['_EXECUTIONPROGRESS']._serialized_start=1270
+  _globals['_EXECUTIONPROGRESS']._serialized_end=1388
+  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_start=1391
+  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_end=1614
+  _globals['_ACTIONPROVIDERSERVICE']._serialized_start=1764
+  _globals['_ACTIONPROVIDERSERVICE']._serialized_end=2214
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,9 @@ from actionmesh.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +20,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ExecutionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExecutionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecutionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXECUTION_STATE_UNSPECIFIED: _ExecutionState.ValueType  # 0
+    EXECUTION_STATE_NEVER_RECEIVED: _ExecutionState.ValueType  # 1
+    """The provider holds neither an answer nor a running execution under the key:
+    no Execute with it reached the provider, or every one that did was refused
+    before acting, failed with an error status keeping nothing (the handler
+    re-checks its own state when run again), or was abandoned by a process that
+    stopped before answering. An Execute with the same key would run now.
+    """
+    EXECUTION_STATE_RUNNING: _ExecutionState.ValueType  # 2
+    """An execution under the key has started and its final answer is not known yet
+    (still running, or waiting for a downstream system to settle). Ask again later.
+    """
+    EXECUTION_STATE_FINISHED: _ExecutionState.ValueType  # 3
+    """The final answer is in `result`."""
+
+class ExecutionState(_ExecutionState, metaclass=_ExecutionStateEnumTypeWrapper):
+    """Where one execution stands, as the provider knows it."""
+
+EXECUTION_STATE_UNSPECIFIED: ExecutionState.ValueType  # 0
+EXECUTION_STATE_NEVER_RECEIVED: ExecutionState.ValueType  # 1
+"""The provider holds neither an answer nor a running execution under the key:
+no Execute with it reached the provider, or every one that did was refused
+before acting, failed with an error status keeping nothing (the handler
+re-checks its own state when run again), or was abandoned by a process that
+stopped before answering. An Execute with the same key would run now.
+"""
+EXECUTION_STATE_RUNNING: ExecutionState.ValueType  # 2
+"""An execution under the key has started and its final answer is not known yet
+(still running, or waiting for a downstream system to settle). Ask again later.
+"""
+EXECUTION_STATE_FINISHED: ExecutionState.ValueType  # 3
+"""The final answer is in `result`."""
+Global___ExecutionState: _TypeAlias = ExecutionState  # noqa: Y015
 
 @_typing.final
 class DescribeRequest(_message.Message):
@@ -288,3 +330,112 @@ class ResolveRecordResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveRecordResponse: _TypeAlias = ResolveRecordResponse  # noqa: Y015
+
+@_typing.final
+class GetExecutionStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant of the execution: the tenant of the Execute's record."""
+    action_id: _builtins.str
+    """The action the Execute ran."""
+    idempotency_key: _builtins.str
+    """The idempotency key the Execute carried (required): what the answer is about."""
+    request_id: _builtins.str
+    """The gateway's execution id, for correlation (logs, traces) only."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExecutionStatusRequest: _TypeAlias = GetExecutionStatusRequest  # noqa: Y015
+
+@_typing.final
+class ExecutionProgress(_message.Message):
+    """How far a running execution got, as far as the provider can tell."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    """Percent done (0-100), when the provider can tell."""
+    message: _builtins.str
+    """Human-readable, e.g. "waiting for the support platform"."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the provider last learned something about the execution (for an SDK
+        provider without progress reports: when the execution started).
+        """
+
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int | None = ...,
+        message: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "message", b"message", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__percent: _TypeAlias = _typing.Literal["percent"]  # noqa: Y015
+    _WhichOneofArgType__percent: _TypeAlias = _typing.Literal["_percent", b"_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percent) -> _WhichOneofReturnType__percent | None: ...
+
+Global___ExecutionProgress: _TypeAlias = ExecutionProgress  # noqa: Y015
+
+@_typing.final
+class GetExecutionStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    state: Global___ExecutionState.ValueType
+    @_builtins.property
+    def result(self) -> Global___ExecuteResponse:
+        """FINISHED only: the answer, under Execute's rules (SUCCEEDED, REJECTED or
+        PARTIAL). It is what Execute answered, unless that answer was PARTIAL because
+        the provider could not tell what happened downstream and it has found out
+        since: then it is the answer it found (e.g. SUCCEEDED with the external ref).
+        """
+
+    @_builtins.property
+    def progress(self) -> Global___ExecutionProgress:
+        """RUNNING only, and optional then."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """FINISHED only: when the execution finished, when the provider knows."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ExecutionState.ValueType = ...,
+        result: Global___ExecuteResponse | None = ...,
+        progress: Global___ExecutionProgress | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "progress", b"progress", "result", b"result", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExecutionStatusResponse: _TypeAlias = GetExecutionStatusResponse  # noqa: Y015

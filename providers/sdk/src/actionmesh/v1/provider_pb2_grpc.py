@@ -55,6 +55,11 @@ class ActionProviderServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.FromString,
                 _registered_method=True)
+        self.GetExecutionStatus = channel.unary_unary(
+                '/actionmesh.v1.ActionProviderService/GetExecutionStatus',
+                request_serializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ActionProviderServiceServicer:
@@ -92,6 +97,34 @@ class ActionProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExecutionStatus(self, request, context):
+        """What became of one Execute, asked by the key it was sent with: never received,
+        running, or finished with its answer. The gateway asks when it does not know the
+        answer itself (a deadline passed, the gateway stopped mid-dispatch, the provider
+        answered PARTIAL because it could not tell what happened downstream).
+
+        Obligations of a provider that answers it:
+        - The execution is the one Execute received with the same tenant
+        (ExecuteRequest.record.tenant), action_id and idempotency_key; request_id is
+        for correlation only and never changes the answer.
+        - Read-only and side-effect free: asking never starts, resumes or repeats an
+        execution, and never changes what a later Execute with the key does.
+        - Tenant isolation: another tenant's key is NEVER_RECEIVED, exactly like a key
+        never seen; the answer must not reveal that the key exists elsewhere.
+        - Stable: the state only moves forward (NEVER_RECEIVED, RUNNING, FINISHED), except
+        that RUNNING falls back to NEVER_RECEIVED when the execution ended keeping
+        nothing (see ExecutionState). FINISHED is final: every later answer is FINISHED
+        with the same outcome, reason, external_ref and changes.
+        - A provider that keeps no record of its executions answers UNIMPLEMENTED (as a
+        server without this method does): the gateway then cannot settle its unknown
+        outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
+        malformed request INVALID_ARGUMENT, a system it must ask that does not answer
+        UNAVAILABLE (ask again later).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionProviderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +147,11 @@ def add_ActionProviderServiceServicer_to_server(servicer, server):
                     servicer.ResolveRecord,
                     request_deserializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.SerializeToString,
+            ),
+            'GetExecutionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExecutionStatus,
+                    request_deserializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +263,33 @@ class ActionProviderService:
             '/actionmesh.v1.ActionProviderService/ResolveRecord',
             actionmesh_dot_v1_dot_provider__pb2.ResolveRecordRequest.SerializeToString,
             actionmesh_dot_v1_dot_provider__pb2.ResolveRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExecutionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionProviderService/GetExecutionStatus',
+            actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.SerializeToString,
+            actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,30 @@ class ActionProviderServiceStub:
     a record of another tenant. Read-only and side-effect free; the gateway asks
     at every execution and approval, and briefly caches answers for discovery.
     """
+    GetExecutionStatus: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetExecutionStatusRequest, _provider_pb2.GetExecutionStatusResponse]
+    """What became of one Execute, asked by the key it was sent with: never received,
+    running, or finished with its answer. The gateway asks when it does not know the
+    answer itself (a deadline passed, the gateway stopped mid-dispatch, the provider
+    answered PARTIAL because it could not tell what happened downstream).
+
+    Obligations of a provider that answers it:
+    - The execution is the one Execute received with the same tenant
+      (ExecuteRequest.record.tenant), action_id and idempotency_key; request_id is
+      for correlation only and never changes the answer.
+    - Read-only and side-effect free: asking never starts, resumes or repeats an
+      execution, and never changes what a later Execute with the key does.
+    - Tenant isolation: another tenant's key is NEVER_RECEIVED, exactly like a key
+      never seen; the answer must not reveal that the key exists elsewhere.
+    - Stable: the state only moves forward (NEVER_RECEIVED, RUNNING, FINISHED), except
+      that RUNNING falls back to NEVER_RECEIVED when the execution ended keeping
+      nothing (see ExecutionState). FINISHED is final: every later answer is FINISHED
+      with the same outcome, reason, external_ref and changes.
+    - A provider that keeps no record of its executions answers UNIMPLEMENTED (as a
+      server without this method does): the gateway then cannot settle its unknown
+      outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
+      malformed request INVALID_ARGUMENT, a system it must ask that does not answer
+      UNAVAILABLE (ask again later).
+    """
 
 @_typing.type_check_only
 class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
@@ -62,6 +86,30 @@ class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
     of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
     a record of another tenant. Read-only and side-effect free; the gateway asks
     at every execution and approval, and briefly caches answers for discovery.
+    """
+    GetExecutionStatus: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetExecutionStatusRequest, _provider_pb2.GetExecutionStatusResponse]  # type: ignore[assignment]
+    """What became of one Execute, asked by the key it was sent with: never received,
+    running, or finished with its answer. The gateway asks when it does not know the
+    answer itself (a deadline passed, the gateway stopped mid-dispatch, the provider
+    answered PARTIAL because it could not tell what happened downstream).
+
+    Obligations of a provider that answers it:
+    - The execution is the one Execute received with the same tenant
+      (ExecuteRequest.record.tenant), action_id and idempotency_key; request_id is
+      for correlation only and never changes the answer.
+    - Read-only and side-effect free: asking never starts, resumes or repeats an
+      execution, and never changes what a later Execute with the key does.
+    - Tenant isolation: another tenant's key is NEVER_RECEIVED, exactly like a key
+      never seen; the answer must not reveal that the key exists elsewhere.
+    - Stable: the state only moves forward (NEVER_RECEIVED, RUNNING, FINISHED), except
+      that RUNNING falls back to NEVER_RECEIVED when the execution ended keeping
+      nothing (see ExecutionState). FINISHED is final: every later answer is FINISHED
+      with the same outcome, reason, external_ref and changes.
+    - A provider that keeps no record of its executions answers UNIMPLEMENTED (as a
+      server without this method does): the gateway then cannot settle its unknown
+      outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
+      malformed request INVALID_ARGUMENT, a system it must ask that does not answer
+      UNAVAILABLE (ask again later).
     """
 
 class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -101,6 +149,36 @@ class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         of (DescribeResponse.record_sources). NOT_FOUND for an unknown record, and for
         a record of another tenant. Read-only and side-effect free; the gateway asks
         at every execution and approval, and briefly caches answers for discovery.
+        """
+
+    @_abc_1.abstractmethod
+    def GetExecutionStatus(
+        self,
+        request: _provider_pb2.GetExecutionStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.GetExecutionStatusResponse, _abc.Awaitable[_provider_pb2.GetExecutionStatusResponse]]:
+        """What became of one Execute, asked by the key it was sent with: never received,
+        running, or finished with its answer. The gateway asks when it does not know the
+        answer itself (a deadline passed, the gateway stopped mid-dispatch, the provider
+        answered PARTIAL because it could not tell what happened downstream).
+
+        Obligations of a provider that answers it:
+        - The execution is the one Execute received with the same tenant
+          (ExecuteRequest.record.tenant), action_id and idempotency_key; request_id is
+          for correlation only and never changes the answer.
+        - Read-only and side-effect free: asking never starts, resumes or repeats an
+          execution, and never changes what a later Execute with the key does.
+        - Tenant isolation: another tenant's key is NEVER_RECEIVED, exactly like a key
+          never seen; the answer must not reveal that the key exists elsewhere.
+        - Stable: the state only moves forward (NEVER_RECEIVED, RUNNING, FINISHED), except
+          that RUNNING falls back to NEVER_RECEIVED when the execution ended keeping
+          nothing (see ExecutionState). FINISHED is final: every later answer is FINISHED
+          with the same outcome, reason, external_ref and changes.
+        - A provider that keeps no record of its executions answers UNIMPLEMENTED (as a
+          server without this method does): the gateway then cannot settle its unknown
+          outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
+          malformed request INVALID_ARGUMENT, a system it must ask that does not answer
+          UNAVAILABLE (ask again later).
         """
 
 def add_ActionProviderServiceServicer_to_server(servicer: ActionProviderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,6 +36,13 @@ class EscalationConfig:
     trust_env_proxy: bool = False
     """Reach the platform through HTTP(S)_PROXY / NO_PROXY from the environment."""
 
+    outcome_settle_s: float = 120.0
+    """After an escalation's outcome was unknown (PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN),
+    how long the platform may still open it (a request it is slow to handle). Within it,
+    GetExecutionStatus answers RUNNING while the platform holds no escalation for the
+    key; after it, the platform's "none" is final (REJECTED DOWNSTREAM_NOT_CREATED).
+    Keep it above the longest time the platform takes to handle a request."""
+
     def __post_init__(self) -> None:
         url = urlsplit(self.platform_url)
         if self.platform_url and (url.scheme not in ("http", "https") or not url.netloc):
@@ -43,6 +50,8 @@ class EscalationConfig:
         for name in ("request_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.outcome_settle_s < 0:
+            raise ValueError("outcome_settle_s must not be negative")
 
     @classmethod
     def from_env(cls) -> EscalationConfig:

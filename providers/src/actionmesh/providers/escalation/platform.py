@@ -12,6 +12,11 @@ platform may have created something:
   came back (read timeout, dropped connection, 5xx other than 503, a body
   without an id). The escalation may exist; only the same Idempotency-Key can
   safely ask again.
+
+:meth:`SupportDeskClient.find_escalation` asks, read-only, which escalation the
+platform holds under an Idempotency-Key (``GET /v1/escalations?tenant=&idempotency_key=``):
+what settles an outcome that was unknown. It answers the escalation or None, or
+raises :class:`LookupFailed` when the platform gave no usable answer.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -40,6 +46,25 @@ class Opened:
     status: str
     # True when an earlier call with the same Idempotency-Key had opened it.
     replayed: bool
+
+
+@dataclass(frozen=True)
+class Held:
+    """An escalation the platform holds under a tenant's Idempotency-Key."""
+
+    escalation_id: str
+    queue: str
+    status: str
+    # When the platform opened it (None when it did not say, or said it unreadably).
+    created_at: datetime | None
+
+
+class LookupFailed(Exception):
+    """The platform gave no usable answer to a read; asking again later may work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class NothingCreated(Exception):
@@ -135,6 +160,41 @@ class SupportDeskClient:
             ) from exc
         return self._opened(response)
 
+    async def find_escalation(
+        self, tenant: str, idempotency_key: str, *, timeout_s: float
+    ) -> Held | None:
+        """The escalation the platform holds under ``idempotency_key`` for ``tenant``, or
+        None; read-only. Raises :class:`LookupFailed` when there is no usable answer."""
+        timeout = httpx.Timeout(timeout_s, connect=min(self.config.connect_timeout_s, timeout_s))
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._http.get(
+                    CREATE_PATH,
+                    params={"tenant": tenant, "idempotency_key": idempotency_key},
+                    timeout=timeout,
+                )
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise LookupFailed(
+                f"the support platform did not answer ({type(exc).__name__})"
+            ) from exc
+        if response.status_code == 400:
+            code, message, fields = _error_of(response)
+            if any(field == "idempotency_key" for field, _ in fields):
+                # A key the platform refuses to look up is one it never accepted on
+                # create either (the same rule): it holds nothing under it.
+                return None
+            raise LookupFailed(f"the support platform refused the lookup: {message or code}")
+        if response.status_code != 200:
+            _, message, _ = _error_of(response)
+            raise LookupFailed(
+                f"the support platform answered {response.status_code}: {message or 'no details'}"
+            )
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise LookupFailed("the support platform answered a body that is not JSON") from exc
+        return _held(body, tenant, idempotency_key)
+
     @staticmethod
     def _opened(response: httpx.Response) -> Opened:
         status = response.status_code
@@ -173,3 +233,36 @@ class SupportDeskClient:
                 fields=fields,
             )
         raise OutcomeUnknown(f"the support platform answered {status}: {message or 'no details'}")
+
+
+def _created_at(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _held(body: object, tenant: str, idempotency_key: str) -> Held | None:
+    """The escalation of a list answer that is under this tenant's key, if any."""
+    if not isinstance(body, dict) or not isinstance(body.get("escalations"), list):
+        raise LookupFailed("the support platform answered a list without escalations")
+    for item in body["escalations"]:
+        if not isinstance(item, dict):
+            raise LookupFailed("the support platform answered a malformed escalation")
+        # The platform filters by the key; matching again costs nothing and means an
+        # answer about another tenant or key is never taken for this one.
+        if item.get("tenant") != tenant or item.get("idempotency_key") != idempotency_key:
+            continue
+        escalation_id = item.get("id")
+        if not isinstance(escalation_id, str) or not escalation_id:
+            raise LookupFailed("the support platform answered an escalation without an id")
+        return Held(
+            escalation_id=escalation_id,
+            queue=str(item.get("queue", "")),
+            status=str(item.get("status", "")),
+            created_at=_created_at(item.get("created_at")),
+        )
+    return None

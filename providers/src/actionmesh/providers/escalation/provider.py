@@ -18,16 +18,35 @@ of them is a silent success:
 The gateway's idempotency key travels as the platform's ``Idempotency-Key``
 header, so even a provider that lost its own state cannot open a second
 escalation for one key.
+
+GetExecutionStatus (``escalation_status``) settles what the provider could not
+tell at the time by asking the platform, read-only, which escalation it holds
+under the key. An answer the SDK stored that is final (SUCCEEDED, REJECTED,
+PARTIAL ``ESCALATION_LOG_FAILED``) or an execution still running is answered as
+stored, without asking. Otherwise:
+
+- the platform holds an escalation for the key: FINISHED SUCCEEDED with its id as
+  external ref and the changes Execute would have reported (also when this
+  provider holds nothing for the key: it lost its state, or another replica sent it);
+- it holds none and the provider never kept an answer: NEVER_RECEIVED;
+- it holds none and the provider answered ``DOWNSTREAM_OUTCOME_UNKNOWN`` (or
+  ``DOWNSTREAM_PROTOCOL_ERROR``): RUNNING until ``outcome_settle_s`` after that
+  answer (the platform may still be handling the request), then FINISHED REJECTED
+  ``DOWNSTREAM_NOT_CREATED``: nothing was escalated;
+- the platform does not answer: UNAVAILABLE ``DOWNSTREAM_UNAVAILABLE`` (ask later).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from actionmesh.providers.escalation.config import EscalationConfig
 from actionmesh.providers.escalation.platform import (
+    Held,
+    LookupFailed,
     NothingCreated,
     Opened,
     OutcomeUnknown,
@@ -38,6 +57,8 @@ from actionmesh.rpc.errors import Unavailable as UnavailableError
 from actionmesh.sdk import (
     ActionContext,
     Change,
+    ExecutionState,
+    ExecutionStatus,
     Input,
     Provider,
     RecordView,
@@ -46,9 +67,11 @@ from actionmesh.sdk import (
     Risk,
     Unavailable,
 )
+from actionmesh.v1 import common_pb2
 
 escalation = Provider("escalation", version="1.0.0", dedupe=True)
 
+ESCALATE = "case.escalate"
 ACTION_TIMEOUT_S = 10.0
 # Time kept back from the caller's deadline to log the answer and reply.
 RESERVE_MAX_S = 1.0
@@ -57,6 +80,9 @@ RESERVE_SHARE = 0.2
 MIN_CALL_S = 0.1
 CLOSED_STATUSES = frozenset({"closed", "resolved", "cancelled"})
 DEFAULT_RETRY_S = 2.0
+# The answers after which the provider could not tell whether the platform opened the
+# escalation: GetExecutionStatus asks the platform instead of repeating them.
+UNSETTLED_REASONS = frozenset({"DOWNSTREAM_OUTCOME_UNKNOWN", "DOWNSTREAM_PROTOCOL_ERROR"})
 
 
 _escalation_log: Resource[EscalationLog] = Resource("the escalation log")
@@ -125,7 +151,7 @@ def _payload(ctx: ActionContext, inputs: EscalateInputs) -> dict[str, Any]:
 
 
 @escalation.action(
-    "case.escalate",
+    ESCALATE,
     label="Escalate to support",
     description="Hand the case off to the external support platform; its escalation id "
     "becomes the external reference.",
@@ -202,11 +228,12 @@ async def _outcome_unknown(
     )
 
 
+def _changes(escalation_id: str, queue: str) -> list[Change]:
+    return [Change("escalation", None, escalation_id), Change("escalation_queue", None, queue)]
+
+
 async def _opened(ctx: ActionContext, inputs: EscalateInputs, opened: Opened) -> Result:
-    changes = [
-        Change("escalation", None, opened.escalation_id),
-        Change("escalation_queue", None, opened.queue),
-    ]
+    changes = _changes(opened.escalation_id, opened.queue)
     try:
         await _log(
             ctx, inputs, state="opened", external_ref=opened.escalation_id, queue=opened.queue
@@ -256,4 +283,87 @@ async def _log(
         actor=ctx.operator.subject,
         request_id=ctx.request_id,
         trace_id=ctx.trace_id,
+    )
+
+
+# -- GetExecutionStatus -------------------------------------------------------------------
+
+
+def _unsettled(stored: ExecutionStatus) -> bool:
+    return (
+        stored.result is not None
+        and stored.result.outcome == common_pb2.OUTCOME_PARTIAL
+        and stored.result.reason in UNSETTLED_REASONS
+    )
+
+
+@escalation.execution_status
+async def escalation_status(
+    tenant: str, action_id: str, idempotency_key: str, stored: ExecutionStatus
+) -> ExecutionStatus | None:
+    """What became of an escalation, settled by the platform when the provider could
+    not tell (see the module docstring). None: the SDK's stored status stands."""
+    if action_id != ESCALATE or stored.state is ExecutionState.RUNNING:
+        return None
+    if stored.state is ExecutionState.FINISHED and not _unsettled(stored):
+        return None
+    client = _client()
+    try:
+        held = await client.find_escalation(
+            tenant, idempotency_key, timeout_s=client.config.request_timeout_s
+        )
+    except LookupFailed as failed:
+        raise UnavailableError(
+            f"{failed.message}; what became of the escalation is not known yet, ask again later",
+            reason="DOWNSTREAM_UNAVAILABLE",
+            retry_after_s=DEFAULT_RETRY_S,
+        ) from None
+    if held is not None:
+        return ExecutionStatus.finished(
+            _held_result(held, stored), finished_at=held.created_at or stored.finished_at
+        )
+    if stored.state is ExecutionState.NEVER_RECEIVED:
+        return None
+    return _not_held(stored, client.config.outcome_settle_s)
+
+
+def _held_result(held: Held, stored: ExecutionStatus) -> Result:
+    if stored.result is not None:
+        how = (
+            f"the provider's answer at the time ({stored.result.reason}) was settled by "
+            "asking the platform"
+        )
+    else:
+        how = "this provider kept no answer for the key (it lost its state, or another "
+        how += "replica sent it)"
+    return Result.succeeded(
+        external_ref=held.escalation_id,
+        changes=_changes(held.escalation_id, held.queue),
+        message=(
+            f"The support platform opened escalation {held.escalation_id} to queue "
+            f"{held.queue} for this idempotency key; {how}."
+        ),
+    )
+
+
+def _not_held(stored: ExecutionStatus, settle_s: float) -> ExecutionStatus:
+    """The provider's answer was "outcome unknown" and the platform holds nothing (yet)."""
+    answered_at = stored.finished_at
+    settled_at = None if answered_at is None else answered_at + timedelta(seconds=settle_s)
+    if settled_at is not None and datetime.now(UTC) < settled_at:
+        return ExecutionStatus.running(
+            message=(
+                "The support platform holds no escalation for this idempotency key yet; the "
+                f"request may still be in its hands until {settled_at.isoformat()}."
+            ),
+            updated_at=answered_at,
+        )
+    return ExecutionStatus.finished(
+        Result.rejected(
+            "DOWNSTREAM_NOT_CREATED",
+            "The support platform holds no escalation for this idempotency key: the request "
+            "whose answer was lost never opened one, and nothing was escalated. Escalate "
+            "again (a new execution, with a new idempotency key).",
+        ),
+        finished_at=settled_at,
     )

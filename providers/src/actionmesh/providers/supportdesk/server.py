@@ -13,7 +13,9 @@ Endpoints::
     POST /v1/escalations          201 created | 200 replayed (same Idempotency-Key)
                                   | 400 invalid | 409 key reused for another request
     GET  /v1/escalations/{id}     200 | 404
-    GET  /v1/escalations?tenant=T[&idempotency_key=K]   200 {"escalations": [...]}
+    GET  /v1/escalations?tenant=T[&idempotency_key=K]   200 {"escalations": [...]} | 400
+                                  (with a key: the tenant's escalation under it, or none;
+                                  how a caller whose create went unanswered finds out)
     GET  /healthz                 200 {"status": "ok"}
 """
 
@@ -32,7 +34,9 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from actionmesh.providers.supportdesk.api import (
+    KEY_PATTERN,
     MAX_BODY_BYTES,
+    MAX_KEY_CHARS,
     ApiError,
     check_idempotency_key,
     parse_create,
@@ -163,9 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
         tenant = query.get("tenant", [""])[-1]
         if not TENANT.valid(tenant):
             problems.append(("tenant", "is required and must be a tenant id"))
+        key = query.get("idempotency_key", [None])[-1]
+        if key is not None and not KEY_PATTERN.fullmatch(key):
+            # The rule of the Idempotency-Key header: no escalation can be under another.
+            problems.append(
+                ("idempotency_key", f"must be 1-{MAX_KEY_CHARS} visible ASCII characters")
+            )
         if problems:
             raise ApiError(400, "invalid_request", "the query is invalid", problems)
-        key = query.get("idempotency_key", [None])[-1]
         found = self.store.find(tenant, idempotency_key=key)
         self._send(200, {"escalations": [e.to_json() for e in found]})
 
