@@ -54,6 +54,15 @@ from actionmesh.v1 import common_pb2
 UNAVAILABLE_RETRY_S = 1.0
 
 
+def provider_unavailable(provider_id: str, why: str) -> Unavailable:
+    """The refusal when the action's provider cannot run it now (nothing ran)."""
+    return Unavailable(
+        f"provider {provider_id} {why}; nothing ran",
+        reason="PROVIDER_UNAVAILABLE",
+        retry_after_s=UNAVAILABLE_RETRY_S,
+    )
+
+
 class _Replay(Exception):
     """The request is a retry of an execution that already has its answer."""
 
@@ -173,11 +182,7 @@ class Executor:
                 caller,
                 command,
                 attempt_id,
-                Unavailable(
-                    f"provider {entry.provider_id} is not healthy; nothing ran",
-                    reason="PROVIDER_UNAVAILABLE",
-                    retry_after_s=UNAVAILABLE_RETRY_S,
-                ),
+                provider_unavailable(entry.provider_id, "is not healthy"),
                 provider_id=entry.provider_id,
             )
         try:
@@ -190,11 +195,7 @@ class Executor:
                 and unknown.metadata.get("provider_id") == entry.provider_id
             ):
                 # The action's own provider is its record's source: it is the one down.
-                unknown = Unavailable(
-                    f"provider {entry.provider_id} is not available; nothing ran",
-                    reason="PROVIDER_UNAVAILABLE",
-                    retry_after_s=UNAVAILABLE_RETRY_S,
-                )
+                unknown = provider_unavailable(entry.provider_id, "is not available")
             # Nobody vouched for the record: its inputs are kept as if it were sensitive.
             await self._refuse(
                 caller,
