@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,12 @@ from actionmesh.v1 import gateway_pb2_grpc
 # The throwaway PostgreSQL fixtures (postgres_server, postgres_url) for any test file.
 pytest_plugins = ["tests.postgres", "tests.governance_fixtures"]
 
+SERVICE_CLIENT = "test-backend"
+# The tests play the product backend that vouches for the test providers' records (they
+# have no system of record); workitem and ticket facts come from their sources.
+TRUSTED_RECORD_TYPES = ("govtest", "faultrec", "tokenprobe", "thing", "order", "case")
+TRUSTED_CALLERS = f"{SERVICE_CLIENT}=" + ",".join(TRUSTED_RECORD_TYPES)
+
 TEST_MESH = dict(
     registry_port=0,
     auditlog_port=0,
@@ -28,13 +34,28 @@ TEST_MESH = dict(
     health_check_interval_s=0.3,
     extra_env={
         "ACTIONMESH_LOG_LEVEL": "INFO",
-        # The tests play the product backend that vouches for the test providers' records
-        # (they have no system of record); workitem and ticket facts come from their sources.
-        "ACTIONMESH_GATEWAY_TRUSTED_CALLERS": "test-backend="
-        + ",".join(("govtest", "faultrec", "tokenprobe", "thing", "order", "case")),
+        "ACTIONMESH_GATEWAY_TRUSTED_CALLERS": TRUSTED_CALLERS,
     },
 )
-SERVICE_CLIENT = "test-backend"
+
+
+def gateway_settings(mesh: Mesh | None = None, **settings: Any) -> dict[str, Any]:
+    """GatewayConfig keyword arguments for a gateway a test starts itself.
+
+    The test backend is a trusted caller, as in TEST_MESH; with ``mesh``, the gateway
+    uses its registry, audit log and signing key (development mode). ``settings`` add
+    to or override these.
+    """
+    values: dict[str, Any] = {"trusted_callers": TRUSTED_CALLERS}
+    if mesh is not None:
+        values.update(
+            registry=mesh.address("registry"),
+            auditlog=mesh.address("auditlog"),
+            jwt_secret_file=str(mesh.signing_key_path),
+            jwt_dev_mode=True,
+        )
+    values.update(settings)
+    return values
 
 
 class Vouching(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -53,11 +74,22 @@ class Vouching(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return await continuation(vouched, request)
 
 
-def vouching_channel(mesh: Mesh, address: str | None = None) -> grpc.aio.Channel:
+def service_token(mesh: Mesh) -> str:
+    """The test backend's own token (a service token, not an operator's)."""
+    return mint_service_token(mesh.signing_key(), client_id=SERVICE_CLIENT, ttl_s=86400.0)
+
+
+def vouching_channel(
+    mesh: Mesh,
+    address: str | None = None,
+    *,
+    options: Sequence[tuple[str, Any]] | None = None,
+    token: str | None = None,
+) -> grpc.aio.Channel:
     """A channel to the gateway on which the test backend vouches for record facts."""
-    token = mint_service_token(mesh.signing_key(), client_id=SERVICE_CLIENT, ttl_s=86400.0)
+    vouching = Vouching(token or service_token(mesh))
     return grpc.aio.insecure_channel(
-        address or mesh.address("gateway"), interceptors=[Vouching(token)]
+        address or mesh.address("gateway"), options=options, interceptors=[vouching]
     )
 
 

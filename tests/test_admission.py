@@ -21,7 +21,7 @@ from actionmesh.gateway.config import GatewayConfig
 from actionmesh.mesh import Mesh
 from actionmesh.rpc.errors import ErrorDetails, ResourceExhausted, error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TokenFactory, bearer, eventually
+from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.governance_fixtures import case
 from tests.test_governance import provider_calls, request
 
@@ -91,7 +91,8 @@ def test_the_defaults_limit_something() -> None:
 async def limited_gateway(mesh: Mesh, token: TokenFactory, *flags: str) -> tuple[str, Stub]:
     name = f"gateway-limits-{uuid.uuid4().hex[:6]}"
     service = mesh.start_gateway(name, *flags)
-    channel = grpc.aio.insecure_channel(service.address)
+    # The test backend vouches for the govtest records (a trusted caller of this gateway).
+    channel = vouching_channel(mesh, service.address)
     stub = Stub(channel)
     # Warm up with a tenant the tests do not use, so no test tenant's budget is spent.
     probe = token(subject="probe", tenant="warmup", roles=("supervisor",))

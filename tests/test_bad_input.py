@@ -36,6 +36,7 @@ from actionmesh.gateway.requests import (
     MAX_VERSION,
 )
 from actionmesh.mesh import Mesh
+from actionmesh.providers.workitems.store import WorkItem
 from actionmesh.registry.config import RegistryConfig
 from actionmesh.registry.server import start_registry
 from actionmesh.registry.servicer import MAX_ACTIONS, MAX_DESCRIPTION_CHARS, MAX_LABEL_CHARS
@@ -53,6 +54,7 @@ from actionmesh.v1 import (
     registry_pb2_grpc,
 )
 from tests.conftest import TokenFactory, bearer, eventually
+from tests.provider_state import put_item
 
 Stub = gateway_pb2_grpc.ActionGatewayServiceStub
 MiB = 1024 * 1024
@@ -670,13 +672,31 @@ INPUT_VALUES = st.one_of(
 )
 
 
+# Work items the property tests put into the workitems provider's store (its system of
+# record, which the gateway asks for their facts): generated requests may act on these
+# and on nothing else a provider knows. Other generated ids are unknown (NOT_FOUND).
+PROPERTY_ITEMS = tuple(f"wi-prop-item-{n:02d}" for n in range(12))
+
+
+@pytest.fixture(scope="module")
+def property_items(mesh: Mesh) -> tuple[str, ...]:
+    for item_id in PROPERTY_ITEMS:
+        put_item(mesh, WorkItem("acme", item_id, "customer_update", "failed"))
+    return PROPERTY_ITEMS
+
+
 def records(field: Callable[[st.SearchStrategy[str]], st.SearchStrategy[str]]) -> Any:
     return st.builds(
         common_pb2.RecordContext,
         tenant=field(st.just("acme")),
         type=field(st.sampled_from(["workitem", "ticket"])),
-        # Random ids only, so nothing a provider knows is touched.
-        id=field(st.uuids().map(lambda u: f"wi-prop-{u.hex[:12]}")),
+        # The test's own items or random ids, so nothing else a provider knows is touched.
+        id=field(
+            st.one_of(
+                st.sampled_from(PROPERTY_ITEMS),
+                st.uuids().map(lambda u: f"wi-prop-{u.hex[:12]}"),
+            )
+        ),
         status=field(st.sampled_from(["failed", "stuck", "processed", "open"])),
         sensitivity=st.integers(0, 3) if field is plausible else st.integers(-3, 8),
         attributes=st.dictionaries(
@@ -707,7 +727,8 @@ def execute_requests(field: Callable[[st.SearchStrategy[str]], st.SearchStrategy
     )
 
 
-# Valid requests for a record no provider knows: they run (and are REJECTED).
+# Valid requests for one of the test's own work items: they run (and succeed, or are
+# REJECTED by the provider once an item is no longer failed).
 VALID_EXECUTE_REQUESTS = st.builds(
     lambda rec, reason, key: gateway_pb2.ExecuteActionRequest(
         action_id="workitem.retry",
@@ -715,10 +736,13 @@ VALID_EXECUTE_REQUESTS = st.builds(
         inputs={"reason": common_pb2.InputValue(string_value=reason)},
         idempotency_key=key,
     ),
-    records(plausible).map(
-        lambda r: common_pb2.RecordContext(
-            tenant="acme", type="workitem", id=r.id, status="failed", attributes=r.attributes
-        )
+    st.builds(
+        common_pb2.RecordContext,
+        tenant=st.just("acme"),
+        type=st.just("workitem"),
+        id=st.sampled_from(PROPERTY_ITEMS),
+        status=st.just("failed"),
+        attributes=st.dictionaries(st.sampled_from(["queue", "region"]), st.just("billing")),
     ),
     st.text(
         st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]), min_size=3, max_size=200
@@ -774,7 +798,7 @@ def assert_gateway_still_serving(mesh: Mesh, channel: grpc.Channel) -> None:
 
 
 def test_generated_execute_requests_never_fail_the_gateway(
-    mesh: Mesh, sync_channel: grpc.Channel, token: TokenFactory
+    mesh: Mesh, sync_channel: grpc.Channel, token: TokenFactory, property_items: object
 ) -> None:
     stub = gateway_pb2_grpc.ActionGatewayServiceStub(sync_channel)
     metadata = bearer(token())
@@ -796,7 +820,7 @@ def test_generated_execute_requests_never_fail_the_gateway(
 
 
 def test_generated_discover_requests_never_fail_the_gateway(
-    mesh: Mesh, sync_channel: grpc.Channel, token: TokenFactory
+    mesh: Mesh, sync_channel: grpc.Channel, token: TokenFactory, property_items: object
 ) -> None:
     stub = gateway_pb2_grpc.ActionGatewayServiceStub(sync_channel)
     metadata = bearer(token())

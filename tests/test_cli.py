@@ -13,8 +13,10 @@ from typing import Any
 from actionmesh.mesh import Mesh
 
 
-def cli(mesh: Mesh, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
+def cli(
+    mesh: Mesh, *args: str, token: str | None = None, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": str(columns)}
     if token:
         env["ACTIONMESH_TOKEN"] = token
     return subprocess.run(
@@ -33,10 +35,16 @@ def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
 
     actions = cli(mesh, "actions", "workitem/wi-2001", "--status", "failed", "--json", token=token)
     assert actions.returncode == 0, actions.stdout + actions.stderr
-    views = json.loads(actions.stdout)["actions"]
-    assert ("workitem.retry", True) in [
-        (v["descriptor"]["action_id"], v["available"]) for v in views
-    ]
+    discovered = json.loads(actions.stdout)
+    assert discovered["facts"]["source"] == "FACT_SOURCE_PROVIDER"
+    views = discovered["actions"]
+    # Every field is present, false booleans and empty strings too.
+    offered = {
+        v["descriptor"]["action_id"]: (v["available"], v["unavailable_reason"]) for v in views
+    }
+    assert offered["workitem.retry"] == (True, "")
+    # The item's source says it is a customer update, whatever the CLI claims.
+    assert offered["workitem.reprocess_email"] == (False, "NOT_INBOUND_EMAIL")
 
     key = uuid.uuid4().hex
     run = cli(
@@ -59,6 +67,12 @@ def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
     execution = json.loads(run.stdout)
     assert execution["outcome"] == "OUTCOME_SUCCEEDED"
     assert execution["actor"] == "carol" and execution["idempotency_key"] == key
+    assert (execution["facts"]["source"], execution["facts"]["vouched_by"]) == (
+        "FACT_SOURCE_PROVIDER",
+        "workitems",
+    )
+    shown = cli(mesh, "execution", execution["execution_id"], token=token)
+    assert "vouched by: system of record workitems, version" in shown.stdout, shown.stdout
 
     # The audit outbox ships asynchronously: poll (bounded) until both events landed.
     deadline = time.monotonic() + 15
@@ -74,8 +88,10 @@ def test_token_discover_run_history_with_json(mesh: Mesh) -> None:
     assert len(events) == 2, events
     assert {e["inputs"]["priority"] for e in events} == {"high"}
 
-    table = cli(mesh, "history", "workitem/wi-2001", token=token)
+    assert {e["facts"]["vouched_by"] for e in events} == {"workitems"}
+    table = cli(mesh, "history", "workitem/wi-2001", token=token, columns=300)
     assert "carol" in table.stdout and "SUCCEEDED" in table.stdout
+    assert "facts from" in table.stdout and "workitems@" in table.stdout
 
 
 def test_cli_reports_errors_without_a_traceback(mesh: Mesh) -> None:

@@ -636,8 +636,8 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
     mesh = Mesh(
         MeshSettings(
             data_dir=tmp_path / "mesh",
-            # The records provider is the system of record of tickets: the gateway governs
-            # a ticket on its facts (an unverified one would be offered no such action).
+            # The records provider is the system of record of tickets: the gateway
+            # governs on its facts about the ticket.
             provider_modules=("actionmesh.providers.records", "actionmesh.providers.escalation"),
             **settings,  # type: ignore[arg-type]
         )
@@ -645,7 +645,7 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
     mesh.start()
     try:
         token = mint_token(mesh.signing_key(), subject="alice", tenant="acme", roles=["operator"])
-        ticket = common_pb2.RecordContext(tenant="acme", type="ticket", id="t-101", status="open")
+        ticket = common_pb2.RecordContext(tenant="acme", type="ticket", id="t-100", status="open")
         async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
             gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
 
@@ -658,10 +658,11 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
                 return [
                     (a.descriptor.action_id, a.available)
                     for a in found.actions
-                    if a.descriptor.action_id == "case.escalate"
+                    if a.provider_id == "escalation"
                 ]
 
-            # The gateway learns of the provider through the registry's watch stream.
+            # The gateway learns of the providers through the registry's watch stream (a
+            # medium-risk action is shown once the ticket's source vouches for its facts).
             assert await eventually(offered, timeout_s=15) == [("case.escalate", True)]
 
             def request(key: str) -> gateway_pb2.ExecuteActionRequest:

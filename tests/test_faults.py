@@ -46,7 +46,7 @@ from actionmesh.mesh import Mesh, MeshSettings, tail
 from actionmesh.rpc.errors import error_details
 from actionmesh.runtime.db import make_engine, sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TEST_MESH, bearer, eventually
+from tests.conftest import TEST_MESH, bearer, eventually, vouching_channel
 from tests.fault_provider import (
     JOURNAL_ENV,
     PROVIDER_ID_ENV,
@@ -257,9 +257,7 @@ class Load:
     async def _run(self) -> None:
         token = operator_token(self.mesh)
         limit = asyncio.Semaphore(self.callers)
-        async with grpc.aio.insecure_channel(
-            self.mesh.address("gateway"), options=CHANNEL_OPTIONS
-        ) as channel:
+        async with vouching_channel(self.mesh, options=CHANNEL_OPTIONS) as channel:
             gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
 
             async def one(item: Planned) -> None:
@@ -294,7 +292,7 @@ async def retry_unfinished(mesh: Mesh, calls: list[Call]) -> list[Call]:
     final = {c.planned.key for c in calls if c.code == "OK"}
     again = {c.planned.key: c.planned for c in calls if c.planned.key not in final}
     token = operator_token(mesh)
-    async with grpc.aio.insecure_channel(mesh.address("gateway"), options=CHANNEL_OPTIONS) as ch:
+    async with vouching_channel(mesh, options=CHANNEL_OPTIONS) as ch:
         gateway = gateway_pb2_grpc.ActionGatewayServiceStub(ch)
         limit = asyncio.Semaphore(6)
 
@@ -466,7 +464,7 @@ def assert_invariants(mesh: Mesh, calls: Sequence[Call]) -> None:
 
 
 async def discover(mesh: Mesh) -> tuple[gateway_pb2.DiscoverActionsResponse, float]:
-    async with grpc.aio.insecure_channel(mesh.address("gateway"), options=CHANNEL_OPTIONS) as ch:
+    async with vouching_channel(mesh, options=CHANNEL_OPTIONS) as ch:
         started = time.monotonic()
         reply = await gateway_pb2_grpc.ActionGatewayServiceStub(ch).DiscoverActions(
             gateway_pb2.DiscoverActionsRequest(record=record("discovery-probe"), skip_cache=True),
@@ -611,7 +609,7 @@ async def test_registry_restart_serves_from_last_view_then_resyncs(fault_mesh: M
 
 
 async def execute_once(mesh: Mesh, item: Planned) -> Call:
-    async with grpc.aio.insecure_channel(mesh.address("gateway"), options=CHANNEL_OPTIONS) as ch:
+    async with vouching_channel(mesh, options=CHANNEL_OPTIONS) as ch:
         gateway = gateway_pb2_grpc.ActionGatewayServiceStub(ch)
         return await execute(gateway, operator_token(mesh), item)
 
@@ -664,7 +662,13 @@ async def gateway_sigkill_under_load(mesh: Mesh) -> tuple[list[Call], list[Call]
 
 
 async def mesh_offers(mesh: Mesh) -> bool:
-    return offered((await discover(mesh))[0]) == {VICTIM, BYSTANDER}
+    """The gateway answers and offers both providers (False while it is still starting)."""
+    try:
+        return offered((await discover(mesh))[0]) == {VICTIM, BYSTANDER}
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
 
 
 async def test_gateway_sigkilled_under_load_then_restarted(fault_mesh: Mesh) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from actionmesh.mesh import Mesh
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TokenFactory, bearer, eventually
+from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.governance_fixtures import case
 from tests.test_governance import provider_calls, refused, request
 
@@ -29,7 +29,8 @@ async def replicas(
     """Gateways "a" and "b": separate processes, one PostgreSQL database between them."""
     names = (f"gateway-pg-a-{uuid.uuid4().hex[:6]}", f"gateway-pg-b-{uuid.uuid4().hex[:6]}")
     services = [mesh.start_gateway(name, database_url=postgres_url) for name in names]
-    channels = [grpc.aio.insecure_channel(service.address) for service in services]
+    # The test backend vouches for the govtest records on both (a trusted caller).
+    channels = [vouching_channel(mesh, service.address) for service in services]
     stubs = [Stub(channel) for channel in channels]
     supervisor = token(subject="probe", roles=("supervisor",))
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from actionmesh.mesh import Mesh, Service
 from actionmesh.rpc.errors import ErrorDetails, error_details
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TokenFactory, bearer, eventually
+from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.governance_fixtures import case
 
 pytestmark = pytest.mark.timeout(90)
@@ -418,7 +418,7 @@ async def test_rejection_needs_a_comment_and_denies_the_execution(
 async def test_unapproved_execution_expires(
     mesh: Mesh, short_gateway: Service, token: TokenFactory, govtest: Path
 ) -> None:
-    async with grpc.aio.insecure_channel(short_gateway.address) as channel:
+    async with vouching_channel(mesh, short_gateway.address) as channel:
         stub = Stub(channel)
         alice = token()
 

@@ -47,10 +47,12 @@ from actionmesh.gateway.storage import (
 from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.mesh import Mesh
+from actionmesh.providers.workitems.store import WorkItem
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import sqlite_url
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TokenFactory, bearer, eventually
+from tests.conftest import TokenFactory, bearer, eventually, gateway_settings
+from tests.provider_state import put_item
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -318,16 +320,13 @@ async def test_a_gateway_closes_orphans_at_start_by_sweep_and_on_retry(
     seeded = GatewayStore(url)
     now = datetime.now(UTC)
     requests = {name: retry_request(f"wi-orphan-{uuid.uuid4().hex[:8]}") for name in "abc"}
+    # The items exist in their system of record, which the gateway asks before it answers.
+    for request in requests.values():
+        put_item(mesh, WorkItem("acme", request.record.id, "customer_update", "failed"))
     at_start = orphan_of(command_of(requests["a"]), alice, now - timedelta(minutes=1))
     seeded.insert_execution(at_start, [])
     config = GatewayConfig(
-        port=0,
-        database_url=url,
-        jwt_secret_file=str(mesh.signing_key_path),
-        jwt_dev_mode=True,
-        registry=mesh.address("registry"),
-        auditlog=mesh.address("auditlog"),
-        approval_sweep_interval_s=0.3,
+        **gateway_settings(mesh, port=0, database_url=url, approval_sweep_interval_s=0.3)
     )
     running_gateway = await start_gateway(config)
     try:

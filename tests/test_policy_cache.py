@@ -11,7 +11,7 @@ import pytest
 
 from actionmesh.gateway import policy as policy_module
 from actionmesh.gateway.auth import Caller
-from actionmesh.gateway.policy import ActionSubject, Operation, PolicyEngine
+from actionmesh.gateway.policy import UNVERIFIED, ActionSubject, Operation, PolicyEngine
 from actionmesh.v1 import common_pb2
 
 DEFAULT_POLICIES = Path(policy_module.__file__).parent / "policies" / "default.cedar"
@@ -53,12 +53,16 @@ def record(sensitivity: int = common_pb2.SENSITIVITY_NORMAL) -> common_pb2.Recor
 
 
 OPERATOR = Caller(subject="alice", tenant="acme", roles=("operator",))
+# The record's system of record vouched for its facts (context.record.source).
+VERIFIED = "provider"
 
 
 def allowed(engine: PolicyEngine, *subjects: ActionSubject, **kwargs: Any) -> list[bool]:
     caller = kwargs.get("caller", OPERATOR)
     context = kwargs.get("record", record())
-    return [d.allowed for d in engine.authorize(Operation.EXECUTE, caller, context, subjects)]
+    source = kwargs.get("source", VERIFIED)
+    decisions = engine.authorize(Operation.EXECUTE, caller, context, subjects, source=source)
+    return [d.allowed for d in decisions]
 
 
 def test_the_same_inputs_are_evaluated_once(engine: PolicyEngine, evaluations: list[int]) -> None:
@@ -81,7 +85,10 @@ def test_every_input_is_part_of_the_key(engine: PolicyEngine, evaluations: list[
     assert allowed(
         engine, retry, caller=supervisor, record=record(common_pb2.SENSITIVITY_RESTRICTED)
     ) == [False]
-    assert evaluations == [1, 1, 1, 1]
+    # Who vouched for the record's facts is an input too: nobody executes on unverified ones.
+    assert allowed(engine, retry, source=UNVERIFIED) == [False]
+    assert allowed(engine, retry, source="trusted_caller") == [True]
+    assert evaluations == [1, 1, 1, 1, 1, 1]
 
 
 def test_a_reloaded_policy_file_is_not_answered_from_the_cache(
@@ -95,7 +102,7 @@ def test_a_reloaded_policy_file_is_not_answered_from_the_cache(
         + ' when { resource.provider == "workitems" };\n'
     )
     assert engine.reload_if_changed() is True
-    decisions = engine.authorize(Operation.EXECUTE, OPERATOR, record(), [retry])
+    decisions = engine.authorize(Operation.EXECUTE, OPERATOR, record(), [retry], source=VERIFIED)
     assert [d.allowed for d in decisions] == [False]
     assert decisions[0].policy_ids == ("nobody-retries",)
     assert evaluations == [1, 1]

@@ -45,7 +45,7 @@ from actionmesh.registry.storage import ProviderRepository
 from actionmesh.runtime.db import make_engine
 from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import bearer, eventually
+from tests.conftest import bearer, eventually, gateway_settings
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -378,12 +378,14 @@ async def test_discover_execute_history_with_every_service_on_postgresql(
     audit = await start_auditlog(AuditLogConfig(port=0, database_url=postgres_url))
     gateway = await start_gateway(
         GatewayConfig(
-            port=0,
-            database_url=postgres_url,
-            registry=registry.address,
-            auditlog=audit.address,
-            jwt_secret_file=str(secret),
-            jwt_dev_mode=True,
+            **gateway_settings(
+                port=0,
+                database_url=postgres_url,
+                registry=registry.address,
+                auditlog=audit.address,
+                jwt_secret_file=str(secret),
+                jwt_dev_mode=True,
+            )
         )
     )
     items = await start_provider(

@@ -10,7 +10,7 @@ import pytest
 
 from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, tail
-from actionmesh.rpc.errors import error_details
+from actionmesh.rpc.errors import ErrorDetails, error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import bearer, eventually, start_mesh
 
@@ -42,25 +42,42 @@ async def test_stopped_provider_gives_unavailable_then_leaves_the_registry(own_m
     ):
         gateway = gateway_pb2_grpc.ActionGatewayServiceStub(gw_channel)
         registry = registry_pb2_grpc.RegistryServiceStub(reg_channel)
-        request.idempotency_key = uuid.uuid4().hex
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            reply = await gateway.ExecuteAction(request, metadata=bearer(token))
-            pytest.fail(f"expected UNAVAILABLE, got {reply.execution}")
-        details = error_details(raised.value)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
-        assert details.reason == "PROVIDER_UNAVAILABLE", details
-        assert details.retry_after_s is not None and details.retry_after_s > 0
 
-        # Discovery still answers, naming the provider as degraded instead of hiding it.
+        async def unavailable() -> ErrorDetails:
+            request.idempotency_key = uuid.uuid4().hex
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                reply = await gateway.ExecuteAction(request, metadata=bearer(token))
+                pytest.fail(f"expected UNAVAILABLE, got {reply.execution}")
+            details = error_details(raised.value)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
+            assert details.retry_after_s is not None and details.retry_after_s > 0
+            return details
+
+        # The provider is also the system of record of work items. Before the registry's
+        # health check reaches the gateway, the gateway meets the dead provider as the
+        # record's source; it is the action's own provider, so that is what it names.
+        details = await unavailable()
+        assert details.reason == "PROVIDER_UNAVAILABLE", details
+
+        # Discovery still answers, naming the provider as degraded instead of hiding it:
+        # as the source of the record's facts (so they are unverified) and as the
+        # provider of its actions.
         discovered = await gateway.DiscoverActions(
             gateway_pb2.DiscoverActionsRequest(record=request.record, skip_cache=True),
             metadata=bearer(token),
         )
-        assert [
-            (d.provider_id, d.reason in ("UNAVAILABLE", "NOT_SERVING"))
-            for d in discovered.degraded_providers
-        ] == [("workitems", True)]
+        degraded = [(d.provider_id, d.reason) for d in discovered.degraded_providers]
+        assert degraded[0] == ("workitems", "RECORD_SOURCE_UNAVAILABLE"), degraded
+        assert [(p, r in ("UNAVAILABLE", "NOT_SERVING")) for p, r in degraded[1:]] == [
+            ("workitems", True)
+        ], degraded
+        assert discovered.facts.source == common_pb2.FACT_SOURCE_UNVERIFIED
         assert not any(a.provider_id == "workitems" for a in discovered.actions)
+
+        # Before and after the gateway hears that the provider is not serving (then it
+        # does not ask the record's source at all), until the lease expires (below).
+        again = await unavailable()
+        assert again.reason == "PROVIDER_UNAVAILABLE", again
 
         async def gone() -> bool:
             reply = await registry.ListProviders(registry_pb2.ListProvidersRequest())

@@ -22,6 +22,7 @@ from actionmesh.rpc.telemetry import configure_tracing
 from actionmesh.sdk import (
     ActionContext,
     Change,
+    Facts,
     Input,
     MemoryIdempotencyStore,
     NoInputs,
@@ -904,3 +905,27 @@ def test_resource_holds_what_a_running_provider_opened() -> None:
     assert store.take() is opened and store.take() is None
     with pytest.raises(RuntimeError):
         store.get()
+
+
+@pytest.mark.parametrize(
+    ("facts", "named"),
+    [
+        ({"status": "open", "version": ""}, "version is required"),
+        ({"status": "open\x07", "version": "1"}, "status must be at most"),
+        ({"status": "open", "version": "1", "sensitivity": "secret"}, "sensitivity"),
+        (
+            {"status": "open", "version": "1", "attributes": {f"a{i}": "x" for i in range(40)}},
+            "attributes at most",
+        ),
+        ({"status": "open", "version": "1", "attributes": {"queue": "x" * 5000}}, "attributes"),
+    ],
+    ids=["no-version", "control-characters", "unknown-sensitivity", "too-many", "too-long"],
+)
+def test_facts_beyond_the_record_limits_are_refused_at_the_source(
+    facts: dict[str, Any], named: str
+) -> None:
+    # The gateway would refuse such an answer as malformed; the source's author hears it
+    # where the mistake is.
+    with pytest.raises(ValueError, match=named):
+        Facts(**facts)
+    assert Facts(status="open", version="1", attributes={"queue": "billing"}).version == "1"

@@ -30,7 +30,7 @@ from actionmesh.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from tests.conftest import eventually
+from tests.conftest import eventually, vouching_channel
 from tests.fault_provider import read_journal
 from tests.test_faults import (
     BYSTANDER,
@@ -163,7 +163,7 @@ async def test_gateway_sigterm_drains_in_flight_and_refuses_new_calls(own_mesh: 
     token = operator_token(own_mesh)
     probe = HealthProbe(address)
     await probe.start()
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with vouching_channel(own_mesh, address) as channel:
         gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
         slow = [Planned(uuid.uuid4().hex, "slow", sleep_ms=SLOW_MS) for _ in range(3)]
         in_flight = [asyncio.create_task(execute(gateway, token, item)) for item in slow]
@@ -265,7 +265,7 @@ async def test_provider_sigterm_finishes_its_call_and_deregisters(own_mesh: Mesh
 async def test_provider_sigterm_does_not_strand_the_gateways_execution(own_mesh: Mesh) -> None:
     start_fault_provider(own_mesh, "slow", timeout_s=SLOW_TIMEOUT_S)
     token = operator_token(own_mesh)
-    async with grpc.aio.insecure_channel(own_mesh.address("gateway")) as channel:
+    async with vouching_channel(own_mesh) as channel:
         gateway = gateway_pb2_grpc.ActionGatewayServiceStub(channel)
         done, _ = await sigterm_provider_with_call_in_flight(
             own_mesh, lambda item: execute(gateway, token, item)

@@ -34,12 +34,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from actionmesh.gateway.auth import Caller, JwksKeys, TokenKeyError, TokenVerifier
+from actionmesh.gateway.auth import (
+    SERVICE_METADATA,
+    Caller,
+    JwksKeys,
+    TokenKeyError,
+    TokenVerifier,
+)
 from actionmesh.gateway.config import GatewayConfig
 from actionmesh.mesh import Mesh
 from actionmesh.rpc.errors import Unauthenticated, error_details
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.conftest import TokenFactory, eventually
+from tests.conftest import TokenFactory, eventually, service_token, vouching_channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -727,7 +733,10 @@ async def test_providers_get_the_verified_identity_and_never_the_callers_token(
         ("x-caller-note", "caller-only-metadata"),
     ]
     record = common_pb2.RecordContext(tenant="acme", type="tokenprobe", id="p-1", status="open")
-    async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+    # The test backend vouches for the record (a trusted caller): its token is not
+    # passed on either.
+    backend_token = service_token(mesh)
+    async with vouching_channel(mesh, token=backend_token) as channel:
         stub = Stub(channel)
 
         async def visible() -> bool:
@@ -754,10 +763,12 @@ async def test_providers_get_the_verified_identity_and_never_the_callers_token(
     for call in calls:
         keys_sent = {key.lower() for key, _ in call["metadata"]}
         assert "authorization" not in keys_sent, call
+        assert SERVICE_METADATA not in keys_sent, call
         assert "x-caller-note" not in keys_sent, call
-        assert caller_token not in json.dumps(call), call
-        for part in caller_token.split("."):
-            assert part not in json.dumps(call["metadata"]), call
+        for sent_token in (caller_token, backend_token):
+            assert sent_token not in json.dumps(call), call
+            for part in sent_token.split("."):
+                assert part not in json.dumps(call["metadata"]), call
         if call["method"] in ("Discover", "Execute"):
             assert call["operator"] == {"subject": "tara", "tenant": "acme", "roles": ["operator"]}
 

@@ -194,7 +194,15 @@ def typed_input(raw: str, field: common_pb2.InputField | None) -> common_pb2.Inp
 
 
 def to_dict(message: Any) -> dict[str, Any]:
-    return dict(MessageToDict(message, preserving_proto_field_name=True))
+    """A message as JSON-ready data, every scalar field present (``available: false``
+    too), so scripts need no knowledge of proto3 defaults."""
+    return dict(
+        MessageToDict(
+            message,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        )
+    )
 
 
 def enum_label(prefix: str, name: str) -> str:

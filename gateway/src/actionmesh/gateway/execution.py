@@ -31,7 +31,7 @@ from opentelemetry import trace
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorized, Authorizer
-from actionmesh.gateway.claims import Claims
+from actionmesh.gateway.claims import Claims, request_hash
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.dispatch import Dispatch, Dispatcher
 from actionmesh.gateway.facts import FactResolver
@@ -52,6 +52,23 @@ from actionmesh.rpc.schema import validate_inputs
 from actionmesh.v1 import common_pb2
 
 UNAVAILABLE_RETRY_S = 1.0
+
+
+def provider_unavailable(provider_id: str, why: str) -> Unavailable:
+    """The refusal when the action's provider cannot run it now (nothing ran)."""
+    return Unavailable(
+        f"provider {provider_id} {why}; nothing ran",
+        reason="PROVIDER_UNAVAILABLE",
+        retry_after_s=UNAVAILABLE_RETRY_S,
+    )
+
+
+class _Replay(Exception):
+    """The request is a retry of an execution that already has its answer."""
+
+    def __init__(self, record: ExecutionRecord) -> None:
+        super().__init__(record.execution_id)
+        self.record = record
 
 
 class Executor:
@@ -80,7 +97,11 @@ class Executor:
         span.set_attribute("actionmesh.tenant", caller.tenant)
         span.set_attribute("actionmesh.record.type", command.record.type)
         attempt_id = uuid.uuid4().hex
-        authorized, command = await self._authorize(caller, command, attempt_id)
+        try:
+            authorized, command = await self._authorize(caller, command, attempt_id)
+        except _Replay as replay:
+            span.set_attribute("actionmesh.execution_id", replay.record.execution_id)
+            return replay.record
         # Before the claim: a refused call leaves no row, so the same key may come back.
         slot = self._admission.enter(caller.tenant, authorized.entry.provider_id)
         try:
@@ -161,17 +182,20 @@ class Executor:
                 caller,
                 command,
                 attempt_id,
-                Unavailable(
-                    f"provider {entry.provider_id} is not healthy; nothing ran",
-                    reason="PROVIDER_UNAVAILABLE",
-                    retry_after_s=UNAVAILABLE_RETRY_S,
-                ),
+                provider_unavailable(entry.provider_id, "is not healthy"),
                 provider_id=entry.provider_id,
             )
         try:
             # Fresh: the system of record (or a trusted caller) says what the record is.
             verified = await self._facts.resolve(caller, command.record, fresh=True)
         except (NotFound, Unavailable) as unknown:
+            await self._replayed(caller, command)
+            if (
+                isinstance(unknown, Unavailable)
+                and unknown.metadata.get("provider_id") == entry.provider_id
+            ):
+                # The action's own provider is its record's source: it is the one down.
+                unknown = provider_unavailable(entry.provider_id, "is not available")
             # Nobody vouched for the record: its inputs are kept as if it were sensitive.
             await self._refuse(
                 caller,
@@ -182,6 +206,7 @@ class Executor:
                 sensitive=True,
             )
         if verified.stale:
+            await self._replayed(caller, command)
             await self._refuse(
                 caller,
                 command,
@@ -201,6 +226,7 @@ class Executor:
         command = command.on(verified.record)
         authorized = self._authorizer.execute(caller, verified, entry, descriptor)
         if not authorized.allowed:
+            await self._replayed(caller, command)
             await self._refuse(
                 caller,
                 command,
@@ -210,6 +236,22 @@ class Executor:
                 authorized=authorized,
             )
         return authorized, command
+
+    async def _replayed(self, caller: Caller, command: ExecuteCommand) -> None:
+        """Raise _Replay when this key already ran this very request to an answer.
+
+        Asked only when the record's facts would refuse the call now: the first attempt
+        may itself have changed the record (its version, its status), and a retry with
+        the same key must get the stored answer rather than a refusal caused by it.
+        """
+        stored = await self._ledger.find_by_key(caller.tenant, command.idempotency_key)
+        if (
+            stored is not None
+            and stored.request_hash == request_hash(caller, command)
+            and stored.finished
+            and stored.outcome is not ExecutionState.UNAVAILABLE
+        ):
+            raise _Replay(stored)
 
     async def _refuse(
         self,

@@ -166,11 +166,8 @@ class FactResolver:
     async def _ask(
         self, source: ProviderEntry, tenant: str, claimed: common_pb2.RecordContext
     ) -> common_pb2.RecordContext:
-        def unavailable(why: str) -> Unavailable:
-            return source_unavailable(source.provider_id, claimed.type, why)
-
         if source.not_serving:
-            raise unavailable("is not healthy")
+            raise source_unavailable(source.provider_id, claimed.type, "is not healthy")
         request = provider_pb2.ResolveRecordRequest(
             tenant=tenant, record=common_pb2.RecordRef(type=claimed.type, id=claimed.id)
         )
@@ -198,7 +195,9 @@ class FactResolver:
                     claimed.type,
                     exc.code().name,
                 )
-                raise unavailable(f"did not answer ({exc.code().name})") from None
+                raise source_unavailable(
+                    source.provider_id, claimed.type, f"did not answer ({exc.code().name})"
+                ) from None
         # The one rule of a valid answer, shared with the conformance kit's source.answer.
         problems = resolved_record_violations(reply, tenant, claimed.type, claimed.id)
         if problems:
@@ -208,5 +207,7 @@ class FactResolver:
                 (tenant, claimed.type, claimed.id),
                 ", ".join(sorted({p.field for p in problems})),
             )
-            raise unavailable("answered a malformed record")
+            raise source_unavailable(
+                source.provider_id, claimed.type, "answered a malformed record"
+            )
         return reply.record

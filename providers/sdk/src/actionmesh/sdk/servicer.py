@@ -231,7 +231,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             if reported is not None:
                 return ExecutionStatus(ExecutionState.RUNNING, progress=reported)
             since = None if held.claimed_at is None else _utc(held.claimed_at)
-            return ExecutionStatus.running(message="running", updated_at=since)
+            return ExecutionStatus.running(
+                message="running; no progress reported", updated_at=since
+            )
         # absent, released or abandoned: the next Execute with the key runs the handler.
         return ExecutionStatus.never_received()
 

@@ -15,6 +15,7 @@ from opentelemetry.trace import Span
 
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.identifiers import REASON
+from actionmesh.rpc.records import record_violations
 from actionmesh.v1 import common_pb2, provider_pb2
 
 _SENSITIVITY = {
@@ -124,6 +125,13 @@ class Facts:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.attributes.items()):
             raise ValueError("Facts.attributes must map strings to strings")
         object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
+        # The record limits the gateway holds a source's answer to, refused here already.
+        problems = [
+            f"{p.field.removeprefix('record.')} {p.description}"
+            for p in record_violations(self.to_proto("tenant", "type", "id"), True)
+        ]
+        if problems:
+            raise ValueError(f"Facts break the record limits: {'; '.join(problems)}")
 
     def to_proto(self, tenant: str, record_type: str, record_id: str) -> common_pb2.RecordContext:
         return common_pb2.RecordContext(
