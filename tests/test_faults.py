@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -66,6 +70,8 @@ DEADLINE_S = 5.0
 SLACK_S = 1.0
 # The fault providers' action timeout: a hung provider gives TIMED_OUT after this.
 ACTION_TIMEOUT_S = 2.0
+# How old a fault provider's claim on a key grows before it counts as abandoned.
+STALE_CLAIM_S = 4.0
 # Every fourth call repeats the key of the call two before it (same provider, same record).
 REPEAT_EVERY = 4
 NEVER = {"UNKNOWN", "INTERNAL"}
@@ -92,6 +98,14 @@ def start_fault_mesh(data_dir: Path, **settings: object) -> Mesh:
         # Long leases: a hung or restarting provider stays registered (reported unhealthy),
         # so what the tests see is health checking, deregistration and resync, not expiry.
         "lease_ttl_s": 30.0,
+        # Reconciliation (and the orphan sweep feeding it) at a test's pace, so what a
+        # fault left unsettled is settled within the suite's bounds.
+        "extra_env": {
+            **TEST_MESH["extra_env"],  # type: ignore[dict-item]
+            "ACTIONMESH_GATEWAY_RECONCILE_INTERVAL_S": "0.5",
+            "ACTIONMESH_GATEWAY_RECONCILE_MAX_BACKOFF_S": "2",
+            "ACTIONMESH_GATEWAY_APPROVAL_SWEEP_INTERVAL_S": "1",
+        },
         **settings,
     }
     mesh = Mesh(MeshSettings(data_dir=data_dir, **merged))  # type: ignore[arg-type]
@@ -138,6 +152,10 @@ def start_fault_provider(
             PROVIDER_ID_ENV: provider,
             JOURNAL_ENV: str(journal_path(mesh, provider)),
             SLEEP_MS_ENV: str(sleep_ms),
+            # Handlers here take at most 1.5 s: a claim older than this was abandoned by
+            # a killed process, so the provider can tell the reconciler so while the suite
+            # runs (the default waits five minutes).
+            "ACTIONMESH_PROVIDER_DEDUPE_STALE_CLAIM_S": str(STALE_CLAIM_S),
             TIMEOUT_S_ENV: str(timeout_s),
         },
     )
@@ -326,10 +344,32 @@ def assert_categorized_and_bounded(calls: Sequence[Call]) -> None:
 
 
 def assert_no_key_ran_twice(mesh: Mesh, providers: Sequence[str] = (VICTIM, BYSTANDER)) -> None:
+    """No key reached a handler twice, except after the process running it was killed
+    mid-handler: its claim is then abandoned and the key runs again (once) in the next
+    process, as the SDK documents (handlers re-check their own state)."""
     for provider in providers:
         entries = read_journal(journal_path(mesh, provider))
-        twice = {k: n for k, n in Counter(e["key"] for e in entries).items() if n > 1}
+        live = {e["pid"] for e in entries if pid_alive(e["pid"])}
+        runs: dict[str, list[int]] = defaultdict(list)
+        for entry in entries:
+            runs[entry["key"]].append(entry["pid"])
+        twice = {
+            key: pids
+            for key, pids in runs.items()
+            if len(pids) > 1
+            and (len(set(pids)) != len(pids) or any(pid in live for pid in pids[:-1]))
+        }
         assert not twice, f"{provider} ran these keys more than once: {twice}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def gateway_executions(mesh: Mesh, keys: set[str]) -> dict[str, ExecutionRecord]:
@@ -455,6 +495,47 @@ async def assert_audit_complete(
         pytest.fail("audit evidence incomplete:\n" + "\n".join(problems[:20]))
     chain = await verify_chain(mesh)
     assert chain.intact
+    await assert_nothing_unresolved(mesh)
+
+
+UNRESOLVED = ("executions", "--unresolved", "--json")
+
+
+async def assert_nothing_unresolved(mesh: Mesh) -> None:
+    """Once the fault has healed, no execution's outcome is left unknown: what
+    `actionmesh executions --unresolved` shows is empty (its exit code 0)."""
+
+    async def unresolved() -> list[gateway_pb2.Execution]:
+        async with vouching_channel(mesh, options=CHANNEL_OPTIONS) as ch:
+            reply = await gateway_pb2_grpc.ActionGatewayServiceStub(ch).ListExecutions(
+                gateway_pb2.ListExecutionsRequest(unresolved=True, page_size=100),
+                metadata=bearer(operator_token(mesh)),
+                timeout=DEADLINE_S,
+            )
+        return list(reply.unresolved)
+
+    async def settled() -> bool:
+        return not await unresolved()
+
+    try:
+        await eventually(settled, timeout_s=30)
+    except AssertionError:
+        left = [
+            f"{e.execution_id} {common_pb2.Outcome.Name(e.outcome)} {e.reason} "
+            f"{gateway_pb2.ReconcileState.Name(e.reconcile_state)} {e.resolved_reason}"
+            for e in await unresolved()
+        ]
+        pytest.fail("executions left unresolved after the fault healed:\n" + "\n".join(left))
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "actionmesh.cli", "--data-dir", str(mesh.data_dir), *UNRESOLVED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ACTIONMESH_TOKEN": operator_token(mesh)},
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert json.loads(shown.stdout) == [], shown.stdout
 
 
 def assert_invariants(mesh: Mesh, calls: Sequence[Call]) -> None:

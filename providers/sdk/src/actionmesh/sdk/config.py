@@ -72,10 +72,22 @@ class ProviderConfig:
     registry_retry_max_s: float = 10.0
     """Upper bound of the backoff between attempts to reach the registry."""
 
+    dedupe_stale_claim_s: float = 300.0
+    """With ``dedupe=True``: how old a claim on an idempotency key may grow without a
+    result before it counts as abandoned by a process that stopped mid-handler. An
+    abandoned key runs again at its next Execute (handlers re-check their own state),
+    and GetExecutionStatus answers NEVER_RECEIVED for it; until then it is RUNNING.
+    Must exceed the longest handler."""
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("drain_timeout_s", "deregister_timeout_s", "registry_retry_max_s"):
+        for name in (
+            "drain_timeout_s",
+            "deregister_timeout_s",
+            "registry_retry_max_s",
+            "dedupe_stale_claim_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         self.tls.check(server=True)

@@ -34,11 +34,11 @@ class OwnedStore(IdempotencyStore, Protocol):
     def close(self) -> None: ...
 
 
-def open_idempotency_store(url: str) -> OwnedStore:
+def open_idempotency_store(url: str, *, stale_claim_s: float = 300.0) -> OwnedStore:
     """The store of ``dedupe=True``: the SQLite file of ``url`` through the standard
     library, or any other database through SQLAlchemy (the ``sql`` extra)."""
     if sqlite_path(url) is not None:
-        return SqliteIdempotencyStore.open(url)
+        return SqliteIdempotencyStore.open(url, stale_claim_s=stale_claim_s)
     try:
         from actionmesh.sdk.sqlstore import SqlIdempotencyStore
     except ImportError:
@@ -46,7 +46,7 @@ def open_idempotency_store(url: str) -> OwnedStore:
             f"dedupe=True on a {url.split(':', 1)[0]} database needs SQLAlchemy: install "
             "actionmesh-sdk[sql], or pass dedupe=YOUR_STORE (an IdempotencyStore)"
         ) from None
-    return SqlIdempotencyStore.open(url)
+    return SqlIdempotencyStore.open(url, stale_claim_s=stale_claim_s)
 
 
 async def _run_stop_hooks(provider: Provider) -> None:
@@ -78,7 +78,9 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
         store: IdempotencyStore | None = None
         if provider.dedupe is True:
             owned_store = await asyncio.to_thread(
-                open_idempotency_store, config.database_url_for(provider.id)
+                open_idempotency_store,
+                config.database_url_for(provider.id),
+                stale_claim_s=config.dedupe_stale_claim_s,
             )
             await asyncio.to_thread(owned_store.prune, IDEMPOTENCY_RETENTION_S)
             store = owned_store
