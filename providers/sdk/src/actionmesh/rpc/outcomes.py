@@ -11,7 +11,14 @@ REJECTED           the provider refused                              no, fix fir
 UNAVAILABLE        provider unreachable or not healthy; nothing ran  yes
 TIMED_OUT          deadline passed; it may or may not have acted     same key only
 PARTIAL            the work succeeded but a later step failed        human follow-up
+ACCEPTED           long-running: accepted, still at work (not final) no, same execution
+CANCELLED          long-running: stopped at a caller's request       n/a
 =================  ================================================  ==============
+
+Final are all but PENDING_APPROVAL and ACCEPTED. An outcome that leaves open whether
+the provider acted (TIMED_OUT; PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``) is settled
+afterwards by asking the provider (the gateway's reconciler): what the caller was told
+stays, the resolved outcome is added.
 
 :func:`outcome_for_status` is how a provider's deliberate gRPC status reads as an
 outcome: the gateway records it, the SDK traces it, from this one table.
@@ -25,7 +32,13 @@ import grpc
 
 from actionmesh.v1 import common_pb2
 
-__all__ = ["PROVIDER_OUTCOMES", "Outcome", "outcome_for_status"]
+__all__ = [
+    "FINAL_PROVIDER_OUTCOMES",
+    "LONG_RUNNING_OUTCOMES",
+    "PROVIDER_OUTCOMES",
+    "Outcome",
+    "outcome_for_status",
+]
 
 
 class Outcome(enum.StrEnum):
@@ -38,6 +51,8 @@ class Outcome(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     TIMED_OUT = "TIMED_OUT"
     PARTIAL = "PARTIAL"
+    ACCEPTED = "ACCEPTED"
+    CANCELLED = "CANCELLED"
 
     def to_proto(self) -> common_pb2.Outcome.ValueType:
         return common_pb2.Outcome.Value(f"OUTCOME_{self.value}")
@@ -57,6 +72,13 @@ class Outcome(enum.StrEnum):
 
 PROVIDER_OUTCOMES = frozenset({Outcome.SUCCEEDED, Outcome.REJECTED, Outcome.PARTIAL})
 """What a provider may answer Execute with; the rest are the platform's to decide."""
+
+LONG_RUNNING_OUTCOMES = PROVIDER_OUTCOMES | {Outcome.ACCEPTED}
+"""What a provider may answer Execute with for a long-running action."""
+
+FINAL_PROVIDER_OUTCOMES = PROVIDER_OUTCOMES | {Outcome.CANCELLED}
+"""What a provider may report as the final answer of a long-running execution
+(GetExecutionStatus FINISHED): CANCELLED only after it was asked to stop."""
 
 _REJECTING = frozenset(
     {

@@ -63,6 +63,16 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     keeps no results, or it gave up asking): a person must. reason says why
     (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP); outcome is the one told.
     """
+    AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED: _AuditEventType.ValueType  # 12
+    """A long-running action's provider accepted the work (outcome ACCEPTED,
+    external_ref when it named one). The final outcome comes as EXECUTION_FINISHED.
+    """
+    AUDIT_EVENT_TYPE_EXECUTION_PROGRESS: _AuditEventType.ValueType  # 13
+    """The provider of an ACCEPTED execution reported progress (progress holds it)."""
+    AUDIT_EVENT_TYPE_EXECUTION_CANCEL_REQUESTED: _AuditEventType.ValueType  # 14
+    """Someone asked to stop an ACCEPTED execution: actor the canceller, message the
+    comment. Refused by policy: outcome DENIED with reason POLICY_DENIED.
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper): ...
 
@@ -101,6 +111,16 @@ AUDIT_EVENT_TYPE_EXECUTION_NEEDS_ATTENTION: AuditEventType.ValueType  # 11
 """The gateway cannot find out what became of such an execution (the provider
 keeps no results, or it gave up asking): a person must. reason says why
 (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP); outcome is the one told.
+"""
+AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED: AuditEventType.ValueType  # 12
+"""A long-running action's provider accepted the work (outcome ACCEPTED,
+external_ref when it named one). The final outcome comes as EXECUTION_FINISHED.
+"""
+AUDIT_EVENT_TYPE_EXECUTION_PROGRESS: AuditEventType.ValueType  # 13
+"""The provider of an ACCEPTED execution reported progress (progress holds it)."""
+AUDIT_EVENT_TYPE_EXECUTION_CANCEL_REQUESTED: AuditEventType.ValueType  # 14
+"""Someone asked to stop an ACCEPTED execution: actor the canceller, message the
+comment. Refused by policy: outcome DENIED with reason POLICY_DENIED.
 """
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
@@ -224,6 +244,7 @@ class AuditEvent(_message.Message):
     CHAIN_HASH_FIELD_NUMBER: _builtins.int
     FACTS_FIELD_NUMBER: _builtins.int
     TOLD_OUTCOME_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -297,6 +318,10 @@ class AuditEvent(_message.Message):
     def facts(self) -> _common_pb2.RecordFacts:
         """The facts about the record the decision used, and who vouched for them."""
 
+    @_builtins.property
+    def progress(self) -> _common_pb2.ExecutionProgress:
+        """EXECUTION_PROGRESS: what the provider reported."""
+
     def __init__(
         self,
         *,
@@ -331,10 +356,11 @@ class AuditEvent(_message.Message):
         chain_hash: _builtins.str = ...,
         facts: _common_pb2.RecordFacts | None = ...,
         told_outcome: _common_pb2.Outcome.ValueType = ...,
+        progress: _common_pb2.ExecutionProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "progress", b"progress", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "told_outcome", b"told_outcome", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "told_outcome", b"told_outcome", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x63tionmesh/v1/common.proto\x12\ractionmesh.v1\"%\n\tRecordRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\x80\x02\n\rRecordContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12/\n\x0bsensitivity\x18\x05 \x01(\x0e\x32\x1a.actionmesh.v1.Sensitivity\x12@\n\nattributes\x18\x06 \x03(\x0b\x32,.actionmesh.v1.RecordContext.AttributesEntry\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x0bRecordFacts\x12)\n\x06source\x18\x01 \x01(\x0e\x32\x19.actionmesh.v1.FactSource\x12\x12\n\nvouched_by\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12/\n\x0bsensitivity\x18\x05 \x01(\x0e\x32\x1a.actionmesh.v1.Sensitivity\x12>\n\nattributes\x18\x06 \x03(\x0b\x32*.actionmesh.v1.RecordFacts.AttributesEntry\x12\x16\n\x0e\x63\x61ller_version\x18\x07 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x08Operator\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\"\x95\x02\n\nInputField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.actionmesh.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x17\n\nmin_length\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\x0e\x61llowed_values\x18\t \x03(\tB\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\n\n\x08_minimumB\n\n\x08_maximum\"s\n\nInputValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x17\n\rinteger_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xf0\x01\n\x10\x41\x63tionDescriptor\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0crecord_types\x18\x04 \x03(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.actionmesh.v1.InputField\x12\x12\n\nreversible\x18\x06 \x01(\x08\x12\x19\n\x11requires_approval\x18\x07 \x01(\x08\x12!\n\x04risk\x18\x08 \x01(\x0e\x32\x13.actionmesh.v1.Risk\x12\x12\n\ntimeout_ms\x18\t \x01(\r\";\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t*\xc6\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x1c\n\x18OUTCOME_PENDING_APPROVAL\x10\x02\x12\x12\n\x0eOUTCOME_DENIED\x10\x03\x12\x14\n\x10OUTCOME_REJECTED\x10\x04\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x05\x12\x15\n\x11OUTCOME_TIMED_OUT\x10\x06\x12\x13\n\x0fOUTCOME_PARTIAL\x10\x07*J\n\x04Risk\x12\x14\n\x10RISK_UNSPECIFIED\x10\x00\x12\x0c\n\x08RISK_LOW\x10\x01\x12\x0f\n\x0bRISK_MEDIUM\x10\x02\x12\r\n\tRISK_HIGH\x10\x03*y\n\x0bSensitivity\x12\x1b\n\x17SENSITIVITY_UNSPECIFIED\x10\x00\x12\x16\n\x12SENSITIVITY_NORMAL\x10\x01\x12\x19\n\x15SENSITIVITY_SENSITIVE\x10\x02\x12\x1a\n\x16SENSITIVITY_RESTRICTED\x10\x03*\x7f\n\nFactSource\x12\x1b\n\x17\x46\x41\x43T_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41\x43T_SOURCE_PROVIDER\x10\x01\x12\x1e\n\x1a\x46\x41\x43T_SOURCE_TRUSTED_CALLER\x10\x02\x12\x1a\n\x16\x46\x41\x43T_SOURCE_UNVERIFIED\x10\x03*\x9a\x01\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_TYPE_STRING\x10\x01\x12\x16\n\x12INPUT_TYPE_INTEGER\x10\x02\x12\x15\n\x11INPUT_TYPE_NUMBER\x10\x03\x12\x16\n\x12INPUT_TYPE_BOOLEAN\x10\x04\x12\x13\n\x0fINPUT_TYPE_ENUM\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x63tionmesh/v1/common.proto\x12\ractionmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\tRecordRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\x80\x02\n\rRecordContext\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12/\n\x0bsensitivity\x18\x05 \x01(\x0e\x32\x1a.actionmesh.v1.Sensitivity\x12@\n\nattributes\x18\x06 \x03(\x0b\x32,.actionmesh.v1.RecordContext.AttributesEntry\x12\x0f\n\x07version\x18\x07 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x02\n\x0bRecordFacts\x12)\n\x06source\x18\x01 \x01(\x0e\x32\x19.actionmesh.v1.FactSource\x12\x12\n\nvouched_by\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12/\n\x0bsensitivity\x18\x05 \x01(\x0e\x32\x1a.actionmesh.v1.Sensitivity\x12>\n\nattributes\x18\x06 \x03(\x0b\x32*.actionmesh.v1.RecordFacts.AttributesEntry\x12\x16\n\x0e\x63\x61ller_version\x18\x07 \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x08Operator\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\"\x95\x02\n\nInputField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.actionmesh.v1.InputType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x17\n\nmin_length\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x07minimum\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\x0e\x61llowed_values\x18\t \x03(\tB\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\n\n\x08_minimumB\n\n\x08_maximum\"s\n\nInputValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x17\n\rinteger_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\xa2\x02\n\x10\x41\x63tionDescriptor\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0crecord_types\x18\x04 \x03(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.actionmesh.v1.InputField\x12\x12\n\nreversible\x18\x06 \x01(\x08\x12\x19\n\x11requires_approval\x18\x07 \x01(\x08\x12!\n\x04risk\x18\x08 \x01(\x0e\x32\x13.actionmesh.v1.Risk\x12\x12\n\ntimeout_ms\x18\t \x01(\r\x12\x30\n\x0clong_running\x18\n \x01(\x0b\x32\x1a.actionmesh.v1.LongRunning\"T\n\x0bLongRunning\x12\x16\n\x0emax_duration_s\x18\x01 \x01(\r\x12\x18\n\x10poll_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0b\x63\x61ncellable\x18\x03 \x01(\x08\"v\n\x11\x45xecutionProgress\x12\x14\n\x07percent\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_percent\";\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t*\xf3\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x1c\n\x18OUTCOME_PENDING_APPROVAL\x10\x02\x12\x12\n\x0eOUTCOME_DENIED\x10\x03\x12\x14\n\x10OUTCOME_REJECTED\x10\x04\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x05\x12\x15\n\x11OUTCOME_TIMED_OUT\x10\x06\x12\x13\n\x0fOUTCOME_PARTIAL\x10\x07\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x08\x12\x15\n\x11OUTCOME_CANCELLED\x10\t*J\n\x04Risk\x12\x14\n\x10RISK_UNSPECIFIED\x10\x00\x12\x0c\n\x08RISK_LOW\x10\x01\x12\x0f\n\x0bRISK_MEDIUM\x10\x02\x12\r\n\tRISK_HIGH\x10\x03*y\n\x0bSensitivity\x12\x1b\n\x17SENSITIVITY_UNSPECIFIED\x10\x00\x12\x16\n\x12SENSITIVITY_NORMAL\x10\x01\x12\x19\n\x15SENSITIVITY_SENSITIVE\x10\x02\x12\x1a\n\x16SENSITIVITY_RESTRICTED\x10\x03*\x7f\n\nFactSource\x12\x1b\n\x17\x46\x41\x43T_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41\x43T_SOURCE_PROVIDER\x10\x01\x12\x1e\n\x1a\x46\x41\x43T_SOURCE_TRUSTED_CALLER\x10\x02\x12\x1a\n\x16\x46\x41\x43T_SOURCE_UNVERIFIED\x10\x03*\x9a\x01\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_TYPE_STRING\x10\x01\x12\x16\n\x12INPUT_TYPE_INTEGER\x10\x02\x12\x15\n\x11INPUT_TYPE_NUMBER\x10\x03\x12\x16\n\x12INPUT_TYPE_BOOLEAN\x10\x04\x12\x13\n\x0fINPUT_TYPE_ENUM\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDCONTEXT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_RECORDFACTS_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_RECORDFACTS_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=1405
-  _globals['_OUTCOME']._serialized_end=1603
-  _globals['_RISK']._serialized_start=1605
-  _globals['_RISK']._serialized_end=1679
-  _globals['_SENSITIVITY']._serialized_start=1681
-  _globals['_SENSITIVITY']._serialized_end=1802
-  _globals['_FACTSOURCE']._serialized_start=1804
-  _globals['_FACTSOURCE']._serialized_end=1931
-  _globals['_INPUTTYPE']._serialized_start=1934
-  _globals['_INPUTTYPE']._serialized_end=2088
-  _globals['_RECORDREF']._serialized_start=45
-  _globals['_RECORDREF']._serialized_end=82
-  _globals['_RECORDCONTEXT']._serialized_start=85
-  _globals['_RECORDCONTEXT']._serialized_end=341
-  _globals['_RECORDCONTEXT_ATTRIBUTESENTRY']._serialized_start=292
-  _globals['_RECORDCONTEXT_ATTRIBUTESENTRY']._serialized_end=341
-  _globals['_RECORDFACTS']._serialized_start=344
-  _globals['_RECORDFACTS']._serialized_end=641
-  _globals['_RECORDFACTS_ATTRIBUTESENTRY']._serialized_start=292
-  _globals['_RECORDFACTS_ATTRIBUTESENTRY']._serialized_end=341
-  _globals['_OPERATOR']._serialized_start=643
-  _globals['_OPERATOR']._serialized_end=701
-  _globals['_INPUTFIELD']._serialized_start=704
-  _globals['_INPUTFIELD']._serialized_end=981
-  _globals['_INPUTVALUE']._serialized_start=983
-  _globals['_INPUTVALUE']._serialized_end=1098
-  _globals['_ACTIONDESCRIPTOR']._serialized_start=1101
-  _globals['_ACTIONDESCRIPTOR']._serialized_end=1341
-  _globals['_FIELDCHANGE']._serialized_start=1343
-  _globals['_FIELDCHANGE']._serialized_end=1402
+  _globals['_OUTCOME']._serialized_start=1694
+  _globals['_OUTCOME']._serialized_end=1937
+  _globals['_RISK']._serialized_start=1939
+  _globals['_RISK']._serialized_end=2013
+  _globals['_SENSITIVITY']._serialized_start=2015
+  _globals['_SENSITIVITY']._serialized_end=2136
+  _globals['_FACTSOURCE']._serialized_start=2138
+  _globals['_FACTSOURCE']._serialized_end=2265
+  _globals['_INPUTTYPE']._serialized_start=2268
+  _globals['_INPUTTYPE']._serialized_end=2422
+  _globals['_RECORDREF']._serialized_start=78
+  _globals['_RECORDREF']._serialized_end=115
+  _globals['_RECORDCONTEXT']._serialized_start=118
+  _globals['_RECORDCONTEXT']._serialized_end=374
+  _globals['_RECORDCONTEXT_ATTRIBUTESENTRY']._serialized_start=325
+  _globals['_RECORDCONTEXT_ATTRIBUTESENTRY']._serialized_end=374
+  _globals['_RECORDFACTS']._serialized_start=377
+  _globals['_RECORDFACTS']._serialized_end=674
+  _globals['_RECORDFACTS_ATTRIBUTESENTRY']._serialized_start=325
+  _globals['_RECORDFACTS_ATTRIBUTESENTRY']._serialized_end=374
+  _globals['_OPERATOR']._serialized_start=676
+  _globals['_OPERATOR']._serialized_end=734
+  _globals['_INPUTFIELD']._serialized_start=737
+  _globals['_INPUTFIELD']._serialized_end=1014
+  _globals['_INPUTVALUE']._serialized_start=1016
+  _globals['_INPUTVALUE']._serialized_end=1131
+  _globals['_ACTIONDESCRIPTOR']._serialized_start=1134
+  _globals['_ACTIONDESCRIPTOR']._serialized_end=1424
+  _globals['_LONGRUNNING']._serialized_start=1426
+  _globals['_LONGRUNNING']._serialized_end=1510
+  _globals['_EXECUTIONPROGRESS']._serialized_start=1512
+  _globals['_EXECUTIONPROGRESS']._serialized_end=1630
+  _globals['_FIELDCHANGE']._serialized_start=1632
+  _globals['_FIELDCHANGE']._serialized_end=1691
 # @@protoc_insertion_point(module_scope)

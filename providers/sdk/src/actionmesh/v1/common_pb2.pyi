@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -44,6 +45,18 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """The external work succeeded but another step failed, or the provider failed
     in a way that leaves its state unknown. Needs human follow-up.
     """
+    OUTCOME_ACCEPTED: _Outcome.ValueType  # 8
+    """Long-running actions only (ActionDescriptor.long_running): the provider accepted
+    the work and is still at it. Not final: the same execution moves on to its final
+    outcome (GetExecution; the record's history shows EXECUTION_ACCEPTED, then
+    EXECUTION_PROGRESS events, then EXECUTION_FINISHED). A same-key retry returns
+    this execution; do not retry with a new key. It may be cancelled.
+    """
+    OUTCOME_CANCELLED: _Outcome.ValueType  # 9
+    """A long-running execution stopped because a caller cancelled it (or the gateway
+    did, past its maximum duration) before it finished; `changes` holds what it
+    had changed by then. Final.
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """Types shared by every actionmesh service: the record an action is about, the
@@ -51,8 +64,9 @@ class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     vocabulary used everywhere (gateway, providers, audit).
 
     What happened to one execution attempt. The same vocabulary is used by the
-    gateway, by providers (which may only report SUCCEEDED, REJECTED or PARTIAL)
-    and by the audit log.
+    gateway, by providers (which may only report SUCCEEDED, REJECTED or PARTIAL;
+    ACCEPTED and CANCELLED too for long-running actions) and by the audit log.
+    Every outcome is final but ACCEPTED and PENDING_APPROVAL.
     """
 
 OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
@@ -73,6 +87,18 @@ the same idempotency key.
 OUTCOME_PARTIAL: Outcome.ValueType  # 7
 """The external work succeeded but another step failed, or the provider failed
 in a way that leaves its state unknown. Needs human follow-up.
+"""
+OUTCOME_ACCEPTED: Outcome.ValueType  # 8
+"""Long-running actions only (ActionDescriptor.long_running): the provider accepted
+the work and is still at it. Not final: the same execution moves on to its final
+outcome (GetExecution; the record's history shows EXECUTION_ACCEPTED, then
+EXECUTION_PROGRESS events, then EXECUTION_FINISHED). A same-key retry returns
+this execution; do not retry with a new key. It may be cancelled.
+"""
+OUTCOME_CANCELLED: Outcome.ValueType  # 9
+"""A long-running execution stopped because a caller cancelled it (or the gateway
+did, past its maximum duration) before it finished; `changes` holds what it
+had changed by then. Final.
 """
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
@@ -475,6 +501,7 @@ class ActionDescriptor(_message.Message):
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
     RISK_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    LONG_RUNNING_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     """Stable id, e.g. "workitem.retry"."""
     label: _builtins.str
@@ -485,7 +512,8 @@ class ActionDescriptor(_message.Message):
     risk: Global___Risk.ValueType
     timeout_ms: _builtins.int
     """Execution deadline the gateway enforces, in milliseconds; 0 means the
-    gateway default.
+    gateway default. For a long-running action: the deadline of Execute's answer
+    (ACCEPTED, or final when it finishes at once).
     """
     @_builtins.property
     def record_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -494,6 +522,12 @@ class ActionDescriptor(_message.Message):
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputField]:
         """The typed input schema; the gateway validates inputs against it."""
+
+    @_builtins.property
+    def long_running(self) -> Global___LongRunning:
+        """Set for a long-running action: Execute may answer ACCEPTED, and the gateway
+        follows the execution to its final outcome. Unset: Execute's answer is final.
+        """
 
     def __init__(
         self,
@@ -507,14 +541,93 @@ class ActionDescriptor(_message.Message):
         requires_approval: _builtins.bool = ...,
         risk: Global___Risk.ValueType = ...,
         timeout_ms: _builtins.int = ...,
+        long_running: Global___LongRunning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["long_running", b"long_running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "description", b"description", "inputs", b"inputs", "label", b"label", "record_types", b"record_types", "requires_approval", b"requires_approval", "reversible", b"reversible", "risk", b"risk", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "description", b"description", "inputs", b"inputs", "label", b"label", "long_running", b"long_running", "record_types", b"record_types", "requires_approval", b"requires_approval", "reversible", b"reversible", "risk", b"risk", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActionDescriptor: _TypeAlias = ActionDescriptor  # noqa: Y015
+
+@_typing.final
+class LongRunning(_message.Message):
+    """How the gateway follows a long-running action after Execute answered ACCEPTED.
+    The gateway polls (GetExecutionStatus) rather than being called back: it needs no
+    route from providers to gateways and no credential of theirs, it survives its own
+    restarts (the execution is durably due for a question), and across replicas one
+    at a time asks (a lease), as for every execution whose outcome is not known yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_DURATION_S_FIELD_NUMBER: _builtins.int
+    POLL_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    CANCELLABLE_FIELD_NUMBER: _builtins.int
+    max_duration_s: _builtins.int
+    """The longest the action may run, from dispatch (required, > 0). Past it the
+    gateway asks the provider to cancel, ends the execution TIMED_OUT
+    (MAX_DURATION_EXCEEDED) and reconciles it like any other TIMED_OUT.
+    """
+    poll_interval_ms: _builtins.int
+    """How often the gateway asks the provider how the execution is going; 0: the
+    gateway's default (long_running_poll_interval_s).
+    """
+    cancellable: _builtins.bool
+    """Whether a caller may cancel a running execution (gateway CancelExecution,
+    governed by policy). The provider then implements StopExecution.
+    """
+    def __init__(
+        self,
+        *,
+        max_duration_s: _builtins.int = ...,
+        poll_interval_ms: _builtins.int = ...,
+        cancellable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancellable", b"cancellable", "max_duration_s", b"max_duration_s", "poll_interval_ms", b"poll_interval_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LongRunning: _TypeAlias = LongRunning  # noqa: Y015
+
+@_typing.final
+class ExecutionProgress(_message.Message):
+    """How far a running execution got, as far as the provider can tell."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    """Percent done (0-100), when the provider can tell."""
+    message: _builtins.str
+    """Human-readable, e.g. "waiting for the support platform"."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the provider last learned something about the execution (for an SDK
+        provider without progress reports: when the execution started).
+        """
+
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int | None = ...,
+        message: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "message", b"message", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__percent: _TypeAlias = _typing.Literal["percent"]  # noqa: Y015
+    _WhichOneofArgType__percent: _TypeAlias = _typing.Literal["_percent", b"_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percent) -> _WhichOneofReturnType__percent | None: ...
+
+Global___ExecutionProgress: _TypeAlias = ExecutionProgress  # noqa: Y015
 
 @_typing.final
 class FieldChange(_message.Message):

@@ -264,6 +264,12 @@ class Execution(_message.Message):
     RESOLVED_REASON_FIELD_NUMBER: _builtins.int
     RECONCILE_ATTEMPTS_FIELD_NUMBER: _builtins.int
     RECONCILE_NEXT_AT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    RUN_DEADLINE_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    CANCEL_COMMENT_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     action_id: _builtins.str
     provider_id: _builtins.str
@@ -291,6 +297,9 @@ class Execution(_message.Message):
     """
     reconcile_attempts: _builtins.int
     """How often the gateway asked the provider without a final answer."""
+    cancel_requested_by: _builtins.str
+    """Who asked to cancel it, when, and why (empty: nobody did)."""
+    cancel_comment: _builtins.str
     @_builtins.property
     def record(self) -> _common_pb2.RecordRef: ...
     @_builtins.property
@@ -317,6 +326,20 @@ class Execution(_message.Message):
     def reconcile_next_at(self) -> _timestamp_pb2.Timestamp:
         """When it asks next (PENDING only)."""
 
+    @_builtins.property
+    def progress(self) -> _common_pb2.ExecutionProgress:
+        """Long-running executions: the provider's last progress report."""
+
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """Long-running executions: when the provider accepted the work, and by when it
+        must have finished (dispatch + max_duration_s).
+        """
+
+    @_builtins.property
+    def run_deadline(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cancel_requested_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -344,14 +367,63 @@ class Execution(_message.Message):
         resolved_reason: _builtins.str = ...,
         reconcile_attempts: _builtins.int = ...,
         reconcile_next_at: _timestamp_pb2.Timestamp | None = ...,
+        progress: _common_pb2.ExecutionProgress | None = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+        run_deadline: _timestamp_pb2.Timestamp | None = ...,
+        cancel_requested_by: _builtins.str = ...,
+        cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        cancel_comment: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "reconcile_next_at", b"reconcile_next_at", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "approval", b"approval", "cancel_requested_at", b"cancel_requested_at", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "progress", b"progress", "reconcile_next_at", b"reconcile_next_at", "record", b"record", "run_deadline", b"run_deadline", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "approval", b"approval", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "provider_id", b"provider_id", "reason", b"reason", "reconcile_attempts", b"reconcile_attempts", "reconcile_next_at", b"reconcile_next_at", "reconcile_state", b"reconcile_state", "record", b"record", "resolved_reason", b"resolved_reason", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "action_id", b"action_id", "actor", b"actor", "approval", b"approval", "cancel_comment", b"cancel_comment", "cancel_requested_at", b"cancel_requested_at", "cancel_requested_by", b"cancel_requested_by", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "reconcile_attempts", b"reconcile_attempts", "reconcile_next_at", b"reconcile_next_at", "reconcile_state", b"reconcile_state", "record", b"record", "resolved_reason", b"resolved_reason", "run_deadline", b"run_deadline", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Execution: _TypeAlias = Execution  # noqa: Y015
+
+@_typing.final
+class CancelExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    comment: _builtins.str
+    """Why, kept as evidence (required, like an approval's comment)."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "execution_id", b"execution_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionRequest: _TypeAlias = CancelExecutionRequest  # noqa: Y015
+
+@_typing.final
+class CancelExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionResponse: _TypeAlias = CancelExecutionResponse  # noqa: Y015
 
 @_typing.final
 class Approval(_message.Message):

@@ -108,6 +108,11 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.FromString,
                 _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/CancelExecution',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class ActionGatewayServiceServicer:
@@ -220,6 +225,19 @@ class ActionGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExecution(self, request, context):
+        """Asks an ACCEPTED execution of a cancellable long-running action to stop.
+        Governed by policy (Cedar action "cancel"; the default lets the requester and
+        supervisors cancel) and audited (EXECUTION_CANCEL_REQUESTED, also when refused).
+        The provider is told; the execution stays ACCEPTED until it reports its final
+        outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
+        EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
+        or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +290,11 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     servicer.GetTrace,
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +591,33 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/GetTrace',
             actionmesh_dot_v1_dot_gateway__pb2.GetTraceRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.GetTraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/CancelExecution',
+            actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

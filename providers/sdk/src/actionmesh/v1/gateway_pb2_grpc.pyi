@@ -97,6 +97,15 @@ class ActionGatewayServiceStub:
     """Every audit event of one trace id in the caller's tenant (what an SRE
     follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
     """
+    CancelExecution: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CancelExecutionRequest, _gateway_pb2.CancelExecutionResponse]
+    """Asks an ACCEPTED execution of a cancellable long-running action to stop.
+    Governed by policy (Cedar action "cancel"; the default lets the requester and
+    supervisors cancel) and audited (EXECUTION_CANCEL_REQUESTED, also when refused).
+    The provider is told; the execution stays ACCEPTED until it reports its final
+    outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
+    EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
+    or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
+    """
 
 @_typing.type_check_only
 class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
@@ -166,6 +175,15 @@ class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     GetTrace: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetTraceRequest, _gateway_pb2.GetTraceResponse]  # type: ignore[assignment]
     """Every audit event of one trace id in the caller's tenant (what an SRE
     follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
+    """
+    CancelExecution: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CancelExecutionRequest, _gateway_pb2.CancelExecutionResponse]  # type: ignore[assignment]
+    """Asks an ACCEPTED execution of a cancellable long-running action to stop.
+    Governed by policy (Cedar action "cancel"; the default lets the requester and
+    supervisors cancel) and audited (EXECUTION_CANCEL_REQUESTED, also when refused).
+    The provider is told; the execution stays ACCEPTED until it reports its final
+    outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
+    EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
+    or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
     """
 
 class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -293,6 +311,21 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_gateway_pb2.GetTraceResponse, _abc.Awaitable[_gateway_pb2.GetTraceResponse]]:
         """Every audit event of one trace id in the caller's tenant (what an SRE
         follows from a trace to the evidence). Another tenant's trace is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelExecution(
+        self,
+        request: _gateway_pb2.CancelExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CancelExecutionResponse, _abc.Awaitable[_gateway_pb2.CancelExecutionResponse]]:
+        """Asks an ACCEPTED execution of a cancellable long-running action to stop.
+        Governed by policy (Cedar action "cancel"; the default lets the requester and
+        supervisors cancel) and audited (EXECUTION_CANCEL_REQUESTED, also when refused).
+        The provider is told; the execution stays ACCEPTED until it reports its final
+        outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
+        EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
+        or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
         """
 
 def add_ActionGatewayServiceServicer_to_server(servicer: ActionGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

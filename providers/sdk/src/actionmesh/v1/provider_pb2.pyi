@@ -253,7 +253,10 @@ class ExecuteResponse(_message.Message):
     CHANGES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     outcome: _common_pb2.Outcome.ValueType
-    """SUCCEEDED, REJECTED or PARTIAL; anything else is a protocol error."""
+    """SUCCEEDED, REJECTED or PARTIAL; for a long-running action also ACCEPTED (the
+    work goes on; its final answer comes through GetExecutionStatus, and
+    external_ref may already name it). Anything else is a protocol error.
+    """
     reason: _builtins.str
     """Machine-readable reason for REJECTED or PARTIAL, e.g. "NOT_FAILED"."""
     message: _builtins.str
@@ -364,42 +367,6 @@ class GetExecutionStatusRequest(_message.Message):
 Global___GetExecutionStatusRequest: _TypeAlias = GetExecutionStatusRequest  # noqa: Y015
 
 @_typing.final
-class ExecutionProgress(_message.Message):
-    """How far a running execution got, as far as the provider can tell."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PERCENT_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    UPDATED_AT_FIELD_NUMBER: _builtins.int
-    percent: _builtins.int
-    """Percent done (0-100), when the provider can tell."""
-    message: _builtins.str
-    """Human-readable, e.g. "waiting for the support platform"."""
-    @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp:
-        """When the provider last learned something about the execution (for an SDK
-        provider without progress reports: when the execution started).
-        """
-
-    def __init__(
-        self,
-        *,
-        percent: _builtins.int | None = ...,
-        message: _builtins.str = ...,
-        updated_at: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "message", b"message", "percent", b"percent", "updated_at", b"updated_at"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__percent: _TypeAlias = _typing.Literal["percent"]  # noqa: Y015
-    _WhichOneofArgType__percent: _TypeAlias = _typing.Literal["_percent", b"_percent"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__percent) -> _WhichOneofReturnType__percent | None: ...
-
-Global___ExecutionProgress: _TypeAlias = ExecutionProgress  # noqa: Y015
-
-@_typing.final
 class GetExecutionStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -411,13 +378,13 @@ class GetExecutionStatusResponse(_message.Message):
     @_builtins.property
     def result(self) -> Global___ExecuteResponse:
         """FINISHED only: the answer, under Execute's rules (SUCCEEDED, REJECTED or
-        PARTIAL). It is what Execute answered, unless that answer was PARTIAL because
+        PARTIAL, CANCELLED after a cancel; never ACCEPTED). It is what Execute answered, unless that answer was PARTIAL because
         the provider could not tell what happened downstream and it has found out
         since: then it is the answer it found (e.g. SUCCEEDED with the external ref).
         """
 
     @_builtins.property
-    def progress(self) -> Global___ExecutionProgress:
+    def progress(self) -> _common_pb2.ExecutionProgress:
         """RUNNING only, and optional then."""
 
     @_builtins.property
@@ -429,7 +396,7 @@ class GetExecutionStatusResponse(_message.Message):
         *,
         state: Global___ExecutionState.ValueType = ...,
         result: Global___ExecuteResponse | None = ...,
-        progress: Global___ExecutionProgress | None = ...,
+        progress: _common_pb2.ExecutionProgress | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "progress", b"progress", "result", b"result"]  # noqa: Y015
@@ -439,3 +406,61 @@ class GetExecutionStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExecutionStatusResponse: _TypeAlias = GetExecutionStatusResponse  # noqa: Y015
+
+@_typing.final
+class StopExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The execution, as in GetExecutionStatusRequest."""
+    action_id: _builtins.str
+    idempotency_key: _builtins.str
+    request_id: _builtins.str
+    requested_by: _builtins.str
+    """Who asked (the canceller's subject; "actionmesh" when the gateway cancels an
+    execution past its maximum duration) and why, for the provider's own records.
+    """
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "idempotency_key", b"idempotency_key", "reason", b"reason", "request_id", b"request_id", "requested_by", b"requested_by", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopExecutionRequest: _TypeAlias = StopExecutionRequest  # noqa: Y015
+
+@_typing.final
+class StopExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    state: Global___ExecutionState.ValueType
+    """RUNNING: asked to stop; FINISHED: too late; NEVER_RECEIVED: no such execution."""
+    def __init__(
+        self,
+        *,
+        state: Global___ExecutionState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopExecutionResponse: _TypeAlias = StopExecutionResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class ActionProviderServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.FromString,
                 _registered_method=True)
+        self.StopExecution = channel.unary_unary(
+                '/actionmesh.v1.ActionProviderService/StopExecution',
+                request_serializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class ActionProviderServiceServicer:
@@ -125,6 +130,22 @@ class ActionProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopExecution(self, request, context):
+        """Asks a running execution of a long-running, cancellable action to stop: a
+        caller cancelled it through the gateway, or it ran past its maximum duration.
+        Returns at once; idempotent (asking twice is asking once).
+
+        Obligations: the execution is identified as for GetExecutionStatus. The answer
+        is the state when asked: RUNNING (it will stop as soon as it safely can, and
+        GetExecutionStatus then answers FINISHED with CANCELLED, what it changed so far
+        in `changes`, or with the outcome it reached if it could not stop in time),
+        FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
+        cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionProviderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +173,11 @@ def add_ActionProviderServiceServicer_to_server(servicer, server):
                     servicer.GetExecutionStatus,
                     request_deserializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.SerializeToString,
+            ),
+            'StopExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExecution,
+                    request_deserializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -290,6 +316,33 @@ class ActionProviderService:
             '/actionmesh.v1.ActionProviderService/GetExecutionStatus',
             actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusRequest.SerializeToString,
             actionmesh_dot_v1_dot_provider__pb2.GetExecutionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionProviderService/StopExecution',
+            actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

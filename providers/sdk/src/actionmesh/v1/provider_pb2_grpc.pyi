@@ -69,6 +69,18 @@ class ActionProviderServiceStub:
       malformed request INVALID_ARGUMENT, a system it must ask that does not answer
       UNAVAILABLE (ask again later).
     """
+    StopExecution: _grpc.UnaryUnaryMultiCallable[_provider_pb2.StopExecutionRequest, _provider_pb2.StopExecutionResponse]
+    """Asks a running execution of a long-running, cancellable action to stop: a
+    caller cancelled it through the gateway, or it ran past its maximum duration.
+    Returns at once; idempotent (asking twice is asking once).
+
+    Obligations: the execution is identified as for GetExecutionStatus. The answer
+    is the state when asked: RUNNING (it will stop as soon as it safely can, and
+    GetExecutionStatus then answers FINISHED with CANCELLED, what it changed so far
+    in `changes`, or with the outcome it reached if it could not stop in time),
+    FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
+    cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
@@ -110,6 +122,18 @@ class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
       outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
       malformed request INVALID_ARGUMENT, a system it must ask that does not answer
       UNAVAILABLE (ask again later).
+    """
+    StopExecution: _aio.UnaryUnaryMultiCallable[_provider_pb2.StopExecutionRequest, _provider_pb2.StopExecutionResponse]  # type: ignore[assignment]
+    """Asks a running execution of a long-running, cancellable action to stop: a
+    caller cancelled it through the gateway, or it ran past its maximum duration.
+    Returns at once; idempotent (asking twice is asking once).
+
+    Obligations: the execution is identified as for GetExecutionStatus. The answer
+    is the state when asked: RUNNING (it will stop as soon as it safely can, and
+    GetExecutionStatus then answers FINISHED with CANCELLED, what it changed so far
+    in `changes`, or with the outcome it reached if it could not stop in time),
+    FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
+    cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
     """
 
 class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +203,24 @@ class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
           outcomes. An action it does not declare is NOT_FOUND (UNKNOWN_ACTION), a
           malformed request INVALID_ARGUMENT, a system it must ask that does not answer
           UNAVAILABLE (ask again later).
+        """
+
+    @_abc_1.abstractmethod
+    def StopExecution(
+        self,
+        request: _provider_pb2.StopExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.StopExecutionResponse, _abc.Awaitable[_provider_pb2.StopExecutionResponse]]:
+        """Asks a running execution of a long-running, cancellable action to stop: a
+        caller cancelled it through the gateway, or it ran past its maximum duration.
+        Returns at once; idempotent (asking twice is asking once).
+
+        Obligations: the execution is identified as for GetExecutionStatus. The answer
+        is the state when asked: RUNNING (it will stop as soon as it safely can, and
+        GetExecutionStatus then answers FINISHED with CANCELLED, what it changed so far
+        in `changes`, or with the outcome it reached if it could not stop in time),
+        FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
+        cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
         """
 
 def add_ActionProviderServiceServicer_to_server(servicer: ActionProviderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
