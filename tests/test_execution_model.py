@@ -16,6 +16,7 @@ from actionmesh.gateway.model import (
 )
 from actionmesh.gateway.reconciler import ReconcileSettings
 from actionmesh.rpc.outcomes import Outcome
+from actionmesh.v1 import common_pb2
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=30)
@@ -208,3 +209,89 @@ def test_the_reconcile_backoff_doubles_up_to_its_cap() -> None:
         interval_s=5, max_backoff_s=30, max_attempts=10, max_age_s=60, status_timeout_s=1, lease_s=5
     )
     assert [settings.backoff(n).total_seconds() for n in range(1, 6)] == [5, 10, 20, 30, 30]
+
+
+# -- long-running actions ---------------------------------------------------------------
+
+
+def accepted() -> ExecutionRecord:
+    return fresh().accepted(
+        at=NOW, poll_at=LATER, run_deadline=NOW + timedelta(hours=1), external_ref="SD-1"
+    )
+
+
+def progress(message: str, percent: int | None = None) -> common_pb2.ExecutionProgress:
+    report = common_pb2.ExecutionProgress(message=message)
+    if percent is not None:
+        report.percent = percent
+    return report
+
+
+def test_an_accepted_execution_is_followed_not_final() -> None:
+    running = accepted()
+    assert running.outcome is ExecutionState.ACCEPTED
+    assert running.outcome.outcome is Outcome.ACCEPTED
+    assert running.finished_at is None and running.dispatch_deadline is None
+    # Followed by the reconciler from its first poll on, until its run deadline.
+    assert (running.reconcile_state, running.reconcile_next_at) == (ReconcileState.PENDING, LATER)
+    assert running.external_ref == "SD-1" and running.accepted_at == NOW
+    # Neither a dispatch's nor a reconcile's moves apply to it.
+    for move in (
+        lambda: running.finished_with(Outcome.SUCCEEDED, at=LATER),
+        lambda: running.orphaned(at=LATER),
+        lambda: running.with_late_result(Outcome.SUCCEEDED, at=LATER),
+        lambda: running.reconciled(Outcome.SUCCEEDED, at=LATER),
+        lambda: fresh().progressed(next_at=LATER),
+        lambda: running.accepted(at=NOW, poll_at=LATER, run_deadline=LATER),
+    ):
+        with pytest.raises(IllegalTransition):
+            move()
+
+
+def test_progress_is_kept_and_the_final_answer_becomes_the_outcome() -> None:
+    halfway = accepted().progressed(next_at=LATER, progress=progress("copying", 50))
+    assert halfway.progress is not None and halfway.progress.percent == 50
+    # A question without a report keeps the last one.
+    assert halfway.progressed(next_at=LATER).progress == halfway.progress
+    done = halfway.completed(Outcome.SUCCEEDED, at=LATER, changes=[("f", "a", "b")])
+    assert (done.outcome, done.finished_at, done.reconcile_state) == (
+        ExecutionState.SUCCEEDED,
+        LATER,
+        ReconcileState.NONE,
+    )
+    assert done.external_ref == "SD-1" and done.changes == (("f", "a", "b"),)
+    with pytest.raises(IllegalTransition):
+        done.completed(Outcome.REJECTED, at=LATER)
+    with pytest.raises(IllegalTransition):
+        accepted().completed(Outcome.ACCEPTED, at=LATER)
+    # A final answer that leaves open what happened downstream is reconciled as usual.
+    unknown = accepted().completed(Outcome.PARTIAL, at=LATER, reason="DOWNSTREAM_OUTCOME_UNKNOWN")
+    assert unknown.reconcile_state is ReconcileState.PENDING
+
+
+def test_cancelled_is_a_final_outcome_and_a_cancel_is_asked_once() -> None:
+    asked = accepted().cancel_requested(by="bob", comment="wrong case", at=LATER)
+    assert (asked.cancel_requested_by, asked.cancel_comment, asked.reconcile_next_at) == (
+        "bob",
+        "wrong case",
+        LATER,
+    )
+    with pytest.raises(IllegalTransition):
+        asked.cancel_requested(by="carol", comment="again", at=LATER)
+    stopped = asked.completed(Outcome.CANCELLED, at=LATER)
+    assert stopped.outcome is ExecutionState.CANCELLED and stopped.finished
+    assert stopped.reconcile_state is ReconcileState.NONE
+    with pytest.raises(IllegalTransition):
+        stopped.cancel_requested(by="bob", comment="late", at=LATER)
+
+
+def test_overrunning_or_being_lost_times_out_and_is_reconciled() -> None:
+    for ended, reason in (
+        (accepted().overran(at=LATER), "MAX_DURATION_EXCEEDED"),
+        (accepted().lost(at=LATER), "PROVIDER_LOST_EXECUTION"),
+    ):
+        assert (ended.outcome, ended.reason) == (ExecutionState.TIMED_OUT, reason)
+        assert (ended.reconcile_state, ended.reconcile_next_at) == (ReconcileState.PENDING, LATER)
+        settled = ended.reconciled(Outcome.CANCELLED, at=LATER)
+        assert settled.late_outcome is Outcome.CANCELLED
+        assert settled.outcome is ExecutionState.TIMED_OUT

@@ -430,7 +430,10 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
         lines.append(("approval", f"{state.lower()}{by}{note}"))
         if approval.state == gateway_pb2.APPROVAL_STATE_PENDING:
             lines.append(("expires", approval.expires_at.ToDatetime().isoformat(" ", "seconds")))
-    lines.extend(reconcile_lines(execution))
+    if execution.outcome == common_pb2.OUTCOME_ACCEPTED or execution.accepted_at.seconds:
+        lines.extend(running_lines(execution))
+    if execution.outcome != common_pb2.OUTCOME_ACCEPTED:
+        lines.extend(reconcile_lines(execution))
     for label, value in lines:
         if value:
             console.print(f"  {label}: {value}")
@@ -439,6 +442,32 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
     for warning in execution.warnings:
         console.print(f"  [yellow]warning: {warning}[/yellow]")
     return 0 if execution.outcome == common_pb2.OUTCOME_SUCCEEDED else 3
+
+
+def running_lines(execution: gateway_pb2.Execution) -> list[tuple[str, str]]:
+    """A long-running execution: when accepted, how far it got, its deadline, any cancel."""
+
+    def at(stamp: Any) -> str:
+        return str(stamp.ToDatetime().isoformat(" ", "seconds")) if stamp.seconds else ""
+
+    lines = [("accepted", at(execution.accepted_at))]
+    if execution.outcome == common_pb2.OUTCOME_ACCEPTED:
+        progress = execution.progress
+        percent = f"{progress.percent}% " if progress.HasField("percent") else ""
+        if percent or progress.message:
+            since = f" (as of {at(progress.updated_at)})" if progress.updated_at.seconds else ""
+            lines.append(("progress", f"{percent}{progress.message}{since}"))
+        lines.append(("must finish by", at(execution.run_deadline)))
+    if execution.cancel_requested_by:
+        note = f": {execution.cancel_comment}" if execution.cancel_comment else ""
+        lines.append(
+            (
+                "cancel",
+                f"asked by {execution.cancel_requested_by} at "
+                f"{at(execution.cancel_requested_at)}{note}",
+            )
+        )
+    return lines
 
 
 def reconcile_lines(execution: gateway_pb2.Execution) -> list[tuple[str, str]]:
@@ -530,6 +559,15 @@ def cmd_reject(args: argparse.Namespace) -> int:
         execution_id=args.execution_id, comment=args.comment
     )
     reply = on_gateway(args, lambda gateway: gateway.reject(request))
+    show_execution(args, reply.execution)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    request = gateway_pb2.CancelExecutionRequest(
+        execution_id=args.execution_id, comment=args.comment
+    )
+    reply = on_gateway(args, lambda gateway: gateway.cancel(request))
     show_execution(args, reply.execution)
     return 0
 
@@ -910,6 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
     reject.add_argument("execution_id")
     reject.add_argument("--comment", required=True, help="why not")
     reject.set_defaults(func=cmd_reject)
+
+    cancel = client("cancel", "ask a running long-running execution to stop")
+    cancel.add_argument("execution_id")
+    cancel.add_argument("--comment", required=True, help="why it must stop")
+    cancel.set_defaults(func=cmd_cancel)
 
     policy = client("policy", "show the policy file in force and any reload error")
     policy.set_defaults(func=cmd_policy)

@@ -34,6 +34,8 @@ _OPEN_EVENTS = {
     _T.AUDIT_EVENT_TYPE_APPROVAL_REQUESTED,
     _T.AUDIT_EVENT_TYPE_APPROVAL_GRANTED,
     _T.AUDIT_EVENT_TYPE_EXECUTION_STARTED,
+    # A long-running action accepted by its provider: at work, not final.
+    _T.AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED,
 }
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
@@ -119,6 +121,9 @@ def fold(summary: Summary, event: audit_pb2.AuditEvent, sequence: int) -> None:
     else:
         pending = event.type == _T.AUDIT_EVENT_TYPE_APPROVAL_REQUESTED
         summary.outcome = "OUTCOME_PENDING_APPROVAL" if pending else "OUTCOME_UNSPECIFIED"
+        if event.type == _T.AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED:
+            summary.outcome = "OUTCOME_ACCEPTED"
+            summary.external_ref = event.external_ref
         summary.reason = ""
         summary.finished_at = None
 

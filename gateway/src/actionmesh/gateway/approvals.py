@@ -147,7 +147,7 @@ class Approvals:
         current: common_pb2.RecordContext,
         has_record: bool,
     ) -> ExecutionRecord:
-        _check_comment(comment, required=False)
+        check_comment(comment, required=False)
         if has_record:
             check_record(current, has_record)
         row, command = await self._pending(approver, execution_id)
@@ -226,7 +226,7 @@ class Approvals:
         return await self._dispatcher.run(dispatch, approved)
 
     async def reject(self, approver: Caller, execution_id: str, comment: str) -> ExecutionRecord:
-        _check_comment(comment, required=True)
+        check_comment(comment, required=True)
         row, command = await self._pending(approver, execution_id)
         try:
             verified = await self._facts.resolve(approver, command.record, fresh=True)
@@ -354,7 +354,7 @@ class Approvals:
             )
 
 
-def _check_comment(comment: str, *, required: bool) -> None:
+def check_comment(comment: str, *, required: bool) -> None:
     if required and not comment.strip():
         raise InvalidArgument(
             "a comment is required",

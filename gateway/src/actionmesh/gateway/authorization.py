@@ -64,7 +64,7 @@ class Visibility:
 
 
 class Authorizer:
-    """The policy engine, asked the three questions the gateway has."""
+    """The policy engine, asked the four questions the gateway has."""
 
     def __init__(self, policy: PolicyEngine) -> None:
         self._policy = policy
@@ -109,6 +109,16 @@ class Authorizer:
     ) -> Authorized:
         """May ``approver`` decide another person's execution of the action on the record."""
         return self._one(Operation.APPROVE, approver, verified, entry, descriptor)
+
+    def cancel(
+        self,
+        caller: Caller,
+        verified: VerifiedRecord,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        """May ``caller`` stop a running execution of the action on the record."""
+        return self._one(Operation.CANCEL, caller, verified, entry, descriptor)
 
     def _one(
         self,

@@ -144,6 +144,12 @@ class GatewayConfig:
     reconcile_lease_s: float = 30.0
     """How long one replica holds an execution it reconciles; a crashed replica's lease
     lapses after this and another replica asks. Must exceed `reconcile_status_timeout_s`."""
+    long_running_poll_interval_s: float = 5.0
+    """How often the gateway asks the provider of an ACCEPTED (long-running) execution how
+    it goes (GetExecutionStatus), when the action declares no poll interval."""
+    long_running_max_duration_s: float = 604800.0
+    """The longest any long-running action may run (a week), whatever it declares; past
+    its maximum duration an execution ends TIMED_OUT `MAX_DURATION_EXCEEDED`."""
     tenant_rate_limit: str = "200/second"
     """Requests per tenant, counted separately for ExecuteAction and DiscoverActions, in
     `limits` notation (`200/second`, `5000/minute`); over it a call gets
@@ -223,11 +229,13 @@ class GatewayConfig:
                 self.reconcile_max_backoff_s,
                 self.reconcile_max_age_s,
                 self.reconcile_status_timeout_s,
+                self.long_running_poll_interval_s,
+                self.long_running_max_duration_s,
             )
             <= 0
             or self.reconcile_max_attempts < 1
         ):
-            raise ValueError("the reconcile_* settings must be positive")
+            raise ValueError("the reconcile_* and long_running_* settings must be positive")
         if self.reconcile_lease_s <= self.reconcile_status_timeout_s:
             raise ValueError("reconcile_lease_s must exceed reconcile_status_timeout_s")
         parse_trusted_callers(self.trusted_callers)

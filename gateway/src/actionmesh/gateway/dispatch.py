@@ -31,7 +31,12 @@ from actionmesh.gateway.model import Change, ExecuteCommand, ExecutionRecord, Ex
 from actionmesh.gateway.storage import OrphanRule
 from actionmesh.rpc.convert import utcnow
 from actionmesh.rpc.errors import error_details
-from actionmesh.rpc.outcomes import PROVIDER_OUTCOMES, Outcome, outcome_for_status
+from actionmesh.rpc.outcomes import (
+    LONG_RUNNING_OUTCOMES,
+    PROVIDER_OUTCOMES,
+    Outcome,
+    outcome_for_status,
+)
 from actionmesh.v1 import common_pb2, provider_pb2
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,20 @@ class Deadlines:
     """The longest deadline any action gets, whatever its descriptor says."""
     late_result_grace_s: float
     """How long after TIMED_OUT a provider's answer is still awaited (0: not at all)."""
+    poll_interval_s: float = 5.0
+    """How often an ACCEPTED execution's provider is asked how it goes, when its action
+    declares no poll interval."""
+    max_run_s: float = 7 * 86400.0
+    """The longest any long-running action may run, whatever its descriptor says."""
+
+    def poll_interval_for(self, descriptor: common_pb2.ActionDescriptor) -> timedelta:
+        declared = descriptor.long_running.poll_interval_ms / 1000.0
+        return timedelta(seconds=declared or self.poll_interval_s)
+
+    def run_deadline(self, descriptor: common_pb2.ActionDescriptor, start: datetime) -> datetime:
+        """When a long-running action dispatched at ``start`` must have finished."""
+        declared = descriptor.long_running.max_duration_s or self.max_run_s
+        return start + timedelta(seconds=min(declared, self.max_run_s))
 
     def timeout_for(self, descriptor: common_pb2.ActionDescriptor) -> float:
         return min((descriptor.timeout_ms / 1000.0) or self.default_timeout_s, self.max_timeout_s)
@@ -179,6 +198,7 @@ class Dispatcher:
         caller, command, entry = dispatch.caller, dispatch.command, dispatch.entry
         timeout_s = self._deadlines.timeout_for(dispatch.descriptor)
         grace_s = self._deadlines.late_result_grace_s
+        dispatched_at = utcnow()
         request = provider_pb2.ExecuteRequest(
             action_id=command.action_id,
             record=command.record,
@@ -189,25 +209,32 @@ class Dispatcher:
             idempotency_key=command.idempotency_key,
             request_id=record.execution_id,
         )
+        long_running = dispatch.descriptor.HasField("long_running")
         if grace_s <= 0:
-            answer = await self._call_provider(entry, request, timeout_s)
-            return await self._finish(dispatch, record, answer)
+            answer = await self._call_provider(entry, request, timeout_s, long_running)
+            return await self._finish(dispatch, record, answer, dispatched_at)
         # The provider may keep working past the deadline the caller is given;
         # its gRPC deadline covers the grace window so a late answer can arrive.
-        call = asyncio.ensure_future(self._call_provider(entry, request, timeout_s + grace_s))
+        call = asyncio.ensure_future(
+            self._call_provider(entry, request, timeout_s + grace_s, long_running)
+        )
         try:
             answer = await asyncio.wait_for(asyncio.shield(call), timeout_s)
         except TimeoutError:
             answer = TIMED_OUT_ANSWER
             if slot is not None:
                 slot.outlive(call)
-            finished = await self._finish(dispatch, record, answer)
+            finished = await self._finish(dispatch, record, answer, dispatched_at)
             self.spawn(self._record_late(dispatch, finished, call))
             return finished
-        return await self._finish(dispatch, record, answer)
+        return await self._finish(dispatch, record, answer, dispatched_at)
 
     async def _call_provider(
-        self, entry: ProviderEntry, request: provider_pb2.ExecuteRequest, timeout_s: float
+        self,
+        entry: ProviderEntry,
+        request: provider_pb2.ExecuteRequest,
+        timeout_s: float,
+        long_running: bool = False,
     ) -> ProviderAnswer:
         try:
             reply = await self._directory.stub(entry).Execute(request, timeout=timeout_s)
@@ -221,7 +248,7 @@ class Dispatcher:
             # was sent, so the provider may have acted.
             return CONNECTION_LOST_ANSWER
         outcome = Outcome.from_proto(reply.outcome)
-        if outcome not in PROVIDER_OUTCOMES:
+        if outcome not in (LONG_RUNNING_OUTCOMES if long_running else PROVIDER_OUTCOMES):
             return ProviderAnswer(
                 Outcome.PARTIAL,
                 reason="PROVIDER_PROTOCOL_ERROR",
@@ -237,14 +264,31 @@ class Dispatcher:
         )
 
     async def _finish(
-        self, dispatch: Dispatch, record: ExecutionRecord, answer: ProviderAnswer
+        self,
+        dispatch: Dispatch,
+        record: ExecutionRecord,
+        answer: ProviderAnswer,
+        dispatched_at: datetime,
     ) -> ExecutionRecord:
-        # Only a deadline this dispatcher keeps listening past waits for its late answer
-        # before the reconciler asks; any other unsettled outcome is asked about at once.
-        settle_after_s = self._deadlines.late_result_grace_s if answer is TIMED_OUT_ANSWER else 0.0
-        finished = await self._ledger.finish(
-            dispatch.caller, dispatch.command, answer.applied_to(record, settle_after_s)
-        )
+        if answer.outcome is Outcome.ACCEPTED:
+            # A long-running action at work: followed by the reconciler from now on.
+            now = utcnow()
+            ended = record.accepted(
+                at=now,
+                poll_at=now + self._deadlines.poll_interval_for(dispatch.descriptor),
+                run_deadline=self._deadlines.run_deadline(dispatch.descriptor, dispatched_at),
+                message=answer.message,
+                external_ref=answer.external_ref,
+            )
+        else:
+            # Only a deadline this dispatcher keeps listening past waits for its late
+            # answer before the reconciler asks; any other unsettled outcome is asked
+            # about at once.
+            settle_after_s = (
+                self._deadlines.late_result_grace_s if answer is TIMED_OUT_ANSWER else 0.0
+            )
+            ended = answer.applied_to(record, settle_after_s)
+        finished = await self._ledger.finish(dispatch.caller, dispatch.command, ended)
         if finished is None:
             return await self._finished_as_orphan(dispatch, record, answer)
         trace.get_current_span().set_attribute("actionmesh.outcome", finished.outcome.value)

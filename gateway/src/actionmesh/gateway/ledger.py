@@ -36,11 +36,13 @@ from actionmesh.gateway.storage import (
     OrphanRule,
     decide_approval_op,
     finish_execution_op,
+    follow_op,
     lease_reconcile_op,
     reclaim_unavailable_op,
     reconcile_op,
     record_attempt_op,
     record_late_result_op,
+    request_cancel_op,
     resolve_orphan_op,
 )
 from actionmesh.gateway.writer import GroupCommitWriter
@@ -60,6 +62,9 @@ EXPIRED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_EXPIRED
 REFUSED = audit_pb2.AUDIT_EVENT_TYPE_APPROVAL_REFUSED
 RECONCILED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_RECONCILED
 NEEDS_ATTENTION = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_NEEDS_ATTENTION
+ACCEPTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED
+PROGRESS = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_PROGRESS
+CANCEL_REQUESTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_CANCEL_REQUESTED
 # Who acts when the gateway itself moves an execution (expiry, orphan sweep).
 SYSTEM = "actionmesh"
 
@@ -303,9 +308,11 @@ class Ledger:
         finished: ExecutionRecord,
         authorized: Authorized | None = None,
     ) -> ExecutionRecord | None:
-        """Record a dispatch's outcome; None when the row had already left RUNNING."""
+        """Record a dispatch's outcome (ACCEPTED for a long-running action at work); None
+        when the row had already left RUNNING."""
         finished = self.scrubbed(command, finished)
-        event = self.event(FINISHED, requester, command, finished, authorized=authorized)
+        kind = ACCEPTED if finished.outcome is ExecutionState.ACCEPTED else FINISHED
+        event = self.event(kind, requester, command, finished, authorized=authorized)
         if not await self._writer.write(finish_execution_op(finished, [event])):
             return None
         self._on_written()
@@ -433,6 +440,71 @@ class Ledger:
             self._on_written()
         return moved
 
+    async def follow(
+        self, moved: ExecutionRecord, owner: str, *, told: ExecutionRecord
+    ) -> ExecutionRecord | None:
+        """Write what a question about an ACCEPTED execution (``told``) found under
+        ``owner``'s lease: EXECUTION_PROGRESS when its progress changed, EXECUTION_FINISHED
+        when it ended (its final outcome, or TIMED_OUT past its maximum duration); None if
+        the lease was lost or it moved first."""
+        command = ExecuteCommand.thaw(moved.request_payload)
+        moved = self.scrubbed(command, moved)
+        system = Caller(subject=SYSTEM, tenant=moved.tenant, roles=())
+        events: list[audit_pb2.AuditEvent] = []
+        if moved.outcome is not ExecutionState.ACCEPTED:
+            events.append(self.event(FINISHED, requester_of(moved), command, moved))
+        elif moved.progress is not None and not _same_progress(moved.progress, told.progress):
+            progress = moved.progress
+            event = self.event(
+                PROGRESS,
+                system,
+                command,
+                moved,
+                reason="",
+                message=Redactor.scrub(
+                    progress.message, command.inputs, moved.sensitive or command.sensitive
+                ),
+            )
+            event.progress.CopyFrom(progress)
+            event.progress.message = event.message
+            events.append(event)
+        if not await self._writer.write(follow_op(moved, owner, events)):
+            return None
+        if events:
+            self._on_written()
+        return moved
+
+    async def request_cancel(
+        self, canceller: Caller, moved: ExecutionRecord, authorized: Authorized
+    ) -> ExecutionRecord | None:
+        """Record a cancel request on an ACCEPTED execution with its evidence; None when it
+        is no longer ACCEPTED or someone asked first."""
+        command = ExecuteCommand.thaw(moved.request_payload)
+        event = self.event(
+            CANCEL_REQUESTED,
+            canceller,
+            command,
+            moved,
+            authorized=authorized,
+            reason="CANCEL_REQUESTED",
+            message=moved.cancel_comment,
+        )
+        if not await self._writer.write(request_cancel_op(moved, [event])):
+            return None
+        self._on_written()
+        return moved
+
     async def _append(self, events: Sequence[audit_pb2.AuditEvent]) -> None:
         await self._writer.write(record_attempt_op(events))
         self._on_written()
+
+
+def _same_progress(a: common_pb2.ExecutionProgress, b: common_pb2.ExecutionProgress | None) -> bool:
+    """Whether two progress reports say the same (when they were made aside)."""
+    if b is None:
+        return False
+    return (a.HasField("percent"), a.percent, a.message) == (
+        b.HasField("percent"),
+        b.percent,
+        b.message,
+    )

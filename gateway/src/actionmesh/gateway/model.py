@@ -1,8 +1,9 @@
 """The gateway's execution model: the states an execution moves through, as types.
 
 An execution is RUNNING while its dispatch is under way, PENDING_APPROVAL while it
-waits for a second person, and otherwise finished with one outcome of the mesh's
-vocabulary (:class:`~actionmesh.rpc.outcomes.Outcome`). Its approval, when the action
+waits for a second person, ACCEPTED while the provider of a long-running action works
+on it after answering Execute, and otherwise finished with one final outcome of the
+mesh's vocabulary (:class:`~actionmesh.rpc.outcomes.Outcome`). Its approval, when the action
 requires one, is PENDING, then APPROVED, REJECTED or EXPIRED. The values are what the
 gateway's database stores (each member's name is its value), so plain strings read
 back from a row compare equal to them.
@@ -10,8 +11,15 @@ back from a row compare equal to them.
 :class:`ExecutionRecord` is immutable; each legal move is a method returning the next
 record (``awaiting_approval``, ``approved``, ``rejected``, ``expired``,
 ``ended_at_approval``, ``finished``, ``with_late_result``, ``orphaned``, ``reclaimed``,
-and the reconciler's ``reconciled``, ``never_received``, ``reconcile_later``,
-``needs_attention``), and any other move raises :class:`IllegalTransition`.
+the reconciler's ``reconciled``, ``never_received``, ``reconcile_later``,
+``needs_attention``, and for long-running actions ``accepted``, ``progressed``,
+``completed``, ``overran``, ``lost``, ``cancel_requested``), and any other move raises
+:class:`IllegalTransition`.
+
+An ACCEPTED execution is followed like an unsettled one (``reconcile_state`` PENDING,
+due every poll interval): each question either records progress, or its final outcome
+(which then *is* the outcome: ACCEPTED was never final), or, past its ``run_deadline``,
+ends it TIMED_OUT ``MAX_DURATION_EXCEEDED``, unsettled like any TIMED_OUT.
 
 An outcome that leaves open whether the provider acted (TIMED_OUT, orphans included, and
 PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``) is *unsettled*: it is written with
@@ -48,6 +56,8 @@ class ExecutionState(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     TIMED_OUT = "TIMED_OUT"
     PARTIAL = "PARTIAL"
+    ACCEPTED = "ACCEPTED"
+    CANCELLED = "CANCELLED"
 
     @property
     def outcome(self) -> Outcome | None:
@@ -104,6 +114,11 @@ ORPHAN_MESSAGE = (
     "Retry only with the same idempotency key"
 )
 
+
+# Why a long-running execution ended TIMED_OUT: past its declared maximum duration, or
+# its provider no longer knew it (it may have acted partly; reconciled like any TIMED_OUT).
+OVERRAN_REASON = "MAX_DURATION_EXCEEDED"
+LOST_REASON = "PROVIDER_LOST_EXECUTION"
 
 # The PARTIAL reason that leaves open whether the downstream system acted.
 OUTCOME_UNKNOWN_REASON = "DOWNSTREAM_OUTCOME_UNKNOWN"
@@ -172,6 +187,16 @@ class ExecutionRecord:
     resolved_reason: str = ""
     """Why the resolved outcome is what it is (e.g. PROVIDER_NEVER_RECEIVED), or why the
     execution needs attention (RECONCILE_UNSUPPORTED, RECONCILE_GAVE_UP)."""
+    accepted_at: datetime | None = None
+    """Long-running: when the provider accepted the work (answered ACCEPTED)."""
+    run_deadline: datetime | None = None
+    """Long-running: when it must have finished (dispatch + the action's max duration)."""
+    progress: common_pb2.ExecutionProgress | None = None
+    """Long-running: the provider's last progress report."""
+    cancel_requested_by: str = ""
+    """Who asked to cancel the ACCEPTED execution (empty: nobody)."""
+    cancel_requested_at: datetime | None = None
+    cancel_comment: str = ""
 
     @property
     def nothing_ran(self) -> bool:
@@ -323,7 +348,12 @@ class ExecutionRecord:
 
     # -- reconciliation (unsettled outcomes) ----------------------------------------
     def _require_pending(self, move: str) -> None:
-        if self.reconcile_state is not ReconcileState.PENDING or self.late_outcome is not None:
+        # An ACCEPTED execution is followed (progressed, completed, ...), not reconciled.
+        if (
+            self.reconcile_state is not ReconcileState.PENDING
+            or self.late_outcome is not None
+            or self.outcome is ExecutionState.ACCEPTED
+        ):
             raise IllegalTransition(
                 f"execution {self.execution_id}: cannot {move} "
                 f"(reconcile state {self.reconcile_state.value})"
@@ -344,6 +374,7 @@ class ExecutionRecord:
         if ExecutionState(outcome.value) in (
             ExecutionState.RUNNING,
             ExecutionState.PENDING_APPROVAL,
+            ExecutionState.ACCEPTED,
         ):
             raise IllegalTransition(f"{outcome.value} is not a final outcome")
         return replace(
@@ -378,6 +409,106 @@ class ExecutionRecord:
             reconcile_attempts=self.reconcile_attempts + 1,
             reconcile_next_at=None,
             resolved_reason=reason,
+        )
+
+    # -- long-running actions ---------------------------------------------------------
+    def accepted(
+        self,
+        *,
+        at: datetime,
+        poll_at: datetime,
+        run_deadline: datetime,
+        message: str = "",
+        external_ref: str = "",
+    ) -> ExecutionRecord:
+        """The provider accepted a long-running action: followed until it ends."""
+        self._require("accept", ExecutionState.RUNNING)
+        return replace(
+            self,
+            outcome=ExecutionState.ACCEPTED,
+            reason="",
+            message=message or "accepted by the provider; running",
+            external_ref=external_ref,
+            accepted_at=at,
+            run_deadline=run_deadline,
+            dispatch_deadline=None,
+            reconcile_state=ReconcileState.PENDING,
+            reconcile_attempts=0,
+            reconcile_next_at=poll_at,
+        )
+
+    def progressed(
+        self, *, next_at: datetime, progress: common_pb2.ExecutionProgress | None = None
+    ) -> ExecutionRecord:
+        """Still running at the provider (with its ``progress`` when it reported some)."""
+        self._require("record progress", ExecutionState.ACCEPTED)
+        return replace(
+            self,
+            progress=progress if progress is not None else self.progress,
+            reconcile_next_at=next_at,
+        )
+
+    def completed(
+        self,
+        outcome: Outcome,
+        *,
+        at: datetime,
+        reason: str = "",
+        message: str = "",
+        external_ref: str = "",
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> ExecutionRecord:
+        """The provider's final answer on an ACCEPTED execution: it becomes the outcome."""
+        self._require("complete", ExecutionState.ACCEPTED)
+        if outcome is Outcome.ACCEPTED:
+            raise IllegalTransition("ACCEPTED is not a final outcome")
+        return replace(
+            self._closed(self, outcome, reason, message, at),
+            external_ref=external_ref or self.external_ref,
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+            reconcile_state=ReconcileState.NONE,
+            reconcile_attempts=0,
+            reconcile_next_at=None,
+        )._marked_unsettled(at)
+
+    def overran(self, *, at: datetime) -> ExecutionRecord:
+        """Past its maximum duration: TIMED_OUT, and reconciled like any TIMED_OUT."""
+        return self._timed_out_running(
+            at,
+            OVERRAN_REASON,
+            "the action ran past its maximum duration; the provider was asked to stop. "
+            "It may have acted partly; its final answer is recorded when it gives one",
+        )
+
+    def lost(self, *, at: datetime) -> ExecutionRecord:
+        """Its provider no longer knows the accepted execution (restarted, lost its state)."""
+        return self._timed_out_running(
+            at,
+            LOST_REASON,
+            "the provider accepted the action but no longer knows it; it may have acted partly",
+        )
+
+    def _timed_out_running(self, at: datetime, reason: str, message: str) -> ExecutionRecord:
+        self._require("time out", ExecutionState.ACCEPTED)
+        return replace(
+            self._closed(self, Outcome.TIMED_OUT, reason, message, at),
+            reconcile_state=ReconcileState.NONE,
+        )._marked_unsettled(at)
+
+    def cancel_requested(self, *, by: str, comment: str, at: datetime) -> ExecutionRecord:
+        """Someone asked to stop the ACCEPTED execution: the provider is asked now and at
+        every question until it ends."""
+        self._require("cancel", ExecutionState.ACCEPTED)
+        if self.cancel_requested_by:
+            raise IllegalTransition(f"execution {self.execution_id}: cancel already requested")
+        return replace(
+            self,
+            cancel_requested_by=by,
+            cancel_requested_at=at,
+            cancel_comment=comment,
+            reconcile_next_at=at,
         )
 
     def _marked_unsettled(self, at: datetime) -> ExecutionRecord:
@@ -435,7 +566,10 @@ class ExecutionRecord:
         record: ExecutionRecord, outcome: Outcome, reason: str, message: str, at: datetime
     ) -> ExecutionRecord:
         state = ExecutionState(outcome.value)
-        if state.outcome is None or state is ExecutionState.PENDING_APPROVAL:
+        if state.outcome is None or state in (
+            ExecutionState.PENDING_APPROVAL,
+            ExecutionState.ACCEPTED,
+        ):
             raise IllegalTransition(f"{outcome.value} is not a final outcome")
         return replace(
             record,

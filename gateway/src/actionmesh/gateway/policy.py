@@ -41,6 +41,7 @@ class Operation(StrEnum):
     DISCOVER = "discover"
     EXECUTE = "execute"
     APPROVE = "approve"
+    CANCEL = "cancel"
 
 
 @dataclass(frozen=True)

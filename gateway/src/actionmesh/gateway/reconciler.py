@@ -18,6 +18,17 @@ lease:
 * UNIMPLEMENTED (the provider keeps no results), or ``reconcile_max_attempts`` /
   ``reconcile_max_age_s`` reached: NEEDS_ATTENTION, final, with an
   EXECUTION_NEEDS_ATTENTION event and the ``actionmesh.executions.reconciled`` metric.
+
+The same loop *follows* ACCEPTED executions of long-running actions (the gateway polls
+rather than providers pushing: see ``LongRunning`` in the contract), every poll
+interval, without the attempts bound (their bound is their ``run_deadline``):
+
+* RUNNING: its progress is kept (an EXECUTION_PROGRESS event when it changed); when a
+  cancel was requested, the provider is told again (StopExecution is idempotent).
+* FINISHED: the provider's final answer becomes the outcome (EXECUTION_FINISHED).
+* NEVER_RECEIVED: the provider lost it: TIMED_OUT ``PROVIDER_LOST_EXECUTION``.
+* Past ``run_deadline``: the provider is told to stop, and the execution ends TIMED_OUT
+  ``MAX_DURATION_EXCEEDED``. Both TIMED_OUTs are then reconciled like any other.
 """
 
 from __future__ import annotations
@@ -31,17 +42,25 @@ from datetime import datetime, timedelta
 import grpc
 import grpc.aio
 
-from actionmesh.gateway.directory import ProviderDirectory
+from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import record_reconciled
-from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ReconcileState
+from actionmesh.gateway.model import (
+    OVERRAN_REASON,
+    ExecuteCommand,
+    ExecutionRecord,
+    ExecutionState,
+    ReconcileState,
+)
 from actionmesh.rpc.convert import utcnow
-from actionmesh.rpc.outcomes import PROVIDER_OUTCOMES, Outcome
+from actionmesh.rpc.outcomes import FINAL_PROVIDER_OUTCOMES, Outcome
 from actionmesh.v1 import provider_pb2
 
 log = logging.getLogger(__name__)
 
 UNSUPPORTED_REASON = "RECONCILE_UNSUPPORTED"
+# Who asks a provider to stop an execution past its maximum duration.
+SYSTEM_ACTOR = "actionmesh"
 GAVE_UP_REASON = "RECONCILE_GAVE_UP"
 # How many GetExecutionStatus calls one replica has open at once.
 CONCURRENT_ASKS = 8
@@ -55,6 +74,8 @@ class ReconcileSettings:
     max_age_s: float
     status_timeout_s: float
     lease_s: float
+    poll_interval_s: float = 5.0
+    """How often an ACCEPTED execution is asked about when its action declares nothing."""
 
     def backoff(self, attempts: int) -> timedelta:
         """The pause after the ``attempts``-th question without a final answer."""
@@ -119,6 +140,8 @@ class Reconciler:
             right_away=right_away,
         ):
             return None
+        if row.outcome is ExecutionState.ACCEPTED:
+            return await self._follow(row, timeout_s)
         try:
             moved = await self._attempt(row, timeout_s)
         except Exception:
@@ -150,6 +173,124 @@ class Reconciler:
             )
         return written
 
+    # -- long-running executions ----------------------------------------------------
+    async def _follow(
+        self, row: ExecutionRecord, timeout_s: float | None
+    ) -> ExecutionRecord | None:
+        """One question about an ACCEPTED execution, written under the lease."""
+        try:
+            moved = await self._follow_step(row, timeout_s)
+        except Exception:
+            log.exception("following execution %s failed", row.execution_id)
+            raise
+        written = await self._ledger.follow(moved, self.owner, told=row)
+        if written is not None and written.outcome is not ExecutionState.ACCEPTED:
+            log.info(
+                "long-running execution %s ended %s %s",
+                row.execution_id,
+                written.outcome.value,
+                written.reason,
+            )
+        return written
+
+    async def _follow_step(self, row: ExecutionRecord, timeout_s: float | None) -> ExecutionRecord:
+        now = utcnow()
+        entry = self._directory.provider(row.provider_id)
+        descriptor = entry.action(row.action_id) if entry is not None else None
+        poll = timedelta(
+            seconds=(descriptor.long_running.poll_interval_ms / 1000.0 if descriptor else 0.0)
+            or self._settings.poll_interval_s
+        )
+        if row.run_deadline is not None and now >= row.run_deadline:
+            if entry is not None:
+                await self._stop(entry, row, SYSTEM_ACTOR, OVERRAN_REASON, timeout_s)
+            return row.overran(at=now)
+        if entry is None:
+            log.info("execution %s: its provider is not registered; asking later", row.execution_id)
+            return row.progressed(next_at=self._capped(now + poll, row))
+        if row.cancel_requested_by:
+            await self._stop(
+                entry, row, row.cancel_requested_by, row.cancel_comment or "cancelled", timeout_s
+            )
+        deadline = self._settings.status_timeout_s if timeout_s is None else timeout_s
+        try:
+            reply = await self._directory.stub(entry).GetExecutionStatus(
+                self._status_request(row), timeout=max(deadline, 0.05)
+            )
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout"
+            log.info("execution %s: GetExecutionStatus failed (%s)", row.execution_id, why)
+            return row.progressed(next_at=self._capped(now + poll, row))
+        if reply.state == provider_pb2.EXECUTION_STATE_FINISHED:
+            result = reply.result
+            outcome = Outcome.from_proto(result.outcome)
+            if outcome in FINAL_PROVIDER_OUTCOMES:
+                return row.completed(
+                    outcome,
+                    at=self._finished_at(reply),
+                    reason=result.reason,
+                    message=result.message,
+                    external_ref=result.external_ref,
+                    changes=[(c.field, c.before, c.after) for c in result.changes],
+                    warnings=list(result.warnings),
+                )
+            log.warning(
+                "execution %s: the provider answered FINISHED with %s", row.execution_id, outcome
+            )
+        elif reply.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
+            return row.lost(at=now)
+        progress = reply.progress if reply.HasField("progress") else None
+        return row.progressed(next_at=self._capped(now + poll, row), progress=progress)
+
+    @staticmethod
+    def _capped(next_at: datetime, row: ExecutionRecord) -> datetime:
+        """Not later than the run deadline, so an overrun is found when it happens."""
+        return min(next_at, row.run_deadline) if row.run_deadline is not None else next_at
+
+    async def _stop(
+        self,
+        entry: ProviderEntry,
+        row: ExecutionRecord,
+        requested_by: str,
+        reason: str,
+        timeout_s: float | None,
+    ) -> None:
+        """Ask the provider to stop the execution; best effort (asked again next time)."""
+        command = ExecuteCommand.thaw(row.request_payload)
+        request = provider_pb2.StopExecutionRequest(
+            tenant=command.record.tenant or row.tenant,
+            action_id=row.action_id,
+            idempotency_key=row.idempotency_key,
+            request_id=row.execution_id,
+            requested_by=requested_by,
+            reason=reason,
+        )
+        deadline = self._settings.status_timeout_s if timeout_s is None else timeout_s
+        try:
+            await self._directory.stub(entry).StopExecution(request, timeout=max(deadline, 0.05))
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout"
+            log.warning("execution %s: StopExecution failed (%s)", row.execution_id, why)
+
+    @staticmethod
+    def _status_request(row: ExecutionRecord) -> provider_pb2.GetExecutionStatusRequest:
+        command = ExecuteCommand.thaw(row.request_payload)
+        return provider_pb2.GetExecutionStatusRequest(
+            tenant=command.record.tenant or row.tenant,
+            action_id=row.action_id,
+            idempotency_key=row.idempotency_key,
+            request_id=row.execution_id,
+        )
+
+    @staticmethod
+    def _finished_at(reply: provider_pb2.GetExecutionStatusResponse) -> datetime:
+        return (
+            reply.finished_at.ToDatetime(tzinfo=utcnow().tzinfo)
+            if reply.HasField("finished_at")
+            else utcnow()
+        )
+
+    # -- unsettled outcomes ----------------------------------------------------------
     async def _attempt(self, row: ExecutionRecord, timeout_s: float | None) -> ExecutionRecord:
         settings = self._settings
         now = utcnow()
@@ -161,17 +302,10 @@ class Reconciler:
         entry = self._directory.provider(row.provider_id)
         if entry is None:
             return self._later(row, "its provider is not registered")
-        command = ExecuteCommand.thaw(row.request_payload)
-        request = provider_pb2.GetExecutionStatusRequest(
-            tenant=command.record.tenant or row.tenant,
-            action_id=row.action_id,
-            idempotency_key=row.idempotency_key,
-            request_id=row.execution_id,
-        )
         deadline = settings.status_timeout_s if timeout_s is None else timeout_s
         try:
             reply = await self._directory.stub(entry).GetExecutionStatus(
-                request, timeout=max(deadline, 0.05)
+                self._status_request(row), timeout=max(deadline, 0.05)
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -190,16 +324,11 @@ class Reconciler:
         if state == provider_pb2.EXECUTION_STATE_FINISHED:
             result = reply.result
             outcome = Outcome.from_proto(result.outcome)
-            if outcome not in PROVIDER_OUTCOMES:
+            if outcome not in FINAL_PROVIDER_OUTCOMES:
                 return self._later(row, f"the provider answered FINISHED with {outcome}")
-            at = (
-                reply.finished_at.ToDatetime(tzinfo=utcnow().tzinfo)
-                if reply.HasField("finished_at")
-                else utcnow()
-            )
             return row.reconciled(
                 outcome,
-                at=at,
+                at=self._finished_at(reply),
                 reason=result.reason,
                 external_ref=result.external_ref,
                 changes=[(c.field, c.before, c.after) for c in result.changes],

@@ -13,6 +13,7 @@ from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import TokenVerifier
 from actionmesh.gateway.authorization import Authorizer
+from actionmesh.gateway.cancels import Cancels
 from actionmesh.gateway.claims import Claims
 from actionmesh.gateway.config import GatewayConfig, parse_trusted_callers
 from actionmesh.gateway.directory import ProviderDirectory
@@ -92,6 +93,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         discoverer=core.discoverer,
         executor=core.executor,
         approvals=core.approvals,
+        cancels=core.cancels,
         history=HistoryReader(audit_channel),
         ledger=core.ledger,
         policy=policy,
@@ -164,6 +166,7 @@ class GatewayCore:
     reconciler: Reconciler
     executor: Executor
     approvals: Approvals
+    cancels: Cancels
     discoverer: Discoverer
 
     @classmethod
@@ -181,6 +184,8 @@ class GatewayCore:
             default_timeout_s=config.default_execute_timeout_s,
             max_timeout_s=config.max_execute_timeout_s,
             late_result_grace_s=config.late_result_grace_s,
+            poll_interval_s=config.long_running_poll_interval_s,
+            max_run_s=config.long_running_max_duration_s,
         )
         ledger = Ledger(
             store, writer, Redactor.from_key_file(config.redaction_key_file), on_audit_written
@@ -204,6 +209,7 @@ class GatewayCore:
                 max_age_s=config.reconcile_max_age_s,
                 status_timeout_s=config.reconcile_status_timeout_s,
                 lease_s=config.reconcile_lease_s,
+                poll_interval_s=config.long_running_poll_interval_s,
             ),
         )
         claims = Claims(
@@ -237,6 +243,13 @@ class GatewayCore:
                 dispatcher=dispatcher,
                 sweeper=sweeper,
                 deadlines=deadlines,
+            ),
+            cancels=Cancels(
+                directory=directory,
+                facts=facts,
+                authorizer=authorizer,
+                ledger=ledger,
+                reconciler=reconciler,
             ),
             discoverer=Discoverer(
                 directory,

@@ -7,6 +7,7 @@ import grpc.aio
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import Caller, TokenVerifier
+from actionmesh.gateway.cancels import Cancels
 from actionmesh.gateway.discovery import Discoverer
 from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
@@ -26,6 +27,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         discoverer: Discoverer,
         executor: Executor,
         approvals: Approvals,
+        cancels: Cancels,
         history: HistoryReader,
         ledger: Ledger,
         policy: PolicyEngine,
@@ -36,6 +38,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self._discoverer = discoverer
         self._executor = executor
         self._approvals = approvals
+        self._cancels = cancels
         self._history = history
         self._ledger = ledger
         self._policy = policy
@@ -191,6 +194,13 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         record = await self._approvals.reject(caller, request.execution_id, request.comment)
         return gateway_pb2.RejectExecutionResponse(execution=execution_proto(record))
 
+    async def CancelExecution(
+        self, request: gateway_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelExecutionResponse:
+        caller = await self._caller(context)
+        record = await self._cancels.cancel(caller, request.execution_id, request.comment)
+        return gateway_pb2.CancelExecutionResponse(execution=execution_proto(record))
+
     async def GetPolicyStatus(
         self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetPolicyStatusResponse:
@@ -247,4 +257,14 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
     message.reconcile_attempts = record.reconcile_attempts
     if record.reconcile_next_at is not None:
         message.reconcile_next_at.CopyFrom(to_timestamp(record.reconcile_next_at))
+    if record.progress is not None:
+        message.progress.CopyFrom(record.progress)
+    if record.accepted_at is not None:
+        message.accepted_at.CopyFrom(to_timestamp(record.accepted_at))
+    if record.run_deadline is not None:
+        message.run_deadline.CopyFrom(to_timestamp(record.run_deadline))
+    message.cancel_requested_by = record.cancel_requested_by
+    message.cancel_comment = record.cancel_comment
+    if record.cancel_requested_at is not None:
+        message.cancel_requested_at.CopyFrom(to_timestamp(record.cancel_requested_at))
     return message

@@ -110,6 +110,13 @@ class ExecutionRow(Base):
     reconcile_lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
     reconcile_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     resolved_reason: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    # Long-running actions (revision 0005): accepted, followed, maybe cancelled.
+    accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    run_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    progress_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    cancel_requested_by: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancel_comment: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class OutboxRow(Base):
@@ -342,7 +349,8 @@ class GatewayStore:
             return [_from_row(row) for row in session.scalars(query)]
 
     def unresolved(self, tenant: str, limit: int) -> list[ExecutionRecord]:
-        """A tenant's executions whose outcome still needs an answer, oldest first."""
+        """A tenant's executions whose outcome still needs an answer, oldest first (not the
+        ACCEPTED ones: a long-running execution at work is followed, its state known)."""
         query = (
             select(ExecutionRow)
             .where(
@@ -350,6 +358,8 @@ class GatewayStore:
                 ExecutionRow.reconcile_state.in_(
                     [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
                 ),
+                # A long-running execution at work is followed, not unknown.
+                ExecutionRow.outcome != ExecutionState.ACCEPTED.value,
             )
             .order_by(ExecutionRow.started_at, ExecutionRow.execution_id)
             .limit(limit)
@@ -364,7 +374,8 @@ class GatewayStore:
             .where(
                 ExecutionRow.reconcile_state.in_(
                     [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
-                )
+                ),
+                ExecutionRow.outcome != ExecutionState.ACCEPTED.value,
             )
             .group_by(ExecutionRow.reconcile_state)
         )
@@ -464,6 +475,8 @@ def finish_execution_op(
                 reconcile_state=record.reconcile_state.value,
                 reconcile_attempts=record.reconcile_attempts,
                 reconcile_next_at=record.reconcile_next_at,
+                dispatch_deadline=record.dispatch_deadline,
+                **_run_values(record),
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -660,6 +673,78 @@ def reconcile_op(
     return op
 
 
+def follow_op(
+    record: ExecutionRecord, owner: str, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    """Write what a question about an ACCEPTED execution found (``record``: progress, its
+    final outcome, or TIMED_OUT past its maximum duration) and release the lease; False
+    (nothing written) unless ``owner`` still holds it on the row, still ACCEPTED."""
+    columns = _EXECUTIONS.c
+    values: dict[str, object] = {
+        "outcome": record.outcome.value,
+        "reason": record.reason,
+        "message": record.message,
+        "external_ref": record.external_ref,
+        "changes_json": json.dumps(record.changes),
+        "warnings_json": json.dumps(record.warnings),
+        "finished_at": record.finished_at,
+        "reconcile_state": record.reconcile_state.value,
+        "reconcile_attempts": record.reconcile_attempts,
+        "reconcile_next_at": record.reconcile_next_at,
+        "reconcile_lease_owner": "",
+        "reconcile_lease_until": None,
+        "resolved_reason": record.resolved_reason,
+        "progress_payload": _run_values(record)["progress_payload"],
+    }
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                columns.execution_id == record.execution_id,
+                columns.outcome == ExecutionState.ACCEPTED.value,
+                columns.reconcile_lease_owner == owner,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
+def request_cancel_op(
+    record: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    """Record who asked to cancel an ACCEPTED execution (due for a question now); False
+    when it is no longer ACCEPTED or someone asked first."""
+    columns = _EXECUTIONS.c
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                columns.execution_id == record.execution_id,
+                columns.outcome == ExecutionState.ACCEPTED.value,
+                columns.cancel_requested_by == "",
+            )
+            .values(
+                cancel_requested_by=record.cancel_requested_by,
+                cancel_requested_at=record.cancel_requested_at,
+                cancel_comment=record.cancel_comment,
+                reconcile_next_at=record.reconcile_next_at,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
 def resolve_orphan_op(
     execution_id: str,
     rule: OrphanRule,
@@ -757,6 +842,21 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "reconcile_attempts": record.reconcile_attempts,
         "reconcile_next_at": record.reconcile_next_at,
         "resolved_reason": record.resolved_reason,
+        **_run_values(record),
+    }
+
+
+def _run_values(record: ExecutionRecord) -> dict[str, Any]:
+    """The columns a long-running execution's moves write (besides the reconcile ones)."""
+    return {
+        "accepted_at": record.accepted_at,
+        "run_deadline": record.run_deadline,
+        "progress_payload": (
+            record.progress.SerializeToString() if record.progress is not None else None
+        ),
+        "cancel_requested_by": record.cancel_requested_by,
+        "cancel_requested_at": record.cancel_requested_at,
+        "cancel_comment": record.cancel_comment,
     }
 
 
@@ -796,6 +896,16 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         reconcile_attempts=row.reconcile_attempts,
         reconcile_next_at=row.reconcile_next_at,
         resolved_reason=row.resolved_reason,
+        accepted_at=row.accepted_at,
+        run_deadline=row.run_deadline,
+        progress=(
+            common_pb2.ExecutionProgress.FromString(row.progress_payload)
+            if row.progress_payload
+            else None
+        ),
+        cancel_requested_by=row.cancel_requested_by,
+        cancel_requested_at=row.cancel_requested_at,
+        cancel_comment=row.cancel_comment,
     )
 
 

@@ -233,6 +233,12 @@ class GatewayClient:
         """Reject a pending execution (never retried: a decision is made once)."""
         return await self._call(self._stub.RejectExecution, request, retry_safe=False)
 
+    async def cancel(
+        self, request: gateway_pb2.CancelExecutionRequest
+    ) -> gateway_pb2.CancelExecutionResponse:
+        """Ask a running long-running execution to stop (never retried: asked once)."""
+        return await self._call(self._stub.CancelExecution, request, retry_safe=False)
+
     async def policy_status(self) -> gateway_pb2.GetPolicyStatusResponse:
         request = gateway_pb2.GetPolicyStatusRequest()
         return await self._call(self._stub.GetPolicyStatus, request, retry_safe=True)

@@ -323,8 +323,8 @@ class Progress:
             raise ValueError(f"Progress.message must be at most {MAX_MESSAGE_CHARS} characters")
         _aware(self.updated_at, "Progress.updated_at")
 
-    def to_proto(self) -> provider_pb2.ExecutionProgress:
-        progress = provider_pb2.ExecutionProgress(message=self.message)
+    def to_proto(self) -> common_pb2.ExecutionProgress:
+        progress = common_pb2.ExecutionProgress(message=self.message)
         if self.percent is not None:
             progress.percent = self.percent
         if self.updated_at is not None:
