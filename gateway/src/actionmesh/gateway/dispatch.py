@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -150,6 +150,9 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Executions this process is running, so same-key waiters here need not poll.
         self._running: dict[str, asyncio.Task[ExecutionRecord]] = {}
+        # Called when a provider accepted a long-running action (the reconciler follows
+        # it from its first poll on; see GatewayCore).
+        self.on_accepted: Callable[[], None] = lambda: None
 
     def running(self, execution_id: str) -> asyncio.Task[ExecutionRecord] | None:
         """The task dispatching ``execution_id`` in this process, if any."""
@@ -289,6 +292,8 @@ class Dispatcher:
             )
             ended = answer.applied_to(record, settle_after_s)
         finished = await self._ledger.finish(dispatch.caller, dispatch.command, ended)
+        if finished is not None and finished.outcome is ExecutionState.ACCEPTED:
+            self.on_accepted()
         if finished is None:
             return await self._finished_as_orphan(dispatch, record, answer)
         trace.get_current_span().set_attribute("actionmesh.outcome", finished.outcome.value)

@@ -120,6 +120,9 @@ class Ledger:
     async def due_reconciles(self, now: datetime, limit: int) -> list[ExecutionRecord]:
         return await asyncio.to_thread(self._store.due_reconciles, now, limit)
 
+    async def next_reconcile_at(self) -> datetime | None:
+        return await asyncio.to_thread(self._store.next_reconcile_at)
+
     async def unresolved(self, tenant: str, limit: int) -> list[ExecutionRecord]:
         return await asyncio.to_thread(self._store.unresolved, tenant, limit)
 

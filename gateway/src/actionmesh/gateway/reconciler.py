@@ -34,6 +34,7 @@ interval, without the attempts bound (their bound is their ``run_deadline``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from actionmesh.gateway.model import (
 )
 from actionmesh.rpc.convert import utcnow
 from actionmesh.rpc.outcomes import FINAL_PROVIDER_OUTCOMES, Outcome
+from actionmesh.rpc.supervisor import SupervisedLoop
 from actionmesh.v1 import provider_pb2
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ SYSTEM_ACTOR = "actionmesh"
 GAVE_UP_REASON = "RECONCILE_GAVE_UP"
 # How many GetExecutionStatus calls one replica has open at once.
 CONCURRENT_ASKS = 8
+# The shortest pause of the loop between two rounds (an execution leased elsewhere and
+# due stays due until its lease lapses; this bounds how often the loop looks).
+MIN_WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,29 @@ class Reconciler:
         # Who holds a lease: this process (unique per start, so a restarted replica does
         # not mistake its predecessor's leases for its own).
         self.owner = owner or f"gateway-{uuid.uuid4().hex[:16]}"
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something became due sooner than the loop planned (an execution was accepted,
+        a cancel was asked): look again now."""
+        self._wake.set()
+
+    async def run(self, loop: SupervisedLoop) -> None:
+        """The ``reconcile`` loop: ask about what is due, then sleep until the next
+        execution is due (a long-running action's poll interval may be short), at most
+        ``interval_s``, or until woken."""
+        clock = asyncio.get_running_loop()
+        while True:
+            started = clock.time()
+            await self.reconcile_due()
+            loop.progress()
+            wait = self._settings.interval_s - (clock.time() - started)
+            upcoming = await self._ledger.next_reconcile_at()
+            if upcoming is not None:
+                wait = min(wait, (upcoming - utcnow()).total_seconds())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(wait, MIN_WAIT_S))
 
     async def reconcile_due(self, limit: int = 50) -> int:
         """Ask about every due unsettled execution (any tenant); how many were settled.

@@ -120,7 +120,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         supervisor.every(
             "orphan-sweep", config.approval_sweep_interval_s, core.sweeper.resolve_orphans
         ),
-        supervisor.every("reconcile", config.reconcile_interval_s, core.reconciler.reconcile_due),
+        supervisor.spawn("reconcile", core.reconciler.run),
     ]
     if verifier.refresh_interval_s is not None:
         # Re-reads a JWKS so removed keys stop working.
@@ -212,6 +212,7 @@ class GatewayCore:
                 poll_interval_s=config.long_running_poll_interval_s,
             ),
         )
+        dispatcher.on_accepted = reconciler.wake
         claims = Claims(
             ledger,
             dispatcher,

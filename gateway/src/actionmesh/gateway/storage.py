@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     delete,
     func,
     insert,
@@ -347,6 +348,28 @@ class GatewayStore:
         )
         with self._session() as session:
             return [_from_row(row) for row in session.scalars(query)]
+
+    def next_reconcile_at(self) -> datetime | None:
+        """When the earliest PENDING execution may be asked about (its due time, or when
+        another replica's lease on it lapses); None when none is PENDING."""
+        columns = _EXECUTIONS.c
+        actionable = case(
+            (
+                and_(
+                    columns.reconcile_lease_until.is_not(None),
+                    columns.reconcile_lease_until > columns.reconcile_next_at,
+                ),
+                columns.reconcile_lease_until,
+            ),
+            else_=columns.reconcile_next_at,
+        )
+        query = select(func.min(actionable, type_=UTCDateTime())).where(
+            columns.reconcile_state == ReconcileState.PENDING.value,
+            columns.reconcile_next_at.is_not(None),
+        )
+        with self._session() as session:
+            found: datetime | None = session.scalar(query)
+        return found
 
     def unresolved(self, tenant: str, limit: int) -> list[ExecutionRecord]:
         """A tenant's executions whose outcome still needs an answer, oldest first (not the
