@@ -22,7 +22,7 @@ pytest_plugins = ["tests.postgres", "tests.governance_fixtures"]
 SERVICE_CLIENT = "test-backend"
 # The tests play the product backend that vouches for the test providers' records (they
 # have no system of record); workitem and ticket facts come from their sources.
-TRUSTED_RECORD_TYPES = ("govtest", "faultrec", "tokenprobe", "thing", "order", "case")
+TRUSTED_RECORD_TYPES = ("govtest", "faultrec", "tokenprobe", "thing", "order", "case", "lrjob")
 TRUSTED_CALLERS = f"{SERVICE_CLIENT}=" + ",".join(TRUSTED_RECORD_TYPES)
 
 TEST_MESH = dict(
