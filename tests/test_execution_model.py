@@ -295,3 +295,26 @@ def test_overrunning_or_being_lost_times_out_and_is_reconciled() -> None:
         settled = ended.reconciled(Outcome.CANCELLED, at=LATER)
         assert settled.late_outcome is Outcome.CANCELLED
         assert settled.outcome is ExecutionState.TIMED_OUT
+
+
+def test_a_person_resolves_an_unsettled_execution_once() -> None:
+    told = fresh().finished_with(Outcome.TIMED_OUT, at=LATER)
+    stuck = told.needs_attention(reason="RECONCILE_GAVE_UP")
+    for row in (told, stuck):
+        resolved = row.resolved_by_person(Outcome.SUCCEEDED, at=LATER, external_ref="X-1")
+        assert (resolved.reconcile_state, resolved.late_outcome, resolved.resolved_reason) == (
+            ReconcileState.RESOLVED,
+            Outcome.SUCCEEDED,
+            "RESOLVED_BY_PERSON",
+        )
+        assert resolved.outcome is ExecutionState.TIMED_OUT and resolved.external_ref == "X-1"
+        with pytest.raises(IllegalTransition):
+            resolved.resolved_by_person(Outcome.REJECTED, at=LATER)
+    # Nothing ran: the same key may dispatch again.
+    assert stuck.resolved_by_person(Outcome.UNAVAILABLE, at=LATER).nothing_ran
+    for outcome in (Outcome.TIMED_OUT, Outcome.ACCEPTED, Outcome.DENIED):
+        with pytest.raises(IllegalTransition):
+            stuck.resolved_by_person(outcome, at=LATER)
+    for settled in (fresh().finished_with(Outcome.SUCCEEDED, at=LATER), accepted()):
+        with pytest.raises(IllegalTransition):
+            settled.resolved_by_person(Outcome.SUCCEEDED, at=LATER)

@@ -353,6 +353,62 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
             cli, mesh, "execution", row.execution_id, "--gateway", service.address, token=token()
         )
         assert "NEEDS ATTENTION" in shown.stdout, shown.stdout + shown.stderr
+
+        # A person finds out and records it. Policy decides who may: not an operator...
+        resolve = (
+            "resolve",
+            row.execution_id,
+            "--outcome",
+            "succeeded",
+            "--comment",
+            "the govtest console shows it done",
+            "--ref",
+            "GT-7",
+            "--gateway",
+            service.address,
+        )
+        refused = await asyncio.to_thread(cli, mesh, *resolve, token=token())
+        assert refused.returncode != 0 and "POLICY_DENIED" in refused.stderr, refused.stderr
+        # ...a supervisor.
+        supervisor = token(subject="sam", roles=("supervisor",))
+        resolved = await asyncio.to_thread(cli, mesh, *resolve, "--json", token=supervisor)
+        assert resolved.returncode == 0, resolved.stdout + resolved.stderr
+        shown_json = json.loads(resolved.stdout)
+        assert shown_json["outcome"] == "OUTCOME_TIMED_OUT"  # what the caller was told stays
+        assert shown_json["late_outcome"] == "OUTCOME_SUCCEEDED"
+        assert shown_json["resolved_reason"] == "RESOLVED_BY_PERSON"
+        assert shown_json["external_ref"] == "GT-7"
+        again = await asyncio.to_thread(cli, mesh, *resolve, token=supervisor)
+        assert again.returncode != 0 and "NOTHING_TO_RESOLVE" in again.stderr, again.stderr
+        listed = await asyncio.to_thread(
+            cli,
+            mesh,
+            "executions",
+            "--unresolved",
+            "--json",
+            "--gateway",
+            service.address,
+            token=token(),
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert row.execution_id not in listed.stdout
+        async with vouching_channel(mesh, service.address) as channel:
+            stub = Stub(channel)
+
+            async def recorded() -> list[audit_pb2.AuditEvent]:
+                return await events_of(stub, operator, "govtest", record_id, RECONCILED)
+
+            found = await eventually(recorded, timeout_s=20)
+            assert isinstance(found, list)
+            assert [(e.actor, e.reason, e.outcome, e.told_outcome) for e in found] == [
+                (
+                    "sam",
+                    "RESOLVED_BY_PERSON",
+                    common_pb2.OUTCOME_SUCCEEDED,
+                    common_pb2.OUTCOME_TIMED_OUT,
+                )
+            ]
+            assert found[0].message == "the govtest console shows it done"
     finally:
         mesh.stop_service(service.name)
         seeded.close()

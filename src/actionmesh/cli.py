@@ -572,6 +572,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    try:
+        outcome = common_pb2.Outcome.Value(f"OUTCOME_{args.outcome.upper()}")
+    except ValueError as exc:
+        raise CliError(f"unknown outcome {args.outcome!r}") from exc
+    request = gateway_pb2.ResolveExecutionRequest(
+        execution_id=args.execution_id,
+        outcome=outcome,
+        comment=args.comment,
+        external_ref=args.ref or "",
+    )
+    reply = on_gateway(args, lambda gateway: gateway.resolve(request))
+    show_execution(args, reply.execution)
+    return 0
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     reply = on_gateway(args, lambda gateway: gateway.policy_status())
     if args.json:
@@ -953,6 +969,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("execution_id")
     cancel.add_argument("--comment", required=True, help="why it must stop")
     cancel.set_defaults(func=cmd_cancel)
+
+    resolve = client(
+        "resolve",
+        "record what became of an execution the gateway could not settle "
+        "(what the provider's system shows)",
+    )
+    resolve.add_argument("execution_id")
+    resolve.add_argument(
+        "--outcome",
+        required=True,
+        choices=["succeeded", "rejected", "partial", "cancelled", "unavailable"],
+        help="what happened (unavailable: nothing ran, the same key may run again)",
+    )
+    resolve.add_argument("--comment", required=True, help="how you know")
+    resolve.add_argument("--ref", help="its reference in the external system")
+    resolve.set_defaults(func=cmd_resolve)
 
     policy = client("policy", "show the policy file in force and any reload error")
     policy.set_defaults(func=cmd_policy)

@@ -64,7 +64,7 @@ class Visibility:
 
 
 class Authorizer:
-    """The policy engine, asked the four questions the gateway has."""
+    """The policy engine, asked the questions the gateway has."""
 
     def __init__(self, policy: PolicyEngine) -> None:
         self._policy = policy
@@ -119,6 +119,16 @@ class Authorizer:
     ) -> Authorized:
         """May ``caller`` stop a running execution of the action on the record."""
         return self._one(Operation.CANCEL, caller, verified, entry, descriptor)
+
+    def resolve(
+        self,
+        caller: Caller,
+        verified: VerifiedRecord,
+        entry: ProviderEntry,
+        descriptor: common_pb2.ActionDescriptor,
+    ) -> Authorized:
+        """May ``caller`` record what became of an execution of the action on the record."""
+        return self._one(Operation.RESOLVE, caller, verified, entry, descriptor)
 
     def _one(
         self,

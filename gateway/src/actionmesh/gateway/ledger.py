@@ -43,6 +43,7 @@ from actionmesh.gateway.storage import (
     record_attempt_op,
     record_late_result_op,
     request_cancel_op,
+    resolve_by_person_op,
     resolve_orphan_op,
 )
 from actionmesh.gateway.writer import GroupCommitWriter
@@ -475,6 +476,38 @@ class Ledger:
             return None
         if events:
             self._on_written()
+        return moved
+
+    async def resolve_by_person(
+        self,
+        person: Caller,
+        moved: ExecutionRecord,
+        *,
+        told: ExecutionRecord,
+        comment: str,
+        authorized: Authorized,
+    ) -> ExecutionRecord | None:
+        """Write what a person found out about an unsettled execution, as an
+        EXECUTION_RECONCILED event with them as actor; None when it was settled first or
+        is being asked about right now."""
+        command = ExecuteCommand.thaw(moved.request_payload)
+        if moved.late_outcome is None:
+            raise ValueError(f"execution {moved.execution_id} carries no resolved outcome")
+        event = self.event(
+            RECONCILED,
+            person,
+            command,
+            moved,
+            outcome=moved.late_outcome.to_proto(),
+            reason=moved.resolved_reason,
+            message=comment,
+            authorized=authorized,
+        )
+        event.told_outcome = told.outcome.to_proto()
+        event.finished_at.FromDatetime(moved.late_result_at or utcnow())
+        if not await self._writer.write(resolve_by_person_op(moved, utcnow(), [event])):
+            return None
+        self._on_written()
         return moved
 
     async def request_cancel(

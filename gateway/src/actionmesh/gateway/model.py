@@ -120,6 +120,13 @@ ORPHAN_MESSAGE = (
 OVERRAN_REASON = "MAX_DURATION_EXCEEDED"
 LOST_REASON = "PROVIDER_LOST_EXECUTION"
 
+# resolved_reason when a person recorded what became of an unsettled execution, and
+# what they may record (UNAVAILABLE: nothing ran, the same key dispatches again).
+RESOLVED_BY_PERSON = "RESOLVED_BY_PERSON"
+PERSON_OUTCOMES = frozenset(
+    {Outcome.SUCCEEDED, Outcome.REJECTED, Outcome.PARTIAL, Outcome.CANCELLED, Outcome.UNAVAILABLE}
+)
+
 # The PARTIAL reason that leaves open whether the downstream system acted.
 OUTCOME_UNKNOWN_REASON = "DOWNSTREAM_OUTCOME_UNKNOWN"
 # resolved_reason when the provider says it never received the request (nothing ran).
@@ -509,6 +516,32 @@ class ExecutionRecord:
             cancel_requested_at=at,
             cancel_comment=comment,
             reconcile_next_at=at,
+        )
+
+    def resolved_by_person(
+        self, outcome: Outcome, *, at: datetime, external_ref: str = ""
+    ) -> ExecutionRecord:
+        """A person found out what became of an unsettled execution (one the gateway gave
+        up on, or is still asking about): RESOLVED with their finding; told stays."""
+        if (
+            self.reconcile_state not in (ReconcileState.PENDING, ReconcileState.NEEDS_ATTENTION)
+            or self.late_outcome is not None
+            or self.outcome is ExecutionState.ACCEPTED
+        ):
+            raise IllegalTransition(
+                f"execution {self.execution_id}: nothing to resolve "
+                f"(reconcile state {self.reconcile_state.value})"
+            )
+        if outcome not in PERSON_OUTCOMES:
+            raise IllegalTransition(f"{outcome.value} is not an outcome a provider can reach")
+        return replace(
+            self,
+            late_outcome=outcome,
+            late_result_at=at,
+            resolved_reason=RESOLVED_BY_PERSON,
+            external_ref=external_ref or self.external_ref,
+            reconcile_state=ReconcileState.RESOLVED,
+            reconcile_next_at=None,
         )
 
     def _marked_unsettled(self, at: datetime) -> ExecutionRecord:

@@ -42,6 +42,7 @@ class Operation(StrEnum):
     EXECUTE = "execute"
     APPROVE = "approve"
     CANCEL = "cancel"
+    RESOLVE = "resolve"
 
 
 @dataclass(frozen=True)

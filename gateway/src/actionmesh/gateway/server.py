@@ -13,7 +13,6 @@ from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import TokenVerifier
 from actionmesh.gateway.authorization import Authorizer
-from actionmesh.gateway.cancels import Cancels
 from actionmesh.gateway.claims import Claims
 from actionmesh.gateway.config import GatewayConfig, parse_trusted_callers
 from actionmesh.gateway.directory import ProviderDirectory
@@ -22,6 +21,7 @@ from actionmesh.gateway.dispatch import Deadlines, Dispatcher
 from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.facts import FactResolver
 from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
 from actionmesh.gateway.outbox import OutboxShipper
@@ -93,7 +93,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         discoverer=core.discoverer,
         executor=core.executor,
         approvals=core.approvals,
-        cancels=core.cancels,
+        interventions=core.interventions,
         history=HistoryReader(audit_channel),
         ledger=core.ledger,
         policy=policy,
@@ -166,7 +166,7 @@ class GatewayCore:
     reconciler: Reconciler
     executor: Executor
     approvals: Approvals
-    cancels: Cancels
+    interventions: Interventions
     discoverer: Discoverer
 
     @classmethod
@@ -245,7 +245,7 @@ class GatewayCore:
                 sweeper=sweeper,
                 deadlines=deadlines,
             ),
-            cancels=Cancels(
+            interventions=Interventions(
                 directory=directory,
                 facts=facts,
                 authorizer=authorizer,

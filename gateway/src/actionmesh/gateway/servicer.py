@@ -7,10 +7,10 @@ import grpc.aio
 from actionmesh.gateway.admission import Admission
 from actionmesh.gateway.approvals import Approvals
 from actionmesh.gateway.auth import Caller, TokenVerifier
-from actionmesh.gateway.cancels import Cancels
 from actionmesh.gateway.discovery import Discoverer
 from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
+from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord
 from actionmesh.gateway.policy import PolicyEngine
@@ -27,7 +27,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         discoverer: Discoverer,
         executor: Executor,
         approvals: Approvals,
-        cancels: Cancels,
+        interventions: Interventions,
         history: HistoryReader,
         ledger: Ledger,
         policy: PolicyEngine,
@@ -38,7 +38,7 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self._discoverer = discoverer
         self._executor = executor
         self._approvals = approvals
-        self._cancels = cancels
+        self._interventions = interventions
         self._history = history
         self._ledger = ledger
         self._policy = policy
@@ -198,8 +198,17 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         self, request: gateway_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelExecutionResponse:
         caller = await self._caller(context)
-        record = await self._cancels.cancel(caller, request.execution_id, request.comment)
+        record = await self._interventions.cancel(caller, request.execution_id, request.comment)
         return gateway_pb2.CancelExecutionResponse(execution=execution_proto(record))
+
+    async def ResolveExecution(
+        self, request: gateway_pb2.ResolveExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ResolveExecutionResponse:
+        caller = await self._caller(context)
+        record = await self._interventions.resolve(
+            caller, request.execution_id, request.outcome, request.comment, request.external_ref
+        )
+        return gateway_pb2.ResolveExecutionResponse(execution=execution_proto(record))
 
     async def GetPolicyStatus(
         self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext

@@ -696,6 +696,42 @@ def reconcile_op(
     return op
 
 
+def resolve_by_person_op(
+    record: ExecutionRecord, now: datetime, events: Sequence[audit_pb2.AuditEvent]
+) -> WriteOp[bool]:
+    """Write a person's finding on an unsettled execution; False (nothing written) when it
+    was settled first or a replica's lease on it is live (it is being asked right now)."""
+    columns = _EXECUTIONS.c
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_EXECUTIONS)
+            .where(
+                columns.execution_id == record.execution_id,
+                columns.reconcile_state.in_(
+                    [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
+                ),
+                columns.late_outcome == "",
+                columns.outcome != ExecutionState.ACCEPTED.value,
+                or_(columns.reconcile_lease_until.is_(None), columns.reconcile_lease_until <= now),
+            )
+            .values(
+                reconcile_state=record.reconcile_state.value,
+                reconcile_next_at=None,
+                late_outcome=record.late_outcome.value if record.late_outcome else "",
+                late_result_at=record.late_result_at,
+                resolved_reason=record.resolved_reason,
+                external_ref=record.external_ref,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        _enqueue(session, events)
+        return True
+
+    return op
+
+
 def follow_op(
     record: ExecutionRecord, owner: str, events: Sequence[audit_pb2.AuditEvent]
 ) -> WriteOp[bool]:

@@ -239,6 +239,12 @@ class GatewayClient:
         """Ask a running long-running execution to stop (never retried: asked once)."""
         return await self._call(self._stub.CancelExecution, request, retry_safe=False)
 
+    async def resolve(
+        self, request: gateway_pb2.ResolveExecutionRequest
+    ) -> gateway_pb2.ResolveExecutionResponse:
+        """Record what became of an unsettled execution (never retried: recorded once)."""
+        return await self._call(self._stub.ResolveExecution, request, retry_safe=False)
+
     async def policy_status(self) -> gateway_pb2.GetPolicyStatusResponse:
         request = gateway_pb2.GetPolicyStatusRequest()
         return await self._call(self._stub.GetPolicyStatus, request, retry_safe=True)

@@ -426,6 +426,59 @@ class CancelExecutionResponse(_message.Message):
 Global___CancelExecutionResponse: _TypeAlias = CancelExecutionResponse  # noqa: Y015
 
 @_typing.final
+class ResolveExecutionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    EXTERNAL_REF_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    outcome: _common_pb2.Outcome.ValueType
+    """What the provider's system shows happened: SUCCEEDED, REJECTED, PARTIAL, CANCELLED,
+    or UNAVAILABLE (nothing ran: a same-key retry dispatches again).
+    """
+    comment: _builtins.str
+    """How the person found out (required), kept as evidence."""
+    external_ref: _builtins.str
+    """The reference in the external system, when there is one."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        outcome: _common_pb2.Outcome.ValueType = ...,
+        comment: _builtins.str = ...,
+        external_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "execution_id", b"execution_id", "external_ref", b"external_ref", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveExecutionRequest: _TypeAlias = ResolveExecutionRequest  # noqa: Y015
+
+@_typing.final
+class ResolveExecutionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution: ...
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveExecutionResponse: _TypeAlias = ResolveExecutionResponse  # noqa: Y015
+
+@_typing.final
 class Approval(_message.Message):
     """The four-eyes state of an execution."""
 

@@ -113,6 +113,11 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.FromString,
                 _registered_method=True)
+        self.ResolveExecution = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/ResolveExecution',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class ActionGatewayServiceServicer:
@@ -238,6 +243,20 @@ class ActionGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveExecution(self, request, context):
+        """A person records what became of an execution whose outcome the gateway could not
+        settle (reconcile_state NEEDS_ATTENTION, or still PENDING): what they found in the
+        provider's system. Governed by policy (Cedar action "resolve"; the default lets
+        supervisors) and audited (EXECUTION_RECONCILED with the person as actor, reason
+        RESOLVED_BY_PERSON, their comment as message). What the caller was told stays.
+        Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
+        outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
+        comment), PERMISSION_DENIED POLICY_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -295,6 +314,11 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     servicer.CancelExecution,
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.SerializeToString,
+            ),
+            'ResolveExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveExecution,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +642,33 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/CancelExecution',
             actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.CancelExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/ResolveExecution',
+            actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

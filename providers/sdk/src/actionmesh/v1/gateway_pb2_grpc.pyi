@@ -106,6 +106,16 @@ class ActionGatewayServiceStub:
     EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
     or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
     """
+    ResolveExecution: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ResolveExecutionRequest, _gateway_pb2.ResolveExecutionResponse]
+    """A person records what became of an execution whose outcome the gateway could not
+    settle (reconcile_state NEEDS_ATTENTION, or still PENDING): what they found in the
+    provider's system. Governed by policy (Cedar action "resolve"; the default lets
+    supervisors) and audited (EXECUTION_RECONCILED with the person as actor, reason
+    RESOLVED_BY_PERSON, their comment as message). What the caller was told stays.
+    Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
+    outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
+    comment), PERMISSION_DENIED POLICY_DENIED.
+    """
 
 @_typing.type_check_only
 class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
@@ -184,6 +194,16 @@ class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
     EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
     or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
+    """
+    ResolveExecution: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ResolveExecutionRequest, _gateway_pb2.ResolveExecutionResponse]  # type: ignore[assignment]
+    """A person records what became of an execution whose outcome the gateway could not
+    settle (reconcile_state NEEDS_ATTENTION, or still PENDING): what they found in the
+    provider's system. Governed by policy (Cedar action "resolve"; the default lets
+    supervisors) and audited (EXECUTION_RECONCILED with the person as actor, reason
+    RESOLVED_BY_PERSON, their comment as message). What the caller was told stays.
+    Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
+    outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
+    comment), PERMISSION_DENIED POLICY_DENIED.
     """
 
 class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -326,6 +346,22 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         outcome (CANCELLED, or what it reached before it could stop). Errors: NOT_FOUND
         EXECUTION_NOT_FOUND, FAILED_PRECONDITION EXECUTION_NOT_RUNNING (not ACCEPTED)
         or ACTION_NOT_CANCELLABLE, PERMISSION_DENIED POLICY_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveExecution(
+        self,
+        request: _gateway_pb2.ResolveExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ResolveExecutionResponse, _abc.Awaitable[_gateway_pb2.ResolveExecutionResponse]]:
+        """A person records what became of an execution whose outcome the gateway could not
+        settle (reconcile_state NEEDS_ATTENTION, or still PENDING): what they found in the
+        provider's system. Governed by policy (Cedar action "resolve"; the default lets
+        supervisors) and audited (EXECUTION_RECONCILED with the person as actor, reason
+        RESOLVED_BY_PERSON, their comment as message). What the caller was told stays.
+        Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
+        outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
+        comment), PERMISSION_DENIED POLICY_DENIED.
         """
 
 def add_ActionGatewayServiceServicer_to_server(servicer: ActionGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
