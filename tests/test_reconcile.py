@@ -368,7 +368,7 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
             service.address,
         )
         refused = await asyncio.to_thread(cli, mesh, *resolve, token=token())
-        assert refused.returncode != 0 and "POLICY_DENIED" in refused.stderr, refused.stderr
+        assert refused.returncode != 0 and "POLICY_DENIED" in refused.stdout, refused.stdout
         # ...a supervisor.
         supervisor = token(subject="sam", roles=("supervisor",))
         resolved = await asyncio.to_thread(cli, mesh, *resolve, "--json", token=supervisor)
@@ -379,7 +379,7 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
         assert shown_json["resolved_reason"] == "RESOLVED_BY_PERSON"
         assert shown_json["external_ref"] == "GT-7"
         again = await asyncio.to_thread(cli, mesh, *resolve, token=supervisor)
-        assert again.returncode != 0 and "NOTHING_TO_RESOLVE" in again.stderr, again.stderr
+        assert again.returncode != 0 and "NOTHING_TO_RESOLVE" in again.stdout, again.stdout
         listed = await asyncio.to_thread(
             cli,
             mesh,
@@ -409,6 +409,14 @@ async def test_a_provider_keeping_no_results_leaves_the_execution_needing_attent
                 )
             ]
             assert found[0].message == "the govtest console shows it done"
+            refusals = await events_of(
+                stub,
+                operator,
+                "govtest",
+                record_id,
+                audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_RESOLVE_REFUSED,
+            )
+            assert [(e.actor, e.reason) for e in refusals] == [("alice", "POLICY_DENIED")]
     finally:
         mesh.stop_service(service.name)
         seeded.close()

@@ -1,7 +1,8 @@
 """People stepping into an execution: cancelling it, or recording what became of it.
 
 Both are governed (Cedar actions ``cancel`` and ``resolve``) and audited, refusals
-included, like approvals.
+included (EXECUTION_CANCEL_REQUESTED / EXECUTION_RESOLVE_REFUSED with POLICY_DENIED),
+like approvals.
 
 **Cancel** a long-running execution: the provider is told.
 
@@ -30,7 +31,7 @@ from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorizer
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
 from actionmesh.gateway.facts import FactResolver, VerifiedRecord
-from actionmesh.gateway.ledger import CANCEL_REQUESTED, RECONCILED, Ledger
+from actionmesh.gateway.ledger import CANCEL_REQUESTED, RESOLVE_REFUSED, Ledger
 from actionmesh.gateway.model import (
     PERSON_OUTCOMES,
     ExecuteCommand,
@@ -161,7 +162,7 @@ class Interventions:
         )
         if not authorized.allowed:
             error = PermissionDenied("not permitted by policy to resolve", reason="POLICY_DENIED")
-            await self._ledger.note(RECONCILED, caller, command, row, error, authorized)
+            await self._ledger.note(RESOLVE_REFUSED, caller, command, row, error, authorized)
             raise error
         written = await self._ledger.resolve_by_person(
             caller, moved, told=row, comment=comment, authorized=authorized

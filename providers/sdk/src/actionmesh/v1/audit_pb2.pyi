@@ -73,6 +73,10 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """Someone asked to stop an ACCEPTED execution: actor the canceller, message the
     comment. Refused by policy: outcome DENIED with reason POLICY_DENIED.
     """
+    AUDIT_EVENT_TYPE_EXECUTION_RESOLVE_REFUSED: _AuditEventType.ValueType  # 15
+    """A person's attempt to record what became of an execution (ResolveExecution) that
+    the platform refused (reason POLICY_DENIED); nothing changed.
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper): ...
 
@@ -121,6 +125,10 @@ AUDIT_EVENT_TYPE_EXECUTION_PROGRESS: AuditEventType.ValueType  # 13
 AUDIT_EVENT_TYPE_EXECUTION_CANCEL_REQUESTED: AuditEventType.ValueType  # 14
 """Someone asked to stop an ACCEPTED execution: actor the canceller, message the
 comment. Refused by policy: outcome DENIED with reason POLICY_DENIED.
+"""
+AUDIT_EVENT_TYPE_EXECUTION_RESOLVE_REFUSED: AuditEventType.ValueType  # 15
+"""A person's attempt to record what became of an execution (ResolveExecution) that
+the platform refused (reason POLICY_DENIED); nothing changed.
 """
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
@@ -281,8 +289,10 @@ class AuditEvent(_message.Message):
     chain fields cleared, serialized deterministically). See VerifyChain.
     """
     told_outcome: _common_pb2.Outcome.ValueType
-    """EXECUTION_RECONCILED and EXECUTION_NEEDS_ATTENTION: the outcome the caller was
-    told when the execution ended (outcome is then the resolved one).
+    """EXECUTION_RECONCILED (the gateway's, or a person's: reason RESOLVED_BY_PERSON,
+    actor the person, message how they know) and EXECUTION_NEEDS_ATTENTION: the
+    outcome the caller was told when the execution ended (outcome is then the
+    resolved one).
     """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
