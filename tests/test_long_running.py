@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.conformance import PASS, SampleRecord, failed, run_checks
 from actionmesh.rpc.errors import InvalidArgument, error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.sdk import (
@@ -431,3 +432,25 @@ async def test_short_actions_are_unchanged(serve: Serve) -> None:
     stub = (await serve(provider)).stub
     reply = await stub.Execute(execute("thing.short"), timeout=5)
     assert (reply.outcome, reply.external_ref) == (common_pb2.OUTCOME_SUCCEEDED, "short-1")
+
+
+# -- the conformance kit --------------------------------------------------------------
+
+
+async def test_a_long_running_provider_passes_the_kit(serve: Serve) -> None:
+    provider, gates = long_provider()
+    served = await serve(provider)
+    results = await run_checks(
+        served.server.address,
+        records=[SampleRecord("acme", "thing", "t-1", "new")],
+        action="thing.long",
+        require_all=True,
+    )
+    found = {r.name: r for r in results}
+    assert not failed(results), [(r.name, r.status, r.detail) for r in results]
+    for name in ("long_running.accepted", "long_running.progress", "long_running.stop"):
+        assert found[name].status == PASS, found[name]
+    assert "ACCEPTED" in found["execute.idempotent"].detail
+    assert "CANCELLED" in found["long_running.stop"].detail
+    # The kit's stop ended the real execution it started: the handler cleaned up.
+    assert gates.cleaned_up == ["actionmesh-conformance"]

@@ -143,6 +143,7 @@ class _LongRun:
         )
 
     def status(self) -> ExecutionStatus:
+        # While the answer is being stored: still RUNNING (the store answers once stored).
         if self.final is not None:
             return ExecutionStatus.finished(
                 Result.from_proto(self.final), finished_at=self.finished_at
@@ -715,11 +716,13 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 )
             finally:
                 run.in_handler = False
-            run.final = response
-            run.finished_at = datetime.now(UTC)
             if self.store is not None:
                 # Shielded: a cancel at shutdown must not lose the answer.
                 await asyncio.shield(self.store.complete(key, owner, response.SerializeToString()))
+            # No await from here to the entry's removal: the answer is read from the store
+            # (one finished_at), never from memory.
+            run.final = response
+            run.finished_at = datetime.now(UTC)
         except BaseException:
             log.exception("could not store the end of %s (key %s)", action.action_id, key.key)
             raise
