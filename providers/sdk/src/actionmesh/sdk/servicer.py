@@ -802,8 +802,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 hard_limit = DEFAULT_HARD_LIMIT_S
             else:
                 hard_limit = action.timeout_s * HARD_LIMIT_FACTOR
+            limit = asyncio.timeout(hard_limit)
             try:
-                async with asyncio.timeout(hard_limit):
+                async with limit:
                     result = await action.handler(ctx, inputs)
                 if not isinstance(result, Result):
                     raise TypeError(f"handler returned {type(result).__name__}, expected a Result")
@@ -814,15 +815,15 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 # nothing ran) go to the caller as raised.
                 span.set_attribute("actionmesh.outcome", outcome_for_status(refused.code))
                 raise
-            except TimeoutError:
-                if run is None:
-                    # A short action's hard limit: as any other handler failure.
-                    log.exception("handler of %s timed out", action.action_id)
-                    raise HandlerFailed(
-                        "the action handler failed; see the provider's logs",
-                        reason="HANDLER_FAILED",
-                    ) from None
-                raise
+            except TimeoutError as exc:
+                if run is not None and limit.expired():
+                    raise  # past a long-running action's maximum duration: _run_long says so
+                log.exception("handler of %s failed (timed out)", action.action_id)
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                raise HandlerFailed(
+                    "the action handler failed; see the provider's logs", reason="HANDLER_FAILED"
+                ) from None
             except Exception as exc:
                 log.exception(
                     "handler of %s failed (request %s, trace %s)",
