@@ -397,8 +397,10 @@ async def test_at_most_n_long_running_executions_at_once(serve: Serve) -> None:
     stub = (await serve(provider, max_long_running_executions=1)).stub
     await stub.Execute(execute(key="a"), timeout=5)
     error = await refused(stub.Execute(execute(key="b"), timeout=5))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Nothing ran: UNAVAILABLE with a retry delay (RESOURCE_EXHAUSTED reads as PARTIAL).
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(error).reason == "TOO_MANY_LONG_RUNNING"
+    assert error_details(error).retry_after_s
     # Nothing ran under "b": its key is free once there is room.
     assert (await stub.GetExecutionStatus(ask(key="b"), timeout=5)).state == NEVER
     gates.release.set()

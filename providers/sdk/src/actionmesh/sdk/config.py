@@ -81,7 +81,7 @@ class ProviderConfig:
 
     max_long_running_executions: int = 256
     """How many long-running executions may run in this process at once; past it an
-    Execute of a long-running action is RESOURCE_EXHAUSTED (nothing ran)."""
+    Execute of a long-running action is UNAVAILABLE TOO_MANY_LONG_RUNNING (nothing ran)."""
 
     def __post_init__(self) -> None:
         if self.max_long_running_executions < 1:

@@ -24,8 +24,9 @@ Long-running actions (``@provider.action(..., long_running=LongRunning(...))``):
   ("accepted; running", with the external ref the handler named so far through
   ``ctx.set_external_ref``). A same-key Execute while the task runs answers ACCEPTED
   again; once it finished, the stored final result. At most ``max_long_running``
-  tasks run at once: past that, Execute is RESOURCE_EXHAUSTED
-  (``TOO_MANY_LONG_RUNNING``) and nothing ran.
+  tasks run at once: past that, Execute is UNAVAILABLE (``TOO_MANY_LONG_RUNNING``,
+  with a retry delay): nothing ran (RESOURCE_EXHAUSTED would read as PARTIAL in the
+  outcome table).
 - The task's end is stored as the key's result: the handler's Result; a deliberate
   ``ActionMeshError`` as the outcome ``outcome_for_status`` gives its code (reason
   and message kept); an unexpected exception PARTIAL ``HANDLER_FAILED`` (logged);
@@ -79,7 +80,6 @@ from actionmesh.rpc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     Unimplemented,
 )
 from actionmesh.rpc.errors import Unavailable as UnavailableError
@@ -620,7 +620,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                     return run.final
                 return run.accepted()
             if len(self._long) >= self.max_long_running:
-                raise ResourceExhausted(
+                # UNAVAILABLE, not RESOURCE_EXHAUSTED: the outcome table reads the latter as
+                # PARTIAL (it may have acted), and nothing ran here.
+                raise UnavailableError(
                     f"provider {self.provider.id} runs {len(self._long)} long-running "
                     "executions already; nothing ran, retry later",
                     reason="TOO_MANY_LONG_RUNNING",
