@@ -31,7 +31,7 @@ from actionmesh.mesh import Mesh, MeshSettings, tail
 from actionmesh.providers.escalation import EscalationLog, PlatformNotConfigured, escalation
 from actionmesh.providers.escalation.config import ENV_PREFIX
 from actionmesh.providers.escalation.provider import ACTION_TIMEOUT_S, call_budget
-from actionmesh.providers.supportdesk import is_healthy
+from actionmesh.providers.supportdesk import Escalation, EscalationStore, is_healthy
 from actionmesh.rpc.errors import error_details
 from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, provider_pb2, provider_pb2_grpc
@@ -1020,3 +1020,79 @@ async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_pla
             raise
         finally:
             await asyncio.to_thread(mesh.stop)
+
+
+async def test_the_platform_acknowledges_and_withdraws_once(platform: Platform) -> None:
+    body = {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-4"},
+        "summary": "Acknowledge or withdraw me",
+        "severity": "low",
+        "requested_by": "alice",
+    }
+    async with httpx.AsyncClient(base_url=platform.url, timeout=5) as http:
+
+        async def create(key: str) -> str:
+            created = await http.post(
+                "/v1/escalations", json=body, headers={"Idempotency-Key": key}
+            )
+            assert created.status_code == 201, created.text
+            escalation_id: str = created.json()["id"]
+            assert created.json()["acknowledged_by"] is None
+            return escalation_id
+
+        first = await create("k-ack")
+        acked = await http.post(f"/v1/escalations/{first}/acknowledge", json={"by": "carol"})
+        assert acked.status_code == 200
+        assert (acked.json()["status"], acked.json()["acknowledged_by"]) == (
+            "acknowledged",
+            "carol",
+        )
+        assert acked.json()["acknowledged_at"]
+        # Idempotent: the same state again, the first acknowledgement kept.
+        again = await http.post(f"/v1/escalations/{first}/acknowledge", json={"by": "dave"})
+        assert (again.status_code, again.json()["acknowledged_by"]) == (200, "carol")
+        late = await http.post(f"/v1/escalations/{first}/withdraw", json={"reason": "late"})
+        assert (late.status_code, late.json()["error"]["code"]) == (409, "invalid_state")
+
+        second = await create("k-withdraw")
+        withdrawn = await http.post(f"/v1/escalations/{second}/withdraw", json={"reason": "oops"})
+        assert withdrawn.status_code == 200
+        assert (withdrawn.json()["status"], withdrawn.json()["withdrawn_reason"]) == (
+            "withdrawn",
+            "oops",
+        )
+        assert (
+            await http.post(f"/v1/escalations/{second}/withdraw", json={"reason": "x"})
+        ).status_code == 200
+        refused = await http.post(f"/v1/escalations/{second}/acknowledge", json={"by": "carol"})
+        assert refused.status_code == 409
+
+        bad = await http.post(f"/v1/escalations/{first}/acknowledge", json={"who": "x"})
+        assert bad.status_code == 400
+        assert {f["field"] for f in bad.json()["error"]["fields"]} == {"who", "by"}
+        missing = await http.post("/v1/escalations/SD-NOPE/acknowledge", json={"by": "carol"})
+        assert missing.status_code == 404
+
+
+def test_an_older_platform_database_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE escalations (id VARCHAR(32) PRIMARY KEY, tenant VARCHAR(128), "
+            "idempotency_key VARCHAR(255), fingerprint VARCHAR(64), status VARCHAR(16), "
+            "source_type VARCHAR(64), source_id VARCHAR(128), source_status VARCHAR(64), "
+            "summary TEXT, severity VARCHAR(16), queue VARCHAR(64), requested_by VARCHAR(256), "
+            "trace_id VARCHAR(32), correlation_id VARCHAR(128), created_at DATETIME)"
+        )
+        db.execute(
+            "INSERT INTO escalations VALUES ('SD-OLD', 'acme', 'k', 'f', 'open', 'ticket', "
+            "'T-1', '', 'old one', 'low', 'general', 'alice', '', '', '2026-01-01 00:00:00')"
+        )
+    store = EscalationStore.open(f"sqlite:///{path}")
+    try:
+        acknowledged = store.acknowledge("SD-OLD", "carol")
+        assert isinstance(acknowledged, Escalation)
+        assert (acknowledged.status, acknowledged.acknowledged_by) == ("acknowledged", "carol")
+    finally:
+        store.close()
