@@ -60,6 +60,9 @@ STATUS_CHECKS = [name for name in CHECKS if name.startswith("status.")]
 EXECUTED_STATUS_CHECKS = ["status.finished", "status.tenant_isolation"]
 # The source checks that read a sample record of a sourced type (skipped without one).
 SAMPLE_SOURCE_CHECKS = ["source.tenant_isolation", "source.answer", "source.stable"]
+LONG_RUNNING_CHECKS = [name for name in CHECKS if name.startswith("long_running.")]
+# A provider without long-running actions skips these as not applicable.
+NOT_LONG_RUNNING = dict.fromkeys(LONG_RUNNING_CHECKS, SKIP)
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -103,7 +106,9 @@ async def test_workitems_passes_every_check_and_acts_exactly_once(
     results = await run_checks(server.address, records=[FAILED_ITEM], require_all=True)
 
     assert [r.name for r in results] == list(CHECKS)
-    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
+        results
+    )
     assert not failed(results)
     assert "SUCCEEDED" in by_name(results)["execute.idempotent"].detail
     # The provider's own store proves the kit's repeated key acted once, and that
@@ -134,7 +139,12 @@ async def test_without_an_eligible_record_the_side_effecting_check_is_skipped(
     for name in EXECUTED_STATUS_CHECKS:
         assert results[name].status == SKIP
         assert "no executed key to ask about" in results[name].detail
-    skipped = ["execute.idempotent", *SAMPLE_SOURCE_CHECKS, *EXECUTED_STATUS_CHECKS]
+    skipped = [
+        "execute.idempotent",
+        *SAMPLE_SOURCE_CHECKS,
+        *EXECUTED_STATUS_CHECKS,
+        *LONG_RUNNING_CHECKS,
+    ]
     assert all(r.status == PASS for name, r in results.items() if name not in skipped)
 
     processed = SampleRecord.parse("acme/workitem/wi-1003:processed")
@@ -196,6 +206,7 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
         "execute.idempotent": FAIL,
         # It has no GetExecutionStatus: the status checks are not supported.
         **dict.fromkeys(STATUS_CHECKS, SKIP),
+        **NOT_LONG_RUNNING,
     }
     assert "no grpc.health.v1 Health service" in found["health"].detail
     assert "undeclared action 'thing.ghost'" in found["discover.declared_only"].detail
@@ -211,7 +222,7 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
     assert "[thing.ghost yes, thing.poke no (BUSY_" in " ".join(text.split())
     for name in CHECKS:
         assert name in text
-    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 11 skipped" in text
+    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 14 skipped" in text
     for name in STATUS_CHECKS:
         assert found[name].detail.startswith("not supported: GetExecutionStatus is UNIMPLEMENTED")
 
@@ -256,7 +267,7 @@ async def test_a_provider_without_the_sdk_can_pass() -> None:
     # It is the system of record of nothing: the source checks do not apply, and
     # require_all does not fail it for that.
     assert statuses(results) == {
-        **dict.fromkeys(CHECKS, PASS),
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
     }, table_text(results)
     assert not failed(results)
@@ -269,7 +280,9 @@ async def test_a_provider_without_the_sdk_can_pass() -> None:
         results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
     finally:
         await server.stop()
-    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
+        results
+    )
 
 
 async def test_an_unreachable_provider_fails_fast() -> None:
@@ -389,7 +402,9 @@ async def test_the_example_record_sources_pass_every_check(tmp_path: Path, name:
         )
     finally:
         await server.stop(grace_s=1.0)
-    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
+        results
+    )
     found = by_name(results)
     record_type = SampleRecord.parse(record).type
     assert found["source.declared"].detail == f"the system of record of {record_type}"
@@ -454,7 +469,9 @@ async def check_gadgets(tmp_path: Path, resolve: Resolve) -> list[CheckResult]:
 
 async def test_an_sdk_record_source_that_keeps_the_contract_passes(tmp_path: Path) -> None:
     results = await check_gadgets(tmp_path, by_tenant)
-    assert statuses(results) == dict.fromkeys(CHECKS, PASS), table_text(results)
+    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
+        results
+    )
 
 
 @pytest.mark.parametrize(
@@ -470,7 +487,10 @@ async def test_an_sdk_record_source_breaking_one_rule_fails_that_check_alone(
     tmp_path: Path, resolve: Resolve, check: str, says: str
 ) -> None:
     results = await check_gadgets(tmp_path, resolve)
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), check: FAIL}, table_text(results)
+    assert statuses(results) == {
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        check: FAIL,
+    }, table_text(results)
     assert says in by_name(results)[check].detail, by_name(results)[check].detail
 
 
@@ -505,7 +525,10 @@ async def test_a_raw_record_source_breaking_one_rule_fails_that_check_alone(
         results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
     finally:
         await server.stop()
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), check: FAIL}, table_text(results)
+    assert statuses(results) == {
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        check: FAIL,
+    }, table_text(results)
     assert says in by_name(results)[check].detail, by_name(results)[check].detail
 
 
@@ -576,7 +599,10 @@ async def test_a_status_breaking_one_rule_fails_that_check(
         results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
     finally:
         await server.stop()
-    expected = {**dict.fromkeys(CHECKS, PASS), **dict.fromkeys(SOURCE_CHECKS, SKIP)}
+    expected = {
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+    }
     expected.update(dict.fromkeys(checks, FAIL))
     assert statuses(results) == expected, table_text(results)
     details = " | ".join(by_name(results)[name].detail for name in checks)
@@ -600,7 +626,7 @@ async def test_a_provider_without_execution_status_is_not_supported_not_failed(
     finally:
         await server.stop(grace_s=1.0)
     assert statuses(results) == {
-        **dict.fromkeys(CHECKS, PASS),
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
         **dict.fromkeys(STATUS_CHECKS, SKIP),
     }, table_text(results)
@@ -635,7 +661,7 @@ async def test_an_sdk_provider_passes_the_status_checks_with_its_own_function(
     finally:
         await server.stop(grace_s=1.0)
     assert statuses(results) == {
-        **dict.fromkeys(CHECKS, PASS),
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
     }, table_text(results)
     assert "FINISHED [SUCCEEDED, ref touch-1], as Execute answered" in (
@@ -691,7 +717,8 @@ def test_every_example_provider_passes_the_kit_from_the_command_line(
     assert report["passed"] is True
     # workitems and records are the systems of record of their types; escalation sources
     # nothing, so its source checks do not apply (and --require-all accepts that).
-    unsourced = SOURCE_CHECKS if provider == "escalation" else []
+    # Only escalation is long-running: the others skip those checks as not applicable.
+    unsourced = SOURCE_CHECKS if provider == "escalation" else LONG_RUNNING_CHECKS
     assert {c["name"]: c["status"] for c in report["checks"]} == {
         **dict.fromkeys(CHECKS, PASS),
         **dict.fromkeys(unsourced, SKIP),

@@ -31,7 +31,7 @@ from actionmesh.mesh import Mesh, MeshSettings, tail
 from actionmesh.providers.escalation import EscalationLog, PlatformNotConfigured, escalation
 from actionmesh.providers.escalation.config import ENV_PREFIX
 from actionmesh.providers.escalation.provider import ACTION_TIMEOUT_S, call_budget
-from actionmesh.providers.supportdesk import is_healthy
+from actionmesh.providers.supportdesk import Escalation, EscalationStore, is_healthy
 from actionmesh.rpc.errors import error_details
 from actionmesh.sdk import ProviderConfig, start_provider
 from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, provider_pb2, provider_pb2_grpc
@@ -243,18 +243,112 @@ async def test_platform_creates_once_per_key_and_validates_strictly(platform: Pl
 
 # -- the provider against the platform --------------------------------------------------
 
+RUNNING = provider_pb2.EXECUTION_STATE_RUNNING
+FINISHED = provider_pb2.EXECUTION_STATE_FINISHED
+WAITING = "waiting for the support team to acknowledge"
 
-async def test_escalate_hands_off_the_structured_payload(
+
+async def status_of(
+    stub: provider_pb2_grpc.ActionProviderServiceStub, key: str
+) -> provider_pb2.GetExecutionStatusResponse:
+    reply: provider_pb2.GetExecutionStatusResponse = await stub.GetExecutionStatus(
+        status_request(key), timeout=10
+    )
+    return reply
+
+
+async def finished(
+    stub: provider_pb2_grpc.ActionProviderServiceStub, key: str, timeout_s: float = 20.0
+) -> provider_pb2.GetExecutionStatusResponse:
+    """The FINISHED status of ``key``, once it is (bounded polling)."""
+
+    async def check() -> provider_pb2.GetExecutionStatusResponse | None:
+        reply = await status_of(stub, key)
+        return reply if reply.state == FINISHED else None
+
+    done = await eventually(check, timeout_s=timeout_s)
+    assert isinstance(done, provider_pb2.GetExecutionStatusResponse)
+    return done
+
+
+async def running_with(
+    stub: provider_pb2_grpc.ActionProviderServiceStub, key: str, text: str
+) -> provider_pb2.GetExecutionStatusResponse:
+    """The RUNNING status of ``key`` once its progress says ``text`` (bounded polling)."""
+
+    async def check() -> provider_pb2.GetExecutionStatusResponse | None:
+        reply = await status_of(stub, key)
+        return reply if reply.state == RUNNING and text in reply.progress.message else None
+
+    found = await eventually(check, timeout_s=20)
+    assert isinstance(found, provider_pb2.GetExecutionStatusResponse)
+    return found
+
+
+async def stored_answer(
+    stub: provider_pb2_grpc.ActionProviderServiceStub, request: provider_pb2.ExecuteRequest
+) -> provider_pb2.ExecuteResponse:
+    """What the SDK stored for the request's key, once the background task ended: a
+    same-key Execute answers it (ACCEPTED while the task runs)."""
+
+    async def check() -> provider_pb2.ExecuteResponse | None:
+        reply: provider_pb2.ExecuteResponse = await stub.Execute(request, timeout=10)
+        return None if reply.outcome == common_pb2.OUTCOME_ACCEPTED else reply
+
+    answer = await eventually(check, timeout_s=20)
+    assert isinstance(answer, provider_pb2.ExecuteResponse)
+    return answer
+
+
+def acknowledge(platform: Platform, escalation_id: str, by: str = "carol") -> dict[str, Any]:
+    reply = httpx.post(
+        f"{platform.url}/v1/escalations/{escalation_id}/acknowledge", json={"by": by}, timeout=5
+    )
+    assert reply.status_code == 200, reply.text
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+async def accepted(
+    stub: provider_pb2_grpc.ActionProviderServiceStub, request: provider_pb2.ExecuteRequest
+) -> provider_pb2.ExecuteResponse:
+    reply: provider_pb2.ExecuteResponse = await stub.Execute(request, timeout=15)
+    assert reply.outcome == common_pb2.OUTCOME_ACCEPTED, reply
+    assert reply.message == "accepted; running"
+    return reply
+
+
+async def test_escalate_is_accepted_waits_for_the_acknowledgement_and_succeeds(
     platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "provider"
+    request = escalate_request("key-1", target_queue="identity")
     async with served(data_dir, platform.url, monkeypatch) as stub:
-        reply = await stub.Execute(escalate_request("key-1", target_queue="identity"), timeout=15)
+        await accepted(stub, request)
+        waiting = await running_with(stub, "key-1", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        assert held["id"].startswith("SD-") and held["status"] == "open"
+        assert f"ticket {held['id']} opened at the support desk" in waiting.progress.message
+        assert waiting.progress.HasField("updated_at")
+        # A same-key Execute while it waits: ACCEPTED with the ticket, nothing new opened.
+        again = await stub.Execute(request, timeout=15)
+        assert (again.outcome, again.external_ref) == (common_pb2.OUTCOME_ACCEPTED, held["id"])
+
+        acked = await asyncio.to_thread(acknowledge, platform, held["id"], "carol")
+        assert (acked["status"], acked["acknowledged_by"]) == ("acknowledged", "carol")
+        done = await finished(stub, "key-1")
+        reply = done.result
+        assert await stub.Execute(request, timeout=15) == reply  # the stored final answer
 
     assert reply.outcome == common_pb2.OUTCOME_SUCCEEDED, reply
-    [held] = await asyncio.to_thread(platform.escalations)
     assert reply.external_ref == held["id"]
-    assert held["id"].startswith("SD-")
+    assert changes_of(reply) == [
+        ("escalation", "", held["id"]),
+        ("escalation_queue", "", "identity"),
+        ("escalation_acknowledged_by", "", "carol"),
+        ("escalation_acknowledged_at", "", acked["acknowledged_at"]),
+    ]
+    assert "acknowledged by carol" in reply.message
     assert {k: held[k] for k in ("tenant", "source", "summary", "severity", "queue")} == {
         "tenant": "acme",
         "source": {"type": "ticket", "id": "T-1001", "status": "open"},
@@ -266,15 +360,12 @@ async def test_escalate_hands_off_the_structured_payload(
     assert held["requested_by"] == "alice"
     assert held["idempotency_key"] == "key-1"
     assert held["trace"]["correlation_id"] == "req-key-1"
-    assert [(c.field, c.before, c.after) for c in reply.changes] == [
-        ("escalation", "", held["id"]),
-        ("escalation_queue", "", "identity"),
-    ]
+    assert len(await asyncio.to_thread(platform.escalations)) == 1
     log = provider_log(data_dir)
     try:
         [entry] = log.entries()
         assert (entry.state, entry.external_ref, entry.record_id) == (
-            "opened",
+            "acknowledged",
             held["id"],
             "T-1001",
         )
@@ -287,49 +378,59 @@ async def test_the_same_key_never_opens_two_escalations(
 ) -> None:
     request = escalate_request("key-same")
     async with served(tmp_path / "provider-a", platform.url, monkeypatch) as stub:
-        first = await stub.Execute(request, timeout=15)
+        await accepted(stub, request)
+        await running_with(stub, "key-same", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        await asyncio.to_thread(acknowledge, platform, held["id"])
+        first = (await finished(stub, "key-same")).result
         repeat = await stub.Execute(request, timeout=15)  # the SDK's stored result
     assert first.outcome == repeat.outcome == common_pb2.OUTCOME_SUCCEEDED
-    assert repeat.external_ref == first.external_ref
+    assert repeat == first
 
-    # A provider that lost its state (or another replica) sends the key again:
-    # the platform's Idempotency-Key handling answers with the same escalation.
+    # A provider that lost its state (or another replica) sends the key again: the
+    # platform's Idempotency-Key handling answers with the same, acknowledged escalation.
     async with served(tmp_path / "provider-b", platform.url, monkeypatch) as stub:
-        fresh = await stub.Execute(request, timeout=15)
+        await accepted(stub, request)
+        fresh = await stored_answer(stub, request)
     assert fresh.outcome == common_pb2.OUTCOME_SUCCEEDED, fresh
     assert fresh.external_ref == first.external_ref
-    assert "already open" in fresh.message
     assert [e["id"] for e in await asyncio.to_thread(platform.escalations)] == [first.external_ref]
 
 
-async def test_platform_down_is_unavailable_and_nothing_is_kept_as_success(
+async def test_a_platform_down_at_first_is_retried_with_the_same_key(
     platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data_dir = tmp_path / "provider"
     request = escalate_request("key-down")
+    await asyncio.to_thread(platform.stop)
     async with served(data_dir, platform.url, monkeypatch) as stub:
-        await asyncio.to_thread(platform.stop)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            reply = await stub.Execute(request, timeout=15)
-            pytest.fail(f"expected UNAVAILABLE, got {reply}")
-        details = error_details(raised.value)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
-        assert details.reason == "DOWNSTREAM_UNAVAILABLE"
-        assert details.retry_after_s is not None and details.retry_after_s > 0
-        assert "nothing was escalated" in details.message
-
-        # No result was stored for the key: once the platform is back, the same key runs.
+        await accepted(stub, request)
+        await running_with(stub, "key-down", "support desk not answering; retrying")
+        # Back within the retry window: the same key opens it once.
         await asyncio.to_thread(platform.start)
-        reply = await stub.Execute(request, timeout=15)
+        await running_with(stub, "key-down", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        await asyncio.to_thread(acknowledge, platform, held["id"])
+        reply = (await finished(stub, "key-down")).result
     assert reply.outcome == common_pb2.OUTCOME_SUCCEEDED, reply
     assert [e["id"] for e in await asyncio.to_thread(platform.escalations)] == [reply.external_ref]
-    log = provider_log(data_dir)
-    try:
-        assert [(e.state, e.external_ref) for e in log.entries()] == [
-            ("opened", reply.external_ref)
-        ]
-    finally:
-        log.close()
+
+
+async def test_a_platform_down_for_good_is_rejected_and_nothing_was_escalated(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}_OPEN_RETRY_S", "0.5")
+    await asyncio.to_thread(platform.stop)
+    async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
+        await accepted(stub, escalate_request("key-gone"))
+        done = await finished(stub, "key-gone")
+    assert (done.result.outcome, done.result.reason) == (
+        common_pb2.OUTCOME_REJECTED,
+        "DOWNSTREAM_UNAVAILABLE",
+    )
+    assert "nothing was escalated" in done.result.message
+    await asyncio.to_thread(platform.start)
+    assert await asyncio.to_thread(platform.escalations) == []
 
 
 async def test_a_refused_request_is_rejected_and_creates_nothing(
@@ -337,10 +438,10 @@ async def test_a_refused_request_is_rejected_and_creates_nothing(
 ) -> None:
     async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
         # The platform owns queue names; this one breaks its rules.
-        reply = await stub.Execute(
-            escalate_request("key-bad-queue", target_queue="Billing Team!"), timeout=15
-        )
-        closed = await stub.Execute(escalate_request("key-closed", status="resolved"), timeout=15)
+        await accepted(stub, escalate_request("key-bad-queue", target_queue="Billing Team!"))
+        await accepted(stub, escalate_request("key-closed", status="resolved"))
+        reply = (await finished(stub, "key-bad-queue")).result
+        closed = (await finished(stub, "key-closed")).result
         discovered = await stub.Discover(
             provider_pb2.DiscoverRequest(
                 record=common_pb2.RecordContext(
@@ -363,20 +464,20 @@ async def test_a_refused_request_is_rejected_and_creates_nothing(
 async def test_no_answer_after_sending_is_partial_with_outcome_unknown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}_OPEN_RETRY_S", "0.5")
+    monkeypatch.setenv(f"{ENV_PREFIX}_REQUEST_TIMEOUT_S", "0.3")
     # Accepts connections (the kernel completes the handshake) and never answers.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         data_dir = tmp_path / "provider"
+        request = escalate_request("key-silent")
         async with served(data_dir, url, monkeypatch) as stub:
-            started = time.monotonic()
-            reply = await stub.Execute(escalate_request("key-silent"), timeout=3.0)
-            took = time.monotonic() - started
+            await accepted(stub, request)
+            reply = await stored_answer(stub, request)
     assert reply.outcome == common_pb2.OUTCOME_PARTIAL, reply
     assert reply.reason == "DOWNSTREAM_OUTCOME_UNKNOWN"
     assert "key-silent" in reply.message and "same idempotency key" in reply.message
     assert reply.external_ref == ""
-    # Answered within the caller's deadline, with the budget derived from it.
-    assert 2.0 < took < 3.0
     log = provider_log(data_dir)
     try:
         assert [(e.state, e.idempotency_key) for e in log.entries()] == [
@@ -394,12 +495,109 @@ async def test_a_failed_write_back_is_partial_with_the_external_ref(
         # The provider's own log breaks after start-up; the platform is fine.
         with sqlite3.connect(data_dir / "escalation.db") as db:
             db.execute("DROP TABLE escalation_log")
-        reply = await stub.Execute(escalate_request("key-writeback"), timeout=15)
+        await accepted(stub, escalate_request("key-writeback"))
+        reply = (await finished(stub, "key-writeback")).result
     assert reply.outcome == common_pb2.OUTCOME_PARTIAL, reply
     assert reply.reason == "ESCALATION_LOG_FAILED"
     [held] = await asyncio.to_thread(platform.escalations)
     assert reply.external_ref == held["id"]
     assert held["id"] in reply.message
+
+
+async def test_cancel_withdraws_the_escalation_at_the_platform(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stop = provider_pb2.StopExecutionRequest(
+        tenant="acme",
+        action_id="case.escalate",
+        idempotency_key="key-cancel",
+        request_id="req-key-cancel",
+        requested_by="bob",
+        reason="the customer found the answer",
+    )
+    async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
+        await accepted(stub, escalate_request("key-cancel"))
+        await running_with(stub, "key-cancel", WAITING)
+        assert (await stub.StopExecution(stop, timeout=10)).state in (RUNNING, FINISHED)
+        done = await finished(stub, "key-cancel")
+        # Idempotent: asking again is too late, and changes nothing.
+        assert (await stub.StopExecution(stop, timeout=10)).state == FINISHED
+        assert await status_of(stub, "key-cancel") == done
+    [held] = await asyncio.to_thread(platform.escalations)
+    assert held["status"] == "withdrawn"
+    assert held["withdrawn_reason"] == "cancelled at bob's request: the customer found the answer"
+    result = done.result
+    assert result.outcome == common_pb2.OUTCOME_CANCELLED, result
+    assert result.external_ref == held["id"]
+    assert changes_of(result) == [("escalation", held["id"], "withdrawn")]
+    # Acknowledging a withdrawn escalation is refused by the platform.
+    late = await asyncio.to_thread(
+        httpx.post,
+        f"{platform.url}/v1/escalations/{held['id']}/acknowledge",
+        json={"by": "x"},
+        timeout=5,
+    )
+    assert late.status_code == 409
+
+
+async def test_a_restarted_provider_still_follows_the_escalation(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "provider"
+    async with served(data_dir, platform.url, monkeypatch) as stub:
+        await accepted(stub, escalate_request("key-restart"))
+        await running_with(stub, "key-restart", WAITING)
+    # Stopped while it waited: the SDK stored PROVIDER_STOPPED, the escalation stays open.
+    [held] = await asyncio.to_thread(platform.escalations)
+    assert held["status"] == "open"
+    async with served(data_dir, platform.url, monkeypatch) as stub:
+        # The platform tells: still open, so still running.
+        status = await status_of(stub, "key-restart")
+        assert status.state == RUNNING, status
+        assert WAITING in status.progress.message
+        await asyncio.to_thread(acknowledge, platform, held["id"], "dave")
+        done = await status_of(stub, "key-restart")
+        assert done.state == FINISHED, done
+        assert done.result.outcome == common_pb2.OUTCOME_SUCCEEDED
+        assert done.result.external_ref == held["id"]
+        assert ("escalation_acknowledged_by", "", "dave") in changes_of(done.result)
+        assert await status_of(stub, "key-restart") == done  # stable
+
+
+def test_the_demo_command_acknowledges_at_the_local_support_desk(
+    platform: Platform, tmp_path: Path
+) -> None:
+    body = {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-3"},
+        "summary": "Acknowledge me from the CLI",
+        "severity": "low",
+        "requested_by": "alice",
+    }
+    created = httpx.post(
+        f"{platform.url}/v1/escalations", json=body, headers={"Idempotency-Key": "k-cli"}, timeout=5
+    )
+    escalation_id = created.json()["id"]
+    # What `actionmesh up` writes: the CLI finds the support desk there.
+    data_dir = tmp_path / "mesh"
+    data_dir.mkdir()
+    (data_dir / "mesh.json").write_text(json.dumps({"supportdesk": platform.url}))
+    command = [sys.executable, "-m", "actionmesh.cli", "--data-dir", str(data_dir), "demo"]
+    done = subprocess.run(
+        [*command, "acknowledge", escalation_id, "--by", "erin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert escalation_id in done.stdout and "erin" in done.stdout
+    [held] = platform.escalations()
+    assert (held["status"], held["acknowledged_by"]) == ("acknowledged", "erin")
+    missing = subprocess.run(
+        [*command, "acknowledge", "SD-NOPE"], capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 1
+    assert "SD-NOPE" in missing.stdout + missing.stderr
 
 
 async def test_the_provider_does_not_start_without_a_platform_url(
@@ -497,10 +695,12 @@ async def test_the_status_of_an_answered_escalation_is_its_answer(
     async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
         unknown = await stub.GetExecutionStatus(status_request("key-status"), timeout=10)
         assert unknown.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
+        await accepted(stub, escalate_request("key-status"))
+        await running_with(stub, "key-status", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        await asyncio.to_thread(acknowledge, platform, held["id"])
+        status = await finished(stub, "key-status")
         answer = await stub.Execute(escalate_request("key-status"), timeout=15)
-        assert answer.outcome == common_pb2.OUTCOME_SUCCEEDED, answer
-        status = await stub.GetExecutionStatus(status_request("key-status"), timeout=10)
-        assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
         assert status.result == answer
         # Another tenant asking the same key: never received, like an unknown key.
         other = await stub.GetExecutionStatus(status_request("key-status", "globex"), timeout=10)
@@ -515,11 +715,16 @@ async def test_the_status_of_an_answered_escalation_is_its_answer(
 async def test_an_answer_lost_to_a_slow_platform_is_settled_by_the_platform(
     platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}_OPEN_RETRY_S", "0.5")
+    monkeypatch.setenv(f"{ENV_PREFIX}_REQUEST_TIMEOUT_S", "0.5")
+    request = escalate_request("key-slow")
     async with Relay(platform.url) as relay:
         relay.hold_answers = True
         async with served(tmp_path / "provider", relay.url, monkeypatch) as stub:
-            lost = await stub.Execute(escalate_request("key-slow"), timeout=4.0)
-            # The platform got the request and opened the escalation; its answer came too late.
+            await accepted(stub, request)
+            lost = await stored_answer(stub, request)
+            # The platform got the request and opened the escalation; its answers came
+            # too late, for as long as the provider kept re-sending the key.
             assert (lost.outcome, lost.reason) == (
                 common_pb2.OUTCOME_PARTIAL,
                 "DOWNSTREAM_OUTCOME_UNKNOWN",
@@ -528,37 +733,45 @@ async def test_an_answer_lost_to_a_slow_platform_is_settled_by_the_platform(
             [held] = await asyncio.to_thread(platform.escalations)
 
             relay.hold_answers = False
-            status = await stub.GetExecutionStatus(status_request("key-slow"), timeout=10)
-            assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
+            # Settled by the platform: open there, so waiting for the acknowledgement...
+            waiting = await status_of(stub, "key-slow")
+            assert waiting.state == RUNNING, waiting
+            assert held["id"] in waiting.progress.message
+            # ... and, once acknowledged, what the handler would have answered.
+            await asyncio.to_thread(acknowledge, platform, held["id"])
+            status = await status_of(stub, "key-slow")
+            assert status.state == FINISHED
             settled = status.result
             assert (settled.outcome, settled.reason) == (common_pb2.OUTCOME_SUCCEEDED, "")
             assert settled.external_ref == held["id"]
-            assert changes_of(settled) == [
+            assert changes_of(settled)[:2] == [
                 ("escalation", "", held["id"]),
                 ("escalation_queue", "", held["queue"]),
             ]
-            assert "DOWNSTREAM_OUTCOME_UNKNOWN" in settled.message
-            assert status.finished_at.ToDatetime().isoformat()[:19] == held["created_at"][:19]
             # Stable, and asking changed nothing: no second escalation, Execute still
             # answers what it answered.
-            assert await stub.GetExecutionStatus(status_request("key-slow"), timeout=10) == status
-            assert await stub.Execute(escalate_request("key-slow"), timeout=10) == lost
+            assert await status_of(stub, "key-slow") == status
+            assert await stub.Execute(request, timeout=10) == lost
     assert len(await asyncio.to_thread(platform.escalations)) == 1
 
 
 async def test_an_answer_lost_before_the_platform_got_it_settles_as_not_created(
     platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}_OPEN_RETRY_S", "0.5")
+    monkeypatch.setenv(f"{ENV_PREFIX}_REQUEST_TIMEOUT_S", "0.5")
     data_dir = tmp_path / "provider"
+    request = escalate_request("key-dropped")
     async with Relay(platform.url) as relay:
         relay.drop_requests = True
         async with served(data_dir, relay.url, monkeypatch) as stub:
-            lost = await stub.Execute(escalate_request("key-dropped"), timeout=4.0)
+            await accepted(stub, request)
+            lost = await stored_answer(stub, request)
             assert lost.reason == "DOWNSTREAM_OUTCOME_UNKNOWN", lost
             relay.drop_requests = False
             # The platform holds nothing yet, and may still be handling the request.
-            waiting = await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10)
-            assert waiting.state == provider_pb2.EXECUTION_STATE_RUNNING
+            waiting = await status_of(stub, "key-dropped")
+            assert waiting.state == RUNNING
             assert "holds no escalation for this idempotency key yet" in waiting.progress.message
             assert waiting.progress.HasField("updated_at")
         assert await asyncio.to_thread(platform.escalations) == []
@@ -566,32 +779,34 @@ async def test_an_answer_lost_before_the_platform_got_it_settles_as_not_created(
         # Past the settle window the platform's "none" is final: nothing was escalated.
         monkeypatch.setenv(f"{ENV_PREFIX}_OUTCOME_SETTLE_S", "0")
         async with served(data_dir, relay.url, monkeypatch) as stub:
-            final = await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10)
-            assert final.state == provider_pb2.EXECUTION_STATE_FINISHED
+            final = await status_of(stub, "key-dropped")
+            assert final.state == FINISHED
             assert (final.result.outcome, final.result.reason) == (
                 common_pb2.OUTCOME_REJECTED,
                 "DOWNSTREAM_NOT_CREATED",
             )
             assert final.result.external_ref == "" and not final.result.changes
-            assert await stub.GetExecutionStatus(status_request("key-dropped"), timeout=10) == final
+            assert await status_of(stub, "key-dropped") == final
 
 
 async def test_the_platform_tells_a_provider_that_lost_its_state(
     platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with served(tmp_path / "provider-a", platform.url, monkeypatch) as stub:
-        answer = await stub.Execute(escalate_request("key-a"), timeout=15)
+        await accepted(stub, escalate_request("key-a"))
+        await running_with(stub, "key-a", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        await asyncio.to_thread(acknowledge, platform, held["id"])
+        answer = (await finished(stub, "key-a")).result
     # Another replica (or this one after losing its store) holds nothing for the key,
     # but the platform does.
     async with served(tmp_path / "provider-b", platform.url, monkeypatch) as stub:
-        status = await stub.GetExecutionStatus(status_request("key-a"), timeout=10)
-        assert status.state == provider_pb2.EXECUTION_STATE_FINISHED
-        assert status.result.external_ref == answer.external_ref
-        assert changes_of(status.result) == changes_of(answer)
-        assert "kept no answer" in status.result.message
+        status = await status_of(stub, "key-a")
+        assert status.state == FINISHED
+        assert status.result == answer  # the same answer, built from the platform's state
         other = await stub.GetExecutionStatus(status_request("key-a", "globex"), timeout=10)
         assert other.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
-        never = await stub.GetExecutionStatus(status_request("key-never"), timeout=10)
+        never = await status_of(stub, "key-never")
         assert never.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED
 
         await asyncio.to_thread(platform.stop)
@@ -805,3 +1020,79 @@ async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_pla
             raise
         finally:
             await asyncio.to_thread(mesh.stop)
+
+
+async def test_the_platform_acknowledges_and_withdraws_once(platform: Platform) -> None:
+    body = {
+        "tenant": "acme",
+        "source": {"type": "ticket", "id": "T-4"},
+        "summary": "Acknowledge or withdraw me",
+        "severity": "low",
+        "requested_by": "alice",
+    }
+    async with httpx.AsyncClient(base_url=platform.url, timeout=5) as http:
+
+        async def create(key: str) -> str:
+            created = await http.post(
+                "/v1/escalations", json=body, headers={"Idempotency-Key": key}
+            )
+            assert created.status_code == 201, created.text
+            escalation_id: str = created.json()["id"]
+            assert created.json()["acknowledged_by"] is None
+            return escalation_id
+
+        first = await create("k-ack")
+        acked = await http.post(f"/v1/escalations/{first}/acknowledge", json={"by": "carol"})
+        assert acked.status_code == 200
+        assert (acked.json()["status"], acked.json()["acknowledged_by"]) == (
+            "acknowledged",
+            "carol",
+        )
+        assert acked.json()["acknowledged_at"]
+        # Idempotent: the same state again, the first acknowledgement kept.
+        again = await http.post(f"/v1/escalations/{first}/acknowledge", json={"by": "dave"})
+        assert (again.status_code, again.json()["acknowledged_by"]) == (200, "carol")
+        late = await http.post(f"/v1/escalations/{first}/withdraw", json={"reason": "late"})
+        assert (late.status_code, late.json()["error"]["code"]) == (409, "invalid_state")
+
+        second = await create("k-withdraw")
+        withdrawn = await http.post(f"/v1/escalations/{second}/withdraw", json={"reason": "oops"})
+        assert withdrawn.status_code == 200
+        assert (withdrawn.json()["status"], withdrawn.json()["withdrawn_reason"]) == (
+            "withdrawn",
+            "oops",
+        )
+        assert (
+            await http.post(f"/v1/escalations/{second}/withdraw", json={"reason": "x"})
+        ).status_code == 200
+        refused = await http.post(f"/v1/escalations/{second}/acknowledge", json={"by": "carol"})
+        assert refused.status_code == 409
+
+        bad = await http.post(f"/v1/escalations/{first}/acknowledge", json={"who": "x"})
+        assert bad.status_code == 400
+        assert {f["field"] for f in bad.json()["error"]["fields"]} == {"who", "by"}
+        missing = await http.post("/v1/escalations/SD-NOPE/acknowledge", json={"by": "carol"})
+        assert missing.status_code == 404
+
+
+def test_an_older_platform_database_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE escalations (id VARCHAR(32) PRIMARY KEY, tenant VARCHAR(128), "
+            "idempotency_key VARCHAR(255), fingerprint VARCHAR(64), status VARCHAR(16), "
+            "source_type VARCHAR(64), source_id VARCHAR(128), source_status VARCHAR(64), "
+            "summary TEXT, severity VARCHAR(16), queue VARCHAR(64), requested_by VARCHAR(256), "
+            "trace_id VARCHAR(32), correlation_id VARCHAR(128), created_at DATETIME)"
+        )
+        db.execute(
+            "INSERT INTO escalations VALUES ('SD-OLD', 'acme', 'k', 'f', 'open', 'ticket', "
+            "'T-1', '', 'old one', 'low', 'general', 'alice', '', '', '2026-01-01 00:00:00')"
+        )
+    store = EscalationStore.open(f"sqlite:///{path}")
+    try:
+        acknowledged = store.acknowledge("SD-OLD", "carol")
+        assert isinstance(acknowledged, Escalation)
+        assert (acknowledged.status, acknowledged.acknowledged_by) == ("acknowledged", "carol")
+    finally:
+        store.close()

@@ -27,6 +27,8 @@ import re
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -866,6 +868,54 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------
+def supportdesk_url(args: argparse.Namespace) -> str:
+    """The local mesh's support desk: --url, else what `actionmesh up` recorded."""
+    url = args.url or os.environ.get("ACTIONMESH_SUPPORTDESK_URL") or ""
+    url = url or str(mesh_state(args.data_dir).get("supportdesk") or "")
+    if not url:
+        raise CliError(
+            f"no support desk known: start the mesh (`actionmesh up --data-dir {args.data_dir}`) "
+            "or pass --url"
+        )
+    return url.rstrip("/")
+
+
+def cmd_demo_acknowledge(args: argparse.Namespace) -> int:
+    """Play the support team: acknowledge an escalation at the stand-in support desk, so a
+    long-running escalation finishes (SUCCEEDED with the ticket)."""
+    escalation_id = args.escalation_id
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", escalation_id):
+        raise CliError(f"{escalation_id!r} is not an escalation id (e.g. SD-0A1B2C3D4E5F)")
+    url = f"{supportdesk_url(args)}/v1/escalations/{escalation_id}/acknowledge"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"by": args.by}).encode(),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        method="POST",
+    )
+    # No proxies: the support desk is the local mesh's.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=args.timeout) as reply:
+            body = json.loads(reply.read())
+    except urllib.error.HTTPError as refused:
+        try:
+            message = json.loads(refused.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = refused.reason
+        raise CliError(f"the support desk refused ({refused.code}): {message}") from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"the support desk at {url} did not answer: {exc}") from None
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        print(
+            f"{body.get('id', escalation_id)} acknowledged by {body.get('acknowledged_by')} "
+            f"at {body.get('acknowledged_at')} (status {body.get('status')})"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actionmesh", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="mesh data dir")
@@ -1028,6 +1078,19 @@ def build_parser() -> argparse.ArgumentParser:
     providers = client("providers", "list registered providers and their health")
     providers.add_argument("--registry", help="registry address (default: from the running mesh)")
     providers.set_defaults(func=cmd_providers)
+
+    demo = sub.add_parser("demo", help="play the external systems of the local demo mesh")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    acknowledge = demo_sub.add_parser(
+        "acknowledge",
+        help="acknowledge an escalation at the stand-in support desk (as its support team)",
+    )
+    acknowledge.add_argument("escalation_id", help="the escalation's id, e.g. SD-0A1B2C3D4E5F")
+    acknowledge.add_argument("--by", default="support-team", help="who acknowledges it")
+    acknowledge.add_argument("--url", help="support desk URL (default: from the running mesh)")
+    acknowledge.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    acknowledge.add_argument("--json", action="store_true", help="machine-readable output")
+    acknowledge.set_defaults(func=cmd_demo_acknowledge)
 
     add_provider_commands(sub)
     add_db_commands(sub)

@@ -19,6 +19,12 @@ Discover reports an available action), then repeats the request with the same
 idempotency key and expects the stored answer. Without an eligible sample
 record it is skipped.
 
+The ``long_running.*`` checks judge long-running actions (``ActionDescriptor.long_running``):
+Execute may answer ACCEPTED, GetExecutionStatus follows the execution to a final outcome,
+and StopExecution stops a cancellable one (the executed key is stopped: that ends the
+real execution ``execute.idempotent`` started, e.g. withdraws the escalation). A provider
+without long-running actions skips them as *not applicable*.
+
 The ``status.*`` checks ask GetExecutionStatus (read-only by contract) about a key
 never sent and about the key ``execute.idempotent`` executed: never received, then
 finished with the answer Execute gave, the same twice, and never received for
@@ -35,6 +41,7 @@ GetExecutionStatus the ``status.*`` checks as *not supported*; either passes
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +83,8 @@ PROVIDER_OUTCOMES = (
     common_pb2.OUTCOME_REJECTED,
     common_pb2.OUTCOME_PARTIAL,
 )
+# What a long-running execution may finish with (GetExecutionStatus FINISHED).
+FINAL_OUTCOMES = (*PROVIDER_OUTCOMES, common_pb2.OUTCOME_CANCELLED)
 
 # The checks in the order they run, with what each one proves.
 CHECKS: dict[str, str] = {
@@ -120,7 +129,19 @@ CHECKS: dict[str, str] = {
     "key and a key never sent",
     "status.tenant_isolation": "the executed key asked for by another tenant is NEVER_RECEIVED, "
     "like a key never sent (needs execute.idempotent to have executed)",
+    "long_running.accepted": "long-running actions declare max_duration_s > 0 and a poll "
+    "interval; the one execute.idempotent executed answered ACCEPTED (or a final outcome) both "
+    "times; a provider that declares no long-running action skips every long_running.* check "
+    "as not applicable, which require_all accepts",
+    "long_running.progress": "GetExecutionStatus of the accepted key is RUNNING or FINISHED with "
+    "a final outcome (never ACCEPTED), and once FINISHED it stays so with the same answer",
+    "long_running.stop": "StopExecution of a key never sent is NEVER_RECEIVED; of the accepted "
+    "key (cancellable actions) RUNNING or FINISHED, the same when asked again, and the execution "
+    "then finishes (CANCELLED, or the final outcome it reached); a non-cancellable action's stop "
+    "is FAILED_PRECONDITION or UNIMPLEMENTED",
 }
+# How long long_running.stop waits for a stopped execution to finish.
+STOP_SETTLE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -389,6 +410,8 @@ class _Kit:
         self.not_executed = "execute.idempotent did not run"
         # status.finished's answer, which status.stable asks for again.
         self.finished_status: _Status | None = None
+        # Whether execute.idempotent's execution is long-running and was ACCEPTED.
+        self.executed_accepted = False
 
     # -- helpers --------------------------------------------------------------
 
@@ -1005,14 +1028,30 @@ class _Kit:
             except grpc.RpcError as exc:
                 summary = _rpc_summary(_safe_details(exc))
                 raise _Verdict(FAIL, f"{where}: attempt {attempt} failed: {summary}") from None
-            if reply.outcome not in PROVIDER_OUTCOMES:
+            long_running = action.HasField("long_running")
+            allowed = (
+                (*PROVIDER_OUTCOMES, common_pb2.OUTCOME_ACCEPTED)
+                if long_running
+                else (PROVIDER_OUTCOMES)
+            )
+            if reply.outcome not in allowed:
                 raise _Verdict(
                     FAIL,
                     f"{where}: attempt {attempt} answered {_outcome_name(reply.outcome)}; "
-                    "a provider answers SUCCEEDED, REJECTED or PARTIAL",
+                    "a provider answers SUCCEEDED, REJECTED or PARTIAL"
+                    + (" (ACCEPTED too: the action is long-running)" if long_running else ""),
                 )
             answers.append(_Answer.of(reply))
         first, second = answers
+        accepted = _outcome_name(common_pb2.OUTCOME_ACCEPTED)
+        if first.outcome == accepted:
+            # Still at work: the repeat is ACCEPTED again (the external ref may have been
+            # named meanwhile) or the final answer, if it finished in between.
+            self.executed = ((record.tenant, action.action_id, key), first)
+            self.executed_accepted = True
+            return (
+                f"{where}: ACCEPTED once (long-running); the repeated key answered {second.outcome}"
+            )
         if first != second:
             self.not_executed = (
                 f"execute.idempotent got two answers for one key ({where}): no one answer "
@@ -1061,6 +1100,11 @@ class _Kit:
         answer = await self.ask_status(key)
         self.finished_status = answer
         reported = answer.answer()
+        if self.executed_accepted:
+            problem = _long_running_problem(answer)
+            if problem:
+                raise _Verdict(FAIL, f"{where}: Execute answered ACCEPTED; {problem}")
+            return f"{where}: Execute answered ACCEPTED; now {answer}"
         partial = executed.outcome == _outcome_name(common_pb2.OUTCOME_PARTIAL)
         if (
             answer.reply is not None
@@ -1101,6 +1145,14 @@ class _Kit:
         for label, first, key in asked:
             for _ in range(2):
                 then = await self.ask_status(key)
+                moved_on = (
+                    label == "the executed key"
+                    and self.executed_accepted
+                    and first.state == provider_pb2.EXECUTION_STATE_RUNNING
+                    and then.state == provider_pb2.EXECUTION_STATE_FINISHED
+                )
+                if moved_on:
+                    break  # a long-running execution finished in between
                 if then.key() != first.key():
                     changed.append(f"{label}: {first} then {then}")
                     break
@@ -1122,6 +1174,176 @@ class _Kit:
         if answer.reply.HasField("result") or answer.reply.HasField("progress"):
             raise _Verdict(FAIL, f"{where}: NEVER_RECEIVED, but with what the key holds")
         return f"{where}: NEVER_RECEIVED"
+
+    # -- long-running actions ----------------------------------------------------
+
+    def long_running_actions(self) -> list[common_pb2.ActionDescriptor]:
+        """The long-running actions; a provider without any skips (not applicable)."""
+        self.require_describe()
+        found = [a for a in self.declared.values() if a.HasField("long_running")]
+        if not found:
+            raise _Verdict(
+                SKIP,
+                "not applicable: the provider declares no long-running action",
+                required=False,
+            )
+        return found
+
+    def require_accepted(self) -> tuple[StatusKey, common_pb2.ActionDescriptor]:
+        self.long_running_actions()
+        if self.executed is None:
+            raise _Verdict(SKIP, f"no executed key to ask about: {self.not_executed}")
+        key = self.executed[0]
+        action = self.declared[key[1]]
+        if not action.HasField("long_running"):
+            raise _Verdict(
+                SKIP,
+                f"execute.idempotent executed {action.action_id}, which is not long-running; "
+                "pass --action of a long-running one",
+            )
+        if not self.executed_accepted:
+            raise _Verdict(
+                SKIP, f"{action.action_id} finished at once (Execute did not answer ACCEPTED)"
+            )
+        return key, action
+
+    async def check_long_running_accepted(self) -> str:
+        problems = []
+        for action in self.long_running_actions():
+            settings = action.long_running
+            if settings.max_duration_s == 0:
+                problems.append(f"{action.action_id}: long_running.max_duration_s is 0")
+            if settings.poll_interval_ms > settings.max_duration_s * 1000:
+                problems.append(f"{action.action_id}: poll_interval_ms exceeds max_duration_s")
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        if self.executed is None or self.executed[0][1] not in self.declared:
+            raise _Verdict(SKIP, f"nothing executed to judge: {self.not_executed}")
+        (_, action_id, _), answer = self.executed
+        if not self.declared[action_id].HasField("long_running"):
+            raise _Verdict(
+                SKIP,
+                f"execute.idempotent executed {action_id}, which is not long-running; pass "
+                "--action of a long-running one",
+            )
+        return f"{action_id}: Execute answered {answer.outcome}"
+
+    async def check_long_running_progress(self) -> str:
+        key, action = self.require_accepted()
+        self.require_status()
+        first = await self.ask_status(key)
+        then = await self.ask_status(key)
+        where = f"{action.action_id} key of execute.idempotent"
+        for answer in (first, then):
+            problem = _long_running_problem(answer)
+            if problem:
+                raise _Verdict(FAIL, f"{where}: {problem}")
+        if first.state == provider_pb2.EXECUTION_STATE_FINISHED and then.key() != first.key():
+            raise _Verdict(FAIL, f"{where}: FINISHED changed: {first} then {then}")
+        progress = ""
+        if then.reply is not None and then.reply.HasField("progress"):
+            progress = f" ({then.reply.progress.message!r})"
+        return f"{where}: {first} then {then}{progress}"
+
+    async def stop(self, key: StatusKey) -> tuple[int, str]:
+        """StopExecution of (tenant, action, key): (state, "") or (0, the refusal)."""
+        tenant, action_id, idempotency_key = key
+        request = provider_pb2.StopExecutionRequest(
+            tenant=tenant,
+            action_id=action_id,
+            idempotency_key=idempotency_key,
+            request_id=f"conformance-{uuid.uuid4().hex}",
+            requested_by=OPERATOR_SUBJECT,
+            reason="conformance check of StopExecution",
+        )
+        try:
+            reply = await self.stub.StopExecution(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            return provider_pb2.EXECUTION_STATE_UNSPECIFIED, _rpc_summary(_safe_details(exc))
+        return reply.state, ""
+
+    async def check_long_running_stop(self) -> str:
+        actions = self.long_running_actions()
+        cancellable = [a for a in actions if a.long_running.cancellable]
+        if not cancellable:
+            refused = await self.stop((self.probe_tenant, actions[0].action_id, "conformance-x"))
+            state, refusal = refused
+            if refusal.startswith(("FAILED_PRECONDITION", "UNIMPLEMENTED")):
+                return f"no cancellable action; StopExecution answered {refusal}"
+            raise _Verdict(
+                FAIL,
+                f"{actions[0].action_id} is not cancellable, but StopExecution answered "
+                f"{refusal or _state_name(state)}; expected FAILED_PRECONDITION or UNIMPLEMENTED",
+            )
+        never = (
+            self.probe_tenant,
+            cancellable[0].action_id,
+            f"conformance-never-{uuid.uuid4().hex}",
+        )
+        state, refusal = await self.stop(never)
+        if state != provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
+            raise _Verdict(
+                FAIL,
+                f"StopExecution of a key never sent answered {refusal or _state_name(state)}, "
+                "expected NEVER_RECEIVED",
+            )
+        key, action = self.require_accepted()
+        if not action.long_running.cancellable:
+            return f"a key never sent: NEVER_RECEIVED ({action.action_id} is not cancellable)"
+        where = f"{action.action_id} key of execute.idempotent"
+        asked = []
+        for _ in range(2):
+            state, refusal = await self.stop(key)
+            if state not in (
+                provider_pb2.EXECUTION_STATE_RUNNING,
+                provider_pb2.EXECUTION_STATE_FINISHED,
+            ):
+                raise _Verdict(
+                    FAIL,
+                    f"{where}: StopExecution answered {refusal or _state_name(state)}, "
+                    "expected RUNNING or FINISHED",
+                )
+            asked.append(_state_name(state))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_SETTLE_S
+        while True:
+            answer = await self.ask_status(key)
+            problem = _long_running_problem(answer)
+            if problem:
+                raise _Verdict(FAIL, f"{where}: after StopExecution, {problem}")
+            if answer.state == provider_pb2.EXECUTION_STATE_FINISHED:
+                break
+            if loop.time() > deadline:
+                raise _Verdict(
+                    FAIL, f"{where}: still {answer} {STOP_SETTLE_S:g} s after StopExecution"
+                )
+            await asyncio.sleep(0.2)
+        state, refusal = await self.stop(key)
+        if state != provider_pb2.EXECUTION_STATE_FINISHED:
+            raise _Verdict(
+                FAIL,
+                f"{where}: finished, but StopExecution then answered "
+                f"{refusal or _state_name(state)}, expected FINISHED",
+            )
+        return f"{where}: StopExecution {' then '.join(asked)}, then {answer}"
+
+
+def _long_running_problem(answer: _Status) -> str | None:
+    """What is wrong with a status of an accepted long-running execution, if anything."""
+    if answer.reply is None:
+        return f"GetExecutionStatus answered {answer}, expected RUNNING or FINISHED"
+    if answer.state == provider_pb2.EXECUTION_STATE_RUNNING:
+        return None
+    if answer.state != provider_pb2.EXECUTION_STATE_FINISHED:
+        return f"answered {answer}, expected RUNNING or FINISHED"
+    if not answer.reply.HasField("result"):
+        return "FINISHED without a result"
+    if answer.reply.result.outcome not in FINAL_OUTCOMES:
+        return (
+            f"FINISHED with {_outcome_name(answer.reply.result.outcome)}; a finished "
+            "execution is SUCCEEDED, REJECTED, PARTIAL or CANCELLED"
+        )
+    return None
 
 
 _STATUS_UNSUPPORTED = (
@@ -1191,6 +1413,9 @@ async def run_checks(
             ("status.finished", kit.check_status_finished),
             ("status.stable", kit.check_status_stable),
             ("status.tenant_isolation", kit.check_status_tenant_isolation),
+            ("long_running.accepted", kit.check_long_running_accepted),
+            ("long_running.progress", kit.check_long_running_progress),
+            ("long_running.stop", kit.check_long_running_stop),
         ]
         results = []
         for name, step in steps:

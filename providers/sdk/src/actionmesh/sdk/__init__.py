@@ -41,6 +41,13 @@ idempotency key (``dedupe=True``), runs the handler and maps its
 GetExecutionStatus (what became of an execution, by its idempotency key) is answered
 from the dedupe store, or by an ``@provider.execution_status`` function returning an
 :class:`ExecutionStatus`; a provider with neither answers UNIMPLEMENTED.
+
+A long-running action (``long_running=LongRunning(max_duration_s=..., poll_interval_s=...,
+cancellable=...)``) answers Execute ACCEPTED at once; its handler runs on in the
+background, reports progress with ``ctx.report_progress``, may name its external work
+early with ``ctx.set_external_ref``, and, when cancellable, is stopped by StopExecution
+(``asyncio.CancelledError`` at its next await; ``ctx.stop_request`` says who asked; return
+``Result.cancelled(...)``). See :mod:`actionmesh.sdk.servicer` for the exact semantics.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -66,11 +73,13 @@ from actionmesh.sdk.types import (
     ExecutionState,
     ExecutionStatus,
     Facts,
+    LongRunning,
     OperatorView,
     Progress,
     RecordView,
     Result,
     Risk,
+    StopRequest,
     Unavailable,
 )
 
@@ -87,6 +96,7 @@ __all__ = [
     "IdempotencyStore",
     "Input",
     "KeyStatus",
+    "LongRunning",
     "MemoryIdempotencyStore",
     "NoInputs",
     "OperatorView",
@@ -101,6 +111,7 @@ __all__ = [
     "Risk",
     "SqlIdempotencyStore",
     "SqliteIdempotencyStore",
+    "StopRequest",
     "Unavailable",
     "serve",
     "start_provider",

@@ -79,7 +79,13 @@ class ProviderConfig:
     and GetExecutionStatus answers NEVER_RECEIVED for it; until then it is RUNNING.
     Must exceed the longest handler."""
 
+    max_long_running_executions: int = 256
+    """How many long-running executions may run in this process at once; past it an
+    Execute of a long-running action is UNAVAILABLE TOO_MANY_LONG_RUNNING (nothing ran)."""
+
     def __post_init__(self) -> None:
+        if self.max_long_running_executions < 1:
+            raise ValueError("max_long_running_executions must be at least 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for name in (

@@ -17,6 +17,7 @@ from actionmesh.sdk.types import (
     ActionContext,
     ExecutionStatus,
     Facts,
+    LongRunning,
     RecordView,
     Result,
     Risk,
@@ -60,6 +61,11 @@ class ActionDefinition:
     reversible: bool
     requires_approval: bool
     timeout_s: float | None
+    long_running: LongRunning | None = None
+
+    @property
+    def cancellable(self) -> bool:
+        return self.long_running is not None and self.long_running.cancellable
 
     def descriptor(self) -> common_pb2.ActionDescriptor:
         return common_pb2.ActionDescriptor(
@@ -72,6 +78,7 @@ class ActionDefinition:
             requires_approval=self.requires_approval,
             risk=self.risk.value,
             timeout_ms=0 if self.timeout_s is None else math.ceil(self.timeout_s * 1000),
+            long_running=None if self.long_running is None else self.long_running.to_proto(),
         )
 
 
@@ -192,6 +199,7 @@ class Provider:
         reversible: bool = False,
         requires_approval: bool = False,
         timeout_s: float | None = None,
+        long_running: LongRunning | None = None,
     ) -> Callable[[F], F]:
         """Declare an action; decorates ``async def handler(ctx, inputs) -> Result``.
 
@@ -200,7 +208,14 @@ class Provider:
         handler's docstring. ``available(record) -> True | False |
         Unavailable(reason)`` must be a pure, fast function of the record; it is
         evaluated on every Discover. ``timeout_s`` is the deadline the gateway
-        enforces (None: the gateway default).
+        enforces (None: the gateway default); for a long-running action, the deadline
+        of Execute's answer (ACCEPTED).
+
+        ``long_running=LongRunning(max_duration_s=..., poll_interval_s=...,
+        cancellable=...)`` makes it long-running: Execute answers ACCEPTED at once and
+        the handler runs on as a background task (see :class:`LongRunning`); the provider
+        needs ``dedupe`` or an ``@provider.execution_status`` function to say later what
+        became of it.
         """
         self._check_mutable()
         where = f"action {action_id!r}"
@@ -232,6 +247,22 @@ class Provider:
             raise ProviderDefinitionError(
                 f"{where}: timeout_s must be a number in (0, {MAX_TIMEOUT_S:g}] or None"
             )
+        if long_running is not None:
+            if not isinstance(long_running, LongRunning):
+                raise ProviderDefinitionError(
+                    f"{where}: long_running must be a LongRunning, got {long_running!r}"
+                )
+            problems = long_running.problems()
+            if problems:
+                raise ProviderDefinitionError(
+                    f"{where}: invalid long_running: " + "; ".join(problems)
+                )
+            if self.dedupe is False and self._status is None:
+                raise ProviderDefinitionError(
+                    f"{where}: a long-running action needs a record of its executions: "
+                    "declare the provider with dedupe=True (or a store), or declare "
+                    "@provider.execution_status before the action"
+                )
         if available is not None:
             if not callable(available) or inspect.iscoroutinefunction(available):
                 raise ProviderDefinitionError(
@@ -292,6 +323,7 @@ class Provider:
                 reversible=bool(reversible),
                 requires_approval=bool(requires_approval),
                 timeout_s=None if timeout_s is None else float(timeout_s),
+                long_running=long_running,
             )
             return declared
 

@@ -88,7 +88,9 @@ async def start_provider(provider: Provider, config: ProviderConfig | None = Non
             store = provider.dedupe
         for hook in provider.start_hooks:
             await hook(config)
-        servicer = ActionProviderServicer(provider, store)
+        servicer = ActionProviderServicer(
+            provider, store, max_long_running=config.max_long_running_executions
+        )
         running = await start_server(
             [
                 (

@@ -16,6 +16,46 @@ provider's ``@provider.execution_status`` function when it declares one:
 
 Without a store (``dedupe=False``) and without a status function it is UNIMPLEMENTED:
 the provider keeps no record of its executions.
+
+Long-running actions (``@provider.action(..., long_running=LongRunning(...))``):
+
+- Execute claims the key as for any action, starts the handler as a background task
+  owned by this servicer (one per idempotency key) and answers ACCEPTED at once
+  ("accepted; running", with the external ref the handler named so far through
+  ``ctx.set_external_ref``). A same-key Execute while the task runs answers ACCEPTED
+  again; once it finished, the stored final result. At most ``max_long_running``
+  tasks run at once: past that, Execute is UNAVAILABLE (``TOO_MANY_LONG_RUNNING``,
+  with a retry delay): nothing ran (RESOURCE_EXHAUSTED would read as PARTIAL in the
+  outcome table).
+- The task's end is stored as the key's result: the handler's Result; a deliberate
+  ``ActionMeshError`` as the outcome ``outcome_for_status`` gives its code (reason
+  and message kept); an unexpected exception PARTIAL ``HANDLER_FAILED`` (logged);
+  still running a minute past ``max_duration_s``: cancelled, PARTIAL
+  ``MAX_DURATION_EXCEEDED``.
+- GetExecutionStatus asks the tasks of this process first: a task running here is
+  RUNNING with its last ``ctx.report_progress`` (else "accepted; running" since it
+  started), whatever the age of its claim in the store; then the store as above.
+- StopExecution (cancellable actions only, else FAILED_PRECONDITION
+  ``NOT_CANCELLABLE``; UNIMPLEMENTED when no action is): a task running here is
+  cancelled (``ctx.stop_request`` says who asked and why; the handler sees
+  ``asyncio.CancelledError`` at its next await and may return
+  ``Result.cancelled(...)``; if the error propagates, CANCELLED "cancelled at
+  <requested_by>'s request: <reason>" is stored) and the answer is RUNNING; a stored
+  result is FINISHED; nothing under the key NEVER_RECEIVED. A claim of another
+  process (or of one that crashed) cannot be stopped from here: UNAVAILABLE
+  ``EXECUTION_NOT_HERE`` (ask again; once that claim is stale it is NEVER_RECEIVED).
+  Asking twice is asking once.
+- Shutdown: draining waits ``drain_timeout_s`` for short executions and
+  long-running tasks alike; a long-running task still running then is cancelled
+  (``ctx.stop_request`` None: not a caller's cancel, do not undo the work) and,
+  unless its handler returned a result of its own, stored PARTIAL
+  ``PROVIDER_STOPPED`` ("the provider stopped while the action ran; it may have
+  acted partly"), so the gateway learns a final answer instead of a claim nobody
+  will finish. A provider whose external system knows better (the escalation
+  provider's support desk) settles that answer in its ``@provider.execution_status``.
+  Long-running claims are not refreshed: replicas sharing one store must keep
+  ``dedupe_stale_claim_s`` above ``max_duration_s``, or another replica may take an
+  old claim over.
 """
 
 from __future__ import annotations
@@ -35,6 +75,7 @@ from opentelemetry import trace
 
 from actionmesh.rpc.errors import (
     ActionMeshError,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -43,7 +84,7 @@ from actionmesh.rpc.errors import (
 )
 from actionmesh.rpc.errors import Unavailable as UnavailableError
 from actionmesh.rpc.identifiers import RECORD_ID, TENANT
-from actionmesh.rpc.outcomes import outcome_for_status
+from actionmesh.rpc.outcomes import Outcome, outcome_for_status
 from actionmesh.rpc.telemetry import current_trace_ids
 from actionmesh.sdk.dedupe import IdempotencyKey, IdempotencyStore, KeyedLocks, KeyStatus
 from actionmesh.sdk.provider import ActionDefinition, Provider
@@ -55,6 +96,7 @@ from actionmesh.sdk.types import (
     Progress,
     RecordView,
     Result,
+    StopRequest,
     Unavailable,
 )
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
@@ -67,6 +109,48 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 # hung one must not hold its idempotency key forever.
 HARD_LIMIT_FACTOR = 4.0
 DEFAULT_HARD_LIMIT_S = 300.0
+# How long a long-running handler may run on past its max_duration_s before the SDK
+# cancels it (the gateway asks it to stop at max_duration_s).
+LONG_RUNNING_GRACE_S = 60.0
+DEFAULT_MAX_LONG_RUNNING = 256
+ACCEPTED_MESSAGE = "accepted; running"
+STOPPED_MESSAGE = "the provider stopped while the action ran; it may have acted partly"
+
+
+class _LongRun:
+    """One long-running execution whose handler runs as a task of this process."""
+
+    def __init__(self, fingerprint: str, started_at: datetime) -> None:
+        self.fingerprint = fingerprint
+        self.started_at = started_at
+        self.task: asyncio.Task[None] | None = None
+        self.external_ref = ""
+        self.progress: Progress | None = None
+        self.stop: StopRequest | None = None
+        # Set while the provider shuts down: the cancel is not a caller's.
+        self.shutdown = False
+        # Whether the handler runs (a stop cancels it only then, never the storing).
+        self.in_handler = False
+        # The final answer once the handler ended (kept until it is stored).
+        self.final: provider_pb2.ExecuteResponse | None = None
+        self.finished_at: datetime | None = None
+
+    def accepted(self) -> provider_pb2.ExecuteResponse:
+        return provider_pb2.ExecuteResponse(
+            outcome=common_pb2.OUTCOME_ACCEPTED,
+            message=ACCEPTED_MESSAGE,
+            external_ref=self.external_ref,
+        )
+
+    def status(self) -> ExecutionStatus:
+        # While the answer is being stored: still RUNNING (the store answers once stored).
+        if self.final is not None:
+            return ExecutionStatus.finished(
+                Result.from_proto(self.final), finished_at=self.finished_at
+            )
+        if self.progress is not None:
+            return ExecutionStatus(ExecutionState.RUNNING, progress=self.progress)
+        return ExecutionStatus.running(message=ACCEPTED_MESSAGE, updated_at=self.started_at)
 
 
 class HandlerFailed(ActionMeshError):
@@ -90,9 +174,18 @@ def _fingerprint(record: RecordView, inputs: dict[str, Any]) -> str:
 class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     """Translates the provider protocol onto a Provider's declarations."""
 
-    def __init__(self, provider: Provider, store: IdempotencyStore | None = None) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        store: IdempotencyStore | None = None,
+        *,
+        max_long_running: int = DEFAULT_MAX_LONG_RUNNING,
+    ) -> None:
         self.provider = provider
         self.store = store
+        self.max_long_running = max_long_running
+        # Long-running executions whose handler runs (or just ended) in this process.
+        self._long: dict[IdempotencyKey, _LongRun] = {}
         self._locks = KeyedLocks()
         self._inflight: set[asyncio.Task[provider_pb2.ExecuteResponse]] = set()
         # The last progress each execution running in this process reported.
@@ -189,16 +282,27 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         with tracer.start_as_current_span(
             "provider.execution_status", attributes=attributes
         ) as span:
-            stored = (
-                ExecutionStatus.never_received()
-                if lookup is None
-                else self._status_of(key, await lookup(key))
-            )
-            answer = stored if function is None else await self._ask(function, key, stored)
+            answer = await self._status(key)
             span.set_attribute("actionmesh.execution_state", answer.state.name)
             return answer.to_proto()
 
-    def _check_status_request(self, request: provider_pb2.GetExecutionStatusRequest) -> None:
+    async def _status(self, key: IdempotencyKey) -> ExecutionStatus:
+        """The answer of GetExecutionStatus (see the module docstring)."""
+        function = self.provider.status_function
+        lookup = getattr(self.store, "lookup", None)
+        run = self._long.get(key)
+        if run is not None:
+            stored = run.status()
+        elif lookup is None:
+            stored = ExecutionStatus.never_received()
+        else:
+            stored = self._status_of(key, await lookup(key))
+        return stored if function is None else await self._ask(function, key, stored)
+
+    def _check_status_request(
+        self,
+        request: provider_pb2.GetExecutionStatusRequest | provider_pb2.StopExecutionRequest,
+    ) -> None:
         problems = []
         if not TENANT.valid(request.tenant):
             problems.append(FieldViolation("tenant", f"must match {TENANT.pattern}"))
@@ -271,6 +375,64 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             )
         return answer
 
+    # -- StopExecution --------------------------------------------------------
+
+    async def StopExecution(
+        self, request: provider_pb2.StopExecutionRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.StopExecutionResponse:
+        """Ask a running long-running execution to stop; idempotent (see the module docstring)."""
+        if not any(a.cancellable for a in self._actions.values()):
+            raise Unimplemented(
+                f"provider {self.provider.id} declares no cancellable action",
+                reason="STOP_NOT_SUPPORTED",
+            )
+        self._check_status_request(request)
+        action = self._actions[request.action_id]
+        if not action.cancellable:
+            raise FailedPrecondition(
+                f"{action.action_id} is not a cancellable long-running action",
+                reason="NOT_CANCELLABLE",
+            )
+        key = IdempotencyKey(request.tenant, request.action_id, request.idempotency_key)
+        attributes = {
+            "actionmesh.provider_id": self.provider.id,
+            "actionmesh.action_id": request.action_id,
+            "actionmesh.tenant": request.tenant,
+            "actionmesh.execution_id": request.request_id,
+        }
+        with tracer.start_as_current_span("provider.stop_execution", attributes=attributes) as span:
+            state = await self._stop(key, request)
+            span.set_attribute("actionmesh.execution_state", state.name)
+            return provider_pb2.StopExecutionResponse(state=state.value)
+
+    async def _stop(
+        self, key: IdempotencyKey, request: provider_pb2.StopExecutionRequest
+    ) -> ExecutionState:
+        run = self._long.get(key)
+        if run is not None and run.task is not None and run.final is None:
+            if run.stop is None and run.in_handler:
+                run.stop = StopRequest(
+                    requested_by=request.requested_by or "an unnamed caller",
+                    reason=request.reason or "no reason given",
+                )
+                log.info(
+                    "%s: stopping the execution of key %s at %s's request",
+                    key.action_id,
+                    key.key,
+                    run.stop.requested_by,
+                )
+                run.task.cancel()
+            return ExecutionState.RUNNING
+        status = await self._status(key)
+        if status.state is ExecutionState.RUNNING:
+            raise UnavailableError(
+                "the execution does not run in this provider process (another replica holds "
+                "it, or a process that stopped did); ask again later",
+                reason="EXECUTION_NOT_HERE",
+                retry_after_s=1.0,
+            )
+        return status.state
+
     @staticmethod
     def _availability(action: ActionDefinition, record: RecordView) -> tuple[bool, str]:
         if action.available is None:
@@ -317,9 +479,19 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         self._check_request(action, request, record, operator)
         inputs, plain = action.inputs.build(request.inputs)
 
+        key = IdempotencyKey(record.tenant, action.action_id, request.idempotency_key)
+        if action.long_running is not None:
+            return await self._accept(
+                action,
+                key,
+                _fingerprint(record, plain),
+                inputs,
+                request=request,
+                record=record,
+                operator=operator,
+            )
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        key = IdempotencyKey(record.tenant, action.action_id, request.idempotency_key)
         task = asyncio.create_task(
             self._run_once(
                 action,
@@ -410,13 +582,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 )
                 return provider_pb2.ExecuteResponse.FromString(claim.response)
             if claim.status == "conflict":
-                raise InvalidArgument(
-                    "this idempotency key was already used for a different request",
-                    reason="IDEMPOTENCY_KEY_REUSED",
-                    violations=[
-                        FieldViolation("idempotency_key", "was already used for another request")
-                    ],
-                )
+                raise _key_reused()
             if claim.status != "claimed":
                 raise UnavailableError(
                     "an execution with this idempotency key is in progress; nothing ran",
@@ -431,6 +597,151 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             await store.complete(key, owner, response.SerializeToString())
             return response
 
+    # -- Long-running executions ----------------------------------------------
+
+    async def _accept(
+        self,
+        action: ActionDefinition,
+        key: IdempotencyKey,
+        fingerprint: str,
+        inputs: Any,
+        *,
+        request: provider_pb2.ExecuteRequest,
+        record: RecordView,
+        operator: OperatorView,
+    ) -> provider_pb2.ExecuteResponse:
+        """Start the handler in the background and answer ACCEPTED (or the stored answer)."""
+        async with self._locks.hold(key):
+            run = self._long.get(key)
+            if run is not None:
+                if run.fingerprint != fingerprint:
+                    raise _key_reused()
+                if run.final is not None:
+                    return run.final
+                return run.accepted()
+            if len(self._long) >= self.max_long_running:
+                # UNAVAILABLE, not RESOURCE_EXHAUSTED: the outcome table reads the latter as
+                # PARTIAL (it may have acted), and nothing ran here.
+                raise UnavailableError(
+                    f"provider {self.provider.id} runs {len(self._long)} long-running "
+                    "executions already; nothing ran, retry later",
+                    reason="TOO_MANY_LONG_RUNNING",
+                    retry_after_s=5.0,
+                )
+            owner = uuid.uuid4().hex
+            if self.store is not None:
+                claim = await self.store.claim(key, fingerprint, owner)
+                if claim.status == "done" and claim.response is not None:
+                    return provider_pb2.ExecuteResponse.FromString(claim.response)
+                if claim.status == "conflict":
+                    raise _key_reused()
+                if claim.status != "claimed":
+                    raise UnavailableError(
+                        "an execution with this idempotency key is in progress; nothing ran",
+                        reason="EXECUTION_IN_PROGRESS",
+                        retry_after_s=1.0,
+                    )
+            run = _LongRun(fingerprint, datetime.now(UTC))
+            self._long[key] = run
+            run.task = asyncio.create_task(
+                self._run_long(action, key, owner, run, inputs, request, record, operator),
+                name=f"long-running-{action.action_id}-{request.request_id}",
+            )
+            run.task.add_done_callback(_retrieve)
+            log.info("%s: accepted key %s; running in the background", action.action_id, key.key)
+            return run.accepted()
+
+    async def _run_long(
+        self,
+        action: ActionDefinition,
+        key: IdempotencyKey,
+        owner: str,
+        run: _LongRun,
+        inputs: Any,
+        request: provider_pb2.ExecuteRequest,
+        record: RecordView,
+        operator: OperatorView,
+    ) -> None:
+        """The task of one long-running execution: run the handler, store its end."""
+        assert action.long_running is not None
+        limit = action.long_running.max_duration_s + LONG_RUNNING_GRACE_S
+        run.in_handler = True
+        try:
+            try:
+                response = await self._run_handler(
+                    action,
+                    inputs,
+                    key=key,
+                    request=request,
+                    record=record,
+                    operator=operator,
+                    deadline=time.monotonic() + action.long_running.max_duration_s,
+                    hard_limit_s=limit,
+                    run=run,
+                )
+                if response.outcome == common_pb2.OUTCOME_CANCELLED and run.stop is None:
+                    if run.shutdown:
+                        response = _stopped(response)
+                    else:
+                        log.error(
+                            "handler of %s returned CANCELLED although nobody asked it to stop",
+                            action.action_id,
+                        )
+                        response = _handler_failed()
+            except asyncio.CancelledError:
+                run.in_handler = False
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                response = self._cancelled_answer(run)
+            except TimeoutError:
+                log.error("handler of %s ran past its max_duration_s; cancelled", action.action_id)
+                response = Result.partial(
+                    reason="MAX_DURATION_EXCEEDED",
+                    message="the action ran past its maximum duration and was cancelled; "
+                    "it may have acted partly",
+                    external_ref=run.external_ref,
+                ).to_proto()
+            except HandlerFailed:
+                response = _handler_failed(run.external_ref)
+            except ActionMeshError as refused:
+                outcome = outcome_for_status(refused.code)
+                if outcome not in (Outcome.REJECTED, Outcome.PARTIAL):
+                    # e.g. UNAVAILABLE: a long-running execution has no caller to retry
+                    # it; what it reached is not known to be nothing.
+                    outcome = Outcome.PARTIAL
+                response = provider_pb2.ExecuteResponse(
+                    outcome=outcome.to_proto(),
+                    reason=refused.reason or refused.code.name,
+                    message=str(refused)[:2000],
+                    external_ref=run.external_ref,
+                )
+            finally:
+                run.in_handler = False
+            if self.store is not None:
+                # Shielded: a cancel at shutdown must not lose the answer.
+                await asyncio.shield(self.store.complete(key, owner, response.SerializeToString()))
+            # No await from here to the entry's removal: the answer is read from the store
+            # (one finished_at), never from memory.
+            run.final = response
+            run.finished_at = datetime.now(UTC)
+        except BaseException:
+            log.exception("could not store the end of %s (key %s)", action.action_id, key.key)
+            raise
+        finally:
+            if self._long.get(key) is run:
+                del self._long[key]
+
+    def _cancelled_answer(self, run: _LongRun) -> provider_pb2.ExecuteResponse:
+        if run.stop is not None:
+            return Result.cancelled(
+                message=f"cancelled at {run.stop.requested_by}'s request: {run.stop.reason}"[:2000],
+                external_ref=run.external_ref,
+            ).to_proto()
+        return Result.partial(
+            reason="PROVIDER_STOPPED", message=STOPPED_MESSAGE, external_ref=run.external_ref
+        ).to_proto()
+
     async def _run_handler(
         self,
         action: ActionDefinition,
@@ -441,6 +752,8 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         record: RecordView,
         operator: OperatorView,
         deadline: float | None,
+        hard_limit_s: float | None = None,
+        run: _LongRun | None = None,
     ) -> provider_pb2.ExecuteResponse:
         # The gateway's execution id travels as request_id.
         attributes = {
@@ -455,7 +768,14 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         def report(progress: Progress) -> None:
             # A report after the handler returned (from a task it left behind) is dropped.
             if running:
-                self._progress[key] = progress
+                if run is not None:
+                    run.progress = progress
+                else:
+                    self._progress[key] = progress
+
+        def name_ref(external_ref: str) -> None:
+            if running and run is not None:
+                run.external_ref = external_ref
 
         with tracer.start_as_current_span("action.handle", attributes=attributes) as span:
             trace_id, _ = current_trace_ids()
@@ -475,22 +795,37 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 span=span,
                 trace_id=trace_id,
                 on_progress=report,
+                on_external_ref=name_ref,
+                stop_requested=None if run is None else (lambda: run.stop),
             )
-            hard_limit = (
-                DEFAULT_HARD_LIMIT_S
-                if action.timeout_s is None
-                else action.timeout_s * HARD_LIMIT_FACTOR
-            )
+            if hard_limit_s is not None:
+                hard_limit = hard_limit_s
+            elif action.timeout_s is None:
+                hard_limit = DEFAULT_HARD_LIMIT_S
+            else:
+                hard_limit = action.timeout_s * HARD_LIMIT_FACTOR
+            limit = asyncio.timeout(hard_limit)
             try:
-                async with asyncio.timeout(hard_limit):
+                async with limit:
                     result = await action.handler(ctx, inputs)
                 if not isinstance(result, Result):
                     raise TypeError(f"handler returned {type(result).__name__}, expected a Result")
+                if result.outcome == common_pb2.OUTCOME_CANCELLED and run is None:
+                    raise TypeError("only a long-running action asked to stop returns CANCELLED")
             except ActionMeshError as refused:
                 # Deliberate statuses (e.g. Unavailable: downstream unreachable,
                 # nothing ran) go to the caller as raised.
                 span.set_attribute("actionmesh.outcome", outcome_for_status(refused.code))
                 raise
+            except TimeoutError as exc:
+                if run is not None and limit.expired():
+                    raise  # past a long-running action's maximum duration: _run_long says so
+                log.exception("handler of %s failed (timed out)", action.action_id)
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                raise HandlerFailed(
+                    "the action handler failed; see the provider's logs", reason="HANDLER_FAILED"
+                ) from None
             except Exception as exc:
                 log.exception(
                     "handler of %s failed (request %s, trace %s)",
@@ -519,12 +854,51 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     async def drain(self, timeout_s: float) -> None:
         """Refuse new executions, wait for running ones, cancel what is left."""
         self._draining = True
-        pending = set(self._inflight)
+        long_tasks: dict[asyncio.Task[Any], _LongRun] = {
+            run.task: run for run in self._long.values() if run.task is not None
+        }
+        pending: set[asyncio.Task[Any]] = set(self._inflight) | set(long_tasks)
         if not pending:
             return
         _, still = await asyncio.wait(pending, timeout=timeout_s)
         for task in still:
             log.warning("cancelling execution %s at shutdown", task.get_name())
+            run = long_tasks.get(task)
+            if run is not None and run.stop is None:
+                run.shutdown = True
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=1.0)
+
+
+def _key_reused() -> InvalidArgument:
+    return InvalidArgument(
+        "this idempotency key was already used for a different request",
+        reason="IDEMPOTENCY_KEY_REUSED",
+        violations=[FieldViolation("idempotency_key", "was already used for another request")],
+    )
+
+
+def _handler_failed(external_ref: str = "") -> provider_pb2.ExecuteResponse:
+    return Result.partial(
+        reason="HANDLER_FAILED",
+        message="the action handler failed; see the provider's logs. It may have acted partly.",
+        external_ref=external_ref,
+    ).to_proto()
+
+
+def _stopped(response: provider_pb2.ExecuteResponse) -> provider_pb2.ExecuteResponse:
+    """A handler's CANCELLED at shutdown (nobody asked it to stop): PROVIDER_STOPPED."""
+    stopped = provider_pb2.ExecuteResponse()
+    stopped.CopyFrom(response)
+    stopped.outcome = common_pb2.OUTCOME_PARTIAL
+    stopped.reason = "PROVIDER_STOPPED"
+    stopped.message = STOPPED_MESSAGE
+    return stopped
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # A long-running task has no caller: retrieve its end (already logged) so it is not
+    # reported as "exception never retrieved".
+    if not task.cancelled():
+        task.exception()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,7 +191,9 @@ class Result:
 
     ``Result.succeeded`` (the work is done), ``Result.rejected`` (a business
     rule refused it; nothing changed) or ``Result.partial`` (the external work
-    happened but a later step failed; needs human follow-up).
+    happened but a later step failed; needs human follow-up). A long-running action
+    asked to stop (``ctx.stop_request`` is set) may also return ``Result.cancelled``
+    (it stopped; ``changes`` says what it had changed by then).
     """
 
     outcome: common_pb2.Outcome.ValueType
@@ -205,8 +208,9 @@ class Result:
             common_pb2.OUTCOME_SUCCEEDED,
             common_pb2.OUTCOME_REJECTED,
             common_pb2.OUTCOME_PARTIAL,
+            common_pb2.OUTCOME_CANCELLED,
         ):
-            raise ValueError("a provider result is SUCCEEDED, REJECTED or PARTIAL")
+            raise ValueError("a provider result is SUCCEEDED, REJECTED, PARTIAL or CANCELLED")
         if self.outcome != common_pb2.OUTCOME_SUCCEEDED or self.reason:
             _check_reason(self.reason)
         if len(self.message) > MAX_MESSAGE_CHARS:
@@ -265,6 +269,29 @@ class Result:
             warnings=tuple(warnings),
         )
 
+    @classmethod
+    def cancelled(
+        cls,
+        *,
+        reason: str = "CANCELLED",
+        message: str = "",
+        external_ref: str = "",
+        changes: Sequence[Change] = (),
+        warnings: Sequence[str] = (),
+    ) -> Result:
+        """A long-running execution stopped at a caller's request (``ctx.stop_request``)
+        before it finished; ``changes`` holds what it had changed by then. Only valid
+        after a stop was asked for: the SDK turns it into PARTIAL ``HANDLER_FAILED``
+        otherwise."""
+        return cls(
+            outcome=common_pb2.OUTCOME_CANCELLED,
+            reason=reason,
+            message=message,
+            external_ref=external_ref,
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+        )
+
     def to_proto(self) -> provider_pb2.ExecuteResponse:
         return provider_pb2.ExecuteResponse(
             outcome=self.outcome,
@@ -288,6 +315,70 @@ class Result:
             changes=tuple(Change(c.field, c.before, c.after) for c in response.changes),
             warnings=tuple(response.warnings),
         )
+
+
+MAX_LONG_RUNNING_S = 7 * 24 * 3600.0
+"""The longest ``LongRunning.max_duration_s`` a provider may declare (a week)."""
+
+
+@dataclass(frozen=True)
+class LongRunning:
+    """Declares an action long-running: ``@provider.action(..., long_running=LongRunning(...))``.
+
+    Execute then answers ACCEPTED at once and the handler runs on in the background
+    (owned by the SDK, tracked by its idempotency key); the gateway follows it with
+    GetExecutionStatus until it is FINISHED. Checked when the decorator is applied.
+    """
+
+    max_duration_s: float
+    """The longest the action may run, from dispatch: > 0 and at most a week. Past it
+    the gateway asks the provider to stop and ends the execution TIMED_OUT; the SDK
+    itself cancels a handler still running a minute after it (PARTIAL
+    ``MAX_DURATION_EXCEEDED``)."""
+
+    poll_interval_s: float = 5.0
+    """How often the gateway asks how the execution is going (> 0, at most
+    ``max_duration_s``). Shorter moves faster on a timeline; longer costs less."""
+
+    cancellable: bool = False
+    """Whether a caller may cancel a running execution (gateway CancelExecution). The
+    SDK then answers StopExecution by cancelling the handler's task: the handler sees
+    ``asyncio.CancelledError`` at its next ``await`` and may clean up and return
+    ``Result.cancelled(...)``; if it lets the error propagate, the SDK stores CANCELLED."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty: nothing)."""
+        found = []
+        for name in ("max_duration_s", "poll_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                found.append(f"{name} must be a positive number")
+        if not found:
+            if self.max_duration_s > MAX_LONG_RUNNING_S:
+                found.append(f"max_duration_s must be at most {MAX_LONG_RUNNING_S:g}")
+            elif self.poll_interval_s > self.max_duration_s:
+                found.append("poll_interval_s must not exceed max_duration_s")
+        if not isinstance(self.cancellable, bool):
+            found.append("cancellable must be True or False")
+        return found
+
+    def to_proto(self) -> common_pb2.LongRunning:
+        return common_pb2.LongRunning(
+            max_duration_s=math.ceil(self.max_duration_s),
+            poll_interval_ms=max(1, math.ceil(self.poll_interval_s * 1000)),
+            cancellable=self.cancellable,
+        )
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Why a long-running execution is being stopped (``ActionContext.stop_request``)."""
+
+    requested_by: str
+    """Who asked: the canceller's subject, or "actionmesh" past the maximum duration."""
+
+    reason: str
+    """Their comment, as the gateway passed it on."""
 
 
 class ExecutionState(enum.Enum):
@@ -418,6 +509,12 @@ class ActionContext:
     trace_id: str
     # Where report_progress goes (the SDK's servicer); None: nowhere.
     on_progress: Callable[[Progress], None] | None = field(default=None, repr=False, compare=False)
+    # Where set_external_ref goes (the SDK's servicer, long-running actions); None: nowhere.
+    on_external_ref: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # Long-running actions: who asked to stop this execution and why (None: nobody).
+    stop_requested: Callable[[], StopRequest | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def time_remaining(self) -> float | None:
         """Seconds until the caller's deadline (may be negative), or None."""
@@ -429,3 +526,20 @@ class ActionContext:
         progress = Progress(percent=percent, message=message, updated_at=datetime.now(UTC))
         if self.on_progress is not None:
             self.on_progress(progress)
+
+    def set_external_ref(self, external_ref: str) -> None:
+        """Long-running actions: name the external work as soon as it exists (e.g. the
+        ticket id). A same-key Execute answers ACCEPTED with it while the handler runs;
+        the final Result still carries its own ``external_ref``."""
+        if len(external_ref) > MAX_REF_CHARS:
+            raise ValueError(f"external_ref must be at most {MAX_REF_CHARS} characters")
+        if self.on_external_ref is not None:
+            self.on_external_ref(external_ref)
+
+    @property
+    def stop_request(self) -> StopRequest | None:
+        """Long-running, cancellable actions: set once StopExecution asked this execution
+        to stop (the handler then sees ``asyncio.CancelledError``). None otherwise, also
+        when the task is cancelled because the provider is shutting down: then do not
+        undo the work, let the error propagate."""
+        return None if self.stop_requested is None else self.stop_requested()

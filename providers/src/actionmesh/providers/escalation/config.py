@@ -43,7 +43,26 @@ class EscalationConfig:
     key; after it, the platform's "none" is final (REJECTED DOWNSTREAM_NOT_CREATED).
     Keep it above the longest time the platform takes to handle a request."""
 
+    open_retry_s: float = 60.0
+    """How long the background task keeps re-sending the escalation (same
+    Idempotency-Key) while the platform does not answer; then REJECTED
+    DOWNSTREAM_UNAVAILABLE (nothing was created) or PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN
+    (a request went unanswered after it was sent)."""
+
+    retry_interval_s: float = 2.0
+    """Pause between two attempts to open the escalation (the platform's Retry-After,
+    when it sends one, wins)."""
+
+    acknowledge_poll_s: float = 1.0
+    """How often the background task asks the platform whether the support team
+    acknowledged the escalation."""
+
     def __post_init__(self) -> None:
+        for name in ("retry_interval_s", "acknowledge_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.open_retry_s < 0:
+            raise ValueError("open_retry_s must not be negative")
         url = urlsplit(self.platform_url)
         if self.platform_url and (url.scheme not in ("http", "https") or not url.netloc):
             raise ValueError(f"platform_url must be an http(s) URL, got {self.platform_url!r}")

@@ -35,6 +35,7 @@ CREATE_PATH = "/v1/escalations"
 USER_AGENT = "actionmesh-escalation/1.0"
 # Answers by which the platform says it did not take the request (HTTP semantics).
 NOT_NOW = frozenset({429, 503})
+ACKNOWLEDGED, WITHDRAWN = "acknowledged", "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,17 @@ class Held:
     status: str
     # When the platform opened it (None when it did not say, or said it unreadably).
     created_at: datetime | None
+    # Who of the support team acknowledged it, and when (empty / None: nobody yet).
+    acknowledged_by: str = ""
+    acknowledged_at: datetime | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.status == ACKNOWLEDGED
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.status == WITHDRAWN
 
 
 class LookupFailed(Exception):
@@ -195,6 +207,48 @@ class SupportDeskClient:
             raise LookupFailed("the support platform answered a body that is not JSON") from exc
         return _held(body, tenant, idempotency_key)
 
+    async def withdraw_escalation(
+        self, escalation_id: str, *, reason: str, timeout_s: float
+    ) -> Held | None:
+        """Withdraw an open escalation; the escalation as it stands after (``status``
+        ``withdrawn``, or ``acknowledged`` when the support team took it on first), or None
+        when the platform holds none with that id. Raises :class:`LookupFailed` when the
+        platform gave no usable answer (the escalation may still be open)."""
+        timeout = httpx.Timeout(timeout_s, connect=min(self.config.connect_timeout_s, timeout_s))
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._http.post(
+                    f"{CREATE_PATH}/{escalation_id}/withdraw",
+                    json={"reason": reason[:1000] or "withdrawn"},
+                    timeout=timeout,
+                )
+                current = response
+                if response.status_code == 409:
+                    # Not open any more: read what it became (acknowledged, most likely).
+                    current = await self._http.get(
+                        f"{CREATE_PATH}/{escalation_id}", timeout=timeout
+                    )
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise LookupFailed(
+                f"the support platform did not answer ({type(exc).__name__})"
+            ) from exc
+        if current.status_code == 404:
+            return None
+        if current.status_code != 200:
+            _, message, _ = _error_of(current)
+            raise LookupFailed(
+                f"the support platform answered {current.status_code}: {message or 'no details'}"
+            )
+        try:
+            item = current.json()
+        except ValueError as exc:
+            raise LookupFailed("the support platform answered a body that is not JSON") from exc
+        if not isinstance(item, dict):
+            raise LookupFailed("the support platform answered a malformed escalation")
+        return _held(
+            {"escalations": [item]}, str(item.get("tenant")), str(item.get("idempotency_key"))
+        )
+
     @staticmethod
     def _opened(response: httpx.Response) -> Opened:
         status = response.status_code
@@ -264,5 +318,7 @@ def _held(body: object, tenant: str, idempotency_key: str) -> Held | None:
             queue=str(item.get("queue", "")),
             status=str(item.get("status", "")),
             created_at=_created_at(item.get("created_at")),
+            acknowledged_by=str(item.get("acknowledged_by") or ""),
+            acknowledged_at=_created_at(item.get("acknowledged_at")),
         )
     return None

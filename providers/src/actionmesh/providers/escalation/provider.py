@@ -1,35 +1,43 @@
-"""The escalation provider: hand a ticket or work item off to the external support platform.
+"""The escalation provider: hand a ticket or work item off to the external support platform,
+and follow it until the support team acknowledges it.
 
-The hand-off crosses a real boundary (an HTTP call to another process with its
-own store), so every way it can end maps onto the outcome vocabulary and none
-of them is a silent success:
+``case.escalate`` is a long-running action (``LONG_RUNNING``: at most 24 h, polled every
+2 s, cancellable). Execute answers ACCEPTED at once; the SDK runs the handler in the
+background, and GetExecutionStatus follows it:
 
-- the platform opened (or, for a repeated key, already had) the escalation and
-  the provider logged it: SUCCEEDED, with the platform's id as external ref;
-- the platform could not be reached or said "not now" (503/429): nothing was
-  created, the handler raises UNAVAILABLE (``DOWNSTREAM_UNAVAILABLE``), the SDK
-  keeps no result for the key, and a retry runs again;
-- the platform refused the request (4xx): REJECTED, nothing was created;
-- the platform opened it but the provider's own log write failed: PARTIAL
-  (``ESCALATION_LOG_FAILED``) with the external ref;
-- the request was sent and no usable answer came back: PARTIAL
-  (``DOWNSTREAM_OUTCOME_UNKNOWN``).
+- opening: the handler sends the escalation with the gateway's idempotency key as the
+  platform's ``Idempotency-Key`` (the platform never opens two for one key). While the
+  platform does not answer it re-sends with the same key for ``open_retry_s``
+  (RUNNING, progress "support desk not answering; retrying"), then ends REJECTED
+  ``DOWNSTREAM_UNAVAILABLE`` (nothing was created) or, when a request went unanswered
+  after it was sent, PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``. A refusal (4xx) is REJECTED
+  (``DOWNSTREAM_REJECTED``, ``IDEMPOTENCY_KEY_CONFLICT``); opened but not written to the
+  provider's own log: PARTIAL ``ESCALATION_LOG_FAILED`` with the external ref.
+- waiting: opened, the escalation id is the external ref at once (a same-key Execute
+  answers ACCEPTED with it); RUNNING with progress "ticket SD-... opened at the support
+  desk; waiting for the support team to acknowledge". The handler asks the platform every
+  ``acknowledge_poll_s``.
+- acknowledged: FINISHED SUCCEEDED, external ref the escalation id, changes ``escalation``,
+  ``escalation_queue``, ``escalation_acknowledged_by`` and ``escalation_acknowledged_at``.
+  Withdrawn at the platform by someone else: PARTIAL ``ESCALATION_WITHDRAWN``.
+- cancelled (StopExecution): the handler withdraws the escalation at the platform and
+  answers CANCELLED (change ``escalation`` -> ``withdrawn``); nothing opened yet:
+  CANCELLED "nothing was escalated"; acknowledged first: SUCCEEDED (too late to stop);
+  the platform not answering: PARTIAL ``WITHDRAW_FAILED``.
+- the provider stopping while it waits: the SDK stores PARTIAL ``PROVIDER_STOPPED``; the
+  escalation stays open at the platform.
 
-The gateway's idempotency key travels as the platform's ``Idempotency-Key``
-header, so even a provider that lost its own state cannot open a second
-escalation for one key.
+GetExecutionStatus (``escalation_status``) answers a running task from the SDK. Where the
+provider could not tell at the time (PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``,
+``DOWNSTREAM_PROTOCOL_ERROR``, ``PROVIDER_STOPPED``), or holds nothing for the key (it
+lost its state, or another replica sent it), it asks the platform, read-only, which
+escalation it holds under the key:
 
-GetExecutionStatus (``escalation_status``) settles what the provider could not
-tell at the time by asking the platform, read-only, which escalation it holds
-under the key. An answer the SDK stored that is final (SUCCEEDED, REJECTED,
-PARTIAL ``ESCALATION_LOG_FAILED``) or an execution still running is answered as
-stored, without asking. Otherwise:
-
-- the platform holds an escalation for the key: FINISHED SUCCEEDED with its id as
-  external ref and the changes Execute would have reported (also when this
-  provider holds nothing for the key: it lost its state, or another replica sent it);
-- it holds none and the provider never kept an answer: NEVER_RECEIVED;
-- it holds none and the provider answered ``DOWNSTREAM_OUTCOME_UNKNOWN`` (or
+- acknowledged: FINISHED SUCCEEDED with the answer the handler would have given;
+- open: RUNNING, waiting for the acknowledgement (so a restarted provider still answers);
+- withdrawn there: FINISHED PARTIAL ``ESCALATION_WITHDRAWN``;
+- none, and the provider never kept an answer: NEVER_RECEIVED;
+- none, and the provider answered ``DOWNSTREAM_OUTCOME_UNKNOWN`` (or
   ``DOWNSTREAM_PROTOCOL_ERROR``): RUNNING until ``outcome_settle_s`` after that
   answer (the platform may still be handling the request), then FINISHED REJECTED
   ``DOWNSTREAM_NOT_CREATED``: nothing was escalated;
@@ -39,6 +47,7 @@ stored, without asking. Otherwise:
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -52,7 +61,7 @@ from actionmesh.providers.escalation.platform import (
     OutcomeUnknown,
     SupportDeskClient,
 )
-from actionmesh.providers.escalation.store import EscalationLog
+from actionmesh.providers.escalation.store import EscalationLog, State
 from actionmesh.rpc.errors import Unavailable as UnavailableError
 from actionmesh.sdk import (
     ActionContext,
@@ -60,6 +69,7 @@ from actionmesh.sdk import (
     ExecutionState,
     ExecutionStatus,
     Input,
+    LongRunning,
     Provider,
     RecordView,
     Resource,
@@ -82,7 +92,13 @@ CLOSED_STATUSES = frozenset({"closed", "resolved", "cancelled"})
 DEFAULT_RETRY_S = 2.0
 # The answers after which the provider could not tell whether the platform opened the
 # escalation: GetExecutionStatus asks the platform instead of repeating them.
-UNSETTLED_REASONS = frozenset({"DOWNSTREAM_OUTCOME_UNKNOWN", "DOWNSTREAM_PROTOCOL_ERROR"})
+# PROVIDER_STOPPED: the provider stopped while it waited for the acknowledgement.
+UNSETTLED_REASONS = frozenset(
+    {"DOWNSTREAM_OUTCOME_UNKNOWN", "DOWNSTREAM_PROTOCOL_ERROR", "PROVIDER_STOPPED"}
+)
+# Long-running: Execute answers ACCEPTED; the handler waits for the support team.
+LONG_RUNNING = LongRunning(max_duration_s=24 * 3600.0, poll_interval_s=2.0, cancellable=True)
+RETRYING = "support desk not answering; retrying"
 
 
 _escalation_log: Resource[EscalationLog] = Resource("the escalation log")
@@ -153,47 +169,85 @@ def _payload(ctx: ActionContext, inputs: EscalateInputs) -> dict[str, Any]:
 @escalation.action(
     ESCALATE,
     label="Escalate to support",
-    description="Hand the case off to the external support platform; its escalation id "
-    "becomes the external reference.",
+    description="Hand the case off to the external support platform and wait until the "
+    "support team acknowledges it; the platform's escalation id becomes the external "
+    "reference. Long-running: answered ACCEPTED at once, cancellable (the escalation is "
+    "then withdrawn at the platform).",
     record_types=["ticket", "workitem"],
     available=escalatable,
     risk=Risk.MEDIUM,
     reversible=False,
     requires_approval=False,
     timeout_s=ACTION_TIMEOUT_S,
+    long_running=LONG_RUNNING,
 )
 async def escalate(ctx: ActionContext, inputs: EscalateInputs) -> Result:
     if ctx.record.status in CLOSED_STATUSES:
         return Result.rejected("RECORD_CLOSED", "A closed or resolved case is not escalated.")
     client = _client()
-    budget = call_budget(ctx.time_remaining(), client.config.request_timeout_s)
-    if budget < MIN_CALL_S:
-        raise UnavailableError(
-            "too little time was left to call the support platform; nothing was sent",
-            reason="DEADLINE_TOO_SHORT",
-            retry_after_s=DEFAULT_RETRY_S,
-        )
     try:
-        opened = await client.open_escalation(
-            _payload(ctx, inputs), idempotency_key=ctx.idempotency_key, timeout_s=budget
-        )
-    except NothingCreated as refused:
-        return _nothing_created(ctx, refused)
-    except OutcomeUnknown as unknown:
-        return await _outcome_unknown(ctx, inputs, unknown)
-    return await _opened(ctx, inputs, opened)
+        opened = await _open(ctx, inputs, client)
+        if isinstance(opened, Result):
+            return opened
+        logged = await _opened(ctx, inputs, opened)
+        if logged is not None:
+            return logged
+        ctx.set_external_ref(opened.escalation_id)
+        ctx.report_progress(message=_waiting(opened.escalation_id))
+        held = await _wait_for_acknowledgement(ctx, client, opened.escalation_id)
+    except asyncio.CancelledError:
+        if ctx.stop_request is None:
+            raise  # the provider is stopping: the escalation stays as it is
+        return await _withdraw(ctx, client)
+    if held.withdrawn:
+        return _withdrawn_at_platform(held)
+    await _log_state(ctx, "acknowledged", held)
+    return acknowledged_result(held)
+
+
+async def _open(
+    ctx: ActionContext, inputs: EscalateInputs, client: SupportDeskClient
+) -> Opened | Result:
+    """Open the escalation, retrying with the same Idempotency-Key (the platform never
+    opens two for one key) while the platform does not answer, for ``open_retry_s``."""
+    config = client.config
+    deadline = time.monotonic() + config.open_retry_s
+    maybe_created: OutcomeUnknown | None = None
+    retrying = False
+    while True:
+        try:
+            return await client.open_escalation(
+                _payload(ctx, inputs),
+                idempotency_key=ctx.idempotency_key,
+                timeout_s=config.request_timeout_s,
+            )
+        except NothingCreated as refused:
+            if not refused.retryable:
+                return _nothing_created(ctx, refused)
+            wait_s = refused.retry_after_s or config.retry_interval_s
+            ctx.logger.warning("support platform unavailable: %s", refused.message)
+            last = refused.message
+        except OutcomeUnknown as unknown:
+            if unknown.reason != "DOWNSTREAM_OUTCOME_UNKNOWN":
+                return await _outcome_unknown(ctx, inputs, unknown)  # retrying cannot help
+            maybe_created = unknown
+            wait_s = config.retry_interval_s
+            last = unknown.message
+        if time.monotonic() + wait_s > deadline:
+            if maybe_created is not None:
+                return await _outcome_unknown(ctx, inputs, maybe_created)
+            return Result.rejected(
+                "DOWNSTREAM_UNAVAILABLE",
+                f"The support platform did not answer for {config.open_retry_s:g} s "
+                f"({last[:300]}); nothing was escalated. Escalate again later.",
+            )
+        if not retrying:
+            retrying = True
+            ctx.report_progress(message=RETRYING)
+        await asyncio.sleep(wait_s)
 
 
 def _nothing_created(ctx: ActionContext, refused: NothingCreated) -> Result:
-    if refused.retryable:
-        ctx.logger.warning("support platform unavailable: %s", refused.message)
-        # Raised, not returned: the SDK keeps no result for the key and the
-        # gateway reports UNAVAILABLE, so the same key may run again later.
-        raise UnavailableError(
-            f"{refused.message}; nothing was escalated, retrying is safe",
-            reason="DOWNSTREAM_UNAVAILABLE",
-            retry_after_s=refused.retry_after_s or DEFAULT_RETRY_S,
-        )
     ctx.logger.info("support platform refused the escalation: %s", refused.message)
     if refused.http_status == 409:
         return Result.rejected(
@@ -232,8 +286,15 @@ def _changes(escalation_id: str, queue: str) -> list[Change]:
     return [Change("escalation", None, escalation_id), Change("escalation_queue", None, queue)]
 
 
-async def _opened(ctx: ActionContext, inputs: EscalateInputs, opened: Opened) -> Result:
-    changes = _changes(opened.escalation_id, opened.queue)
+def _waiting(escalation_id: str) -> str:
+    return (
+        f"ticket {escalation_id} opened at the support desk; waiting for the support team "
+        "to acknowledge"
+    )
+
+
+async def _opened(ctx: ActionContext, inputs: EscalateInputs, opened: Opened) -> Result | None:
+    """Log the opened escalation; None when logged, else the PARTIAL answer."""
     try:
         await _log(
             ctx, inputs, state="opened", external_ref=opened.escalation_id, queue=opened.queue
@@ -243,7 +304,7 @@ async def _opened(ctx: ActionContext, inputs: EscalateInputs, opened: Opened) ->
         return Result.partial(
             reason="ESCALATION_LOG_FAILED",
             external_ref=opened.escalation_id,
-            changes=changes,
+            changes=_changes(opened.escalation_id, opened.queue),
             message=(
                 f"The support platform opened escalation {opened.escalation_id}, but the "
                 "provider could not record it in its own log. The escalation exists; do not "
@@ -253,19 +314,107 @@ async def _opened(ctx: ActionContext, inputs: EscalateInputs, opened: Opened) ->
     ctx.logger.info(
         "escalation %s %s", opened.escalation_id, "replayed" if opened.replayed else "opened"
     )
-    message = (
-        f"Escalation {opened.escalation_id} was already open for this idempotency key."
-        if opened.replayed
-        else f"Escalated as {opened.escalation_id} to queue {opened.queue}."
+    return None
+
+
+async def _wait_for_acknowledgement(
+    ctx: ActionContext, client: SupportDeskClient, escalation_id: str
+) -> Held:
+    """Ask the platform every ``acknowledge_poll_s`` until the escalation is acknowledged
+    (or withdrawn there); bounded by the task's life (the SDK and the gateway stop it)."""
+    reported = _waiting(escalation_id)
+    while True:
+        try:
+            held = await client.find_escalation(
+                ctx.tenant, ctx.idempotency_key, timeout_s=client.config.request_timeout_s
+            )
+        except LookupFailed as failed:
+            ctx.logger.warning("support platform did not answer: %s", failed.message)
+            held, message = None, RETRYING
+        else:
+            message = _waiting(escalation_id)
+        if held is not None and (held.acknowledged or held.withdrawn):
+            return held
+        if message != reported:
+            reported = message
+            ctx.report_progress(message=message)
+        await asyncio.sleep(client.config.acknowledge_poll_s)
+
+
+def acknowledged_result(held: Held) -> Result:
+    """The answer for an acknowledged escalation: what the handler returns and what
+    GetExecutionStatus settles with, the same from both."""
+    at = "" if held.acknowledged_at is None else held.acknowledged_at.isoformat()
+    by = held.acknowledged_by or "the support team"
+    return Result.succeeded(
+        external_ref=held.escalation_id,
+        changes=[
+            *_changes(held.escalation_id, held.queue),
+            Change("escalation_acknowledged_by", None, by),
+            Change("escalation_acknowledged_at", None, at),
+        ],
+        message=(
+            f"Escalated as {held.escalation_id} to queue {held.queue}; acknowledged by {by}"
+            f"{' at ' + at if at else ''}."
+        ),
     )
-    return Result.succeeded(external_ref=opened.escalation_id, changes=changes, message=message)
+
+
+def _withdrawn_at_platform(held: Held) -> Result:
+    """Withdrawn at the platform without this provider asking (someone there did)."""
+    return Result.partial(
+        reason="ESCALATION_WITHDRAWN",
+        external_ref=held.escalation_id,
+        changes=_changes(held.escalation_id, held.queue),
+        message=(
+            f"The support platform opened escalation {held.escalation_id}, but it was "
+            "withdrawn there before anyone acknowledged it. Check the platform before "
+            "escalating again."
+        ),
+    )
+
+
+async def _withdraw(ctx: ActionContext, client: SupportDeskClient) -> Result:
+    """A caller cancelled: withdraw the escalation at the platform, if it opened one."""
+    stop = ctx.stop_request
+    assert stop is not None
+    why = f"cancelled at {stop.requested_by}'s request: {stop.reason}"
+    timeout_s = client.config.request_timeout_s
+    try:
+        held = await client.find_escalation(ctx.tenant, ctx.idempotency_key, timeout_s=timeout_s)
+        if held is not None and not held.withdrawn and not held.acknowledged:
+            held = await client.withdraw_escalation(
+                held.escalation_id, reason=why, timeout_s=timeout_s
+            )
+    except LookupFailed as failed:
+        ctx.logger.warning("could not withdraw the escalation: %s", failed.message)
+        return Result.partial(
+            reason="WITHDRAW_FAILED",
+            message=(
+                f"{why}. The support platform did not answer ({failed.message[:300]}): the "
+                "escalation may still be open there under this idempotency key; withdraw it "
+                "by hand."
+            ),
+        )
+    if held is None:
+        return Result.cancelled(message=f"{why}. Nothing was escalated.")
+    if held.acknowledged:
+        # Too late to stop: the support team has it.
+        await _log_state(ctx, "acknowledged", held)
+        return acknowledged_result(held)
+    await _log_state(ctx, "withdrawn", held)
+    return Result.cancelled(
+        external_ref=held.escalation_id,
+        changes=[Change("escalation", held.escalation_id, "withdrawn")],
+        message=f"{why}. Escalation {held.escalation_id} was withdrawn at the support platform.",
+    )
 
 
 async def _log(
     ctx: ActionContext,
     inputs: EscalateInputs,
     *,
-    state: Literal["opened", "outcome_unknown"],
+    state: State,
     external_ref: str,
     queue: str,
 ) -> None:
@@ -284,6 +433,14 @@ async def _log(
         request_id=ctx.request_id,
         trace_id=ctx.trace_id,
     )
+
+
+async def _log_state(ctx: ActionContext, state: State, held: Held) -> None:
+    """Best effort: the platform is the system of record of the escalation's state."""
+    try:
+        await asyncio.to_thread(current_log().set_state, ctx.tenant, ctx.idempotency_key, state)
+    except Exception:
+        ctx.logger.exception("could not log escalation %s as %s", held.escalation_id, state)
 
 
 # -- GetExecutionStatus -------------------------------------------------------------------
@@ -319,31 +476,21 @@ async def escalation_status(
             retry_after_s=DEFAULT_RETRY_S,
         ) from None
     if held is not None:
-        return ExecutionStatus.finished(
-            _held_result(held, stored), finished_at=held.created_at or stored.finished_at
-        )
+        return _held_status(held)
     if stored.state is ExecutionState.NEVER_RECEIVED:
         return None
     return _not_held(stored, client.config.outcome_settle_s)
 
 
-def _held_result(held: Held, stored: ExecutionStatus) -> Result:
-    if stored.result is not None:
-        how = (
-            f"the provider's answer at the time ({stored.result.reason}) was settled by "
-            "asking the platform"
+def _held_status(held: Held) -> ExecutionStatus:
+    """The platform holds an escalation under the key: its state is the answer."""
+    if held.acknowledged:
+        return ExecutionStatus.finished(
+            acknowledged_result(held), finished_at=held.acknowledged_at or held.created_at
         )
-    else:
-        how = "this provider kept no answer for the key (it lost its state, or another "
-        how += "replica sent it)"
-    return Result.succeeded(
-        external_ref=held.escalation_id,
-        changes=_changes(held.escalation_id, held.queue),
-        message=(
-            f"The support platform opened escalation {held.escalation_id} to queue "
-            f"{held.queue} for this idempotency key; {how}."
-        ),
-    )
+    if held.withdrawn:
+        return ExecutionStatus.finished(_withdrawn_at_platform(held), finished_at=None)
+    return ExecutionStatus.running(message=_waiting(held.escalation_id), updated_at=held.created_at)
 
 
 def _not_held(stored: ExecutionStatus, settle_s: float) -> ExecutionStatus:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from actionmesh.runtime.db import SqlStore, UTCDateTime
 
-State = Literal["opened", "outcome_unknown"]
+State = Literal["opened", "outcome_unknown", "acknowledged", "withdrawn"]
 
 
 class Base(DeclarativeBase):
@@ -118,6 +118,14 @@ class EscalationLog(SqlStore):
             # merge: a retry that resolves an earlier "outcome_unknown" replaces it.
             merged = session.merge(row)
         return LoggedEscalation.from_row(merged)
+
+    def set_state(self, tenant: str, idempotency_key: str, state: State) -> None:
+        """Move the entry of one key on (acknowledged, withdrawn); no entry: nothing."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(EscalationLogRow, (tenant, idempotency_key))
+            if row is not None:
+                row.state = state
+                row.at = datetime.now(UTC)
 
     def for_record(self, tenant: str, record_type: str, record_id: str) -> list[LoggedEscalation]:
         with Session(self.engine) as session:

@@ -16,7 +16,15 @@ Endpoints::
     GET  /v1/escalations?tenant=T[&idempotency_key=K]   200 {"escalations": [...]} | 400
                                   (with a key: the tenant's escalation under it, or none;
                                   how a caller whose create went unanswered finds out)
+    POST /v1/escalations/{id}/acknowledge  {"by": "carol"}   200 (also when it already was)
+                                  | 404 | 409 withdrawn | 400 invalid
+    POST /v1/escalations/{id}/withdraw     {"reason": "..."} 200 (also when it already was)
+                                  | 404 | 409 acknowledged | 400 invalid
     GET  /healthz                 200 {"status": "ok"}
+
+An escalation is ``open`` until the support team acknowledges it (``acknowledged``,
+with ``acknowledged_by`` and ``acknowledged_at``) or its requester withdraws it
+(``withdrawn``, with ``withdrawn_at`` and ``withdrawn_reason``); either is final.
 """
 
 from __future__ import annotations
@@ -40,14 +48,22 @@ from actionmesh.providers.supportdesk.api import (
     ApiError,
     check_idempotency_key,
     parse_create,
+    parse_json,
 )
 from actionmesh.providers.supportdesk.config import SupportDeskConfig
-from actionmesh.providers.supportdesk.store import Created, EscalationStore, KeyConflict
+from actionmesh.providers.supportdesk.store import (
+    Created,
+    EscalationStore,
+    KeyConflict,
+    StateConflict,
+)
 from actionmesh.rpc.identifiers import TENANT
 
 log = logging.getLogger("actionmesh.providers.supportdesk")
 
 COLLECTION = "/v1/escalations"
+# POST {COLLECTION}/{id}/{verb}: the body field each takes, and its longest value.
+TRANSITIONS = {"acknowledge": ("by", 256), "withdraw": ("reason", 1000)}
 
 
 class _Server(ThreadingHTTPServer):
@@ -179,8 +195,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"escalations": [e.to_json() for e in found]})
 
     def _post(self) -> None:
-        if urlsplit(self.path).path != COLLECTION:
-            if urlsplit(self.path).path.startswith(COLLECTION + "/"):
+        path = urlsplit(self.path).path
+        parts = path.removeprefix(COLLECTION + "/").split("/")
+        if path.startswith(COLLECTION + "/") and len(parts) == 2 and parts[1] in TRANSITIONS:
+            self._transition(parts[0], parts[1])
+            return
+        if path != COLLECTION:
+            if path.startswith(COLLECTION + "/"):
                 self._not_allowed()
             raise ApiError(404, "not_found", f"no such resource: {self.path}")
         key = check_idempotency_key(self.headers.get("Idempotency-Key"))
@@ -212,6 +233,32 @@ class _Handler(BaseHTTPRequestHandler):
                 "Idempotent-Replayed": "false" if created else "true",
             },
         )
+
+    def _transition(self, escalation_id: str, verb: str) -> None:
+        """acknowledge (by the support team) or withdraw (by the requester)."""
+        field, max_len = TRANSITIONS[verb]
+        data = parse_json(self._read_body())
+        unknown = sorted(set(data) - {field})
+        problems = [(name, "unknown field") for name in unknown]
+        value = data.get(field)
+        if not isinstance(value, str) or not 1 <= len(value.strip()) <= max_len:
+            problems.append((field, f"is required: 1-{max_len} characters"))
+        if problems:
+            raise ApiError(400, "invalid_request", f"the {verb} request is invalid", problems)
+        assert isinstance(value, str)
+        move = self.store.acknowledge if verb == "acknowledge" else self.store.withdraw
+        moved = move(escalation_id, value.strip())
+        if moved is None:
+            raise ApiError(404, "not_found", f"no escalation {escalation_id!r}")
+        if isinstance(moved, StateConflict):
+            raise ApiError(
+                409,
+                "invalid_state",
+                f"escalation {escalation_id} is {moved.escalation.status}; it cannot be "
+                f"{'acknowledged' if verb == 'acknowledge' else 'withdrawn'} any more",
+            )
+        log.info("escalation %s %s (%s)", escalation_id, moved.status, value.strip())
+        self._send(200, moved.to_json())
 
 
 class SupportDesk:

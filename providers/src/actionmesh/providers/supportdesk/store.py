@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import String, Text, UniqueConstraint, func, select
+from sqlalchemy import String, Text, UniqueConstraint, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -49,6 +49,22 @@ class EscalationRow(Base):
     trace_id: Mapped[str] = mapped_column(String(32))
     correlation_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Who of the support team acknowledged it and when (status "acknowledged").
+    acknowledged_by: Mapped[str] = mapped_column(String(256), default="")
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the requester withdrew it, and why (status "withdrawn").
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    withdrawn_reason: Mapped[str] = mapped_column(Text, default="")
+
+
+# Columns added after the first release: added to an older file when it is opened.
+_LATER_COLUMNS = {
+    "acknowledged_by": "VARCHAR(256) NOT NULL DEFAULT ''",
+    "acknowledged_at": "TIMESTAMP",
+    "withdrawn_at": "TIMESTAMP",
+    "withdrawn_reason": "TEXT NOT NULL DEFAULT ''",
+}
+OPEN, ACKNOWLEDGED, WITHDRAWN = "open", "acknowledged", "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,10 @@ class Escalation:
     trace_id: str
     correlation_id: str
     created_at: datetime
+    acknowledged_by: str = ""
+    acknowledged_at: datetime | None = None
+    withdrawn_at: datetime | None = None
+    withdrawn_reason: str = ""
 
     @classmethod
     def from_row(cls, row: EscalationRow) -> Escalation:
@@ -103,6 +123,10 @@ class Escalation:
             trace_id=row.trace_id,
             correlation_id=row.correlation_id,
             created_at=row.created_at,
+            acknowledged_by=row.acknowledged_by or "",
+            acknowledged_at=row.acknowledged_at,
+            withdrawn_at=row.withdrawn_at,
+            withdrawn_reason=row.withdrawn_reason or "",
         )
 
     def to_json(self) -> Mapping[str, Any]:
@@ -122,7 +146,15 @@ class Escalation:
             "trace": {"trace_id": self.trace_id, "correlation_id": self.correlation_id},
             "idempotency_key": self.idempotency_key,
             "created_at": self.created_at.isoformat(),
+            "acknowledged_by": self.acknowledged_by or None,
+            "acknowledged_at": _iso(self.acknowledged_at),
+            "withdrawn_at": _iso(self.withdrawn_at),
+            "withdrawn_reason": self.withdrawn_reason or None,
         }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 @dataclass(frozen=True)
@@ -135,6 +167,14 @@ class Created:
 @dataclass(frozen=True)
 class Replayed:
     """The key was seen before for the same request: the escalation it opened then."""
+
+    escalation: Escalation
+
+
+@dataclass(frozen=True)
+class StateConflict:
+    """The escalation is not in a state that allows the change (e.g. withdrawing an
+    acknowledged one); nothing changed."""
 
     escalation: Escalation
 
@@ -155,6 +195,45 @@ class EscalationStore(SqlStore):
     """Escalations in a SQLAlchemy database (sync; the HTTP server calls it per request thread)."""
 
     metadata = Base.metadata
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        present = {c["name"] for c in inspect(engine).get_columns(EscalationRow.__tablename__)}
+        with engine.begin() as connection:
+            for name, ddl in _LATER_COLUMNS.items():
+                if name not in present:
+                    connection.execute(
+                        text(f"ALTER TABLE {EscalationRow.__tablename__} ADD COLUMN {name} {ddl}")
+                    )
+
+    def acknowledge(self, escalation_id: str, by: str) -> Escalation | StateConflict | None:
+        """The support team took the escalation on (idempotent); None if there is none."""
+        return self._move(escalation_id, ACKNOWLEDGED, by=by)
+
+    def withdraw(self, escalation_id: str, reason: str) -> Escalation | StateConflict | None:
+        """The requester withdrew it before anyone acknowledged it (idempotent)."""
+        return self._move(escalation_id, WITHDRAWN, reason=reason)
+
+    def _move(
+        self, escalation_id: str, to: str, *, by: str = "", reason: str = ""
+    ) -> Escalation | StateConflict | None:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            row = session.get(EscalationRow, escalation_id, with_for_update=True)
+            if row is None:
+                return None
+            if row.status == to:
+                return Escalation.from_row(row)
+            if row.status != OPEN:
+                return StateConflict(Escalation.from_row(row))
+            row.status = to
+            if to == ACKNOWLEDGED:
+                row.acknowledged_by = by
+                row.acknowledged_at = datetime.now(UTC)
+            else:
+                row.withdrawn_at = datetime.now(UTC)
+                row.withdrawn_reason = reason
+            session.flush()
+            return Escalation.from_row(row)
 
     def create(
         self, new: NewEscalation, *, idempotency_key: str, fingerprint: str
