@@ -62,7 +62,7 @@ async def offered(stub: Stub, operator: tuple[tuple[str, str]]) -> bool:
         metadata=operator,
     )
     return {"lrjob.run", "lrjob.stuck", "lrjob.fixed"} <= {
-        a.action_id for a in reply.actions if a.available
+        a.descriptor.action_id for a in reply.actions if a.available
     }
 
 
