@@ -847,14 +847,23 @@ async def test_the_platform_looks_keys_up_within_the_tenant(platform: Platform) 
 
 
 async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path) -> None:
-    settings = {**TEST_MESH, "extra_env": {**TEST_MESH["extra_env"], URL_ENV: platform.url}}  # type: ignore[dict-item]
+    """The escalation is long-running through the gateway: ACCEPTED at once, the
+    gateway follows it (progress: waiting for the support team), and it SUCCEEDS when the
+    support desk acknowledges it; with the platform down it never succeeds."""
+    extra = {
+        **TEST_MESH["extra_env"],  # type: ignore[dict-item]
+        URL_ENV: platform.url,
+        # Retry opening for a short while only, so the platform-down case ends soon.
+        "ACTIONMESH_ESCALATION_OPEN_RETRY_S": "2",
+        "ACTIONMESH_ESCALATION_RETRY_INTERVAL_S": "0.5",
+    }
     mesh = Mesh(
         MeshSettings(
             data_dir=tmp_path / "mesh",
             # The records provider is the system of record of tickets: the gateway
             # governs on its facts about the ticket.
             provider_modules=("actionmesh.providers.records", "actionmesh.providers.escalation"),
-            **settings,  # type: ignore[arg-type]
+            **{**TEST_MESH, "extra_env": extra},  # type: ignore[arg-type]
         )
     )
     mesh.start()
@@ -879,6 +888,19 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
             # The gateway learns of the providers through the registry's watch stream (a
             # medium-risk action is shown once the ticket's source vouches for its facts).
             assert await eventually(offered, timeout_s=15) == [("case.escalate", True)]
+            [view] = [
+                a
+                for a in (
+                    await gateway.DiscoverActions(
+                        gateway_pb2.DiscoverActionsRequest(record=ticket),
+                        metadata=bearer(token),
+                        timeout=10,
+                    )
+                ).actions
+                if a.provider_id == "escalation"
+            ]
+            assert view.descriptor.long_running.cancellable
+            assert view.descriptor.long_running.max_duration_s > 0
 
             def request(key: str) -> gateway_pb2.ExecuteActionRequest:
                 return gateway_pb2.ExecuteActionRequest(
@@ -891,37 +913,65 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
                     idempotency_key=key,
                 )
 
+            async def get(execution_id: str) -> gateway_pb2.Execution:
+                found = await gateway.GetExecution(
+                    gateway_pb2.GetExecutionRequest(execution_id=execution_id),
+                    metadata=bearer(token),
+                    timeout=10,
+                )
+                return found.execution
+
             reply = await gateway.ExecuteAction(
                 request(uuid.uuid4().hex), metadata=bearer(token), timeout=20
             )
             execution = reply.execution
-            assert execution.outcome == common_pb2.OUTCOME_SUCCEEDED, execution
+            assert execution.outcome == common_pb2.OUTCOME_ACCEPTED, execution
+
+            async def waiting() -> bool:
+                found = await get(execution.execution_id)
+                return "waiting for the support team" in found.progress.message
+
+            await eventually(waiting, timeout_s=20)
             [held] = await asyncio.to_thread(platform.escalations)
-            assert execution.external_ref == held["id"]
             assert held["requested_by"] == "alice"
             assert held["severity"] == "critical"
             # The gateway's execution id and trace reach the external platform.
             assert held["trace"]["correlation_id"] == execution.execution_id
             assert held["trace"]["trace_id"] == execution.trace_id
 
-            # The platform down: never SUCCEEDED; nothing was sent, so UNAVAILABLE.
+            # The support team acknowledges it (`actionmesh demo acknowledge` does this).
+            await asyncio.to_thread(acknowledge, platform, held["id"], "carol")
+
+            async def done() -> gateway_pb2.Execution | None:
+                found = await get(execution.execution_id)
+                return found if found.outcome == common_pb2.OUTCOME_SUCCEEDED else None
+
+            succeeded = await eventually(done, timeout_s=30)
+            assert isinstance(succeeded, gateway_pb2.Execution)
+            assert succeeded.external_ref == held["id"]
+            changed = {c.field: c.after for c in succeeded.changes}
+            assert changed.get("escalation_acknowledged_by") == "carol", changed
+            assert len(await asyncio.to_thread(platform.escalations)) == 1
+
+            # The platform down: never SUCCEEDED; nothing was created, so it ends REJECTED
+            # DOWNSTREAM_UNAVAILABLE once the provider stops retrying.
             await asyncio.to_thread(platform.stop)
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                down = await gateway.ExecuteAction(
-                    request(uuid.uuid4().hex), metadata=bearer(token), timeout=20
-                )
-                pytest.fail(f"expected UNAVAILABLE, got {down.execution}")
-            details = error_details(raised.value)
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, details
-            assert details.retry_after_s is not None
-            # The gateway's record of that attempt says UNAVAILABLE, not a success.
-            recorded = await gateway.GetExecution(
-                gateway_pb2.GetExecutionRequest(execution_id=details.metadata["execution_id"]),
-                metadata=bearer(token),
-                timeout=10,
+            down = await gateway.ExecuteAction(
+                request(uuid.uuid4().hex), metadata=bearer(token), timeout=20
             )
-            assert recorded.execution.outcome == common_pb2.OUTCOME_UNAVAILABLE
-            assert recorded.execution.external_ref == ""
+            assert down.execution.outcome == common_pb2.OUTCOME_ACCEPTED, down.execution
+
+            async def ended() -> gateway_pb2.Execution | None:
+                found = await get(down.execution.execution_id)
+                return found if found.outcome != common_pb2.OUTCOME_ACCEPTED else None
+
+            final = await eventually(ended, timeout_s=30)
+            assert isinstance(final, gateway_pb2.Execution)
+            assert (final.outcome, final.reason) == (
+                common_pb2.OUTCOME_REJECTED,
+                "DOWNSTREAM_UNAVAILABLE",
+            ), final
+            assert final.external_ref == ""
     except BaseException:
         for service in mesh.services.values():
             print(f"--- {service.name} log ---\n{tail(service.log_path, 40)}")
@@ -930,17 +980,22 @@ async def test_escalation_through_the_gateway(platform: Platform, tmp_path: Path
         await asyncio.to_thread(mesh.stop)
 
 
-async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_platform(
+async def test_a_slow_support_desk_then_answering_ends_in_one_acknowledged_escalation(
     platform: Platform, tmp_path: Path
 ) -> None:
-    """PARTIAL DOWNSTREAM_OUTCOME_UNKNOWN is what the caller is told; the gateway's
-    reconciler then asks the provider, which asks the platform, and records SUCCEEDED."""
+    """The support desk too slow to answer: the escalation, accepted, keeps re-sending
+    with the same Idempotency-Key (progress says so); once the desk answers, it waits
+    for the support team, and their acknowledgement makes it SUCCEEDED with the desk's
+    ref. The platform holds exactly one escalation."""
     async with Relay(platform.url) as relay:
         extra = {
             **TEST_MESH["extra_env"],  # type: ignore[dict-item]
             URL_ENV: relay.url,
             "ACTIONMESH_GATEWAY_RECONCILE_INTERVAL_S": "0.3",
             "ACTIONMESH_GATEWAY_RECONCILE_MAX_BACKOFF_S": "1",
+            "ACTIONMESH_ESCALATION_OPEN_RETRY_S": "30",
+            "ACTIONMESH_ESCALATION_RETRY_INTERVAL_S": "0.5",
+            "ACTIONMESH_ESCALATION_REQUEST_TIMEOUT_S": "1",
         }
         mesh = Mesh(
             MeshSettings(
@@ -974,6 +1029,14 @@ async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_pla
                         for a in found.actions
                     )
 
+                async def get(execution_id: str) -> gateway_pb2.Execution:
+                    found = await gateway.GetExecution(
+                        gateway_pb2.GetExecutionRequest(execution_id=execution_id),
+                        metadata=bearer(token),
+                        timeout=10,
+                    )
+                    return found.execution
+
                 await eventually(offered, timeout_s=15)
                 relay.hold_answers = True
                 reply = await gateway.ExecuteAction(
@@ -989,31 +1052,30 @@ async def test_an_unknown_outcome_through_the_gateway_is_reconciled_with_the_pla
                     metadata=bearer(token),
                     timeout=20,
                 )
-                told = reply.execution
-                assert (told.outcome, told.reason) == (
-                    common_pb2.OUTCOME_PARTIAL,
-                    "DOWNSTREAM_OUTCOME_UNKNOWN",
-                ), told
-                assert told.reconcile_state == gateway_pb2.RECONCILE_STATE_PENDING
+                accepted = reply.execution
+                assert accepted.outcome == common_pb2.OUTCOME_ACCEPTED, accepted
+
+                async def says(text: str) -> bool:
+                    return text in (await get(accepted.execution_id)).progress.message
+
+                await eventually(lambda: says("not answering"), timeout_s=20)
+                # The request reached the desk; only its answers were held.
+                [held] = await eventually(
+                    lambda: asyncio.to_thread(platform.escalations), timeout_s=10
+                )
                 relay.hold_answers = False
+                await eventually(lambda: says("waiting for the support team"), timeout_s=20)
+                await asyncio.to_thread(acknowledge, platform, held["id"], "carol")
 
-                async def resolved() -> gateway_pb2.Execution | None:
-                    found = await gateway.GetExecution(
-                        gateway_pb2.GetExecutionRequest(execution_id=told.execution_id),
-                        metadata=bearer(token),
-                        timeout=10,
-                    )
-                    state = found.execution.reconcile_state
-                    return (
-                        found.execution if state == gateway_pb2.RECONCILE_STATE_RESOLVED else None
-                    )
+                async def done() -> gateway_pb2.Execution | None:
+                    found = await get(accepted.execution_id)
+                    return found if found.outcome != common_pb2.OUTCOME_ACCEPTED else None
 
-                settled = await eventually(resolved, timeout_s=40)
-                assert isinstance(settled, gateway_pb2.Execution)
-                [held] = await asyncio.to_thread(platform.escalations)
-                assert settled.outcome == common_pb2.OUTCOME_PARTIAL
-                assert settled.late_outcome == common_pb2.OUTCOME_SUCCEEDED
-                assert settled.external_ref == held["id"]
+                final = await eventually(done, timeout_s=30)
+                assert isinstance(final, gateway_pb2.Execution)
+                assert final.outcome == common_pb2.OUTCOME_SUCCEEDED, final
+                assert final.external_ref == held["id"]
+                assert len(await asyncio.to_thread(platform.escalations)) == 1
         except BaseException:
             for service in mesh.services.values():
                 print(f"--- {service.name} log ---\n{tail(service.log_path, 40)}")
