@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 from testcontainers.core.image import DockerImage
 
@@ -328,8 +329,39 @@ async def test_the_other_example_providers_and_the_support_desk_join(
             metadata=bearer(token),
             timeout=30,
         )
-    assert reply.execution.outcome == common_pb2.OUTCOME_SUCCEEDED, reply.execution
-    assert reply.execution.external_ref, reply.execution
+        # Long-running: accepted at once, finished when the support team acknowledges
+        # the escalation at the desk's container.
+        accepted = reply.execution
+        assert accepted.outcome == common_pb2.OUTCOME_ACCEPTED, accepted
+
+        async def current() -> gateway_pb2.Execution:
+            found = await gateway.GetExecution(
+                gateway_pb2.GetExecutionRequest(execution_id=accepted.execution_id),
+                metadata=bearer(token),
+                timeout=10,
+            )
+            return found.execution
+
+        async def opened() -> list[dict[str, Any]]:
+            async with httpx.AsyncClient(base_url=desk, timeout=5) as http:
+                listed = await http.get("/v1/escalations", params={"tenant": "acme"})
+                return list(listed.json()["escalations"]) if listed.status_code == 200 else []
+
+        [held] = await eventually(opened, timeout_s=30)
+        async with httpx.AsyncClient(base_url=desk, timeout=5) as http:
+            acked = await http.post(
+                f"/v1/escalations/{held['id']}/acknowledge", json={"by": "carol"}
+            )
+            assert acked.status_code == 200, acked.text
+
+        async def finished() -> gateway_pb2.Execution | None:
+            found = await current()
+            return found if found.outcome != common_pb2.OUTCOME_ACCEPTED else None
+
+        final = await eventually(finished, timeout_s=60)
+        assert isinstance(final, gateway_pb2.Execution)
+        assert final.outcome == common_pb2.OUTCOME_SUCCEEDED, final
+        assert final.external_ref == held["id"], final
 
 
 def run_in(containers: ContainerMesh, name: str, *command: str) -> tuple[int, str]:
