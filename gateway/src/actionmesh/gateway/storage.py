@@ -7,7 +7,7 @@ the same transaction, so the audit trail can lag but never lose an event.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -678,20 +678,17 @@ def reconcile_op(
         )
 
     def op(session: Session) -> bool:
-        result = session.execute(
-            update(_EXECUTIONS)
-            .where(
+        return _moved_with_evidence(
+            session,
+            [
                 columns.execution_id == record.execution_id,
                 columns.reconcile_state == ReconcileState.PENDING.value,
                 columns.reconcile_lease_owner == owner,
                 columns.late_outcome == "",
-            )
-            .values(**values)
+            ],
+            values,
+            events,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        _enqueue(session, events)
-        return True
 
     return op
 
@@ -704,9 +701,9 @@ def resolve_by_person_op(
     columns = _EXECUTIONS.c
 
     def op(session: Session) -> bool:
-        result = session.execute(
-            update(_EXECUTIONS)
-            .where(
+        return _moved_with_evidence(
+            session,
+            [
                 columns.execution_id == record.execution_id,
                 columns.reconcile_state.in_(
                     [ReconcileState.PENDING.value, ReconcileState.NEEDS_ATTENTION.value]
@@ -714,20 +711,17 @@ def resolve_by_person_op(
                 columns.late_outcome == "",
                 columns.outcome != ExecutionState.ACCEPTED.value,
                 or_(columns.reconcile_lease_until.is_(None), columns.reconcile_lease_until <= now),
-            )
-            .values(
-                reconcile_state=record.reconcile_state.value,
-                reconcile_next_at=None,
-                late_outcome=record.late_outcome.value if record.late_outcome else "",
-                late_result_at=record.late_result_at,
-                resolved_reason=record.resolved_reason,
-                external_ref=record.external_ref,
-            )
+            ],
+            {
+                "reconcile_state": record.reconcile_state.value,
+                "reconcile_next_at": None,
+                "late_outcome": record.late_outcome.value if record.late_outcome else "",
+                "late_result_at": record.late_result_at,
+                "resolved_reason": record.resolved_reason,
+                "external_ref": record.external_ref,
+            },
+            events,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        _enqueue(session, events)
-        return True
 
     return op
 
@@ -757,19 +751,16 @@ def follow_op(
     }
 
     def op(session: Session) -> bool:
-        result = session.execute(
-            update(_EXECUTIONS)
-            .where(
+        return _moved_with_evidence(
+            session,
+            [
                 columns.execution_id == record.execution_id,
                 columns.outcome == ExecutionState.ACCEPTED.value,
                 columns.reconcile_lease_owner == owner,
-            )
-            .values(**values)
+            ],
+            values,
+            events,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        _enqueue(session, events)
-        return True
 
     return op
 
@@ -782,24 +773,21 @@ def request_cancel_op(
     columns = _EXECUTIONS.c
 
     def op(session: Session) -> bool:
-        result = session.execute(
-            update(_EXECUTIONS)
-            .where(
+        return _moved_with_evidence(
+            session,
+            [
                 columns.execution_id == record.execution_id,
                 columns.outcome == ExecutionState.ACCEPTED.value,
                 columns.cancel_requested_by == "",
-            )
-            .values(
-                cancel_requested_by=record.cancel_requested_by,
-                cancel_requested_at=record.cancel_requested_at,
-                cancel_comment=record.cancel_comment,
-                reconcile_next_at=record.reconcile_next_at,
-            )
+            ],
+            {
+                "cancel_requested_by": record.cancel_requested_by,
+                "cancel_requested_at": record.cancel_requested_at,
+                "cancel_comment": record.cancel_comment,
+                "reconcile_next_at": record.reconcile_next_at,
+            },
+            events,
         )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        _enqueue(session, events)
-        return True
 
     return op
 
@@ -855,6 +843,21 @@ def park_event_op(row_id: int, error: str) -> WriteOp[None]:
         session.delete(row)
 
     return op
+
+
+def _moved_with_evidence(
+    session: Session,
+    where: Sequence[ColumnElement[bool]],
+    values: Mapping[str, object],
+    events: Sequence[audit_pb2.AuditEvent],
+) -> bool:
+    """One execution's conditional move (a compare-and-set: exactly one row matches
+    ``where``) with its events, in one transaction; False, nothing written, otherwise."""
+    result = session.execute(update(_EXECUTIONS).where(*where).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _enqueue(session, events)
+    return True
 
 
 def _enqueue(session: Session, events: Sequence[audit_pb2.AuditEvent]) -> None:
