@@ -318,3 +318,11 @@ def test_a_person_resolves_an_unsettled_execution_once() -> None:
     for settled in (fresh().finished_with(Outcome.SUCCEEDED, at=LATER), accepted()):
         with pytest.raises(IllegalTransition):
             settled.resolved_by_person(Outcome.SUCCEEDED, at=LATER)
+
+
+def test_a_provider_stopped_mid_action_is_unsettled_like_an_unknown_downstream() -> None:
+    for reason in ("DOWNSTREAM_OUTCOME_UNKNOWN", "PROVIDER_STOPPED"):
+        ended = accepted().completed(Outcome.PARTIAL, at=LATER, reason=reason)
+        assert ended.reconcile_state is ReconcileState.PENDING, reason
+    known = accepted().completed(Outcome.PARTIAL, at=LATER, reason="ESCALATION_LOG_FAILED")
+    assert known.reconcile_state is ReconcileState.NONE

@@ -22,7 +22,7 @@ due every poll interval): each question either records progress, or its final ou
 ends it TIMED_OUT ``MAX_DURATION_EXCEEDED``, unsettled like any TIMED_OUT.
 
 An outcome that leaves open whether the provider acted (TIMED_OUT, orphans included, and
-PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN``) is *unsettled*: it is written with
+PARTIAL ``DOWNSTREAM_OUTCOME_UNKNOWN`` or ``PROVIDER_STOPPED``) is *unsettled*: it is written with
 ``reconcile_state`` PENDING, and the reconciler (:mod:`actionmesh.gateway.reconciler`)
 asks the provider what became of it. What the caller was told stays in ``outcome``,
 ``reason`` and ``message``; the outcome learned afterwards, by a late answer or by
@@ -127,8 +127,12 @@ PERSON_OUTCOMES = frozenset(
     {Outcome.SUCCEEDED, Outcome.REJECTED, Outcome.PARTIAL, Outcome.CANCELLED, Outcome.UNAVAILABLE}
 )
 
-# The PARTIAL reason that leaves open whether the downstream system acted.
+# The PARTIAL reasons that leave open whether the work was done: the downstream system
+# did not answer, or the provider stopped while a long-running action ran (it may have
+# acted partly; a provider whose downstream knows better answers so when asked again).
 OUTCOME_UNKNOWN_REASON = "DOWNSTREAM_OUTCOME_UNKNOWN"
+PROVIDER_STOPPED_REASON = "PROVIDER_STOPPED"
+UNKNOWN_PARTIAL_REASONS = frozenset({OUTCOME_UNKNOWN_REASON, PROVIDER_STOPPED_REASON})
 # resolved_reason when the provider says it never received the request (nothing ran).
 NEVER_RECEIVED_REASON = "PROVIDER_NEVER_RECEIVED"
 
@@ -137,7 +141,7 @@ def unsettled(outcome: ExecutionState | Outcome, reason: str) -> bool:
     """Whether an outcome leaves open whether the provider acted (so it is reconciled)."""
     value = outcome.value
     return value == ExecutionState.TIMED_OUT.value or (
-        value == ExecutionState.PARTIAL.value and reason == OUTCOME_UNKNOWN_REASON
+        value == ExecutionState.PARTIAL.value and reason in UNKNOWN_PARTIAL_REASONS
     )
 
 
