@@ -44,7 +44,7 @@ from actionmesh.gateway.ledger import (
     Ledger,
     requester_of,
 )
-from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ExecutionState
+from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ExecutionState, Vote
 from actionmesh.gateway.requests import check_record
 from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.rpc.convert import utcnow
@@ -62,6 +62,8 @@ from actionmesh.v1 import audit_pb2, common_pb2
 log = logging.getLogger(__name__)
 
 MAX_COMMENT_CHARS = 1000
+# How often one approval is tried again when other approvals were counted meanwhile.
+QUORUM_ATTEMPTS = 5
 MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
 
@@ -165,6 +167,44 @@ class Approvals:
         # cannot, restate it), else from a trusted caller, else the approver's unverified word.
         verified = await self._resolve(approver, row, command, current if has_record else None)
         authorized = await self._check_approver(approver, row, command, verified, "approve")
+        # The quorum: an approval short of it is counted (compare-and-set on the approvals
+        # so far: two approvers at once on two replicas are counted one after the other)
+        # and the execution stays pending; the approval that completes it dispatches.
+        for _ in range(QUORUM_ATTEMPTS):
+            if row.counted(approver.subject):
+                await self._refuse(
+                    approver,
+                    row,
+                    command,
+                    PermissionDenied(
+                        "your approval is already counted; another person must approve",
+                        reason="APPROVER_ALREADY_COUNTED",
+                    ),
+                    authorized=authorized,
+                )
+            vote = Vote(approver.subject, tuple(approver.roles), comment, utcnow())
+            if row.quorum_met_with(vote):
+                break
+            counted = row.vote_counted(vote)
+            event = self._ledger.event(
+                GRANTED,
+                approver,
+                command.on(verified.record),
+                counted,
+                outcome=common_pb2.OUTCOME_UNSPECIFIED,
+                reason="APPROVAL_COUNTED",
+                message=comment,
+                authorized=authorized,
+            )
+            if await self._ledger.count_vote(counted, row, [event]):
+                return counted
+            row, command = await self._pending(approver, execution_id)
+        else:
+            raise FailedPrecondition(
+                "other approvals keep arriving at the same time; approve again",
+                reason="APPROVAL_CONTENDED",
+                retry_after_s=1.0,
+            )
         requester = requester_of(row)
         # What the provider is given: the frozen payload on the record as it is now.
         now_command = command.on(verified.record)
@@ -190,8 +230,9 @@ class Approvals:
                 message="approved, but the provider is not available; nothing ran. "
                 "Retry ExecuteAction with the same idempotency key.",
                 facts=verified.facts,
+                roles=vote.roles,
             )
-            return await self._end(ended, now_command, requester, granted)
+            return await self._end(ended, now_command, requester, granted, before=row)
         entry, descriptor = found
         recheck = self._authorizer.execute(requester, verified, entry, descriptor)
         if not recheck.allowed:
@@ -204,14 +245,16 @@ class Approvals:
                 message="approved, but policy no longer allows the requester to run this "
                 "action on the record as it is now; nothing ran",
                 facts=verified.facts,
+                roles=vote.roles,
             )
-            return await self._end(ended, now_command, requester, granted, recheck)
+            return await self._end(ended, now_command, requester, granted, recheck, before=row)
         approved = row.approved(
             approver=approver.subject,
             comment=comment,
             at=decided_at,
             dispatch_deadline=self._deadlines.dispatch_deadline(descriptor, decided_at),
             facts=verified.facts,
+            roles=vote.roles,
         )
         started = self._ledger.event(
             STARTED,
@@ -221,7 +264,7 @@ class Approvals:
             outcome=common_pb2.OUTCOME_UNSPECIFIED,
             authorized=recheck,
         )
-        await self._decide(approved, [granted, started])
+        await self._decide(approved, [granted, started], before=row)
         dispatch = Dispatch(requester, now_command, entry, descriptor)
         return await self._dispatcher.run(dispatch, approved)
 
@@ -339,14 +382,22 @@ class Approvals:
         requester: Caller,
         granted: audit_pb2.AuditEvent,
         authorized: Authorized | None = None,
+        *,
+        before: ExecutionRecord | None = None,
     ) -> ExecutionRecord:
         """Approved, but the execution ends before dispatch (policy or provider said no)."""
         finished = self._ledger.event(FINISHED, requester, command, ended, authorized=authorized)
-        await self._decide(ended, [granted, finished])
+        await self._decide(ended, [granted, finished], before=before)
         return ended
 
-    async def _decide(self, decided: ExecutionRecord, events: list[audit_pb2.AuditEvent]) -> None:
-        if not await self._ledger.decide(decided, events):
+    async def _decide(
+        self,
+        decided: ExecutionRecord,
+        events: list[audit_pb2.AuditEvent],
+        *,
+        before: ExecutionRecord | None = None,
+    ) -> None:
+        if not await self._ledger.decide(decided, events, before):
             raise FailedPrecondition(
                 "the execution was decided by someone else first",
                 reason="APPROVAL_NOT_PENDING",

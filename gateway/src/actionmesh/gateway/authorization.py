@@ -9,8 +9,8 @@ context they saw), so the caller of this module never builds evidence by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.directory import ProviderEntry
@@ -20,9 +20,11 @@ from actionmesh.gateway.policy import (
     Decision,
     Operation,
     PolicyEngine,
+    Quorum,
     decision_evidence,
     policy_context,
 )
+from actionmesh.rpc.convert import display_input
 from actionmesh.v1 import audit_pb2, common_pb2
 
 
@@ -37,6 +39,9 @@ class Authorized:
     context: dict[str, str] = field(default_factory=dict)
     facts: common_pb2.RecordFacts | None = None
     """The facts the decision was taken on and who vouched for them."""
+    quorum: Quorum = field(default_factory=Quorum)
+    """For an allowed execution of an action that requires approval: the approvers it
+    needs (policy action ``quorum``)."""
 
     @property
     def allowed(self) -> bool:
@@ -96,9 +101,21 @@ class Authorizer:
         verified: VerifiedRecord,
         entry: ProviderEntry,
         descriptor: common_pb2.ActionDescriptor,
+        inputs: Mapping[str, common_pb2.InputValue] | None = None,
     ) -> Authorized:
-        """May ``caller`` run the action on the record."""
-        return self._one(Operation.EXECUTE, caller, verified, entry, descriptor)
+        """May ``caller`` run the action on the record; with ``inputs``, for an action
+        that requires approval, also how many approvers it needs (``quorum``)."""
+        authorized = self._one(Operation.EXECUTE, caller, verified, entry, descriptor)
+        if inputs is None or not descriptor.requires_approval or not authorized.allowed:
+            return authorized
+        quorum = self._policy.quorum(
+            caller,
+            verified.record,
+            ActionSubject(descriptor.action_id, entry.provider_id, descriptor),
+            {name: display_input(value) for name, value in inputs.items()},
+            source=verified.source_name,
+        )
+        return replace(authorized, quorum=quorum)
 
     def approve(
         self,

@@ -88,7 +88,8 @@ class Claims:
         )
         if authorized.descriptor.requires_approval:
             record = record.awaiting_approval(
-                expires_at=now + timedelta(seconds=self._approval_ttl_s)
+                expires_at=now + timedelta(seconds=self._approval_ttl_s),
+                quorum=authorized.quorum,
             )
         try:
             await self._ledger.open(caller, command, record, authorized)

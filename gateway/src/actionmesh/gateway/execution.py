@@ -224,7 +224,7 @@ class Executor:
             )
         # From here on the request is about the record as its source knows it.
         command = command.on(verified.record)
-        authorized = self._authorizer.execute(caller, verified, entry, descriptor)
+        authorized = self._authorizer.execute(caller, verified, entry, descriptor, command.inputs)
         if not authorized.allowed:
             await self._replayed(caller, command)
             await self._refuse(

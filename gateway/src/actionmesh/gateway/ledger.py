@@ -34,6 +34,7 @@ from actionmesh.gateway.storage import (
     GatewayStore,
     InsertExecution,
     OrphanRule,
+    count_vote_op,
     decide_approval_op,
     finish_execution_op,
     follow_op,
@@ -352,12 +353,29 @@ class Ledger:
         return late
 
     async def decide(
-        self, decided: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+        self,
+        decided: ExecutionRecord,
+        events: Sequence[audit_pb2.AuditEvent],
+        before: ExecutionRecord | None = None,
     ) -> bool:
-        """Move a pending execution on (approved, rejected, expired); False if already moved."""
+        """Move a pending execution on (approved, rejected, expired); False if already
+        moved (or, with ``before``, if another approval was counted since)."""
         if not events:
             raise ValueError("an approval decision needs its evidence")
-        if not await self._writer.write(decide_approval_op(decided, events)):
+        if not await self._writer.write(decide_approval_op(decided, events, before)):
+            return False
+        self._on_written()
+        return True
+
+    async def count_vote(
+        self,
+        counted: ExecutionRecord,
+        before: ExecutionRecord,
+        events: Sequence[audit_pb2.AuditEvent],
+    ) -> bool:
+        """Record one approval short of the quorum; False if the execution moved or another
+        approval was counted first (read again and decide again)."""
+        if not await self._writer.write(count_vote_op(counted, before, events)):
             return False
         self._on_written()
         return True

@@ -145,6 +145,42 @@ def unsettled(outcome: ExecutionState | Outcome, reason: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Quorum:
+    """How many distinct approvers an execution needs, and the roles that must be among
+    them (each role held by at least one approver); ``policy_ids`` decided it."""
+
+    approvers: int = 1
+    roles: tuple[str, ...] = ()
+    policy_ids: tuple[str, ...] = ()
+
+    def met_by(self, votes: Sequence[tuple[str, Sequence[str]]]) -> bool:
+        """Whether approvals by ``votes`` ((approver, their roles), distinct) are enough."""
+        held = {role for _, roles in votes for role in roles}
+        return len(votes) >= self.approvers and all(role in held for role in self.roles)
+
+    def missing(self, votes: Sequence[tuple[str, Sequence[str]]]) -> str:
+        """What is still needed, in words ("" when met)."""
+        held = {role for _, roles in votes for role in roles}
+        parts = []
+        if len(votes) < self.approvers:
+            parts.append(f"{self.approvers - len(votes)} more approval(s)")
+        lacking = [role for role in self.roles if role not in held]
+        if lacking:
+            parts.append("an approver with role " + " and ".join(lacking))
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One approval of an execution: who, with which roles then, why, when."""
+
+    approver: str
+    roles: tuple[str, ...]
+    comment: str
+    at: datetime
+
+
 class IllegalTransition(RuntimeError):
     """A move the execution model does not allow (a bug in the caller, never user input)."""
 
@@ -208,6 +244,23 @@ class ExecutionRecord:
     """Who asked to cancel the ACCEPTED execution (empty: nobody)."""
     cancel_requested_at: datetime | None = None
     cancel_comment: str = ""
+    approvals_needed: int = 1
+    """How many distinct approvers it needs (policy's ``quorum``, fixed when held)."""
+    approver_roles_needed: tuple[str, ...] = ()
+    """Roles that must be among its approvers."""
+    votes: tuple[Vote, ...] = ()
+    """The approvals counted so far (the last one dispatched it when the quorum was met)."""
+
+    @property
+    def quorum(self) -> Quorum:
+        return Quorum(approvers=self.approvals_needed, roles=self.approver_roles_needed)
+
+    def quorum_met_with(self, vote: Vote) -> bool:
+        """Whether the approvals so far and ``vote`` make the quorum."""
+        return self.quorum.met_by([(v.approver, v.roles) for v in (*self.votes, vote)])
+
+    def counted(self, approver: str) -> bool:
+        return any(v.approver == approver for v in self.votes)
 
     @property
     def nothing_ran(self) -> bool:
@@ -232,9 +285,13 @@ class ExecutionRecord:
                 f"execution {self.execution_id}: cannot {move} from {self.outcome.value}"
             )
 
-    def awaiting_approval(self, *, expires_at: datetime) -> ExecutionRecord:
-        """A new execution held for a second person's approval (nothing dispatched)."""
+    def awaiting_approval(
+        self, *, expires_at: datetime, quorum: Quorum | None = None
+    ) -> ExecutionRecord:
+        """A new execution held for approval (nothing dispatched) by ``quorum`` (one
+        approver by default)."""
         self._require("hold for approval", ExecutionState.RUNNING)
+        quorum = quorum or Quorum()
         if self.approval_state is not None:
             raise IllegalTransition(f"execution {self.execution_id} was already held once")
         return replace(
@@ -245,7 +302,18 @@ class ExecutionRecord:
             approval_state=ApprovalState.PENDING,
             approval_expires_at=expires_at,
             dispatch_deadline=None,
+            approvals_needed=quorum.approvers,
+            approver_roles_needed=quorum.roles,
         )
+
+    def vote_counted(self, vote: Vote) -> ExecutionRecord:
+        """One approval towards the quorum, which it does not complete: still pending."""
+        self._require("count an approval", ExecutionState.PENDING_APPROVAL)
+        if self.counted(vote.approver) or vote.approver == self.actor:
+            raise IllegalTransition(f"{vote.approver} cannot count (again) for {self.execution_id}")
+        if self.quorum_met_with(vote):
+            raise IllegalTransition("this approval completes the quorum: approve it")
+        return replace(self, votes=(*self.votes, vote))
 
     def approved(
         self,
@@ -255,12 +323,18 @@ class ExecutionRecord:
         at: datetime,
         dispatch_deadline: datetime,
         facts: common_pb2.RecordFacts | None = None,
+        roles: tuple[str, ...] = (),
     ) -> ExecutionRecord:
-        """Approved: dispatch starts now and must have ended by ``dispatch_deadline``;
-        ``facts`` are the record's facts the requester was re-authorized on."""
+        """Approved by the approval that completes the quorum: dispatch starts now and must
+        have ended by ``dispatch_deadline``; ``facts`` are the record's facts the
+        requester was re-authorized on."""
         self._require("approve", ExecutionState.PENDING_APPROVAL)
+        vote = Vote(approver, roles, comment, at)
+        if self.counted(approver) or not self.quorum_met_with(vote):
+            raise IllegalTransition(f"execution {self.execution_id}: the quorum is not met")
         return replace(
             self._decided(ApprovalState.APPROVED, approver, comment, at, facts),
+            votes=(*self.votes, vote),
             outcome=ExecutionState.RUNNING,
             reason="",
             message="",
@@ -277,11 +351,15 @@ class ExecutionRecord:
         reason: str,
         message: str,
         facts: common_pb2.RecordFacts | None = None,
+        roles: tuple[str, ...] = (),
     ) -> ExecutionRecord:
         """Approved, but ended before dispatch (policy or the provider said no)."""
         self._require("end at approval", ExecutionState.PENDING_APPROVAL)
         return self._closed(
-            self._decided(ApprovalState.APPROVED, approver, comment, at, facts),
+            replace(
+                self._decided(ApprovalState.APPROVED, approver, comment, at, facts),
+                votes=(*self.votes, Vote(approver, roles, comment, at)),
+            ),
             outcome,
             reason,
             message,

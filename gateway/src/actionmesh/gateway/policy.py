@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -24,6 +25,7 @@ from cachetools import LRUCache
 from opentelemetry import trace
 
 from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.model import Quorum
 from actionmesh.rpc.convert import utcnow
 from actionmesh.v1 import audit_pb2, common_pb2
 
@@ -42,6 +44,9 @@ class Operation(StrEnum):
     EXECUTE = "execute"
     APPROVE = "approve"
     CANCEL = "cancel"
+    # Asked at ExecuteAction for an action that requires approval: the permit policies
+    # that apply say, in annotations, how many approvers and which roles it needs.
+    QUORUM = "quorum"
     RESOLVE = "resolve"
 
 
@@ -52,6 +57,8 @@ class Decision:
     allowed: bool
     policy_ids: tuple[str, ...]
     errors: tuple[str, ...] = ()
+    positions: tuple[str, ...] = field(default=(), compare=False)
+    """Cedar's own ids of the deciding policies (to find their annotations)."""
 
 
 def decision_evidence(
@@ -136,6 +143,8 @@ class LoadedPolicies:
     names: dict[str, str]
     digest: str
     loaded_at: datetime
+    quorums: dict[str, Quorum] = field(default_factory=dict)
+    """The quorum each ``quorum`` policy asks for (by Cedar's positional id)."""
 
     @property
     def policy_ids(self) -> list[str]:
@@ -152,10 +161,15 @@ class PolicyStatus:
     reload_error_at: datetime | None
 
 
+# The most approvers a policy may ask for (a typo must not make an action unapprovable).
+MAX_APPROVERS = 5
+_ROLE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
 def parse_policies(path: Path, text: str) -> LoadedPolicies:
     try:
         policies = cedarpy.PolicySet.from_str(text)
-        names = _policy_names(text)
+        names, quorums = _policy_names(text)
     except ValueError as exc:
         raise PolicyError(f"{path}: {exc}") from exc
     return LoadedPolicies(
@@ -163,6 +177,7 @@ def parse_policies(path: Path, text: str) -> LoadedPolicies:
         names=names,
         digest=hashlib.sha256(text.encode()).hexdigest(),
         loaded_at=utcnow(),
+        quorums=quorums,
     )
 
 
@@ -266,6 +281,38 @@ class PolicyEngine:
                 span.set_attribute("actionmesh.policy.ids", list(decisions[0].policy_ids))
             return decisions
 
+    def quorum(
+        self,
+        caller: Caller,
+        record: common_pb2.RecordContext,
+        subject: ActionSubject,
+        inputs: dict[str, str],
+        *,
+        source: str = UNVERIFIED,
+    ) -> Quorum:
+        """The quorum an execution of ``subject`` by ``caller`` needs: the largest number
+        of approvers and every role the applying ``quorum`` policies ask for (``inputs``
+        are in ``context.inputs``, display strings); one approver when none applies."""
+        loaded = self._loaded
+        [decision] = self._evaluate(
+            loaded, Operation.QUORUM, caller, record, [subject], source, inputs=inputs
+        )
+        applying = [
+            loaded.quorums[position]
+            for position in decision.positions
+            if decision.allowed and position in loaded.quorums
+        ]
+        if not applying:
+            return Quorum()
+        roles: list[str] = []
+        for rule in applying:
+            roles.extend(r for r in rule.roles if r not in roles)
+        return Quorum(
+            approvers=max(rule.approvers for rule in applying),
+            roles=tuple(roles),
+            policy_ids=tuple(sorted({p for rule in applying for p in rule.policy_ids})),
+        )
+
     def _authorize(
         self,
         operation: Operation,
@@ -320,6 +367,8 @@ class PolicyEngine:
         record: common_pb2.RecordContext,
         subjects: Sequence[ActionSubject],
         source: str,
+        *,
+        inputs: dict[str, str] | None = None,
     ) -> list[Decision]:
         principal = {"type": PRINCIPAL_TYPE, "id": caller.subject}
         entities: list[dict[str, Any]] = [
@@ -330,7 +379,9 @@ class PolicyEngine:
             }
         ]
         requests = []
-        context = {"record": record_context(record, source)}
+        context: dict[str, Any] = {"record": record_context(record, source)}
+        if inputs is not None:
+            context["inputs"] = inputs
         for subject in subjects:
             resource = {"type": RESOURCE_TYPE, "id": subject.action_id}
             entities.append(
@@ -359,20 +410,40 @@ class PolicyEngine:
             errors = tuple(str(e) for e in result.diagnostics.errors)
             if errors:
                 log.warning("policy evaluation errors: %s", errors)
+            reasons = tuple(result.diagnostics.reasons)
             decisions.append(
                 Decision(
                     allowed=bool(result.allowed),
-                    policy_ids=tuple(loaded.names.get(p, p) for p in result.diagnostics.reasons),
+                    policy_ids=tuple(loaded.names.get(p, p) for p in reasons),
                     errors=errors,
+                    positions=reasons,
                 )
             )
         return decisions
 
 
-def _policy_names(text: str) -> dict[str, str]:
-    """Map Cedar's positional ids (policy0, ...) to their @id annotations."""
+def _policy_names(text: str) -> tuple[dict[str, str], dict[str, Quorum]]:
+    """Map Cedar's positional ids (policy0, ...) to their @id annotations, and read the
+    quorum the ``@approvers("N")`` / ``@approver_roles("a,b")`` annotations ask for.
+    ValueError for a malformed quorum (so a bad file is refused, not half applied)."""
     parsed = json.loads(cedarpy.policies_to_json_str(text))
-    names = {}
+    names: dict[str, str] = {}
+    quorums: dict[str, Quorum] = {}
     for position, policy in parsed.get("staticPolicies", {}).items():
-        names[position] = policy.get("annotations", {}).get("id", position)
-    return names
+        annotations = policy.get("annotations", {})
+        name = annotations.get("id", position)
+        names[position] = name
+        if "approvers" in annotations or "approver_roles" in annotations:
+            quorums[position] = _quorum_of(name, annotations)
+    return names, quorums
+
+
+def _quorum_of(name: str, annotations: dict[str, str]) -> Quorum:
+    raw = annotations.get("approvers", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_APPROVERS:
+        raise ValueError(f'policy {name}: @approvers must be "1" to "{MAX_APPROVERS}", got {raw!r}')
+    roles = tuple(r.strip() for r in annotations.get("approver_roles", "").split(",") if r.strip())
+    for role in roles:
+        if not _ROLE.match(role):
+            raise ValueError(f"policy {name}: @approver_roles has an invalid role {role!r}")
+    return Quorum(approvers=int(raw), roles=roles, policy_ids=(name,))

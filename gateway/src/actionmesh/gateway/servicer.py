@@ -12,7 +12,7 @@ from actionmesh.gateway.execution import Executor
 from actionmesh.gateway.history import HistoryReader
 from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
-from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord
+from actionmesh.gateway.model import ApprovalState, ExecuteCommand, ExecutionRecord
 from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
@@ -255,6 +255,19 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
             message.approval.expires_at.CopyFrom(to_timestamp(record.approval_expires_at))
         if record.approval_decided_at is not None:
             message.approval.decided_at.CopyFrom(to_timestamp(record.approval_decided_at))
+        message.approval.required_approvals = record.approvals_needed
+        message.approval.required_roles.extend(record.approver_roles_needed)
+        for vote in record.votes:
+            message.approval.votes.add(
+                approver=vote.approver,
+                roles=vote.roles,
+                comment=vote.comment,
+                approved_at=to_timestamp(vote.at),
+            )
+        if record.approval_state is ApprovalState.PENDING:
+            message.approval.still_needed = record.quorum.missing(
+                [(v.approver, v.roles) for v in record.votes]
+            )
     if record.facts is not None:
         message.facts.CopyFrom(record.facts)
     if record.late_outcome is not None:

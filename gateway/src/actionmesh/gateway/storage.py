@@ -44,6 +44,7 @@ from actionmesh.gateway.model import (
     ExecutionRecord,
     ExecutionState,
     ReconcileState,
+    Vote,
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
@@ -118,6 +119,11 @@ class ExecutionRow(Base):
     cancel_requested_by: Mapped[str] = mapped_column(String(256), default="", server_default="")
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_comment: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Approval quorum (revision 0006): what policy asked for when it was held, and the
+    # approvals counted so far (JSON, compared whole in the compare-and-set of each vote).
+    approvals_needed: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    approver_roles_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    votes_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
 
 
 class OutboxRow(Base):
@@ -517,10 +523,59 @@ def finish_execution_op(
     return op
 
 
-def decide_approval_op(
-    decided: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
+def votes_json(votes: Sequence[Vote]) -> str:
+    """The stored form of an execution's approvals (deterministic: compared as text)."""
+    return json.dumps(
+        [
+            {
+                "approver": v.approver,
+                "roles": list(v.roles),
+                "comment": v.comment,
+                "at": v.at.isoformat(),
+            }
+            for v in votes
+        ],
+        sort_keys=True,
+    )
+
+
+def votes_of(text: str) -> tuple[Vote, ...]:
+    return tuple(
+        Vote(v["approver"], tuple(v["roles"]), v["comment"], datetime.fromisoformat(v["at"]))
+        for v in json.loads(text or "[]")
+    )
+
+
+def count_vote_op(
+    counted: ExecutionRecord, before: ExecutionRecord, events: Sequence[audit_pb2.AuditEvent]
 ) -> WriteOp[bool]:
-    """Write an approval decision (``decided``, a record just moved out of PENDING_APPROVAL)."""
+    """Add one approval to a pending execution: a compare-and-set on the approvals counted
+    so far (``before``), so two approvers at once on two replicas are counted one after
+    the other, each once; False when the execution moved or another approval came first."""
+    columns = _EXECUTIONS.c
+
+    def op(session: Session) -> bool:
+        return _moved_with_evidence(
+            session,
+            [
+                columns.execution_id == counted.execution_id,
+                columns.outcome == PENDING_APPROVAL,
+                columns.votes_json == votes_json(before.votes),
+            ],
+            {"votes_json": votes_json(counted.votes)},
+            events,
+        )
+
+    return op
+
+
+def decide_approval_op(
+    decided: ExecutionRecord,
+    events: Sequence[audit_pb2.AuditEvent],
+    before: ExecutionRecord | None = None,
+) -> WriteOp[bool]:
+    """Write an approval decision (``decided``, a record just moved out of PENDING_APPROVAL);
+    with ``before``, only if the approvals counted are still those it had."""
     if decided.approval_state in (None, ApprovalState.PENDING):
         raise ValueError(f"execution {decided.execution_id} carries no approval decision")
     execution_id = decided.execution_id
@@ -530,6 +585,7 @@ def decide_approval_op(
         "approver": decided.approver,
         "approval_comment": decided.approval_comment,
         "approval_decided_at": decided.approval_decided_at,
+        "votes_json": votes_json(decided.votes),
     }
     if decided.outcome is not ExecutionState.RUNNING:
         values.update(
@@ -538,19 +594,12 @@ def decide_approval_op(
     else:
         values["dispatch_deadline"] = decided.dispatch_deadline
 
+    where = [_EXECUTIONS.c.execution_id == execution_id, _EXECUTIONS.c.outcome == PENDING_APPROVAL]
+    if before is not None:
+        where.append(_EXECUTIONS.c.votes_json == votes_json(before.votes))
+
     def op(session: Session) -> bool:
-        result = session.execute(
-            update(_EXECUTIONS)
-            .where(
-                _EXECUTIONS.c.execution_id == execution_id,
-                _EXECUTIONS.c.outcome == PENDING_APPROVAL,
-            )
-            .values(**values)
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        _enqueue(session, events)
-        return True
+        return _moved_with_evidence(session, where, values, events)
 
     return op
 
@@ -905,6 +954,9 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "reconcile_next_at": record.reconcile_next_at,
         "resolved_reason": record.resolved_reason,
         **_run_values(record),
+        "approvals_needed": record.approvals_needed,
+        "approver_roles_json": json.dumps(list(record.approver_roles_needed)),
+        "votes_json": votes_json(record.votes),
     }
 
 
@@ -968,6 +1020,9 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         cancel_requested_by=row.cancel_requested_by,
         cancel_requested_at=row.cancel_requested_at,
         cancel_comment=row.cancel_comment,
+        approvals_needed=row.approvals_needed,
+        approver_roles_needed=tuple(json.loads(row.approver_roles_json or "[]")),
+        votes=votes_of(row.votes_json),
     )
 
 

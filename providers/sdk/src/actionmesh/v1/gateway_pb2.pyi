@@ -489,14 +489,35 @@ class Approval(_message.Message):
     COMMENT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
+    REQUIRED_APPROVALS_FIELD_NUMBER: _builtins.int
+    REQUIRED_ROLES_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    STILL_NEEDED_FIELD_NUMBER: _builtins.int
     state: Global___ApprovalState.ValueType
     approver: _builtins.str
-    """Subject of the approver (or rejecter); empty while pending or expired."""
+    """Subject of the approver whose approval decided it (or the rejecter); empty while
+    pending or expired.
+    """
     comment: _builtins.str
+    required_approvals: _builtins.int
+    """The quorum, decided by policy when the execution was held (Cedar action "quorum",
+    annotations @approvers and @approver_roles): how many distinct approvers it needs
+    (the requester never counts) and the roles that must be among them.
+    """
+    still_needed: _builtins.str
+    """While pending: what is still needed, in words (e.g. "1 more approval(s); an
+    approver with role supervisor").
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def required_roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def votes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalVote]:
+        """Every approval counted, in order (the last one completed the quorum once approved)."""
+
     def __init__(
         self,
         *,
@@ -505,14 +526,50 @@ class Approval(_message.Message):
         comment: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         decided_at: _timestamp_pb2.Timestamp | None = ...,
+        required_approvals: _builtins.int = ...,
+        required_roles: _abc.Iterable[_builtins.str] | None = ...,
+        votes: _abc.Iterable[Global___ApprovalVote] | None = ...,
+        still_needed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "comment", b"comment", "decided_at", b"decided_at", "expires_at", b"expires_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "comment", b"comment", "decided_at", b"decided_at", "expires_at", b"expires_at", "required_approvals", b"required_approvals", "required_roles", b"required_roles", "state", b"state", "still_needed", b"still_needed", "votes", b"votes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class ApprovalVote(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVER_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    APPROVED_AT_FIELD_NUMBER: _builtins.int
+    approver: _builtins.str
+    comment: _builtins.str
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The approver's roles when they approved."""
+
+    @_builtins.property
+    def approved_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        approver: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+        comment: _builtins.str = ...,
+        approved_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approved_at", b"approved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_at", b"approved_at", "approver", b"approver", "comment", b"comment", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalVote: _TypeAlias = ApprovalVote  # noqa: Y015
 
 @_typing.final
 class ExecuteActionResponse(_message.Message):
