@@ -37,3 +37,12 @@ def ticket_state(mesh: Mesh, tenant: str, ticket_id: str) -> tuple[Ticket, list[
         return ticket, store.changes(tenant, ticket_id)
     finally:
         store.close()
+
+
+def put_ticket(mesh: Mesh, ticket: Ticket) -> None:
+    """Write a ticket straight into the records provider's store (its system of record)."""
+    store = RecordStore.open(sqlite_url(mesh.data_dir / "data" / "providers" / "records.db"))
+    try:
+        store.put(ticket)
+    finally:
+        store.close()
