@@ -23,6 +23,7 @@ from actionmesh.rpc.errors import error_details
 from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.provider_state import put_ticket, ticket_state
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,6 +113,10 @@ async def test_two_approvers_one_a_supervisor_for_a_critical_service_level(
     assert [(v.approver, v.comment) for v in first.approval.votes] == [("bob", "looks right")]
     assert first.approval.still_needed == "1 more approval(s); an approver with role supervisor"
     assert ticket_state(mesh, "acme", record.id)[0].service_level == "standard"
+    # The inbox says how far it got and what is missing.
+    inbox = await asyncio.to_thread(cli, mesh, "approvals", token=sam, columns=400)
+    assert held.execution_id in inbox.stdout, inbox.stdout + inbox.stderr
+    assert "1 of 2, incl. supervisor (bob)" in inbox.stdout, inbox.stdout
 
     # Nobody counts twice.
     twice = await refused(approve(stub, bob, held.execution_id))

@@ -430,6 +430,8 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
         by = f" by {approval.approver}" if approval.approver else ""
         note = f" ({approval.comment})" if approval.comment else ""
         lines.append(("approval", f"{state.lower()}{by}{note}"))
+        if approval.required_approvals > 1 or approval.required_roles or approval.votes:
+            lines.append(("approvals", quorum_so_far(approval)))
         if approval.state == gateway_pb2.APPROVAL_STATE_PENDING:
             lines.append(("expires", approval.expires_at.ToDatetime().isoformat(" ", "seconds")))
     if execution.outcome == common_pb2.OUTCOME_ACCEPTED or execution.accepted_at.seconds:
@@ -522,7 +524,15 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         print(json.dumps([to_dict(a) for a in reply.approvals], indent=2))
         return 0
     table = Table(title="waiting for your approval")
-    for column in ("execution", "requested by", "action", "record", "inputs", "expires"):
+    for column in (
+        "execution",
+        "requested by",
+        "action",
+        "record",
+        "inputs",
+        "approvals so far",
+        "expires",
+    ):
         table.add_column(column)
     for pending in reply.approvals:
         execution = pending.execution
@@ -532,12 +542,22 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             execution.action_id,
             f"{execution.record.type}/{execution.record.id} [{pending.record.status}]",
             ", ".join(f"{k}={display_value(v)}" for k, v in sorted(pending.inputs.items())),
+            quorum_so_far(execution.approval),
             execution.approval.expires_at.ToDatetime().isoformat(" ", "seconds"),
         )
     console.print(table)
     if not reply.approvals:
         console.print("nothing waits for your approval")
     return 0
+
+
+def quorum_so_far(approval: gateway_pb2.Approval) -> str:
+    """ "1 of 2 (bob); needs: an approver with role supervisor" """
+    needed = approval.required_approvals or 1
+    who = ", ".join(v.approver for v in approval.votes)
+    roles = f", incl. {' and '.join(approval.required_roles)}" if approval.required_roles else ""
+    text = f"{len(approval.votes)} of {needed}{roles}" + (f" ({who})" if who else "")
+    return f"{text}; needs {approval.still_needed}" if approval.still_needed else text
 
 
 def display_value(value: common_pb2.InputValue) -> str:
