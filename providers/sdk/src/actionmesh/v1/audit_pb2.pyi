@@ -37,7 +37,11 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     nothing ran. Outcome PENDING_APPROVAL.
     """
     AUDIT_EVENT_TYPE_APPROVAL_GRANTED: _AuditEventType.ValueType  # 4
-    """A second person approved; the actor is the approver, message their comment."""
+    """A second person approved; the actor is the approver, message their comment.
+    Reason APPROVAL_COUNTED: an approval counted towards the quorum policy asks for,
+    which it does not complete (the execution stays PENDING_APPROVAL); without it,
+    the approval that completed the quorum (the execution is dispatched).
+    """
     AUDIT_EVENT_TYPE_APPROVAL_REJECTED: _AuditEventType.ValueType  # 5
     """A second person rejected; outcome DENIED, message the approver's comment."""
     AUDIT_EVENT_TYPE_APPROVAL_EXPIRED: _AuditEventType.ValueType  # 6
@@ -90,7 +94,11 @@ AUDIT_EVENT_TYPE_APPROVAL_REQUESTED: AuditEventType.ValueType  # 3
 nothing ran. Outcome PENDING_APPROVAL.
 """
 AUDIT_EVENT_TYPE_APPROVAL_GRANTED: AuditEventType.ValueType  # 4
-"""A second person approved; the actor is the approver, message their comment."""
+"""A second person approved; the actor is the approver, message their comment.
+Reason APPROVAL_COUNTED: an approval counted towards the quorum policy asks for,
+which it does not complete (the execution stays PENDING_APPROVAL); without it,
+the approval that completed the quorum (the execution is dispatched).
+"""
 AUDIT_EVENT_TYPE_APPROVAL_REJECTED: AuditEventType.ValueType  # 5
 """A second person rejected; outcome DENIED, message the approver's comment."""
 AUDIT_EVENT_TYPE_APPROVAL_EXPIRED: AuditEventType.ValueType  # 6
