@@ -11,6 +11,14 @@ usual started and finished.
 Deciding is a conditional update (PENDING_APPROVAL -> ...), so with several
 gateway replicas on one database exactly one decision wins.
 
+**Quorum.** Policy fixes, when the execution is held, how many distinct approvers it
+needs and which roles must be among them (:class:`~actionmesh.gateway.model.Quorum`,
+Cedar action ``quorum``). An approval that does not complete the quorum is *counted*
+(APPROVAL_GRANTED with reason ``APPROVAL_COUNTED``) with a compare-and-set on the
+approvals so far, and the execution stays pending; the approval that completes it
+decides, with the same condition, and dispatches. Nobody counts twice, the requester
+never, and one rejection ends it.
+
 Who may decide is asked of :mod:`~actionmesh.gateway.authorization` (the approver's
 ``approve`` and, at approval, the requester's ``execute`` again); the decision is
 written by the :mod:`~actionmesh.gateway.ledger`; an approved execution is dispatched
