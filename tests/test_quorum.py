@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
+from actionmesh.gateway.auth import Caller
+from actionmesh.gateway.policy import ActionSubject, PolicyEngine, PolicyError, parse_policies
 from actionmesh.mesh import Mesh
 from actionmesh.providers.records.store import Ticket
 from actionmesh.rpc.errors import error_details
@@ -236,3 +239,56 @@ async def test_two_replicas_approving_at_once_count_each_approver_once_and_dispa
     finally:
         for name in names:
             mesh.stop_service(name)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "problem"),
+    [
+        ('@approvers("9")', "@approvers must be"),
+        ('@approvers("two")', "@approvers must be"),
+        ('@approvers("2") @approver_roles("super visor")', "invalid role"),
+    ],
+)
+def test_a_malformed_quorum_is_refused_when_the_policies_load(
+    tmp_path: Path, annotations: str, problem: str
+) -> None:
+    text = f"""
+@id("bad-quorum")
+{annotations}
+permit (principal, action == ActionMesh::Action::"quorum", resource);
+"""
+    with pytest.raises(PolicyError, match=problem):
+        parse_policies(tmp_path / "p.cedar", text)
+
+
+def test_the_largest_quorum_and_every_role_apply(tmp_path: Path) -> None:
+    path = tmp_path / "p.cedar"
+    path.write_text(
+        """
+@id("two") @approvers("2") @approver_roles("supervisor")
+permit (principal, action == ActionMesh::Action::"quorum", resource);
+@id("three") @approvers("3") @approver_roles("security,supervisor")
+permit (principal, action == ActionMesh::Action::"quorum", resource)
+when { context.inputs has level && context.inputs.level == "critical" };
+"""
+    )
+    engine = PolicyEngine(path)
+    caller = Caller(subject="alice", tenant="acme", roles=("operator",))
+    record = common_pb2.RecordContext(tenant="acme", type="ticket", id="t-1", status="open")
+    subject = ActionSubject(
+        "ticket.change_service_level",
+        "records",
+        common_pb2.ActionDescriptor(
+            action_id="ticket.change_service_level", requires_approval=True
+        ),
+    )
+    both = engine.quorum(caller, record, subject, {"level": "critical"})
+    assert (both.approvers, both.roles, both.policy_ids) == (
+        3,
+        ("security", "supervisor"),
+        ("three", "two"),
+    )
+    one = engine.quorum(caller, record, subject, {"level": "priority"})
+    assert (one.approvers, one.roles) == (2, ("supervisor",))
+    assert one.met_by([("bob", ("approver",)), ("sam", ("supervisor",))])
+    assert not one.met_by([("bob", ("approver",)), ("ann", ("approver",))])

@@ -304,12 +304,9 @@ class PolicyEngine:
         ]
         if not applying:
             return Quorum()
-        roles: list[str] = []
-        for rule in applying:
-            roles.extend(r for r in rule.roles if r not in roles)
         return Quorum(
             approvers=max(rule.approvers for rule in applying),
-            roles=tuple(roles),
+            roles=tuple(sorted({role for rule in applying for role in rule.roles})),
             policy_ids=tuple(sorted({p for rule in applying for p in rule.policy_ids})),
         )
 
