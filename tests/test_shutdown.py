@@ -235,6 +235,19 @@ async def sigterm_provider_with_call_in_flight(
 
         await eventually(deregistered, timeout_s=DEREGISTERED_WITHIN_S)
         times["deregistered"] = time.monotonic()
+        # Once out of the registry it already says NOT_SERVING (asked now, while its call
+        # still runs): the order is checked at the provider, not by comparing when two
+        # pollers happened to notice each step (their lags differ under load).
+        serving = False
+        async with grpc.aio.insecure_channel(mesh.address("slow")) as slow:
+            try:
+                health = await health_pb2_grpc.HealthStub(slow).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                serving = health.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError as exc:  # already gone: not serving either
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        times["serving_when_deregistered"] = float(serving)
         done = await in_flight
         times["answered"] = time.monotonic()
         assert await listed() == {VICTIM, BYSTANDER}
@@ -256,7 +269,9 @@ async def test_provider_sigterm_finishes_its_call_and_deregisters(own_mesh: Mesh
 
     # NOT_SERVING first, then out of the registry (by deregistration: the lease is 30 s),
     # the running call answered, then the exit.
-    assert at["signalled"] < at["not_serving"] <= at["deregistered"] < at["exited"]
+    assert at["signalled"] < at["not_serving"] < at["exited"]
+    assert at["signalled"] < at["deregistered"] < at["exited"]
+    assert at["serving_when_deregistered"] == 0.0
     assert at["deregistered"] - at["signalled"] < DEREGISTERED_WITHIN_S
     assert at["answered"] <= at["exited"]
     assert done.category == "OK/SUCCEEDED", done
