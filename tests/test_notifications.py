@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,22 @@ from actionmesh.client.webhooks import (
     sign_headers,
     verify_webhook,
 )
+from actionmesh.gateway.notifications import (
+    DeliveryAttempt,
+    NotificationConfigError,
+    NotificationRouter,
+    NotificationState,
+    load_subscriptions,
+)
+from actionmesh.gateway.storage import (
+    GatewayStore,
+    claim_notifications_op,
+    notification_attempted_op,
+    prune_notifications_op,
+)
 from actionmesh.mesh import Mesh, MeshError, Service
-from actionmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from actionmesh.runtime.db import sqlite_url
+from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from actionmesh.webhook_receiver import RunningReceiver, start_receiver
 from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.governance_fixtures import case
@@ -355,3 +370,112 @@ def test_a_bad_subscriptions_file_stops_the_gateway_with_the_reason(
     finally:
         mesh.services.pop("gateway-bad-hooks", None)
     assert "subscriptions[0].url must be an https URL" in str(failed.value)
+
+
+# -- without processes: the file, the routing, the leases ---------------------------
+
+
+def subscription_file(tmp_path: Path, **entry: Any) -> str:
+    (tmp_path / "s.secret").write_bytes(b"s" * 32)
+    values = {
+        "id": "s1",
+        "tenant": "acme",
+        "url": "https://hooks.example.com/x",
+        "secret_file": "s.secret",
+        **entry,
+    }
+    path = tmp_path / "subs.json"
+    path.write_text(json.dumps({"subscriptions": [{k: v for k, v in values.items() if v}]}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"events": ["approval.maybe"]}, "events: unknown ['approval.maybe']"),
+        ({"tenant": "no spaces"}, "subscriptions[0].tenant must match"),
+        ({"secret_file": "missing.secret"}, "subscriptions[0].secret_file"),
+        ({"colour": "red"}, "unknown fields ['colour']"),
+        ({"url": "ftp://hooks.example.com"}, "must be an https URL"),
+    ],
+)
+def test_subscription_file_errors_name_the_entry_and_field(
+    tmp_path: Path, entry: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(NotificationConfigError) as refused:
+        load_subscriptions(subscription_file(tmp_path, **entry))
+    assert says in str(refused.value)
+
+
+def audit_event(
+    kind: int, outcome: int, *, tenant: str = "acme", sensitive: bool = False
+) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(
+        event_id=uuid.uuid4().hex,
+        type=kind,  # type: ignore[arg-type]
+        tenant=tenant,
+        execution_id=uuid.uuid4().hex,
+        action_id="govtest.partial",
+        record=common_pb2.RecordRef(type="govtest", id="c-1"),
+        actor="alice",
+        outcome=outcome,  # type: ignore[arg-type]
+        message="note was hunter2",
+        inputs={"note": "hmac-sha256:abc" if sensitive else "hunter2"},
+        inputs_redacted=sensitive,
+    )
+
+
+def test_routing_picks_the_tenants_subscriptions_and_never_inputs(tmp_path: Path) -> None:
+    (subscription,) = load_subscriptions(subscription_file(tmp_path, events=["*"]))
+    router = NotificationRouter([subscription])
+    now = datetime.now(UTC)
+    finished = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED
+    assert router.rows([audit_event(finished, common_pb2.OUTCOME_SUCCEEDED)], now) == []
+    assert router.rows([audit_event(finished, common_pb2.OUTCOME_PARTIAL, tenant="x")], now) == []
+    plain, secret = router.rows(
+        [
+            audit_event(finished, common_pb2.OUTCOME_PARTIAL),
+            audit_event(finished, common_pb2.OUTCOME_TIMED_OUT, sensitive=True),
+        ],
+        now,
+    )
+    assert json.loads(plain["payload"])["type"] == "dev.actionmesh.execution.partial"
+    assert json.loads(plain["payload"])["data"]["message"] == "note was hunter2"
+    body = json.loads(secret["payload"])
+    assert body["type"] == "dev.actionmesh.execution.timed_out"
+    assert "message" not in body["data"] and b"hunter2" not in secret["payload"]
+    for row in (plain, secret):
+        assert b"inputs" not in row["payload"] and b"hmac-sha256" not in row["payload"]
+
+
+def test_two_replicas_never_lease_the_same_notification(tmp_path: Path) -> None:
+    store = GatewayStore(sqlite_url(tmp_path / "gw.db"))
+    try:
+        store.notifications = NotificationRouter(
+            load_subscriptions(subscription_file(tmp_path, events=["*"]))
+        )
+        partial = [
+            audit_event(audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_FINISHED, common_pb2.OUTCOME_PARTIAL)
+            for _ in range(6)
+        ]
+        store.record_attempt(partial)
+        now = datetime.now(UTC)
+        due = store.due_notifications(now, 100)
+        assert len(due) == 6
+        until = now + timedelta(seconds=30)
+        first = store.write(claim_notifications_op(due, "a", now, until))
+        second = store.write(claim_notifications_op(due, "b", now, until))
+        assert sorted(first) == due and second == []
+        assert store.due_notifications(now, 100) == []
+        # Only the holder records an attempt; a lapsed lease lets another replica take it.
+        attempt = DeliveryAttempt(1, now, 200, "", True)
+        delivered = NotificationState.DELIVERED
+        assert not store.write(notification_attempted_op(due[0], "b", attempt, delivered, now))
+        assert store.write(notification_attempted_op(due[0], "a", attempt, delivered, now))
+        later = until + timedelta(seconds=1)
+        assert sorted(store.write(claim_notifications_op(due, "b", later, later))) == due[1:]
+        # Settled ones go after the retention; pending ones stay.
+        assert store.write(prune_notifications_op(later + timedelta(days=30))) == 1
+        assert store.notification_counts() == {"PENDING": 5}
+    finally:
+        store.close()

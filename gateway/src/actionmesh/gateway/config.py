@@ -210,6 +210,9 @@ class GatewayConfig:
     """How long one replica holds the notifications it is delivering; a crashed one's
     lapse after this and another replica delivers them. Must exceed
     `notification_timeout_s`."""
+    notification_retention_s: float = 604800.0
+    """How long delivered and failed notifications stay in the delivery log (a week);
+    older ones are deleted with their attempts."""
     notification_log_roles: str = "supervisor,admin"
     """Comma-separated roles that may read their tenant's notification delivery log
     (ListNotificationDeliveries); any one of them is enough."""
@@ -268,6 +271,7 @@ class GatewayConfig:
                 self.notification_retry_initial_s,
                 self.notification_retry_max_s,
                 self.notification_max_age_s,
+                self.notification_retention_s,
             )
             <= 0
             or self.notification_max_attempts < 1

@@ -37,6 +37,7 @@ from actionmesh.gateway.storage import (
     GatewayStore,
     claim_notifications_op,
     notification_attempted_op,
+    prune_notifications_op,
 )
 from actionmesh.gateway.writer import GroupCommitWriter
 from actionmesh.rpc.convert import to_timestamp
@@ -57,7 +58,9 @@ class NotifierSettings:
     max_attempts: int
     max_age_s: float
     lease_s: float
+    retention_s: float
     batch_size: int = 50
+    prune_interval_s: float = 60.0
 
 
 class Notifier:
@@ -88,7 +91,12 @@ class Notifier:
         async with httpx.AsyncClient(
             timeout=self._settings.timeout_s, transport=self._transport, follow_redirects=False
         ) as client:
+            clock = asyncio.get_running_loop()
+            pruned_at = -self._settings.prune_interval_s
             while True:
+                if clock.time() - pruned_at >= self._settings.prune_interval_s:
+                    await self.prune()
+                    pruned_at = clock.time()
                 delivered_some = await self.deliver_due(client)
                 loop.progress()
                 if delivered_some:
@@ -96,6 +104,11 @@ class Notifier:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+
+    async def prune(self) -> int:
+        """Delete delivered and failed notifications older than the retention."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._settings.retention_s)
+        return await self._writer.write(prune_notifications_op(cutoff))
 
     async def deliver_due(self, client: httpx.AsyncClient) -> bool:
         """One round: lease what is due, deliver it; whether there was anything."""

@@ -98,6 +98,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
             max_attempts=config.notification_max_attempts,
             max_age_s=config.notification_max_age_s,
             lease_s=config.notification_lease_s,
+            retention_s=config.notification_retention_s,
         ),
     )
 

@@ -1038,6 +1038,31 @@ def notification_attempted_op(
     return op
 
 
+def prune_notifications_op(cutoff: datetime, limit: int = 1000) -> WriteOp[int]:
+    """Delete up to ``limit`` settled (DELIVERED, FAILED) notifications created before
+    ``cutoff``, with their attempts; how many went."""
+    columns = _NOTIFICATIONS.c
+
+    def op(session: Session) -> int:
+        ids = list(
+            session.scalars(
+                select(columns.id)
+                .where(
+                    columns.state != NotificationState.PENDING.value,
+                    columns.created_at < cutoff,
+                )
+                .order_by(columns.id)
+                .limit(limit)
+            )
+        )
+        if ids:
+            session.execute(delete(_ATTEMPTS).where(_ATTEMPTS.c.delivery_id.in_(ids)))
+            session.execute(delete(_NOTIFICATIONS).where(columns.id.in_(ids)))
+        return len(ids)
+
+    return op
+
+
 def _delivery(row: NotificationRow) -> Delivery:
     return Delivery(
         id=row.id,
