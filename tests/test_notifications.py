@@ -38,6 +38,7 @@ from actionmesh.gateway.notifications import (
     NotificationConfigError,
     NotificationRouter,
     NotificationState,
+    NotificationType,
     load_subscriptions,
 )
 from actionmesh.gateway.storage import (
@@ -479,3 +480,23 @@ def test_two_replicas_never_lease_the_same_notification(tmp_path: Path) -> None:
         assert store.notification_counts() == {"PENDING": 5}
     finally:
         store.close()
+
+
+def test_the_subscriptions_file_reloads_and_a_bad_edit_keeps_the_previous(
+    tmp_path: Path,
+) -> None:
+    path = subscription_file(tmp_path, events=["approval.requested"])
+    router = NotificationRouter.from_file(path)
+    assert router.reload_if_changed() is None
+    subscription_file(tmp_path, events=["approval.requested", "execution.partial"])
+    assert router.reload_if_changed() is True
+    (subscription,) = router.subscriptions
+    assert NotificationType.EXECUTION_PARTIAL in subscription.events
+    Path(path).write_text("{not json")
+    assert router.reload_if_changed() is False
+    assert router.subscriptions == (subscription,) and "subs.json" in router.reload_error
+    # A rotated secret (subscription_file rewrote it as s*32) is picked up too.
+    subscription_file(tmp_path, events=["approval.requested", "execution.partial"])
+    (tmp_path / "s.secret").write_bytes(b"t" * 32)
+    assert router.reload_if_changed() is True and router.reload_error == ""
+    assert router.subscriptions[0].secret == b"t" * 32

@@ -192,7 +192,9 @@ class GatewayConfig:
     0 ships at once."""
     notifications_file: str = ""
     """JSON file of webhook subscriptions (per tenant: id, tenant, url, events,
-    secret_file), checked at start; see the README's Notifications. Empty: none."""
+    secret_file), checked at start (an invalid one stops the gateway) and re-read with
+    its secret files every `policy_reload_interval_s` (an invalid edit is refused and
+    the previous subscriptions stay). See the README's Governance. Empty: none."""
     notification_poll_interval_s: float = 1.0
     """How often the notifier looks for notifications due (new ones wake it at once)."""
     notification_timeout_s: float = 5.0

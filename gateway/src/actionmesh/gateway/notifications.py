@@ -243,12 +243,44 @@ class NotificationRouter:
     """Turns audit events into notification outbox rows for the subscriptions that want
     them: pure computation, no I/O, run inside the ledger's write transaction."""
 
-    def __init__(self, subscriptions: Sequence[Subscription]) -> None:
+    def __init__(self, subscriptions: Sequence[Subscription], *, path: str = "") -> None:
+        self.path = path
+        self.reload_error = ""
+        self._set(subscriptions)
+
+    @classmethod
+    def from_file(cls, path: str) -> NotificationRouter:
+        """The subscriptions of ``path`` (NotificationConfigError when it is invalid)."""
+        return cls(load_subscriptions(path), path=path)
+
+    def _set(self, subscriptions: Sequence[Subscription]) -> None:
+        # One attribute each, replaced whole: readers on other threads see the old set
+        # or the new one, never a mix.
+        self._by_id = {s.id: s for s in subscriptions}
         self.subscriptions = tuple(subscriptions)
-        self._by_id = {s.id: s for s in self.subscriptions}
 
     def get(self, subscription_id: str) -> Subscription | None:
         return self._by_id.get(subscription_id)
+
+    def reload_if_changed(self) -> bool | None:
+        """Read the file (and its secret files) again: True when the subscriptions
+        changed and were loaded, None when nothing changed, False when the file is now
+        invalid (the previous subscriptions stay; ``reload_error`` says why)."""
+        if not self.path:
+            return None
+        try:
+            fresh = load_subscriptions(self.path)
+        except NotificationConfigError as exc:
+            if str(exc) != self.reload_error:
+                log.error("notifications file refused, the previous one stays: %s", exc)
+            self.reload_error = str(exc)
+            return False
+        self.reload_error = ""
+        if fresh == self.subscriptions:
+            return None
+        self._set(fresh)
+        log.info("notifications file reloaded: %d subscriptions", len(fresh))
+        return True
 
     def rows(self, events: Sequence[audit_pb2.AuditEvent], now: datetime) -> list[dict[str, Any]]:
         """One outbox row per (event, subscription that wants it). Never raises: a

@@ -24,7 +24,7 @@ from actionmesh.gateway.history import HistoryReader
 from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
-from actionmesh.gateway.notifications import NotificationRouter, load_subscriptions
+from actionmesh.gateway.notifications import NotificationRouter
 from actionmesh.gateway.notifier import NotificationLog, Notifier, NotifierSettings
 from actionmesh.gateway.outbox import OutboxShipper
 from actionmesh.gateway.policy import PolicyEngine
@@ -52,7 +52,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
     verifier = TokenVerifier(config)
     policy = PolicyEngine(config.policy_file)
     # A bad notifications file stops the start with the entry and field it is about.
-    router = NotificationRouter(load_subscriptions(config.notifications_file))
+    router = NotificationRouter.from_file(config.notifications_file)
     store = await asyncio.to_thread(
         GatewayStore, config.database_url, migrate=config.migrate_on_start
     )
@@ -104,8 +104,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
 
     def on_audit_written() -> None:
         shipper.notify()
-        if router.subscriptions:
-            notifier.wake()
+        notifier.wake()
 
     core = GatewayCore.build(config, store, writer, directory, policy, on_audit_written, admission)
     # Executions a previous run of this (or another) gateway left RUNNING and past their
@@ -156,6 +155,16 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         # Re-reads a JWKS so removed keys stop working.
         background.append(
             supervisor.every("jwks-refresh", verifier.refresh_interval_s, verifier.refresh_keys)
+        )
+    if config.policy_reload_interval_s > 0 and config.notifications_file:
+        # Subscriptions and their secrets change without a restart (a bad file never
+        # replaces a good one).
+        background.append(
+            supervisor.every(
+                "notifications-reload",
+                config.policy_reload_interval_s,
+                lambda: asyncio.to_thread(router.reload_if_changed),
+            )
         )
     if config.policy_reload_interval_s > 0:
         background.append(
