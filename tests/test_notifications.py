@@ -53,6 +53,7 @@ from actionmesh.v1 import audit_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc
 from actionmesh.webhook_receiver import RunningReceiver, start_receiver
 from tests.conftest import TokenFactory, bearer, eventually, vouching_channel
 from tests.governance_fixtures import case
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -500,3 +501,63 @@ def test_the_subscriptions_file_reloads_and_a_bad_edit_keeps_the_previous(
     (tmp_path / "s.secret").write_bytes(b"t" * 32)
     assert router.reload_if_changed() is True and router.reload_error == ""
     assert router.subscriptions[0].secret == b"t" * 32
+
+
+async def test_up_subscribes_the_local_receiver_and_the_cli_shows_the_log(mesh: Mesh) -> None:
+    """What the README shows: `actionmesh up`'s receiver gets acme's approval request,
+    verified, and `actionmesh notifications` lists it for a supervisor only."""
+
+    def mint(subject: str, roles: str) -> str:
+        return cli(
+            mesh, "token", "--subject", subject, "--tenant", "acme", "--roles", roles
+        ).stdout.strip()
+
+    alice, sam = mint("alice", "operator"), mint("sam", "supervisor")
+    asked = cli(
+        mesh,
+        "run",
+        "ticket.change_service_level",
+        "ticket/t-101",
+        "--status",
+        "open",
+        "--input",
+        "level=critical",
+        "--input",
+        "reason=paging test",
+        "--json",
+        token=alice,
+    )
+    execution_id = json.loads(asked.stdout)["execution_id"]
+
+    def received() -> list[dict[str, Any]]:
+        path = mesh.receiver_events_path
+        if not path.exists():
+            return []
+        events = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return [e for e in events if e["data"]["execution_id"] == execution_id]
+
+    [event] = await eventually(received)  # type: ignore[misc]
+    assert event["type"] == "dev.actionmesh.approval.requested"
+    assert event["data"]["action_id"] == "ticket.change_service_level"
+    assert "notification dev.actionmesh.approval.requested" in (
+        mesh.services["webhook-receiver"].log_path.read_text()  # type: ignore[union-attr]
+    )
+
+    async def delivered() -> list[dict[str, Any]]:
+        shown = cli(mesh, "notifications", "--json", token=sam)
+        assert shown.returncode in (0, 3), shown.stdout + shown.stderr
+        return [
+            d
+            for d in json.loads(shown.stdout)["deliveries"]
+            if d["execution_id"] == execution_id
+            and d["state"] == "NOTIFICATION_DELIVERY_STATE_DELIVERED"
+        ]
+
+    [row] = await eventually(delivered)  # type: ignore[misc]
+    assert row["subscription_id"] == "local-receiver" and row["event_type"] == (
+        "approval.requested"
+    )
+    table = cli(mesh, "notifications", token=sam)
+    assert execution_id in table.stdout and "DELIVERED" in table.stdout
+    forbidden = cli(mesh, "notifications", token=alice)
+    assert forbidden.returncode != 0 and "NOTIFICATION_LOG_FORBIDDEN" in forbidden.stdout
