@@ -72,7 +72,7 @@ class Hooks:
     receiver this test starts and stops on a fixed port."""
 
     def __init__(self, mesh: Mesh, folder: Path) -> None:
-        self.secret = secrets.token_bytes(32)
+        self.secret = secrets.token_hex(32).encode()
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "acme.secret").write_bytes(self.secret)
@@ -561,3 +561,75 @@ async def test_up_subscribes_the_local_receiver_and_the_cli_shows_the_log(mesh: 
     assert execution_id in table.stdout and "DELIVERED" in table.stdout
     forbidden = cli(mesh, "notifications", token=alice)
     assert forbidden.returncode != 0 and "NOTIFICATION_LOG_FORBIDDEN" in forbidden.stdout
+
+
+async def test_two_replicas_on_one_database_send_each_notification_once(
+    mesh: Mesh, govtest: Path, postgres_url: str, token: TokenFactory, tmp_path: Path
+) -> None:
+    """Both replicas deliver from the same outbox; the leases keep them off each
+    other's rows, so the receiver sees every id once and no duplicate at all."""
+    secret = secrets.token_hex(32).encode()
+    (tmp_path / "r.secret").write_bytes(secret)
+    receiver = start_receiver(secret)
+    (tmp_path / "subs.json").write_text(
+        json.dumps(
+            {
+                "subscriptions": [
+                    {
+                        "id": "replicas",
+                        "tenant": "acme",
+                        "url": receiver.url + "/hooks",
+                        "events": ["execution.partial"],
+                        "secret_file": "r.secret",
+                    }
+                ]
+            }
+        )
+    )
+    flags = (
+        "--notifications-file",
+        str(tmp_path / "subs.json"),
+        "--notification-poll-interval-s",
+        "0.05",
+    )
+    names = [f"gateway-hooks-{side}-{uuid.uuid4().hex[:6]}" for side in "ab"]
+    services = [mesh.start_gateway(n, *flags, database_url=postgres_url) for n in names]
+    channels = [vouching_channel(mesh, s.address) for s in services]
+    try:
+        stubs = [Stub(channel) for channel in channels]
+        alice = token()
+
+        async def sees(stub: Stub) -> bool:
+            reply = await stub.DiscoverActions(
+                gateway_pb2.DiscoverActionsRequest(record=case("probe"), skip_cache=True),
+                metadata=bearer(token(roles=("supervisor",))),
+            )
+            return any(a.provider_id == "govtest" for a in reply.actions)
+
+        for stub in stubs:
+            await eventually(lambda stub=stub: sees(stub), timeout_s=20)
+        done = [
+            (
+                await stubs[i % 2].ExecuteAction(
+                    execute("partial", case(f"n-rep-{i}")), metadata=bearer(alice)
+                )
+            ).execution
+            for i in range(8)
+        ]
+        assert all(d.outcome == common_pb2.OUTCOME_PARTIAL for d in done)
+        wanted = {d.execution_id for d in done}
+
+        def all_in() -> bool:
+            got = {e["data"]["execution_id"] for e in receiver.received.events}
+            return got >= wanted
+
+        await eventually(all_in, timeout_s=20)
+        ids = [e["id"] for e in receiver.received.events]
+        assert len(ids) == len(set(ids)) == len(wanted)
+        assert receiver.received.duplicates == [] and receiver.received.refused == []
+    finally:
+        for channel in channels:
+            await channel.close()
+        for name in names:
+            mesh.stop_service(name)
+        receiver.stop()

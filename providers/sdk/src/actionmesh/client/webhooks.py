@@ -21,10 +21,11 @@ now (an old delivery replayed later fails); and remember the ids already accepte
 (:class:`WebhookReceiver`), so a delivery replayed within the window, or a retry of
 one that was processed, is recognised as a duplicate.
 
-A secret is the bytes of the subscription's secret file (surrounding whitespace
-removed); one written as ``whsec_<base64>`` (the Standard Webhooks form) is the
-decoded bytes. Only the standard library is used, so any Python receiver can copy
-or import this module.
+A secret is the text of the subscription's secret file with surrounding whitespace
+removed (write a random string, e.g. ``openssl rand -hex 32``); a binary key goes in as
+``whsec_<base64>`` (the Standard Webhooks form) and is the decoded bytes. Read it with
+:func:`secret_bytes` on both sides. Only the standard library is used, so any Python
+receiver can copy or import this module.
 """
 
 from __future__ import annotations
