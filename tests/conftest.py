@@ -30,6 +30,7 @@ TEST_MESH = dict(
     auditlog_port=0,
     gateway_port=0,
     supportdesk_port=0,
+    webhook_receiver_port=0,
     lease_ttl_s=2.0,
     health_check_interval_s=0.3,
     extra_env={

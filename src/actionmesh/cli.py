@@ -232,6 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         auditlog_port=args.auditlog_port,
         gateway_port=args.gateway_port,
         supportdesk_port=args.supportdesk_port,
+        webhook_receiver_port=args.webhook_receiver_port,
         seed_demo=not args.no_seed,
         tls=args.tls,
         # Prometheus /metrics on a free port per service unless the environment says otherwise.
@@ -276,9 +277,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  {exe} run workitem.retry workitem/wi-1001 --status failed "
         '--input reason="mail parser fixed"\n'
         f"  {exe} history workitem/wi-1001\n"
+        f"  {exe} notifications --token $({exe} token --subject sam --tenant acme "
+        "--roles supervisor)\n"
         f"\nPolicies: {mesh.policy_path}   Press Ctrl-C to stop.",
         flush=True,
     )
+    receiver = mesh.services.get("webhook-receiver")
+    if receiver is not None:
+        print(
+            f"Notifications: tenant acme's events go to the local receiver {receiver.url} "
+            f"(subscriptions: {mesh.notifications_path}); it logs each verified one to "
+            f"{receiver.log_path} and {mesh.receiver_events_path}.",
+            flush=True,
+        )
     client = mesh.client_tls
     if client is not None:
         print(
@@ -811,6 +822,61 @@ def show_unresolved(args: argparse.Namespace, executions: Sequence[gateway_pb2.E
     return 3 if attention else 0
 
 
+def cmd_notifications(args: argparse.Namespace) -> int:
+    """The tenant's webhook delivery log; exit 3 when a listed delivery FAILED."""
+    reply = on_gateway(
+        args,
+        lambda gateway: gateway.notification_deliveries(
+            failed_only=args.failed,
+            subscription_id=args.subscription or "",
+            page_size=args.limit,
+            page_token=args.page_token or "",
+        ),
+    )
+    failed = any(
+        d.state == gateway_pb2.NOTIFICATION_DELIVERY_STATE_FAILED for d in reply.deliveries
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "deliveries": [to_dict(d) for d in reply.deliveries],
+                    "next_page_token": reply.next_page_token,
+                },
+                indent=2,
+            )
+        )
+        return 3 if failed else 0
+    table = Table(title="webhook notifications, newest first")
+    for column in ("created", "subscription", "event", "execution", "state", "tries", "last"):
+        table.add_column(column)
+    for delivery in reply.deliveries:
+        state = enum_label(
+            "NOTIFICATION_DELIVERY_STATE_",
+            gateway_pb2.NotificationDeliveryState.Name(delivery.state),
+        )
+        if delivery.state == gateway_pb2.NOTIFICATION_DELIVERY_STATE_PENDING and delivery.attempts:
+            state += " (retry " + delivery.next_attempt_at.ToDatetime().strftime("%H:%M:%S") + ")"
+        last = delivery.last_error or (
+            f"HTTP {delivery.last_status_code}" if delivery.last_status_code else ""
+        )
+        table.add_row(
+            delivery.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            delivery.subscription_id,
+            delivery.event_type,
+            delivery.execution_id,
+            state,
+            str(delivery.attempts),
+            last,
+        )
+    console.print(table)
+    if not reply.deliveries:
+        console.print("no notifications" + (" failed" if args.failed else ""))
+    if reply.next_page_token:
+        console.print(f"more: --page-token {reply.next_page_token}")
+    return 3 if failed else 0
+
+
 def auditlog_address(args: argparse.Namespace) -> str:
     explicit = args.auditlog or os.environ.get("ACTIONMESH_AUDITLOG")
     return explicit or mesh_state(args.data_dir).get("auditlog", "127.0.0.1:50052")
@@ -948,6 +1014,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--supportdesk-port", type=int, default=8780, help="stand-in external platform (HTTP)"
     )
+    up.add_argument(
+        "--webhook-receiver-port",
+        type=int,
+        default=8790,
+        help="local webhook receiver (HTTP) subscribed to tenant acme's notifications",
+    )
     up.add_argument("--no-seed", action="store_true", help="do not seed demo records")
     up.add_argument(
         "--tls",
@@ -1082,6 +1154,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the provider, or a person must check); exit 3 when one needs attention",
     )
     executions.set_defaults(func=cmd_executions)
+
+    notifications = client(
+        "notifications",
+        "the webhook notification delivery log of your tenant (role supervisor or admin); "
+        "exit 3 when a listed delivery failed for good",
+    )
+    notifications.add_argument(
+        "--failed", action="store_true", help="only deliveries that failed and are not delivered"
+    )
+    notifications.add_argument("--subscription", help="only this subscription id")
+    notifications.add_argument("--limit", type=int, default=50)
+    notifications.add_argument("--page-token", help="continue a listing")
+    notifications.set_defaults(func=cmd_notifications)
 
     audit = sub.add_parser("audit", help="operator tools for the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)

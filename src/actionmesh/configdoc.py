@@ -35,6 +35,8 @@ from actionmesh.rpc.config import env_name, field_docs
 from actionmesh.rpc.telemetry import EXPORTER_ENV, STANDARD_EXPORTER_ENV
 from actionmesh.sdk.config import ENV_PREFIX as PROVIDER_PREFIX
 from actionmesh.sdk.config import ProviderConfig
+from actionmesh.webhook_receiver import ENV_PREFIX as RECEIVER_PREFIX
+from actionmesh.webhook_receiver import WebhookReceiverConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = REPO_ROOT / "docs" / "configuration.md"
@@ -98,6 +100,12 @@ SECTIONS: tuple[ConfigSection, ...] = (
         "python -m actionmesh.providers.supportdesk",
         SupportDeskConfig,
         SUPPORTDESK_PREFIX,
+    ),
+    ConfigSection(
+        "Webhook receiver (the local receiver of notifications, HTTP)",
+        "python -m actionmesh.webhook_receiver",
+        WebhookReceiverConfig,
+        RECEIVER_PREFIX,
     ),
 )
 

@@ -33,6 +33,12 @@ SIGNING_KEY_FILE = "dev-signing-key"
 REDACTION_KEY_FILE = "redaction-key"
 POLICY_FILE = "policies.cedar"
 STATE_FILE = "mesh.json"
+NOTIFICATIONS_FILE = "notifications.json"
+NOTIFICATION_SECRET_FILE = "webhook-secret"
+RECEIVER_EVENTS_FILE = "webhook-events.jsonl"
+# The demo tenant's subscription that `actionmesh up` points at the local receiver.
+DEMO_TENANT = "acme"
+DEMO_SUBSCRIPTION = "local-receiver"
 REGISTRATION_TOKENS_DIR = "registration-tokens"
 TLS_DIR = "tls"
 # The certificate the supervisor's health probes, the CLI and tests present.
@@ -73,6 +79,12 @@ class MeshSettings:
     supportdesk_port: int = 8780
     """Port of the stand-in external support platform (HTTP; 0 = any free port).
     Started only when the escalation provider runs and extra_env names no platform."""
+    webhook_receiver_port: int = 8790
+    """Port of the local webhook receiver (HTTP; 0 = any free port), subscribed to every
+    notification of the demo tenant; see ``notifications``."""
+    notifications: bool = True
+    """Start the local webhook receiver and give the gateway a notifications file with
+    one subscription (tenant acme, every event type) pointing at it."""
     provider_modules: tuple[str, ...] = DEFAULT_PROVIDERS
     """Provider modules to run, each as ``python -m MODULE``, on free ports."""
     seed_demo: bool = True
@@ -127,6 +139,19 @@ class Mesh:
     def policy_path(self) -> Path:
         return self.data_dir / POLICY_FILE
 
+    @property
+    def notifications_path(self) -> Path:
+        return self.data_dir / NOTIFICATIONS_FILE
+
+    @property
+    def notification_secret_path(self) -> Path:
+        return self.data_dir / NOTIFICATION_SECRET_FILE
+
+    @property
+    def receiver_events_path(self) -> Path:
+        """Where the local webhook receiver appends the notifications it verified."""
+        return self.data_dir / "data" / RECEIVER_EVENTS_FILE
+
     def signing_key(self) -> str:
         return self.signing_key_path.read_text().strip()
 
@@ -158,7 +183,11 @@ class Mesh:
     def prepare(self) -> None:
         for sub in ("run", "logs", "data"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        for key_path in (self.signing_key_path, self.redaction_key_path):
+        for key_path in (
+            self.signing_key_path,
+            self.redaction_key_path,
+            self.notification_secret_path,
+        ):
             if not key_path.exists():
                 key_path.write_text(secrets.token_hex(32))
                 key_path.chmod(0o600)
@@ -180,7 +209,29 @@ class Mesh:
         try:
             self._launch("registry", self._registry_command(), self.settings.registry_port)
             self._launch("auditlog", self._auditlog_command(), self.settings.auditlog_port)
-            self._launch("gateway", self._gateway_command(), self.settings.gateway_port)
+            gateway_flags: list[str] = []
+            if self.settings.notifications:
+                self._launch(
+                    "webhook-receiver",
+                    [
+                        sys.executable,
+                        "-m",
+                        "actionmesh.webhook_receiver",
+                        "--secret-file",
+                        str(self.notification_secret_path),
+                        "--events-file",
+                        str(self.receiver_events_path),
+                    ],
+                    self.settings.webhook_receiver_port,
+                    http=True,
+                )
+                self._write_notifications(self.services["webhook-receiver"].url)
+                gateway_flags = ["--notifications-file", str(self.notifications_path)]
+            self._launch(
+                "gateway",
+                [*self._gateway_command(), *gateway_flags],
+                self.settings.gateway_port,
+            )
             if self._needs_platform():
                 self._launch(
                     "supportdesk",
@@ -288,6 +339,23 @@ class Mesh:
         ]
 
     # -- internals ----------------------------------------------------------
+    def _write_notifications(self, receiver_url: str) -> None:
+        """The demo subscription: tenant acme, every notification, to the local receiver.
+        Rewritten at each start (the receiver's port may change); edit a copy to add
+        your own and pass it with ACTIONMESH_GATEWAY_NOTIFICATIONS_FILE."""
+        document = {
+            "subscriptions": [
+                {
+                    "id": DEMO_SUBSCRIPTION,
+                    "tenant": DEMO_TENANT,
+                    "url": receiver_url.rstrip("/") + "/hooks/actionmesh",
+                    "events": ["*"],
+                    "secret_file": str(self.notification_secret_path),
+                }
+            ]
+        }
+        self.notifications_path.write_text(json.dumps(document, indent=2) + "\n")
+
     def _registry_command(self) -> list[str]:
         return [
             sys.executable,
@@ -429,11 +497,18 @@ class Mesh:
             "providers": {
                 s.name: s.address
                 for s in self.services.values()
-                if s.name not in ("gateway", "registry", "auditlog", "supportdesk")
+                if s.name
+                not in ("gateway", "registry", "auditlog", "supportdesk", "webhook-receiver")
                 and not s.name.startswith("gateway")
             },
             "supportdesk": self.services["supportdesk"].url
             if "supportdesk" in self.services
+            else "",
+            "webhook_receiver": self.services["webhook-receiver"].url
+            if "webhook-receiver" in self.services
+            else "",
+            "notifications_file": str(self.notifications_path)
+            if "webhook-receiver" in self.services
             else "",
             "metrics": {s.name: s.metrics_url for s in self.services.values() if s.metrics_url},
             "signing_key_file": str(self.signing_key_path),

@@ -190,6 +190,34 @@ class GatewayConfig:
     """How long the outbox shipper waits after new events before it reads them, so one
     delivery carries the events of many calls; the audit timeline lags by this much more.
     0 ships at once."""
+    notifications_file: str = ""
+    """JSON file of webhook subscriptions (per tenant: id, tenant, url, events,
+    secret_file), checked at start (an invalid one stops the gateway) and re-read with
+    its secret files every `policy_reload_interval_s` (an invalid edit is refused and
+    the previous subscriptions stay). See the README's Governance. Empty: none."""
+    notification_poll_interval_s: float = 1.0
+    """How often the notifier looks for notifications due (new ones wake it at once)."""
+    notification_timeout_s: float = 5.0
+    """Deadline of one webhook POST; no answer by then counts as a failed attempt."""
+    notification_retry_initial_s: float = 1.0
+    """Wait after a notification's first failed attempt; twice as long after each next
+    one, up to `notification_retry_max_s`."""
+    notification_retry_max_s: float = 300.0
+    """The longest wait between two attempts at one notification."""
+    notification_max_attempts: int = 30
+    """After this many failed attempts a notification is FAILED (kept in the log)."""
+    notification_max_age_s: float = 86400.0
+    """A notification still undelivered this long after its event is FAILED."""
+    notification_lease_s: float = 30.0
+    """How long one replica holds the notifications it is delivering; a crashed one's
+    lapse after this and another replica delivers them. Must exceed
+    `notification_timeout_s`."""
+    notification_retention_s: float = 604800.0
+    """How long delivered and failed notifications stay in the delivery log (a week);
+    older ones are deleted with their attempts."""
+    notification_log_roles: str = "supervisor,admin"
+    """Comma-separated roles that may read their tenant's notification delivery log
+    (ListNotificationDeliveries); any one of them is enough."""
     max_request_bytes: int = 1024 * 1024
     """Largest request message accepted, in bytes; bigger ones are refused with
     RESOURCE_EXHAUSTED before they are decoded. The largest valid ExecuteAction (32
@@ -238,6 +266,21 @@ class GatewayConfig:
             raise ValueError("the reconcile_* and long_running_* settings must be positive")
         if self.reconcile_lease_s <= self.reconcile_status_timeout_s:
             raise ValueError("reconcile_lease_s must exceed reconcile_status_timeout_s")
+        if (
+            min(
+                self.notification_poll_interval_s,
+                self.notification_timeout_s,
+                self.notification_retry_initial_s,
+                self.notification_retry_max_s,
+                self.notification_max_age_s,
+                self.notification_retention_s,
+            )
+            <= 0
+            or self.notification_max_attempts < 1
+        ):
+            raise ValueError("the notification_* settings must be positive")
+        if self.notification_lease_s <= self.notification_timeout_s:
+            raise ValueError("notification_lease_s must exceed notification_timeout_s")
         parse_trusted_callers(self.trusted_callers)
         parse_rate(self.tenant_rate_limit)  # refuse a malformed rate at start, not per call
         if min(self.tenant_max_concurrent_executions, self.provider_max_concurrent_executions) < 0:
@@ -257,6 +300,11 @@ class GatewayConfig:
     def tls(self) -> TlsConfig:
         """The TLS files as one setting (disabled when all are empty)."""
         return TlsConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+
+    @property
+    def notification_log_role_set(self) -> frozenset[str]:
+        """notification_log_roles as a set."""
+        return frozenset(r.strip() for r in self.notification_log_roles.split(",") if r.strip())
 
     @property
     def jwt_algorithm_list(self) -> tuple[str, ...]:

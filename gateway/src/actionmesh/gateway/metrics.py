@@ -14,6 +14,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Observation
 
 from actionmesh.gateway.directory import ProviderDirectory
+from actionmesh.gateway.notifications import NotificationState
 from actionmesh.gateway.storage import GatewayStore
 from actionmesh.rpc.server import RunningServer
 from actionmesh.runtime.metrics import LATENCY_BUCKETS_S, ObservedGauge
@@ -66,6 +67,13 @@ UNRESOLVED = ObservedGauge(
     unit="{execution}",
     description="Executions whose outcome still needs an answer, by reconcile state: PENDING "
     "(the reconciler asks the provider) and NEEDS_ATTENTION (a person must find out).",
+)
+NOTIFICATIONS = ObservedGauge(
+    METER,
+    "actionmesh.notifications",
+    unit="{notification}",
+    description="Webhook notifications in the gateway's outbox (its delivery log), by state: "
+    "PENDING (not delivered yet), DELIVERED, FAILED (given up).",
 )
 PROVIDER_HEALTHY = ObservedGauge(
     METER,
@@ -132,10 +140,20 @@ def observe_gateway(
     detach_providers = PROVIDER_HEALTHY.attach(providers)
     detach_unresolved = UNRESOLVED.attach(unresolved)
 
+    def notifications() -> Iterable[Observation]:
+        counts = store.notification_counts()
+        return [
+            Observation(counts.get(state.value, 0), {"state": state.value})
+            for state in NotificationState
+        ]
+
+    detach_notifications = NOTIFICATIONS.attach(notifications)
+
     async def detach() -> None:
         # Before the store closes after the drain: a scrape must not query a closed store.
         detach_depth()
         detach_providers()
         detach_unresolved()
+        detach_notifications()
 
     running.on_stop.append(detach)

@@ -24,6 +24,8 @@ from actionmesh.gateway.history import HistoryReader
 from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import observe_gateway
+from actionmesh.gateway.notifications import NotificationRouter
+from actionmesh.gateway.notifier import NotificationLog, Notifier, NotifierSettings
 from actionmesh.gateway.outbox import OutboxShipper
 from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.gateway.reconciler import Reconciler, ReconcileSettings
@@ -49,9 +51,12 @@ POLICY_HEALTH_NAME = "actionmesh.gateway.policy"
 async def start_gateway(config: GatewayConfig) -> RunningServer:
     verifier = TokenVerifier(config)
     policy = PolicyEngine(config.policy_file)
+    # A bad notifications file stops the start with the entry and field it is about.
+    router = NotificationRouter.from_file(config.notifications_file)
     store = await asyncio.to_thread(
         GatewayStore, config.database_url, migrate=config.migrate_on_start
     )
+    store.notifications = router
     # Every background loop of the gateway runs under this supervisor: restarted when
     # it fails, and the gateway NOT_SERVING while one keeps failing.
     supervisor = Supervisor("gateway")
@@ -81,7 +86,27 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         config.tenant_max_concurrent_executions,
         config.provider_max_concurrent_executions,
     )
-    core = GatewayCore.build(config, store, writer, directory, policy, shipper.notify, admission)
+    notifier = Notifier(
+        store,
+        writer,
+        router,
+        NotifierSettings(
+            poll_interval_s=config.notification_poll_interval_s,
+            timeout_s=config.notification_timeout_s,
+            retry_initial_s=config.notification_retry_initial_s,
+            retry_max_s=config.notification_retry_max_s,
+            max_attempts=config.notification_max_attempts,
+            max_age_s=config.notification_max_age_s,
+            lease_s=config.notification_lease_s,
+            retention_s=config.notification_retention_s,
+        ),
+    )
+
+    def on_audit_written() -> None:
+        shipper.notify()
+        notifier.wake()
+
+    core = GatewayCore.build(config, store, writer, directory, policy, on_audit_written, admission)
     # Executions a previous run of this (or another) gateway left RUNNING and past their
     # deadline are closed now, not one sweep interval later.
     try:
@@ -98,6 +123,7 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
         ledger=core.ledger,
         policy=policy,
         admission=admission,
+        notification_log=NotificationLog(store, config.notification_log_role_set),
     )
     running = await start_server(
         [(gateway_pb2_grpc.add_ActionGatewayServiceServicer_to_server, servicer, SERVICE_NAME)],
@@ -121,11 +147,24 @@ async def start_gateway(config: GatewayConfig) -> RunningServer:
             "orphan-sweep", config.approval_sweep_interval_s, core.sweeper.resolve_orphans
         ),
         supervisor.spawn("reconcile", core.reconciler.run),
+        # Runs with no subscriptions too: deliveries a previous configuration left are
+        # still due (and fail as "no longer configured", in the log).
+        supervisor.spawn("notifications", notifier.run),
     ]
     if verifier.refresh_interval_s is not None:
         # Re-reads a JWKS so removed keys stop working.
         background.append(
             supervisor.every("jwks-refresh", verifier.refresh_interval_s, verifier.refresh_keys)
+        )
+    if config.policy_reload_interval_s > 0 and config.notifications_file:
+        # Subscriptions and their secrets change without a restart (a bad file never
+        # replaces a good one).
+        background.append(
+            supervisor.every(
+                "notifications-reload",
+                config.policy_reload_interval_s,
+                lambda: asyncio.to_thread(router.reload_if_changed),
+            )
         )
     if config.policy_reload_interval_s > 0:
         background.append(

@@ -13,6 +13,7 @@ from actionmesh.gateway.history import HistoryReader
 from actionmesh.gateway.interventions import Interventions
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.model import ApprovalState, ExecuteCommand, ExecutionRecord
+from actionmesh.gateway.notifier import NotificationLog
 from actionmesh.gateway.policy import PolicyEngine
 from actionmesh.rpc.convert import to_timestamp
 from actionmesh.rpc.errors import NotFound
@@ -32,7 +33,9 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         ledger: Ledger,
         policy: PolicyEngine,
         admission: Admission,
+        notification_log: NotificationLog,
     ) -> None:
+        self._notification_log = notification_log
         self._admission = admission
         self._verifier = verifier
         self._discoverer = discoverer
@@ -209,6 +212,14 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
             caller, request.execution_id, request.outcome, request.comment, request.external_ref
         )
         return gateway_pb2.ResolveExecutionResponse(execution=execution_proto(record))
+
+    async def ListNotificationDeliveries(
+        self,
+        request: gateway_pb2.ListNotificationDeliveriesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> gateway_pb2.ListNotificationDeliveriesResponse:
+        caller = await self._caller(context)
+        return await self._notification_log.list(caller, request)
 
     async def GetPolicyStatus(
         self, request: gateway_pb2.GetPolicyStatusRequest, context: grpc.aio.ServicerContext

@@ -7,9 +7,10 @@ the same transaction, so the audit trail can lag but never lose an event.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -45,6 +46,12 @@ from actionmesh.gateway.model import (
     ExecutionState,
     ReconcileState,
     Vote,
+)
+from actionmesh.gateway.notifications import (
+    Delivery,
+    DeliveryAttempt,
+    NotificationRouter,
+    NotificationState,
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.runtime.db import UTCDateTime, make_engine
@@ -134,6 +141,49 @@ class OutboxRow(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class NotificationRow(Base):
+    """One notification to one subscription's webhook (revision 0007): written with its
+    audit event, delivered (with retries) by the notifier, kept as the delivery log."""
+
+    __tablename__ = "notification_outbox"
+    __table_args__ = (
+        Index("ix_notification_due", "state", "next_attempt_at"),
+        Index("ix_notification_tenant", "tenant", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    execution_id: Mapped[str] = mapped_column(String(64), default="")
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status_code: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class NotificationAttemptRow(Base):
+    """One delivery attempt: what the receiver answered (status code) or what failed."""
+
+    __tablename__ = "notification_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status_code: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class ParkedEventRow(Base):
     """An event the audit log refused as invalid: kept for an operator, never dropped."""
 
@@ -204,6 +254,15 @@ class GatewayStore:
             self.engine.dispose()
             raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.notifications: NotificationRouter | None = None
+        """Subscriptions the events written are matched against (None: none)."""
+
+    @contextmanager
+    def _begin(self) -> Iterator[Session]:
+        """A transaction whose event writes also enqueue their notifications."""
+        with self._session() as session, session.begin():
+            session.info[NOTIFICATIONS_KEY] = self.notifications
+            yield session
 
     def close(self) -> None:
         self.engine.dispose()
@@ -211,7 +270,7 @@ class GatewayStore:
     def write(self, op: WriteOp[T]) -> T:
         """Run one write operation in a transaction of its own."""
         try:
-            with self._session.begin() as session:
+            with self._begin() as session:
                 return op(session)
         except IntegrityError as exc:
             if isinstance(op, InsertExecution):
@@ -228,7 +287,7 @@ class GatewayStore:
         """
         if len(ops) > 1:
             try:
-                with self._session.begin() as session:
+                with self._begin() as session:
                     return [op(session) for op in ops]
             except Exception:  # retried one by one just below
                 pass
@@ -443,6 +502,75 @@ class GatewayStore:
         with self._session() as session:
             return int(session.scalar(select(func.count()).select_from(ParkedEventRow)) or 0)
 
+    def due_notifications(self, now: datetime, limit: int) -> list[int]:
+        """Ids of PENDING notifications due by ``now`` and not leased, oldest first."""
+        query = (
+            select(NotificationRow.id)
+            .where(_notification_due(now))
+            .order_by(NotificationRow.next_attempt_at, NotificationRow.id)
+            .limit(limit)
+        )
+        with self._session() as session:
+            return list(session.scalars(query))
+
+    def notifications_by_id(self, ids: Sequence[int]) -> list[Delivery]:
+        query = select(NotificationRow).where(NotificationRow.id.in_(list(ids)))
+        with self._session() as session:
+            return [_delivery(row) for row in session.scalars(query.order_by(NotificationRow.id))]
+
+    def notification_log(
+        self,
+        tenant: str,
+        *,
+        failed_only: bool,
+        subscription_id: str,
+        before_id: int | None,
+        limit: int,
+    ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+        """One tenant's deliveries, newest first (keyset-paged by id), with their attempts."""
+        query = select(NotificationRow).where(NotificationRow.tenant == tenant)
+        if failed_only:
+            # Given up, or not delivered at the last try.
+            query = query.where(
+                or_(
+                    NotificationRow.state == NotificationState.FAILED.value,
+                    and_(
+                        NotificationRow.state == NotificationState.PENDING.value,
+                        NotificationRow.attempts > 0,
+                    ),
+                )
+            )
+        if subscription_id:
+            query = query.where(NotificationRow.subscription_id == subscription_id)
+        if before_id is not None:
+            query = query.where(NotificationRow.id < before_id)
+        query = query.order_by(NotificationRow.id.desc()).limit(limit)
+        with self._session() as session:
+            deliveries = [_delivery(row) for row in session.scalars(query)]
+            attempts: dict[int, list[DeliveryAttempt]] = {d.id: [] for d in deliveries}
+            if deliveries:
+                for row in session.scalars(
+                    select(NotificationAttemptRow)
+                    .where(NotificationAttemptRow.delivery_id.in_(list(attempts)))
+                    .order_by(NotificationAttemptRow.id)
+                ):
+                    attempts[row.delivery_id].append(
+                        DeliveryAttempt(
+                            attempt=row.attempt,
+                            at=row.at,
+                            status_code=row.status_code,
+                            error=row.error,
+                            delivered=row.delivered,
+                        )
+                    )
+        return [(d, attempts[d.id]) for d in deliveries]
+
+    def notification_counts(self) -> dict[str, int]:
+        """How many notifications are in each state (all tenants)."""
+        query = select(NotificationRow.state, func.count()).group_by(NotificationRow.state)
+        with self._session() as session:
+            return {state: int(count) for state, count in session.execute(query).all()}
+
     def outbox_depth(self) -> int:
         with self._session() as session:
             return int(session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
@@ -455,6 +583,9 @@ WriteOp = Callable[[Session], T]
 
 _EXECUTIONS = cast(Table, ExecutionRow.__table__)
 _OUTBOX = cast(Table, OutboxRow.__table__)
+_NOTIFICATIONS = cast(Table, NotificationRow.__table__)
+_ATTEMPTS = cast(Table, NotificationAttemptRow.__table__)
+NOTIFICATIONS_KEY = "actionmesh.notifications"
 
 
 @dataclass(frozen=True)
@@ -876,6 +1007,131 @@ def resolve_orphan_op(
     return op
 
 
+def _notification_due(now: datetime) -> ColumnElement[bool]:
+    columns = _NOTIFICATIONS.c
+    return and_(
+        columns.state == NotificationState.PENDING.value,
+        columns.next_attempt_at <= now,
+        or_(columns.lease_until.is_(None), columns.lease_until <= now),
+    )
+
+
+def claim_notifications_op(
+    ids: Sequence[int], owner: str, now: datetime, until: datetime
+) -> WriteOp[list[int]]:
+    """Lease due notifications to ``owner`` until ``until``: each id goes to exactly one
+    replica (a compare-and-set per row); the ids this one got."""
+
+    def op(session: Session) -> list[int]:
+        claimed: list[int] = []
+        for row_id in ids:
+            result = session.execute(
+                update(_NOTIFICATIONS)
+                .where(_NOTIFICATIONS.c.id == row_id, _notification_due(now))
+                .values(lease_owner=owner, lease_until=until)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append(row_id)
+        return claimed
+
+    return op
+
+
+def notification_attempted_op(
+    delivery_id: int,
+    owner: str,
+    attempt: DeliveryAttempt,
+    state: NotificationState,
+    next_attempt_at: datetime,
+) -> WriteOp[bool]:
+    """Record one attempt and where the delivery now stands, releasing the lease; False
+    (nothing written) when ``owner`` no longer holds it."""
+
+    def op(session: Session) -> bool:
+        result = session.execute(
+            update(_NOTIFICATIONS)
+            .where(
+                _NOTIFICATIONS.c.id == delivery_id,
+                _NOTIFICATIONS.c.state == NotificationState.PENDING.value,
+                _NOTIFICATIONS.c.lease_owner == owner,
+            )
+            .values(
+                state=state.value,
+                attempts=attempt.attempt,
+                next_attempt_at=next_attempt_at,
+                lease_owner="",
+                lease_until=None,
+                last_attempt_at=attempt.at,
+                last_status_code=attempt.status_code,
+                last_error=attempt.error,
+                delivered_at=attempt.at if attempt.delivered else None,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        session.execute(
+            insert(_ATTEMPTS),
+            [
+                {
+                    "delivery_id": delivery_id,
+                    "attempt": attempt.attempt,
+                    "at": attempt.at,
+                    "status_code": attempt.status_code,
+                    "error": attempt.error,
+                    "delivered": attempt.delivered,
+                }
+            ],
+        )
+        return True
+
+    return op
+
+
+def prune_notifications_op(cutoff: datetime, limit: int = 1000) -> WriteOp[int]:
+    """Delete up to ``limit`` settled (DELIVERED, FAILED) notifications created before
+    ``cutoff``, with their attempts; how many went."""
+    columns = _NOTIFICATIONS.c
+
+    def op(session: Session) -> int:
+        ids = list(
+            session.scalars(
+                select(columns.id)
+                .where(
+                    columns.state != NotificationState.PENDING.value,
+                    columns.created_at < cutoff,
+                )
+                .order_by(columns.id)
+                .limit(limit)
+            )
+        )
+        if ids:
+            session.execute(delete(_ATTEMPTS).where(_ATTEMPTS.c.delivery_id.in_(ids)))
+            session.execute(delete(_NOTIFICATIONS).where(columns.id.in_(ids)))
+        return len(ids)
+
+    return op
+
+
+def _delivery(row: NotificationRow) -> Delivery:
+    return Delivery(
+        id=row.id,
+        subscription_id=row.subscription_id,
+        tenant=row.tenant,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        execution_id=row.execution_id,
+        payload=row.payload,
+        state=NotificationState(row.state),
+        attempts=row.attempts,
+        created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at,
+        last_attempt_at=row.last_attempt_at,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        delivered_at=row.delivered_at,
+    )
+
+
 def delete_events_op(ids: Sequence[int]) -> WriteOp[None]:
     def op(session: Session) -> None:
         session.execute(delete(_OUTBOX).where(_OUTBOX.c.id.in_(list(ids))))
@@ -915,6 +1171,12 @@ def _enqueue(session: Session, events: Sequence[audit_pb2.AuditEvent]) -> None:
             insert(_OUTBOX),
             [{"event_id": e.event_id, "payload": e.SerializeToString()} for e in events],
         )
+        router: NotificationRouter | None = session.info.get(NOTIFICATIONS_KEY)
+        if router is not None:
+            # Just rows, in the same transaction: delivery happens later, elsewhere.
+            rows = router.rows(events, datetime.now(UTC))
+            if rows:
+                session.execute(insert(_NOTIFICATIONS), rows)
 
 
 def _row_values(record: ExecutionRecord) -> dict[str, Any]:

@@ -263,6 +263,24 @@ class GatewayClient:
         )
         return await self._call(self._stub.GetTrace, request, retry_safe=True)
 
+    async def notification_deliveries(
+        self,
+        *,
+        failed_only: bool = False,
+        subscription_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> gateway_pb2.ListNotificationDeliveriesResponse:
+        """One page of the caller's tenant's notification delivery log, newest first
+        (needs one of the gateway's notification_log_roles)."""
+        request = gateway_pb2.ListNotificationDeliveriesRequest(
+            failed_only=failed_only,
+            subscription_id=subscription_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._call(self._stub.ListNotificationDeliveries, request, retry_safe=True)
+
     # -- machinery --------------------------------------------------------------
     async def _metadata(self) -> tuple[tuple[str, str], ...]:
         token: Any = self._token() if callable(self._token) else self._token

@@ -66,6 +66,32 @@ APPROVAL_STATE_REJECTED: ApprovalState.ValueType  # 3
 APPROVAL_STATE_EXPIRED: ApprovalState.ValueType  # 4
 Global___ApprovalState: _TypeAlias = ApprovalState  # noqa: Y015
 
+class _NotificationDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NotificationDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NotificationDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NOTIFICATION_DELIVERY_STATE_UNSPECIFIED: _NotificationDeliveryState.ValueType  # 0
+    NOTIFICATION_DELIVERY_STATE_PENDING: _NotificationDeliveryState.ValueType  # 1
+    """Not delivered yet; tried again at next_attempt_at."""
+    NOTIFICATION_DELIVERY_STATE_DELIVERED: _NotificationDeliveryState.ValueType  # 2
+    """The receiver answered 2xx."""
+    NOTIFICATION_DELIVERY_STATE_FAILED: _NotificationDeliveryState.ValueType  # 3
+    """Given up (too many attempts, too old, or its subscription is no longer configured)."""
+
+class NotificationDeliveryState(_NotificationDeliveryState, metaclass=_NotificationDeliveryStateEnumTypeWrapper):
+    """Where one webhook notification stands."""
+
+NOTIFICATION_DELIVERY_STATE_UNSPECIFIED: NotificationDeliveryState.ValueType  # 0
+NOTIFICATION_DELIVERY_STATE_PENDING: NotificationDeliveryState.ValueType  # 1
+"""Not delivered yet; tried again at next_attempt_at."""
+NOTIFICATION_DELIVERY_STATE_DELIVERED: NotificationDeliveryState.ValueType  # 2
+"""The receiver answered 2xx."""
+NOTIFICATION_DELIVERY_STATE_FAILED: NotificationDeliveryState.ValueType  # 3
+"""Given up (too many attempts, too old, or its subscription is no longer configured)."""
+Global___NotificationDeliveryState: _TypeAlias = NotificationDeliveryState  # noqa: Y015
+
 @_typing.final
 class DiscoverActionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1082,3 +1108,160 @@ class GetTraceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTraceResponse: _TypeAlias = GetTraceResponse  # noqa: Y015
+
+@_typing.final
+class ListNotificationDeliveriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILED_ONLY_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    failed_only: _builtins.bool
+    """Only deliveries that failed at least once and are not delivered (FAILED, or
+    PENDING after a failed attempt).
+    """
+    subscription_id: _builtins.str
+    """Only this subscription's deliveries, when set."""
+    page_size: _builtins.int
+    """At most 500; 0 means 100."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        failed_only: _builtins.bool = ...,
+        subscription_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_only", b"failed_only", "page_size", b"page_size", "page_token", b"page_token", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNotificationDeliveriesRequest: _TypeAlias = ListNotificationDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class NotificationAttempt(_message.Message):
+    """One try at delivering a notification."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    status_code: _builtins.int
+    """The receiver's HTTP status; 0 when it did not answer."""
+    error: _builtins.str
+    """Why it failed (no answer, a status that is not 2xx); empty when delivered."""
+    delivered: _builtins.bool
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        status_code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        delivered: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "delivered", b"delivered", "error", b"error", "status_code", b"status_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotificationAttempt: _TypeAlias = NotificationAttempt  # noqa: Y015
+
+@_typing.final
+class NotificationDelivery(_message.Message):
+    """One notification: one audit event, as a CloudEvent, to one subscription's webhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    LAST_STATUS_CODE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    ATTEMPT_LOG_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    event_id: _builtins.str
+    """The CloudEvents id and webhook-id header: the audit event's id."""
+    event_type: _builtins.str
+    """The notification type, e.g. "approval.requested" (CloudEvents type
+    "dev.actionmesh.approval.requested").
+    """
+    execution_id: _builtins.str
+    state: Global___NotificationDeliveryState.ValueType
+    attempts: _builtins.int
+    last_status_code: _builtins.int
+    """The last attempt's status code and error."""
+    last_error: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (PENDING only)."""
+
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attempt_log(self) -> _containers.RepeatedCompositeFieldContainer[Global___NotificationAttempt]: ...
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
+        state: Global___NotificationDeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+        last_status_code: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        attempt_log: _abc.Iterable[Global___NotificationAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "delivered_at", b"delivered_at", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_log", b"attempt_log", "attempts", b"attempts", "created_at", b"created_at", "delivered_at", b"delivered_at", "event_id", b"event_id", "event_type", b"event_type", "execution_id", b"execution_id", "last_error", b"last_error", "last_status_code", b"last_status_code", "next_attempt_at", b"next_attempt_at", "state", b"state", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotificationDelivery: _TypeAlias = NotificationDelivery  # noqa: Y015
+
+@_typing.final
+class ListNotificationDeliveriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___NotificationDelivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___NotificationDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNotificationDeliveriesResponse: _TypeAlias = ListNotificationDeliveriesResponse  # noqa: Y015

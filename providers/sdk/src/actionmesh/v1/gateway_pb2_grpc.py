@@ -118,6 +118,11 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
                 _registered_method=True)
+        self.ListNotificationDeliveries = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/ListNotificationDeliveries',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class ActionGatewayServiceServicer:
@@ -257,6 +262,17 @@ class ActionGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNotificationDeliveries(self, request, context):
+        """The caller's tenant's notification delivery log, newest first: each webhook
+        notification (one event to one subscription), where it stands and every attempt
+        (status code or error). Only for callers with one of the gateway's
+        notification_log_roles (default supervisor, admin): PERMISSION_DENIED
+        NOTIFICATION_LOG_FORBIDDEN otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +335,11 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     servicer.ResolveExecution,
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.SerializeToString,
+            ),
+            'ListNotificationDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotificationDeliveries,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +690,33 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/ResolveExecution',
             actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotificationDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/ListNotificationDeliveries',
+            actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

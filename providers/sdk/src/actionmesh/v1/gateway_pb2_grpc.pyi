@@ -116,6 +116,13 @@ class ActionGatewayServiceStub:
     outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
     comment), PERMISSION_DENIED POLICY_DENIED.
     """
+    ListNotificationDeliveries: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListNotificationDeliveriesRequest, _gateway_pb2.ListNotificationDeliveriesResponse]
+    """The caller's tenant's notification delivery log, newest first: each webhook
+    notification (one event to one subscription), where it stands and every attempt
+    (status code or error). Only for callers with one of the gateway's
+    notification_log_roles (default supervisor, admin): PERMISSION_DENIED
+    NOTIFICATION_LOG_FORBIDDEN otherwise.
+    """
 
 @_typing.type_check_only
 class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
@@ -204,6 +211,13 @@ class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
     outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
     comment), PERMISSION_DENIED POLICY_DENIED.
+    """
+    ListNotificationDeliveries: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListNotificationDeliveriesRequest, _gateway_pb2.ListNotificationDeliveriesResponse]  # type: ignore[assignment]
+    """The caller's tenant's notification delivery log, newest first: each webhook
+    notification (one event to one subscription), where it stands and every attempt
+    (status code or error). Only for callers with one of the gateway's
+    notification_log_roles (default supervisor, admin): PERMISSION_DENIED
+    NOTIFICATION_LOG_FORBIDDEN otherwise.
     """
 
 class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -362,6 +376,19 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
         outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
         comment), PERMISSION_DENIED POLICY_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListNotificationDeliveries(
+        self,
+        request: _gateway_pb2.ListNotificationDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ListNotificationDeliveriesResponse, _abc.Awaitable[_gateway_pb2.ListNotificationDeliveriesResponse]]:
+        """The caller's tenant's notification delivery log, newest first: each webhook
+        notification (one event to one subscription), where it stands and every attempt
+        (status code or error). Only for callers with one of the gateway's
+        notification_log_roles (default supervisor, admin): PERMISSION_DENIED
+        NOTIFICATION_LOG_FORBIDDEN otherwise.
         """
 
 def add_ActionGatewayServiceServicer_to_server(servicer: ActionGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
