@@ -125,6 +125,7 @@ def test_four_eyes_from_the_command_line(mesh: Mesh) -> None:
         ).stdout.strip()
 
     alice, sam = mint("alice", "operator"), mint("sam", "supervisor")
+    bob = mint("bob", "approver")
     asked = cli(
         mesh,
         "run",
@@ -154,6 +155,12 @@ def test_four_eyes_from_the_command_line(mesh: Mesh) -> None:
 
     own = cli(mesh, "approve", execution_id, "ticket/t-100", "--status", "open", token=alice)
     assert own.returncode == 2 and "SELF_APPROVAL_FORBIDDEN" in own.stdout
+
+    # A critical service level needs two approvers, one a supervisor (the shipped policy).
+    counted = cli(mesh, "approve", execution_id, "--comment", "seen it", token=bob)
+    assert counted.returncode == 3, counted.stdout + counted.stderr  # still pending
+    assert "PENDING_APPROVAL" in counted.stdout
+    assert "1 of 2, incl. supervisor (bob)" in counted.stdout, counted.stdout
 
     approved = cli(
         mesh,
