@@ -64,8 +64,7 @@ class Deadlines:
     """The longest any long-running action may run, whatever its descriptor says."""
 
     def poll_interval_for(self, descriptor: common_pb2.ActionDescriptor) -> timedelta:
-        declared = descriptor.long_running.poll_interval_ms / 1000.0
-        return timedelta(seconds=declared or self.poll_interval_s)
+        return poll_interval(descriptor, self.poll_interval_s)
 
     def run_deadline(self, descriptor: common_pb2.ActionDescriptor, start: datetime) -> datetime:
         """When a long-running action dispatched at ``start`` must have finished."""
@@ -94,6 +93,13 @@ class Deadlines:
         )
 
 
+def poll_interval(descriptor: common_pb2.ActionDescriptor | None, default_s: float) -> timedelta:
+    """How often an ACCEPTED execution of ``descriptor``'s action is asked how it goes:
+    what the action declares, else ``default_s`` (also for an action no longer known)."""
+    declared = descriptor.long_running.poll_interval_ms / 1000.0 if descriptor else 0.0
+    return timedelta(seconds=declared or default_s)
+
+
 @dataclass(frozen=True)
 class ProviderAnswer:
     """What became of one Execute call, in the mesh's outcome vocabulary."""
@@ -104,6 +110,22 @@ class ProviderAnswer:
     external_ref: str = ""
     changes: Sequence[Change] = ()
     warnings: Sequence[str] = ()
+
+    @classmethod
+    def of(cls, reply: provider_pb2.ExecuteResponse) -> ProviderAnswer | None:
+        """A provider's answer (Execute's, or a finished status's result) in the mesh's
+        terms; None when it names no outcome."""
+        outcome = Outcome.from_proto(reply.outcome)
+        if outcome is None:
+            return None
+        return cls(
+            outcome=outcome,
+            reason=reply.reason,
+            message=reply.message,
+            external_ref=reply.external_ref,
+            changes=[(c.field, c.before, c.after) for c in reply.changes],
+            warnings=list(reply.warnings),
+        )
 
     def applied_to(self, record: ExecutionRecord, settle_after_s: float = 0.0) -> ExecutionRecord:
         """``record`` finished with this answer; an unsettled outcome is reconciled from
@@ -250,21 +272,16 @@ class Dispatcher:
             # grpc cancels the calls on a channel that closes under them: the request
             # was sent, so the provider may have acted.
             return CONNECTION_LOST_ANSWER
-        outcome = Outcome.from_proto(reply.outcome)
-        if outcome not in (LONG_RUNNING_OUTCOMES if long_running else PROVIDER_OUTCOMES):
+        answer = ProviderAnswer.of(reply)
+        if answer is None or answer.outcome not in (
+            LONG_RUNNING_OUTCOMES if long_running else PROVIDER_OUTCOMES
+        ):
             return ProviderAnswer(
                 Outcome.PARTIAL,
                 reason="PROVIDER_PROTOCOL_ERROR",
                 message="the provider answered with an outcome it may not report; check its state",
             )
-        return ProviderAnswer(
-            outcome=outcome,
-            reason=reply.reason,
-            message=reply.message,
-            external_ref=reply.external_ref,
-            changes=[(c.field, c.before, c.after) for c in reply.changes],
-            warnings=list(reply.warnings),
-        )
+        return answer
 
     async def _finish(
         self,

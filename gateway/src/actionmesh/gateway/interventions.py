@@ -26,6 +26,8 @@ the mesh does not block it: the action is then decided on as a high-risk one.
 
 from __future__ import annotations
 
+import logging
+
 from actionmesh.gateway.approvals import check_comment
 from actionmesh.gateway.auth import Caller
 from actionmesh.gateway.authorization import Authorizer
@@ -51,6 +53,8 @@ from actionmesh.rpc.errors import (
 )
 from actionmesh.rpc.outcomes import Outcome
 from actionmesh.v1 import common_pb2, registry_pb2
+
+log = logging.getLogger(__name__)
 
 
 class Interventions:
@@ -114,8 +118,13 @@ class Interventions:
                 "the execution changed while cancelling; look again",
                 reason="EXECUTION_NOT_RUNNING",
             )
-        # Tell the provider now (another replica may hold the lease: it tells it then).
-        followed = await self._reconciler.reconcile(written, right_away=True)
+        # Tell the provider now (another replica may hold the lease: it tells it then). The
+        # cancel is recorded whatever happens here: the loop tells the provider next time.
+        try:
+            followed = await self._reconciler.reconcile(written, right_away=True)
+        except Exception:
+            log.exception("execution %s: telling the provider to stop failed", execution_id)
+            return written
         return followed or written
 
     async def resolve(

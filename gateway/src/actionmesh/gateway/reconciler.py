@@ -44,6 +44,7 @@ import grpc
 import grpc.aio
 
 from actionmesh.gateway.directory import ProviderDirectory, ProviderEntry
+from actionmesh.gateway.dispatch import ProviderAnswer, poll_interval
 from actionmesh.gateway.ledger import Ledger
 from actionmesh.gateway.metrics import record_reconciled
 from actionmesh.gateway.model import (
@@ -54,7 +55,7 @@ from actionmesh.gateway.model import (
     ReconcileState,
 )
 from actionmesh.rpc.convert import utcnow
-from actionmesh.rpc.outcomes import FINAL_PROVIDER_OUTCOMES, Outcome
+from actionmesh.rpc.outcomes import FINAL_PROVIDER_OUTCOMES
 from actionmesh.rpc.supervisor import SupervisedLoop
 from actionmesh.v1 import provider_pb2
 
@@ -225,45 +226,44 @@ class Reconciler:
         now = utcnow()
         entry = self._directory.provider(row.provider_id)
         descriptor = entry.action(row.action_id) if entry is not None else None
-        poll = timedelta(
-            seconds=(descriptor.long_running.poll_interval_ms / 1000.0 if descriptor else 0.0)
-            or self._settings.poll_interval_s
-        )
+        poll = poll_interval(descriptor, self._settings.poll_interval_s)
+        asked = self._status_request(row)
         if row.run_deadline is not None and now >= row.run_deadline:
             if entry is not None:
-                await self._stop(entry, row, SYSTEM_ACTOR, OVERRAN_REASON, timeout_s)
+                await self._stop(entry, asked, SYSTEM_ACTOR, OVERRAN_REASON, timeout_s)
             return row.overran(at=now)
         if entry is None:
             log.info("execution %s: its provider is not registered; asking later", row.execution_id)
             return row.progressed(next_at=self._capped(now + poll, row))
         if row.cancel_requested_by:
             await self._stop(
-                entry, row, row.cancel_requested_by, row.cancel_comment or "cancelled", timeout_s
+                entry, asked, row.cancel_requested_by, row.cancel_comment or "cancelled", timeout_s
             )
         deadline = self._settings.status_timeout_s if timeout_s is None else timeout_s
         try:
             reply = await self._directory.stub(entry).GetExecutionStatus(
-                self._status_request(row), timeout=max(deadline, 0.05)
+                asked, timeout=max(deadline, 0.05)
             )
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout"
             log.info("execution %s: GetExecutionStatus failed (%s)", row.execution_id, why)
             return row.progressed(next_at=self._capped(now + poll, row))
         if reply.state == provider_pb2.EXECUTION_STATE_FINISHED:
-            result = reply.result
-            outcome = Outcome.from_proto(result.outcome)
-            if outcome in FINAL_PROVIDER_OUTCOMES:
+            answer = ProviderAnswer.of(reply.result)
+            if answer is not None and answer.outcome in FINAL_PROVIDER_OUTCOMES:
                 return row.completed(
-                    outcome,
+                    answer.outcome,
                     at=self._finished_at(reply),
-                    reason=result.reason,
-                    message=result.message,
-                    external_ref=result.external_ref,
-                    changes=[(c.field, c.before, c.after) for c in result.changes],
-                    warnings=list(result.warnings),
+                    reason=answer.reason,
+                    message=answer.message,
+                    external_ref=answer.external_ref,
+                    changes=answer.changes,
+                    warnings=answer.warnings,
                 )
             log.warning(
-                "execution %s: the provider answered FINISHED with %s", row.execution_id, outcome
+                "execution %s: the provider answered FINISHED with %s",
+                row.execution_id,
+                reply.result.outcome,
             )
         elif reply.state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
             return row.lost(at=now)
@@ -278,18 +278,18 @@ class Reconciler:
     async def _stop(
         self,
         entry: ProviderEntry,
-        row: ExecutionRecord,
+        asked: provider_pb2.GetExecutionStatusRequest,
         requested_by: str,
         reason: str,
         timeout_s: float | None,
     ) -> None:
-        """Ask the provider to stop the execution; best effort (asked again next time)."""
-        command = ExecuteCommand.thaw(row.request_payload)
+        """Ask the provider to stop the execution ``asked`` names; best effort (asked
+        again next time)."""
         request = provider_pb2.StopExecutionRequest(
-            tenant=command.record.tenant or row.tenant,
-            action_id=row.action_id,
-            idempotency_key=row.idempotency_key,
-            request_id=row.execution_id,
+            tenant=asked.tenant,
+            action_id=asked.action_id,
+            idempotency_key=asked.idempotency_key,
+            request_id=asked.request_id,
             requested_by=requested_by,
             reason=reason,
         )
@@ -298,7 +298,7 @@ class Reconciler:
             await self._directory.stub(entry).StopExecution(request, timeout=max(deadline, 0.05))
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout"
-            log.warning("execution %s: StopExecution failed (%s)", row.execution_id, why)
+            log.warning("execution %s: StopExecution failed (%s)", asked.request_id, why)
 
     @staticmethod
     def _status_request(row: ExecutionRecord) -> provider_pb2.GetExecutionStatusRequest:
@@ -350,17 +350,18 @@ class Reconciler:
         if state == provider_pb2.EXECUTION_STATE_NEVER_RECEIVED:
             return row.never_received(at=utcnow())
         if state == provider_pb2.EXECUTION_STATE_FINISHED:
-            result = reply.result
-            outcome = Outcome.from_proto(result.outcome)
-            if outcome not in FINAL_PROVIDER_OUTCOMES:
-                return self._later(row, f"the provider answered FINISHED with {outcome}")
+            answer = ProviderAnswer.of(reply.result)
+            if answer is None or answer.outcome not in FINAL_PROVIDER_OUTCOMES:
+                return self._later(
+                    row, f"the provider answered FINISHED with {reply.result.outcome}"
+                )
             return row.reconciled(
-                outcome,
+                answer.outcome,
                 at=self._finished_at(reply),
-                reason=result.reason,
-                external_ref=result.external_ref,
-                changes=[(c.field, c.before, c.after) for c in result.changes],
-                warnings=list(result.warnings),
+                reason=answer.reason,
+                external_ref=answer.external_ref,
+                changes=answer.changes,
+                warnings=answer.warnings,
             )
         if state == provider_pb2.EXECUTION_STATE_RUNNING:
             return self._later(row, "still running at the provider")

@@ -927,7 +927,7 @@ def follow_op(
         "reconcile_lease_owner": "",
         "reconcile_lease_until": None,
         "resolved_reason": record.resolved_reason,
-        "progress_payload": _run_values(record)["progress_payload"],
+        "progress_payload": _progress_payload(record),
     }
 
     def op(session: Session) -> bool:
@@ -1222,14 +1222,16 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
     }
 
 
+def _progress_payload(record: ExecutionRecord) -> bytes | None:
+    return record.progress.SerializeToString() if record.progress is not None else None
+
+
 def _run_values(record: ExecutionRecord) -> dict[str, Any]:
     """The columns a long-running execution's moves write (besides the reconcile ones)."""
     return {
         "accepted_at": record.accepted_at,
         "run_deadline": record.run_deadline,
-        "progress_payload": (
-            record.progress.SerializeToString() if record.progress is not None else None
-        ),
+        "progress_payload": _progress_payload(record),
         "cancel_requested_by": record.cancel_requested_by,
         "cancel_requested_at": record.cancel_requested_at,
         "cancel_comment": record.cancel_comment,
