@@ -26,7 +26,7 @@ from actionmesh.v1 import common_pb2 as actionmesh_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/provider.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x82\x01\n\x10\x44\x65scribeResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12\x16\n\x0erecord_sources\x18\x04 \x03(\t\"j\n\x0f\x44iscoverRequest\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x02 \x01(\x0b\x32\x17.actionmesh.v1.Operator\"T\n\x10\x44iscoveredAction\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x03 \x01(\t\"D\n\x10\x44iscoverResponse\x12\x30\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1f.actionmesh.v1.DiscoveredAction\"\xae\x02\n\x0e\x45xecuteRequest\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x03 \x01(\x0b\x32\x17.actionmesh.v1.Operator\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).actionmesh.v1.ExecuteRequest.InputsEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.actionmesh.v1.InputValue:\x02\x38\x01\"\xb0\x01\n\x0f\x45xecuteResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x04 \x01(\t\x12+\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x06 \x03(\t\"P\n\x14ResolveRecordRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\"E\n\x15ResolveRecordResponse\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\"k\n\x19GetExecutionStatusRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xdf\x01\n\x1aGetExecutionStatusResponse\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.actionmesh.v1.ExecutionState\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.actionmesh.v1.ExecuteResponse\x12\x32\n\x08progress\x18\x03 \x01(\x0b\x32 .actionmesh.v1.ExecutionProgress\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x14StopExecutionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"E\n\x15StopExecutionResponse\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.actionmesh.v1.ExecutionState*\x90\x01\n\x0e\x45xecutionState\x12\x1f\n\x1b\x45XECUTION_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x45XECUTION_STATE_NEVER_RECEIVED\x10\x01\x12\x1b\n\x17\x45XECUTION_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x45XECUTION_STATE_FINISHED\x10\x03\x32\x9e\x04\n\x15\x41\x63tionProviderService\x12K\n\x08\x44\x65scribe\x12\x1e.actionmesh.v1.DescribeRequest\x1a\x1f.actionmesh.v1.DescribeResponse\x12K\n\x08\x44iscover\x12\x1e.actionmesh.v1.DiscoverRequest\x1a\x1f.actionmesh.v1.DiscoverResponse\x12H\n\x07\x45xecute\x12\x1d.actionmesh.v1.ExecuteRequest\x1a\x1e.actionmesh.v1.ExecuteResponse\x12Z\n\rResolveRecord\x12#.actionmesh.v1.ResolveRecordRequest\x1a$.actionmesh.v1.ResolveRecordResponse\x12i\n\x12GetExecutionStatus\x12(.actionmesh.v1.GetExecutionStatusRequest\x1a).actionmesh.v1.GetExecutionStatusResponse\x12Z\n\rStopExecution\x12#.actionmesh.v1.StopExecutionRequest\x1a$.actionmesh.v1.StopExecutionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x63tionmesh/v1/provider.proto\x12\ractionmesh.v1\x1a\x1a\x61\x63tionmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x82\x01\n\x10\x44\x65scribeResponse\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x30\n\x07\x61\x63tions\x18\x03 \x03(\x0b\x32\x1f.actionmesh.v1.ActionDescriptor\x12\x16\n\x0erecord_sources\x18\x04 \x03(\t\"j\n\x0f\x44iscoverRequest\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x02 \x01(\x0b\x32\x17.actionmesh.v1.Operator\"T\n\x10\x44iscoveredAction\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x03 \x01(\t\"D\n\x10\x44iscoverResponse\x12\x30\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1f.actionmesh.v1.DiscoveredAction\"\xc6\x02\n\x0e\x45xecuteRequest\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x03 \x01(\x0b\x32\x17.actionmesh.v1.Operator\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).actionmesh.v1.ExecuteRequest.InputsEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0epreview_digest\x18\x07 \x01(\t\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.actionmesh.v1.InputValue:\x02\x38\x01\"\xb0\x01\n\x0f\x45xecuteResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0e\x32\x16.actionmesh.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x14\n\x0c\x65xternal_ref\x18\x04 \x01(\t\x12+\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x10\n\x08warnings\x18\x06 \x03(\t\"P\n\x14ResolveRecordRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12(\n\x06record\x18\x02 \x01(\x0b\x32\x18.actionmesh.v1.RecordRef\"E\n\x15ResolveRecordResponse\x12,\n\x06record\x18\x01 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\"k\n\x19GetExecutionStatusRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xdf\x01\n\x1aGetExecutionStatusResponse\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.actionmesh.v1.ExecutionState\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.actionmesh.v1.ExecuteResponse\x12\x32\n\x08progress\x18\x03 \x01(\x0b\x32 .actionmesh.v1.ExecutionProgress\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x14StopExecutionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\taction_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0crequested_by\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"E\n\x15StopExecutionResponse\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.actionmesh.v1.ExecutionState\"\x81\x02\n\x0ePreviewRequest\x12\x11\n\taction_id\x18\x01 \x01(\t\x12,\n\x06record\x18\x02 \x01(\x0b\x32\x1c.actionmesh.v1.RecordContext\x12)\n\x08operator\x18\x03 \x01(\x0b\x32\x17.actionmesh.v1.Operator\x12\x39\n\x06inputs\x18\x04 \x03(\x0b\x32).actionmesh.v1.PreviewRequest.InputsEntry\x1aH\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.actionmesh.v1.InputValue:\x02\x38\x01\"v\n\x0fPreviewResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.actionmesh.v1.FieldChange\x12\x0e\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\t\x12\x10\n\x08warnings\x18\x03 \x03(\t\x12\x14\n\x0cstate_digest\x18\x04 \x01(\t*\x90\x01\n\x0e\x45xecutionState\x12\x1f\n\x1b\x45XECUTION_STATE_UNSPECIFIED\x10\x00\x12\"\n\x1e\x45XECUTION_STATE_NEVER_RECEIVED\x10\x01\x12\x1b\n\x17\x45XECUTION_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x45XECUTION_STATE_FINISHED\x10\x03\x32\xe8\x04\n\x15\x41\x63tionProviderService\x12K\n\x08\x44\x65scribe\x12\x1e.actionmesh.v1.DescribeRequest\x1a\x1f.actionmesh.v1.DescribeResponse\x12K\n\x08\x44iscover\x12\x1e.actionmesh.v1.DiscoverRequest\x1a\x1f.actionmesh.v1.DiscoverResponse\x12H\n\x07\x45xecute\x12\x1d.actionmesh.v1.ExecuteRequest\x1a\x1e.actionmesh.v1.ExecuteResponse\x12Z\n\rResolveRecord\x12#.actionmesh.v1.ResolveRecordRequest\x1a$.actionmesh.v1.ResolveRecordResponse\x12i\n\x12GetExecutionStatus\x12(.actionmesh.v1.GetExecutionStatusRequest\x1a).actionmesh.v1.GetExecutionStatusResponse\x12Z\n\rStopExecution\x12#.actionmesh.v1.StopExecutionRequest\x1a$.actionmesh.v1.StopExecutionResponse\x12H\n\x07Preview\x12\x1d.actionmesh.v1.PreviewRequest\x1a\x1e.actionmesh.v1.PreviewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTEREQUEST_INPUTSENTRY']._loaded_options = None
   _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_EXECUTIONSTATE']._serialized_start=1711
-  _globals['_EXECUTIONSTATE']._serialized_end=1855
+  _globals['_PREVIEWREQUEST_INPUTSENTRY']._loaded_options = None
+  _globals['_PREVIEWREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTIONSTATE']._serialized_start=2115
+  _globals['_EXECUTIONSTATE']._serialized_end=2259
   _globals['_DESCRIBEREQUEST']._serialized_start=108
   _globals['_DESCRIBEREQUEST']._serialized_end=125
   _globals['_DESCRIBERESPONSE']._serialized_start=128
@@ -48,23 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISCOVERRESPONSE']._serialized_start=454
   _globals['_DISCOVERRESPONSE']._serialized_end=522
   _globals['_EXECUTEREQUEST']._serialized_start=525
-  _globals['_EXECUTEREQUEST']._serialized_end=827
-  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_start=755
-  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_end=827
-  _globals['_EXECUTERESPONSE']._serialized_start=830
-  _globals['_EXECUTERESPONSE']._serialized_end=1006
-  _globals['_RESOLVERECORDREQUEST']._serialized_start=1008
-  _globals['_RESOLVERECORDREQUEST']._serialized_end=1088
-  _globals['_RESOLVERECORDRESPONSE']._serialized_start=1090
-  _globals['_RESOLVERECORDRESPONSE']._serialized_end=1159
-  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_start=1161
-  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_end=1268
-  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_start=1271
-  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_end=1494
-  _globals['_STOPEXECUTIONREQUEST']._serialized_start=1497
-  _globals['_STOPEXECUTIONREQUEST']._serialized_end=1637
-  _globals['_STOPEXECUTIONRESPONSE']._serialized_start=1639
-  _globals['_STOPEXECUTIONRESPONSE']._serialized_end=1708
-  _globals['_ACTIONPROVIDERSERVICE']._serialized_start=1858
-  _globals['_ACTIONPROVIDERSERVICE']._serialized_end=2400
+  _globals['_EXECUTEREQUEST']._serialized_end=851
+  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_start=779
+  _globals['_EXECUTEREQUEST_INPUTSENTRY']._serialized_end=851
+  _globals['_EXECUTERESPONSE']._serialized_start=854
+  _globals['_EXECUTERESPONSE']._serialized_end=1030
+  _globals['_RESOLVERECORDREQUEST']._serialized_start=1032
+  _globals['_RESOLVERECORDREQUEST']._serialized_end=1112
+  _globals['_RESOLVERECORDRESPONSE']._serialized_start=1114
+  _globals['_RESOLVERECORDRESPONSE']._serialized_end=1183
+  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_start=1185
+  _globals['_GETEXECUTIONSTATUSREQUEST']._serialized_end=1292
+  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_start=1295
+  _globals['_GETEXECUTIONSTATUSRESPONSE']._serialized_end=1518
+  _globals['_STOPEXECUTIONREQUEST']._serialized_start=1521
+  _globals['_STOPEXECUTIONREQUEST']._serialized_end=1661
+  _globals['_STOPEXECUTIONRESPONSE']._serialized_start=1663
+  _globals['_STOPEXECUTIONRESPONSE']._serialized_end=1732
+  _globals['_PREVIEWREQUEST']._serialized_start=1735
+  _globals['_PREVIEWREQUEST']._serialized_end=1992
+  _globals['_PREVIEWREQUEST_INPUTSENTRY']._serialized_start=779
+  _globals['_PREVIEWREQUEST_INPUTSENTRY']._serialized_end=851
+  _globals['_PREVIEWRESPONSE']._serialized_start=1994
+  _globals['_PREVIEWRESPONSE']._serialized_end=2112
+  _globals['_ACTIONPROVIDERSERVICE']._serialized_start=2262
+  _globals['_ACTIONPROVIDERSERVICE']._serialized_end=2878
 # @@protoc_insertion_point(module_scope)

@@ -213,11 +213,18 @@ class ExecuteRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PREVIEW_DIGEST_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     idempotency_key: _builtins.str
     """The caller's idempotency key: the same key must never act twice."""
     request_id: _builtins.str
     """The gateway's execution id, for correlation."""
+    preview_digest: _builtins.str
+    """Set when what runs was approved on a preview: the PreviewResponse.state_digest the
+    approvers saw. A provider that previews the action must refuse (REJECTED
+    STATE_CHANGED_SINCE_PREVIEW, nothing changed) when its state no longer matches, so
+    what was approved is what runs.
+    """
     @_builtins.property
     def record(self) -> _common_pb2.RecordContext: ...
     @_builtins.property
@@ -233,10 +240,11 @@ class ExecuteRequest(_message.Message):
         inputs: _abc.Mapping[_builtins.str, _common_pb2.InputValue] | None = ...,
         idempotency_key: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        preview_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "operator", b"operator", "record", b"record", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "operator", b"operator", "preview_digest", b"preview_digest", "record", b"record", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,3 +472,91 @@ class StopExecutionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StopExecutionResponse: _TypeAlias = StopExecutionResponse  # noqa: Y015
+
+@_typing.final
+class PreviewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.InputValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.InputValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    action_id: _builtins.str
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordContext: ...
+    @_builtins.property
+    def operator(self) -> _common_pb2.Operator: ...
+    @_builtins.property
+    def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.InputValue]: ...
+    def __init__(
+        self,
+        *,
+        action_id: _builtins.str = ...,
+        record: _common_pb2.RecordContext | None = ...,
+        operator: _common_pb2.Operator | None = ...,
+        inputs: _abc.Mapping[_builtins.str, _common_pb2.InputValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "inputs", b"inputs", "operator", b"operator", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewRequest: _TypeAlias = PreviewRequest  # noqa: Y015
+
+@_typing.final
+class PreviewResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    STATE_DIGEST_FIELD_NUMBER: _builtins.int
+    effect: _builtins.str
+    """The external effect in words, e.g. "opens an escalation in queue billing"."""
+    state_digest: _builtins.str
+    """Opaque digest of the state the preview was computed against (required): Execute
+    with ExecuteRequest.preview_digest refuses when it no longer matches.
+    """
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FieldChange]:
+        """What would change, as display strings (before: as it is now)."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[_common_pb2.FieldChange] | None = ...,
+        effect: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        state_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "effect", b"effect", "state_digest", b"state_digest", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewResponse: _TypeAlias = PreviewResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class ActionProviderServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.FromString,
                 _registered_method=True)
+        self.Preview = channel.unary_unary(
+                '/actionmesh.v1.ActionProviderService/Preview',
+                request_serializer=actionmesh_dot_v1_dot_provider__pb2.PreviewRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_provider__pb2.PreviewResponse.FromString,
+                _registered_method=True)
 
 
 class ActionProviderServiceServicer:
@@ -146,6 +151,20 @@ class ActionProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Preview(self, request, context):
+        """What an Execute with the same request would change, computed without side effects
+        (a dry run an approver can read): the field changes (before and after), the
+        external effect in words, warnings, and a digest of the state it was computed
+        against. Obligations: read-only (nothing in the provider's store or downstream
+        changes), stable (the same request on the same state answers the same, digest
+        included), and refused like Execute would refuse (FAILED_PRECONDITION, NOT_FOUND,
+        INVALID_ARGUMENT with details). An action without a preview: UNIMPLEMENTED
+        (PREVIEW_NOT_SUPPORTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ActionProviderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +197,11 @@ def add_ActionProviderServiceServicer_to_server(servicer, server):
                     servicer.StopExecution,
                     request_deserializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.SerializeToString,
+            ),
+            'Preview': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preview,
+                    request_deserializer=actionmesh_dot_v1_dot_provider__pb2.PreviewRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_provider__pb2.PreviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -343,6 +367,33 @@ class ActionProviderService:
             '/actionmesh.v1.ActionProviderService/StopExecution',
             actionmesh_dot_v1_dot_provider__pb2.StopExecutionRequest.SerializeToString,
             actionmesh_dot_v1_dot_provider__pb2.StopExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionProviderService/Preview',
+            actionmesh_dot_v1_dot_provider__pb2.PreviewRequest.SerializeToString,
+            actionmesh_dot_v1_dot_provider__pb2.PreviewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,16 @@ class ActionProviderServiceStub:
     FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
     cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
     """
+    Preview: _grpc.UnaryUnaryMultiCallable[_provider_pb2.PreviewRequest, _provider_pb2.PreviewResponse]
+    """What an Execute with the same request would change, computed without side effects
+    (a dry run an approver can read): the field changes (before and after), the
+    external effect in words, warnings, and a digest of the state it was computed
+    against. Obligations: read-only (nothing in the provider's store or downstream
+    changes), stable (the same request on the same state answers the same, digest
+    included), and refused like Execute would refuse (FAILED_PRECONDITION, NOT_FOUND,
+    INVALID_ARGUMENT with details). An action without a preview: UNIMPLEMENTED
+    (PREVIEW_NOT_SUPPORTED).
+    """
 
 @_typing.type_check_only
 class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
@@ -134,6 +144,16 @@ class ActionProviderServiceAsyncStub(ActionProviderServiceStub):
     in `changes`, or with the outcome it reached if it could not stop in time),
     FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
     cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
+    """
+    Preview: _aio.UnaryUnaryMultiCallable[_provider_pb2.PreviewRequest, _provider_pb2.PreviewResponse]  # type: ignore[assignment]
+    """What an Execute with the same request would change, computed without side effects
+    (a dry run an approver can read): the field changes (before and after), the
+    external effect in words, warnings, and a digest of the state it was computed
+    against. Obligations: read-only (nothing in the provider's store or downstream
+    changes), stable (the same request on the same state answers the same, digest
+    included), and refused like Execute would refuse (FAILED_PRECONDITION, NOT_FOUND,
+    INVALID_ARGUMENT with details). An action without a preview: UNIMPLEMENTED
+    (PREVIEW_NOT_SUPPORTED).
     """
 
 class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +241,22 @@ class ActionProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         in `changes`, or with the outcome it reached if it could not stop in time),
         FINISHED (too late: nothing to stop) or NEVER_RECEIVED. A provider that cannot
         cancel answers UNIMPLEMENTED; an unreachable downstream system, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def Preview(
+        self,
+        request: _provider_pb2.PreviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.PreviewResponse, _abc.Awaitable[_provider_pb2.PreviewResponse]]:
+        """What an Execute with the same request would change, computed without side effects
+        (a dry run an approver can read): the field changes (before and after), the
+        external effect in words, warnings, and a digest of the state it was computed
+        against. Obligations: read-only (nothing in the provider's store or downstream
+        changes), stable (the same request on the same state answers the same, digest
+        included), and refused like Execute would refuse (FAILED_PRECONDITION, NOT_FOUND,
+        INVALID_ARGUMENT with details). An action without a preview: UNIMPLEMENTED
+        (PREVIEW_NOT_SUPPORTED).
         """
 
 def add_ActionProviderServiceServicer_to_server(servicer: ActionProviderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
