@@ -48,6 +48,11 @@ background, reports progress with ``ctx.report_progress``, may name its external
 early with ``ctx.set_external_ref``, and, when cancellable, is stopped by StopExecution
 (``asyncio.CancelledError`` at its next await; ``ctx.stop_request`` says who asked; return
 ``Result.cancelled(...)``). See :mod:`actionmesh.sdk.servicer` for the exact semantics.
+
+An action may have a dry run: ``@provider.preview("action.id")`` on ``async def (ctx:
+PreviewContext, inputs) -> Preview`` computes, without side effects, what Execute would
+change and a digest of the state read; an Execute approved on that preview is refused
+REJECTED ``STATE_CHANGED_SINCE_PREVIEW`` when the digest moved.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -75,6 +80,8 @@ from actionmesh.sdk.types import (
     Facts,
     LongRunning,
     OperatorView,
+    Preview,
+    PreviewContext,
     Progress,
     RecordView,
     Result,
@@ -100,6 +107,8 @@ __all__ = [
     "MemoryIdempotencyStore",
     "NoInputs",
     "OperatorView",
+    "Preview",
+    "PreviewContext",
     "Progress",
     "Provider",
     "ProviderConfig",

@@ -6,7 +6,7 @@ import inspect
 import math
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from actionmesh.rpc.identifiers import ACTION_ID, PROVIDER_ID, RECORD_TYPE
@@ -18,6 +18,8 @@ from actionmesh.sdk.types import (
     ExecutionStatus,
     Facts,
     LongRunning,
+    Preview,
+    PreviewContext,
     RecordView,
     Result,
     Risk,
@@ -34,6 +36,7 @@ MAX_TIMEOUT_S = 3600.0
 Availability = bool | Unavailable
 Predicate = Callable[[RecordView], Availability]
 Handler = Callable[[ActionContext, Any], Awaitable[Result]]
+PreviewFunction = Callable[[PreviewContext, Any], Awaitable[Preview]]
 Resolver = Callable[[str, str], Awaitable[Facts | None]]
 # (tenant, action_id, idempotency_key) or (..., stored): see Provider.execution_status.
 StatusFunction = Callable[..., Awaitable[ExecutionStatus | None]]
@@ -42,6 +45,7 @@ StopHook = Callable[[], Awaitable[None]]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Result]])
 S = TypeVar("S", bound=Callable[..., Awaitable[None]])
+P = TypeVar("P", bound=Callable[..., Awaitable[Preview]])
 SourceT = TypeVar("SourceT", bound=Resolver)
 StatusT = TypeVar("StatusT", bound=StatusFunction)
 
@@ -62,6 +66,8 @@ class ActionDefinition:
     requires_approval: bool
     timeout_s: float | None
     long_running: LongRunning | None = None
+    # The ``@provider.preview`` function (None: the action has no preview).
+    preview: PreviewFunction | None = None
 
     @property
     def cancellable(self) -> bool:
@@ -79,6 +85,7 @@ class ActionDefinition:
             risk=self.risk.value,
             timeout_ms=0 if self.timeout_s is None else math.ceil(self.timeout_s * 1000),
             long_running=None if self.long_running is None else self.long_running.to_proto(),
+            previewable=self.preview is not None,
         )
 
 
@@ -325,6 +332,62 @@ class Provider:
                 timeout_s=None if timeout_s is None else float(timeout_s),
                 long_running=long_running,
             )
+            return declared
+
+        return decorate
+
+    def preview(self, action_id: str) -> Callable[[P], P]:
+        """Declare the dry run of an action declared above; decorates
+        ``async def preview(ctx: PreviewContext, inputs) -> Preview``.
+
+        It computes, without side effects, what an Execute of the same request would
+        change (see :class:`Preview`), from the provider's own state: it must not
+        write anything, and must answer the same (digest included) while that state
+        does not change. The inputs parameter takes the action's inputs dataclass.
+
+        Execute of a request approved on a preview carries its digest: the SDK asks
+        this function again, under the idempotency key's claim and before the handler,
+        and refuses REJECTED ``STATE_CHANGED_SINCE_PREVIEW`` (nothing ran) when the
+        digest differs; the handler also gets it as ``ctx.preview_digest``.
+
+        >>> @records.preview("ticket.change_service_level")
+        ... async def preview_level(ctx: PreviewContext, inputs: ServiceLevelInputs) -> Preview: ...
+        """
+        self._check_mutable()
+        where = f"preview of {action_id!r}"
+        if action_id not in self._actions:
+            raise ProviderDefinitionError(
+                f"{where}: no such action in provider {self.id}; declare the action first"
+            )
+
+        def decorate(function: P) -> P:
+            declared = function  # returned untouched (un-narrowed by the checks below)
+            self._check_mutable()
+            action = self._actions[action_id]
+            if action.preview is not None:
+                raise ProviderDefinitionError(f"{where}: declared twice")
+            name = getattr(function, "__qualname__", repr(function))
+            if not inspect.iscoroutinefunction(function):
+                raise ProviderDefinitionError(
+                    f"{where}: {name} must be an async def taking (ctx, inputs)"
+                )
+            params = _positional_params(function)
+            if params is None or len(params) != 2:
+                raise ProviderDefinitionError(f"{where}: {name} must take exactly (ctx, inputs)")
+            annotation = params[1].annotation
+            if isinstance(annotation, str):
+                try:
+                    annotation = typing.get_type_hints(function).get(params[1].name)
+                except Exception as exc:
+                    raise ProviderDefinitionError(
+                        f"{where}: cannot resolve the annotations of {name}: {exc}"
+                    ) from exc
+            if annotation not in (None, inspect.Parameter.empty, action.inputs.cls):
+                raise ProviderDefinitionError(
+                    f"{where}: {name} takes {getattr(annotation, '__name__', annotation)}, but "
+                    f"the action's inputs are {action.inputs.cls.__name__}"
+                )
+            self._actions[action_id] = replace(action, preview=function)
             return declared
 
         return decorate

@@ -1,5 +1,16 @@
 """ActionProviderService over a :class:`Provider`: Describe, Discover, Execute, ResolveRecord,
-GetExecutionStatus.
+GetExecutionStatus, StopExecution, Preview.
+
+Preview answers from the action's ``@provider.preview`` function (UNIMPLEMENTED
+``PREVIEW_NOT_SUPPORTED`` for an action without one), after the same checks as Execute
+(record type, tenants, inputs; no idempotency key): a :class:`Preview`, or
+FAILED_PRECONDITION with its reason when it says Execute would refuse. An Execute with
+``preview_digest`` (what was approved was a preview) asks the preview function again
+under the key's claim, before the handler runs, and answers REJECTED
+``STATE_CHANGED_SINCE_PREVIEW`` (stored under the key like any result; nothing ran)
+when the digest differs or the preview would now refuse; an action without a preview
+answers REJECTED ``PREVIEW_NOT_VERIFIABLE``. A repeated key answers the stored result
+without asking again (the state has moved because the execution itself ran).
 
 GetExecutionStatus answers from the idempotency store (``dedupe``), through the
 provider's ``@provider.execution_status`` function when it declares one:
@@ -82,6 +93,7 @@ from actionmesh.rpc.errors import (
     PermissionDenied,
     Unimplemented,
 )
+from actionmesh.rpc.errors import FailedPrecondition as PreviewRefused
 from actionmesh.rpc.errors import Unavailable as UnavailableError
 from actionmesh.rpc.identifiers import RECORD_ID, TENANT
 from actionmesh.rpc.outcomes import Outcome, outcome_for_status
@@ -93,12 +105,14 @@ from actionmesh.sdk.types import (
     ExecutionState,
     ExecutionStatus,
     OperatorView,
+    PreviewContext,
     Progress,
     RecordView,
     Result,
     StopRequest,
     Unavailable,
 )
+from actionmesh.sdk.types import Preview as DryRun
 from actionmesh.v1 import common_pb2, provider_pb2, provider_pb2_grpc
 
 log = logging.getLogger("actionmesh.sdk")
@@ -115,6 +129,9 @@ LONG_RUNNING_GRACE_S = 60.0
 DEFAULT_MAX_LONG_RUNNING = 256
 ACCEPTED_MESSAGE = "accepted; running"
 STOPPED_MESSAGE = "the provider stopped while the action ran; it may have acted partly"
+# A preview reads; it is bounded like a short action without a timeout of its own.
+DEFAULT_PREVIEW_TIMEOUT_S = 30.0
+STATE_CHANGED = "STATE_CHANGED_SINCE_PREVIEW"
 
 
 class _LongRun:
@@ -256,6 +273,125 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         return provider_pb2.ResolveRecordResponse(
             record=facts.to_proto(request.tenant, record.type, record.id)
         )
+
+    # -- Preview ----------------------------------------------------------------
+
+    async def Preview(
+        self, request: provider_pb2.PreviewRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.PreviewResponse:
+        """What Execute of the same request would change; read-only (module docstring)."""
+        action = self._actions.get(request.action_id)
+        if action is None:
+            raise NotFound("this provider has no such action", reason="UNKNOWN_ACTION")
+        if action.preview is None:
+            raise Unimplemented(
+                f"{action.action_id} has no preview", reason="PREVIEW_NOT_SUPPORTED"
+            )
+        record = RecordView.from_proto(request.record)
+        operator = OperatorView.from_proto(request.operator)
+        self._check_request(action, None, record, operator)
+        inputs, _ = action.inputs.build(request.inputs)
+        preview = await self._preview(action, record, operator, inputs)
+        if preview.refused:
+            raise PreviewRefused(
+                preview.message or f"{action.action_id} would be refused: {preview.reason}",
+                reason=preview.reason,
+            )
+        return preview.to_proto()
+
+    async def _preview(
+        self, action: ActionDefinition, record: RecordView, operator: OperatorView, inputs: Any
+    ) -> DryRun:
+        """The action's preview function's answer (HandlerFailed when it misbehaves)."""
+        assert action.preview is not None
+        attributes = {
+            "actionmesh.provider_id": self.provider.id,
+            "actionmesh.action_id": action.action_id,
+            "actionmesh.tenant": record.tenant,
+            "actionmesh.record.type": record.type,
+        }
+        with tracer.start_as_current_span("action.preview", attributes=attributes) as span:
+            ctx = PreviewContext(
+                action_id=action.action_id,
+                operator=operator,
+                tenant=record.tenant,
+                record=record,
+                logger=logging.LoggerAdapter(
+                    logging.getLogger(f"providers.{self.provider.id}"),
+                    {"action_id": action.action_id},
+                ),
+            )
+            try:
+                async with asyncio.timeout(action.timeout_s or DEFAULT_PREVIEW_TIMEOUT_S):
+                    answer: object = await action.preview(ctx, inputs)
+            except ActionMeshError:
+                raise  # deliberate, e.g. NotFound or Unavailable
+            except Exception as exc:
+                log.exception("preview of %s failed", action.action_id)
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                raise HandlerFailed(
+                    "the preview function failed; see the provider's logs", reason="PREVIEW_FAILED"
+                ) from exc
+            if not isinstance(answer, DryRun):
+                log.error(
+                    "preview of %s returned %s; expected a Preview",
+                    action.action_id,
+                    type(answer).__name__,
+                )
+                raise HandlerFailed(
+                    "the preview function failed; see the provider's logs", reason="PREVIEW_FAILED"
+                )
+            span.set_attribute("actionmesh.preview.digest", answer.digest)
+            return answer
+
+    async def _stale_preview(
+        self,
+        action: ActionDefinition,
+        inputs: Any,
+        *,
+        request: provider_pb2.ExecuteRequest,
+        record: RecordView,
+        operator: OperatorView,
+        **_: Any,
+    ) -> provider_pb2.ExecuteResponse | None:
+        """The refusal of an Execute approved on a preview whose state moved, else None."""
+        if not request.preview_digest:
+            return None
+        if action.preview is None:
+            return Result.rejected(
+                "PREVIEW_NOT_VERIFIABLE",
+                f"{action.action_id} was approved on a preview, but this provider has no "
+                "preview for it to check the state against; nothing ran",
+            ).to_proto()
+        try:
+            now = await self._preview(action, record, operator, inputs)
+        except ActionMeshError as refused:
+            if refused.code is grpc.StatusCode.UNAVAILABLE or isinstance(refused, HandlerFailed):
+                raise  # cannot tell now; nothing ran
+            return Result.rejected(
+                STATE_CHANGED, f"the state changed since the preview: {refused}"[:2000]
+            ).to_proto()
+        if now.refused:
+            return Result.rejected(
+                STATE_CHANGED,
+                f"the state changed since the preview; now: {now.message or now.reason}"[:2000],
+            ).to_proto()
+        if now.digest != request.preview_digest:
+            log.info(
+                "%s on %s/%s: state changed since the preview (%s, now %s); refused",
+                action.action_id,
+                record.type,
+                record.id,
+                request.preview_digest,
+                now.digest,
+            )
+            return Result.rejected(
+                STATE_CHANGED,
+                "the state changed since the preview that was approved; nothing ran. "
+                "Preview and request it again.",
+            ).to_proto()
+        return None
 
     # -- GetExecutionStatus ---------------------------------------------------
 
@@ -521,10 +657,11 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     @staticmethod
     def _check_request(
         action: ActionDefinition,
-        request: provider_pb2.ExecuteRequest,
+        request: provider_pb2.ExecuteRequest | None,
         record: RecordView,
         operator: OperatorView,
     ) -> None:
+        """Execute's checks of the request (Preview's, without an idempotency key: None)."""
         if record.type not in action.record_types:
             raise InvalidArgument(
                 f"{action.action_id} does not apply to this record type",
@@ -536,9 +673,10 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 ],
             )
         violations = []
-        if not request.idempotency_key:
+        key = None if request is None else request.idempotency_key
+        if key == "":
             violations.append(FieldViolation("idempotency_key", "is required"))
-        elif len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        elif key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
             violations.append(
                 FieldViolation(
                     "idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
@@ -551,9 +689,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         if not operator.tenant:
             violations.append(FieldViolation("operator.tenant", "is required"))
         if violations:
-            missing_key = not request.idempotency_key
+            missing_key = key == ""
             raise InvalidArgument(
-                "the execute request is incomplete",
+                "the request is incomplete",
                 reason="MISSING_IDEMPOTENCY_KEY" if missing_key else "INVALID_REQUEST",
                 violations=violations,
             )
@@ -571,6 +709,9 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         **call: Any,
     ) -> provider_pb2.ExecuteResponse:
         if self.store is None:
+            stale = await self._stale_preview(action, inputs, **call)
+            if stale is not None:
+                return stale
             return await self._run_handler(action, inputs, key=key, **call)
         store = self.store
         owner = uuid.uuid4().hex
@@ -590,7 +731,11 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                     retry_after_s=1.0,
                 )
             try:
-                response = await self._run_handler(action, inputs, key=key, **call)
+                stale = await self._stale_preview(action, inputs, **call)
+                if stale is not None:
+                    response = stale
+                else:
+                    response = await self._run_handler(action, inputs, key=key, **call)
             except BaseException:
                 await asyncio.shield(store.release(key, owner))
                 raise
@@ -641,6 +786,19 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                         reason="EXECUTION_IN_PROGRESS",
                         retry_after_s=1.0,
                     )
+            try:
+                stale = await self._stale_preview(
+                    action, inputs, request=request, record=record, operator=operator
+                )
+            except BaseException:
+                if self.store is not None:
+                    await asyncio.shield(self.store.release(key, owner))
+                raise
+            if stale is not None:
+                # Final at once (nothing ran): stored like any result under the key.
+                if self.store is not None:
+                    await asyncio.shield(self.store.complete(key, owner, stale.SerializeToString()))
+                return stale
             run = _LongRun(fingerprint, datetime.now(UTC))
             self._long[key] = run
             run.task = asyncio.create_task(
@@ -797,6 +955,7 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
                 on_progress=report,
                 on_external_ref=name_ref,
                 stop_requested=None if run is None else (lambda: run.stop),
+                preview_digest=request.preview_digest,
             )
             if hard_limit_s is not None:
                 hard_limit = hard_limit_s

@@ -317,6 +317,89 @@ class Result:
         )
 
 
+MAX_DIGEST_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a ``@provider.preview`` function returns: what an Execute of the same request
+    would change, computed without side effects. Build it with the class methods.
+
+    ``Preview.of(digest=..., changes=..., effect=..., warnings=...)``: the field changes
+    (before: as it is now), the external effect in words ("opens an escalation in queue
+    billing"), and ``digest``, an opaque string naming the state the preview was
+    computed against (a record version, an etag, a hash of what was read): it must
+    change whenever anything the preview depends on does. An Execute approved on this
+    preview is refused REJECTED ``STATE_CHANGED_SINCE_PREVIEW`` when the digest no
+    longer matches.
+
+    ``Preview.rejected(reason, message)``: Execute would refuse (e.g. ``NO_CHANGE``); the
+    caller gets FAILED_PRECONDITION with the reason.
+    """
+
+    digest: str = ""
+    changes: tuple[Change, ...] = ()
+    effect: str = ""
+    warnings: tuple[str, ...] = ()
+    # Set when Execute would refuse: the REJECTED reason and message it would give.
+    reason: str = ""
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason:
+            _check_reason(self.reason)
+        elif not isinstance(self.digest, str) or not self.digest.strip():
+            raise ValueError("Preview.digest is required: it names the state previewed")
+        if len(self.digest) > MAX_DIGEST_CHARS:
+            raise ValueError(f"Preview.digest must be at most {MAX_DIGEST_CHARS} characters")
+        if len(self.effect) > MAX_MESSAGE_CHARS or len(self.message) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"effect and message must be at most {MAX_MESSAGE_CHARS} characters")
+        if len(self.changes) > MAX_CHANGES:
+            raise ValueError(f"at most {MAX_CHANGES} changes")
+        if len(self.warnings) > MAX_WARNINGS:
+            raise ValueError(f"at most {MAX_WARNINGS} warnings")
+        if any(len(w) > MAX_MESSAGE_CHARS for w in self.warnings):
+            raise ValueError(f"each warning must be at most {MAX_MESSAGE_CHARS} characters")
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        digest: str,
+        changes: Sequence[Change] = (),
+        effect: str = "",
+        warnings: Sequence[str] = (),
+    ) -> Preview:
+        return cls(digest=digest, changes=tuple(changes), effect=effect, warnings=tuple(warnings))
+
+    @classmethod
+    def rejected(cls, reason: str, message: str = "") -> Preview:
+        return cls(reason=reason, message=message)
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.reason)
+
+    def to_proto(self) -> provider_pb2.PreviewResponse:
+        return provider_pb2.PreviewResponse(
+            changes=[c.to_proto() for c in self.changes],
+            effect=self.effect,
+            warnings=list(self.warnings),
+            state_digest=self.digest,
+        )
+
+
+@dataclass(frozen=True)
+class PreviewContext:
+    """What a ``@provider.preview`` function knows besides the inputs: read, never write."""
+
+    action_id: str
+    operator: OperatorView
+    tenant: str
+    record: RecordView
+    logger: logging.LoggerAdapter[logging.Logger]
+
+
 MAX_LONG_RUNNING_S = 7 * 24 * 3600.0
 """The longest ``LongRunning.max_duration_s`` a provider may declare (a week)."""
 
@@ -515,6 +598,10 @@ class ActionContext:
     stop_requested: Callable[[], StopRequest | None] | None = field(
         default=None, repr=False, compare=False
     )
+    # The digest of the preview this execution was approved on ("" when none): the SDK
+    # checked it against a fresh preview before calling the handler; a handler whose
+    # store can compare-and-set on it (a record version) should, to close the race.
+    preview_digest: str = ""
 
     def time_remaining(self) -> float | None:
         """Seconds until the caller's deadline (may be negative), or None."""

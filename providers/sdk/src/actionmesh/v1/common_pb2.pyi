@@ -502,6 +502,7 @@ class ActionDescriptor(_message.Message):
     RISK_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     LONG_RUNNING_FIELD_NUMBER: _builtins.int
+    PREVIEWABLE_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     """Stable id, e.g. "workitem.retry"."""
     label: _builtins.str
@@ -514,6 +515,11 @@ class ActionDescriptor(_message.Message):
     """Execution deadline the gateway enforces, in milliseconds; 0 means the
     gateway default. For a long-running action: the deadline of Execute's answer
     (ACCEPTED, or final when it finishes at once).
+    """
+    previewable: _builtins.bool
+    """The provider answers Preview for this action (a dry run: what would change, the
+    effect in words, a digest of the state it was computed against). A gateway asks it
+    for PreviewAction and stores it with an execution held for approval.
     """
     @_builtins.property
     def record_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -542,10 +548,11 @@ class ActionDescriptor(_message.Message):
         risk: Global___Risk.ValueType = ...,
         timeout_ms: _builtins.int = ...,
         long_running: Global___LongRunning | None = ...,
+        previewable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["long_running", b"long_running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "description", b"description", "inputs", b"inputs", "label", b"label", "long_running", b"long_running", "record_types", b"record_types", "requires_approval", b"requires_approval", "reversible", b"reversible", "risk", b"risk", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "description", b"description", "inputs", b"inputs", "label", b"label", "long_running", b"long_running", "previewable", b"previewable", "record_types", b"record_types", "requires_approval", b"requires_approval", "reversible", b"reversible", "risk", b"risk", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
