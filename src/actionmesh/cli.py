@@ -372,9 +372,10 @@ def cmd_actions(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    token = caller_token(args)
-    record = record_context(args, token)
+def action_inputs(
+    args: argparse.Namespace, record: common_pb2.RecordContext
+) -> dict[str, common_pb2.InputValue]:
+    """``--input NAME=VALUE`` values, typed by the action's schema (from discovery)."""
     schema: dict[str, common_pb2.InputField] = {}
     discovered = on_gateway(args, lambda gateway: gateway.discover(record))
     for view in discovered.actions:
@@ -386,6 +387,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sep:
             raise CliError(f"--input takes NAME=VALUE (got {item!r})")
         inputs[name] = typed_input(raw, schema.get(name))
+    return inputs
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    record = record_context(args, caller_token(args))
+    inputs = action_inputs(args, record)
+    reply = on_gateway(args, lambda gateway: gateway.preview(args.action, record, inputs))
+    if args.json:
+        print(json.dumps(to_dict(reply), indent=2))
+        return 0
+    console.print(f"[bold]{args.action}[/bold] on {args.record}: a preview, nothing ran")
+    for line in preview_lines(reply.preview):
+        console.print(line)
+    if reply.facts.ByteSize():
+        console.print(f"facts: {vouched(reply.facts)}")
+    return 0
+
+
+def preview_lines(preview: common_pb2.ActionPreview) -> list[str]:
+    """A preview in words: changes, effect, warnings, the state it was computed on."""
+    lines = [
+        f"  would change {c.field}: {c.before or '(none)'} -> {c.after or '(none)'}"
+        for c in preview.changes
+    ]
+    if preview.effect:
+        lines.append(f"  effect: {preview.effect}")
+    lines.extend(f"  [yellow]warning: {w}[/yellow]" for w in preview.warnings)
+    previewed = preview.previewed_at.ToDatetime().isoformat(" ", "seconds")
+    lines.append(
+        f"  previewed by {preview.provider_id} at {previewed} on state {preview.state_digest} "
+        "(if the record moves before it runs, the provider refuses it)"
+    )
+    return lines
+
+
+def preview_summary(preview: common_pb2.ActionPreview) -> str:
+    """One cell: "service_level: standard -> critical; escalates ..." ("" when none)."""
+    if not preview.state_digest:
+        return ""
+    parts = [f"{c.field}: {c.before or '(none)'} -> {c.after or '(none)'}" for c in preview.changes]
+    if preview.effect:
+        parts.append(preview.effect)
+    parts.extend(f"warning: {w}" for w in preview.warnings)
+    return "; ".join(parts) or "no change"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    token = caller_token(args)
+    record = record_context(args, token)
+    inputs = action_inputs(args, record)
     key = args.idempotency_key or uuid.uuid4().hex
     execution = on_gateway(
         args,
@@ -445,6 +496,9 @@ def show_execution(args: argparse.Namespace, execution: gateway_pb2.Execution) -
             lines.append(("approvals", quorum_so_far(approval)))
         if approval.state == gateway_pb2.APPROVAL_STATE_PENDING:
             lines.append(("expires", approval.expires_at.ToDatetime().isoformat(" ", "seconds")))
+        if approval.state == gateway_pb2.APPROVAL_STATE_PENDING and approval.still_needed:
+            lines.append(("still needed", approval.still_needed))
+    lines.append(("preview", preview_summary(execution.preview)))
     if execution.outcome == common_pb2.OUTCOME_ACCEPTED or execution.accepted_at.seconds:
         lines.extend(running_lines(execution))
     if execution.outcome != common_pb2.OUTCOME_ACCEPTED:
@@ -541,6 +595,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         "action",
         "record",
         "inputs",
+        "preview (what approving changes)",
         "approvals so far",
         "expires",
     ):
@@ -553,6 +608,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             execution.action_id,
             f"{execution.record.type}/{execution.record.id} [{pending.record.status}]",
             ", ".join(f"{k}={display_value(v)}" for k, v in sorted(pending.inputs.items())),
+            preview_summary(execution.preview) or "(no preview)",
             quorum_so_far(execution.approval),
             execution.approval.expires_at.ToDatetime().isoformat(" ", "seconds"),
         )
@@ -1068,6 +1124,12 @@ def build_parser() -> argparse.ArgumentParser:
     actions = client("actions", "discover the actions available for a record")
     with_record(actions)
     actions.set_defaults(func=cmd_actions)
+
+    preview = client("preview", "show what an action would change, without running it")
+    preview.add_argument("action", help="action id, e.g. ticket.change_service_level")
+    with_record(preview)
+    preview.add_argument("--input", action="append", help="NAME=VALUE input")
+    preview.set_defaults(func=cmd_preview)
 
     run = client("run", "execute an action on a record")
     run.add_argument("action", help="action id, e.g. workitem.retry")

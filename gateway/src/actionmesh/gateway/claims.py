@@ -30,6 +30,7 @@ from actionmesh.gateway.sweeper import Sweeper
 from actionmesh.rpc.convert import input_value_to_python, utcnow
 from actionmesh.rpc.errors import AlreadyExists, FailedPrecondition
 from actionmesh.rpc.telemetry import current_trace_ids
+from actionmesh.v1 import common_pb2
 
 # Longest pause between looks at an execution another request (or replica) runs.
 MAX_WAIT_POLL_S = 0.25
@@ -59,6 +60,8 @@ class Claims:
         command: ExecuteCommand,
         execution_id: str,
         authorized: Authorized,
+        *,
+        preview: common_pb2.ActionPreview | None = None,
     ) -> ExecutionRecord:
         """Create the execution row, or return the one this idempotency key already made.
 
@@ -90,6 +93,7 @@ class Claims:
             record = record.awaiting_approval(
                 expires_at=now + timedelta(seconds=self._approval_ttl_s),
                 quorum=authorized.quorum,
+                preview=preview,
             )
         try:
             await self._ledger.open(caller, command, record, authorized)

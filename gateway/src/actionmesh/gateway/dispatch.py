@@ -233,6 +233,8 @@ class Dispatcher:
             inputs=dict(command.inputs),
             idempotency_key=command.idempotency_key,
             request_id=record.execution_id,
+            # Approved on a preview: the provider refuses if the state moved since.
+            preview_digest="" if record.preview is None else record.preview.state_digest,
         )
         long_running = dispatch.descriptor.HasField("long_running")
         if grace_s <= 0:

@@ -35,6 +35,7 @@ def audit_event(
     changes: Sequence[tuple[str, str, str]] = (),
     warnings: Sequence[str] = (),
     facts: common_pb2.RecordFacts | None = None,
+    preview: common_pb2.ActionPreview | None = None,
 ) -> audit_pb2.AuditEvent:
     """One event; ``inputs`` are already display strings or digests (see Redactor)."""
     trace_id, span_id = current_trace_ids()
@@ -66,6 +67,8 @@ def audit_event(
     )
     if facts is not None:
         event.facts.CopyFrom(facts)
+    if preview is not None:
+        event.preview.CopyFrom(preview)
     if started_at is not None:
         event.started_at.CopyFrom(to_timestamp(started_at))
     if finished_at is not None:

@@ -22,6 +22,7 @@ The states and legal moves are in :mod:`~actionmesh.gateway.model`.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import replace
 from typing import NoReturn
@@ -35,9 +36,10 @@ from actionmesh.gateway.claims import Claims, request_hash
 from actionmesh.gateway.directory import ProviderDirectory
 from actionmesh.gateway.dispatch import Dispatch, Dispatcher
 from actionmesh.gateway.facts import FactResolver
-from actionmesh.gateway.ledger import Ledger
+from actionmesh.gateway.ledger import FINISHED, PREVIEWED, Ledger
 from actionmesh.gateway.metrics import record_execution
 from actionmesh.gateway.model import ExecuteCommand, ExecutionRecord, ExecutionState
+from actionmesh.gateway.previews import Previews
 from actionmesh.gateway.requests import execute_violations
 from actionmesh.gateway.tenancy import require_same_tenant
 from actionmesh.rpc.errors import (
@@ -48,8 +50,9 @@ from actionmesh.rpc.errors import (
     PermissionDenied,
     Unavailable,
 )
+from actionmesh.rpc.outcomes import Outcome
 from actionmesh.rpc.schema import validate_inputs
-from actionmesh.v1 import common_pb2
+from actionmesh.v1 import audit_pb2, common_pb2
 
 UNAVAILABLE_RETRY_S = 1.0
 
@@ -61,6 +64,18 @@ def provider_unavailable(provider_id: str, why: str) -> Unavailable:
         reason="PROVIDER_UNAVAILABLE",
         retry_after_s=UNAVAILABLE_RETRY_S,
     )
+
+
+class Purpose(enum.Enum):
+    """Why a request is authorized: to run it, or to preview what running it would do."""
+
+    EXECUTE = "execute"
+    PREVIEW = "preview"
+
+    @property
+    def event_type(self) -> audit_pb2.AuditEventType.ValueType:
+        """The audit event a refusal is recorded as."""
+        return FINISHED if self is Purpose.EXECUTE else PREVIEWED
 
 
 class _Replay(Exception):
@@ -82,6 +97,7 @@ class Executor:
         claims: Claims,
         dispatcher: Dispatcher,
         ledger: Ledger,
+        previews: Previews,
     ) -> None:
         self._directory = directory
         self._facts = facts
@@ -90,6 +106,47 @@ class Executor:
         self._claims = claims
         self._dispatcher = dispatcher
         self._ledger = ledger
+        self._previews = previews
+
+    async def preview(
+        self, caller: Caller, command: ExecuteCommand
+    ) -> tuple[common_pb2.ActionPreview, common_pb2.RecordFacts | None]:
+        """PreviewAction: the checks of ExecuteAction (policy ``execute`` on the verified
+        facts), then the provider's preview; audited as ACTION_PREVIEWED either way."""
+        span = trace.get_current_span()
+        span.set_attribute("actionmesh.action_id", command.action_id)
+        span.set_attribute("actionmesh.tenant", caller.tenant)
+        authorized, command = await self._authorize(caller, command, "", Purpose.PREVIEW)
+        preview = await self._preview(Purpose.PREVIEW, caller, command, "", authorized)
+        await self._ledger.previewed(caller, command, authorized, preview)
+        return preview, authorized.facts
+
+    async def _preview(
+        self,
+        purpose: Purpose,
+        caller: Caller,
+        command: ExecuteCommand,
+        attempt_id: str,
+        authorized: Authorized,
+    ) -> common_pb2.ActionPreview:
+        """The provider's preview; its refusal audited (REJECTED when the provider says the
+        action would be refused, else the refusal's outcome) and raised."""
+        try:
+            return await self._previews.ask(
+                caller, command, authorized.entry, authorized.descriptor
+            )
+        except ActionMeshError as refused:
+            would_be_rejected = isinstance(refused, FailedPrecondition | InvalidArgument)
+            await self._refuse(
+                purpose,
+                caller,
+                command,
+                attempt_id,
+                refused,
+                provider_id=authorized.entry.provider_id,
+                authorized=authorized,
+                outcome=Outcome.REJECTED if would_be_rejected else None,
+            )
 
     async def execute(self, caller: Caller, command: ExecuteCommand) -> ExecutionRecord:
         span = trace.get_current_span()
@@ -98,14 +155,25 @@ class Executor:
         span.set_attribute("actionmesh.record.type", command.record.type)
         attempt_id = uuid.uuid4().hex
         try:
-            authorized, command = await self._authorize(caller, command, attempt_id)
+            authorized, command = await self._authorize(
+                caller, command, attempt_id, Purpose.EXECUTE
+            )
+            preview = None
+            if authorized.descriptor.requires_approval and authorized.descriptor.previewable:
+                # What the approvers will approve; asked only for a request not held yet.
+                await self._replayed(Purpose.EXECUTE, caller, command)
+                preview = await self._preview(
+                    Purpose.EXECUTE, caller, command, attempt_id, authorized
+                )
         except _Replay as replay:
             span.set_attribute("actionmesh.execution_id", replay.record.execution_id)
             return replay.record
         # Before the claim: a refused call leaves no row, so the same key may come back.
         slot = self._admission.enter(caller.tenant, authorized.entry.provider_id)
         try:
-            record = await self._claims.claim(caller, command, attempt_id, authorized)
+            record = await self._claims.claim(
+                caller, command, attempt_id, authorized, preview=preview
+            )
             if not record.finished:
                 dispatch = Dispatch(caller, command, authorized.entry, authorized.descriptor)
                 record = await self._dispatcher.run(dispatch, record, slot=slot)
@@ -124,14 +192,15 @@ class Executor:
         return record
 
     async def _authorize(
-        self, caller: Caller, command: ExecuteCommand, attempt_id: str
+        self, caller: Caller, command: ExecuteCommand, attempt_id: str, purpose: Purpose
     ) -> tuple[Authorized, ExecuteCommand]:
-        """Every platform check, in order; a refusal is audited, then raised."""
+        """Every platform check, in order; a refusal is audited, then raised. A preview
+        goes through the same checks, without an idempotency key."""
         problems = execute_violations(
             command.action_id,
             command.record,
             command.has_record,
-            command.idempotency_key,
+            command.idempotency_key if purpose is Purpose.EXECUTE else None,
             command.inputs,
         )
         if problems:
@@ -144,14 +213,15 @@ class Executor:
             if any(p.field.startswith("inputs") for p in problems):
                 # Inputs beyond the limits never become evidence; the attempt still does.
                 command = replace(command, inputs={})
-            await self._refuse(caller, command, attempt_id, invalid)
+            await self._refuse(purpose, caller, command, attempt_id, invalid)
         try:
             require_same_tenant(caller, command.record)
         except PermissionDenied as denied:
-            await self._refuse(caller, command, attempt_id, denied)
+            await self._refuse(purpose, caller, command, attempt_id, denied)
         found = self._directory.find_action(command.action_id)
         if found is None:
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -163,6 +233,7 @@ class Executor:
         trace.get_current_span().set_attribute("actionmesh.provider_id", entry.provider_id)
         if command.record.type not in descriptor.record_types:
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -175,10 +246,13 @@ class Executor:
         try:
             validate_inputs(descriptor.inputs, command.inputs)
         except InvalidArgument as invalid:
-            await self._refuse(caller, command, attempt_id, invalid, provider_id=entry.provider_id)
+            await self._refuse(
+                purpose, caller, command, attempt_id, invalid, provider_id=entry.provider_id
+            )
         if entry.not_serving:
             # Nothing could run: say so before asking the record's source anything.
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -189,7 +263,7 @@ class Executor:
             # Fresh: the system of record (or a trusted caller) says what the record is.
             verified = await self._facts.resolve(caller, command.record, fresh=True)
         except (NotFound, Unavailable) as unknown:
-            await self._replayed(caller, command)
+            await self._replayed(purpose, caller, command)
             if (
                 isinstance(unknown, Unavailable)
                 and unknown.metadata.get("provider_id") == entry.provider_id
@@ -198,6 +272,7 @@ class Executor:
                 unknown = provider_unavailable(entry.provider_id, "is not available")
             # Nobody vouched for the record: its inputs are kept as if it were sensitive.
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -206,8 +281,9 @@ class Executor:
                 sensitive=True,
             )
         if verified.stale:
-            await self._replayed(caller, command)
+            await self._replayed(purpose, caller, command)
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -226,8 +302,9 @@ class Executor:
         command = command.on(verified.record)
         authorized = self._authorizer.execute(caller, verified, entry, descriptor, command.inputs)
         if not authorized.allowed:
-            await self._replayed(caller, command)
+            await self._replayed(purpose, caller, command)
             await self._refuse(
+                purpose,
                 caller,
                 command,
                 attempt_id,
@@ -237,13 +314,15 @@ class Executor:
             )
         return authorized, command
 
-    async def _replayed(self, caller: Caller, command: ExecuteCommand) -> None:
+    async def _replayed(self, purpose: Purpose, caller: Caller, command: ExecuteCommand) -> None:
         """Raise _Replay when this key already ran this very request to an answer.
 
         Asked only when the record's facts would refuse the call now: the first attempt
         may itself have changed the record (its version, its status), and a retry with
         the same key must get the stored answer rather than a refusal caused by it.
         """
+        if purpose is not Purpose.EXECUTE:
+            return  # a preview has no key, and nothing to replay
         stored = await self._ledger.find_by_key(caller.tenant, command.idempotency_key)
         if (
             stored is not None
@@ -255,6 +334,7 @@ class Executor:
 
     async def _refuse(
         self,
+        purpose: Purpose,
         caller: Caller,
         command: ExecuteCommand,
         attempt_id: str,
@@ -264,6 +344,7 @@ class Executor:
         authorized: Authorized | None = None,
         facts: common_pb2.RecordFacts | None = None,
         sensitive: bool | None = None,
+        outcome: Outcome | None = None,
     ) -> NoReturn:
         """Record a refused attempt as evidence, then raise the refusal to the caller.
 
@@ -275,12 +356,14 @@ class Executor:
         outcome = await self._ledger.refuse(
             caller,
             command,
-            attempt_id,
-            error,
+            attempt_id="" if purpose is Purpose.PREVIEW else attempt_id,
+            error=error,
             provider_id=provider_id,
             authorized=authorized,
             facts=facts,
             sensitive=sensitive,
+            event_type=purpose.event_type,
+            outcome=outcome,
         )
         trace.get_current_span().set_attribute("actionmesh.outcome", outcome.value)
         record_execution(command.action_id, provider_id, outcome.value)

@@ -68,6 +68,7 @@ ACCEPTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_ACCEPTED
 PROGRESS = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_PROGRESS
 CANCEL_REQUESTED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_CANCEL_REQUESTED
 RESOLVE_REFUSED = audit_pb2.AUDIT_EVENT_TYPE_EXECUTION_RESOLVE_REFUSED
+PREVIEWED = audit_pb2.AUDIT_EVENT_TYPE_ACTION_PREVIEWED
 # Who acts when the gateway itself moves an execution (expiry, orphan sweep).
 SYSTEM = "actionmesh"
 
@@ -147,10 +148,16 @@ class Ledger:
         ``outcome``, ``reason`` and ``message`` default to the record's own; the facts are
         the decision's, else those the execution was decided on.
         """
+        sensitive = record.sensitive or command.sensitive
         return audit_event(
             event_type,
             caller=actor,
             record=command.record,
+            preview=(
+                self.scrubbed_preview(command, record.preview, sensitive)
+                if event_type == APPROVAL_REQUESTED and record.preview is not None
+                else None
+            ),
             execution_id=record.execution_id,
             action_id=record.action_id,
             provider_id=record.provider_id,
@@ -163,9 +170,7 @@ class Ledger:
             external_ref=record.external_ref,
             changes=record.changes,
             warnings=record.warnings,
-            **self._evidence(
-                command, record.sensitive or command.sensitive, authorized, record.facts
-            ),
+            **self._evidence(command, sensitive, authorized, record.facts),
         )
 
     def _evidence(
@@ -204,6 +209,21 @@ class Ledger:
             warnings=tuple(scrub(w) for w in record.warnings),
         )
 
+    @staticmethod
+    def scrubbed_preview(
+        command: ExecuteCommand, preview: common_pb2.ActionPreview, sensitive: bool
+    ) -> common_pb2.ActionPreview:
+        """A sensitive record's preview texts, without the input values they echo (the
+        changes stay, as an execution's do)."""
+        if not sensitive:
+            return preview
+        scrubbed = common_pb2.ActionPreview()
+        scrubbed.CopyFrom(preview)
+        scrubbed.effect = Redactor.scrub(preview.effect, command.inputs, True)
+        del scrubbed.warnings[:]
+        scrubbed.warnings.extend(Redactor.scrub(w, command.inputs, True) for w in preview.warnings)
+        return scrubbed
+
     # -- writes ---------------------------------------------------------------------
     async def open(
         self,
@@ -238,17 +258,22 @@ class Ledger:
         authorized: Authorized | None = None,
         facts: common_pb2.RecordFacts | None = None,
         sensitive: bool | None = None,
+        event_type: audit_pb2.AuditEventType.ValueType = FINISHED,
+        outcome: Outcome | None = None,
     ) -> Outcome:
-        """Evidence of an ExecuteAction refused before it became an execution; its outcome.
+        """Evidence of an ExecuteAction refused before it became an execution (or, with
+        ``event_type`` PREVIEWED, of a refused PreviewAction); its outcome (default:
+        UNAVAILABLE for an Unavailable error, else DENIED).
 
         ``sensitive`` overrides the command's own claim (e.g. the source's facts say so,
         or no source could be asked).
         """
-        outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
+        if outcome is None:
+            outcome = Outcome.UNAVAILABLE if isinstance(error, Unavailable) else Outcome.DENIED
         now = utcnow()
         sensitive = command.sensitive if sensitive is None else sensitive
         event = audit_event(
-            FINISHED,
+            event_type,
             caller=actor,
             record=command.record,
             execution_id=attempt_id,
@@ -304,6 +329,27 @@ class Ledger:
             policy_decisions=visibility.evidence,
             policy_context=visibility.context,
             facts=visibility.facts,
+        )
+        await self._append([event])
+
+    async def previewed(
+        self,
+        caller: Caller,
+        command: ExecuteCommand,
+        authorized: Authorized,
+        preview: common_pb2.ActionPreview,
+    ) -> None:
+        """Evidence of one answered PreviewAction: the decision, the facts, the preview
+        (``command`` is on the record as verified, so its sensitivity is the source's)."""
+        sensitive = command.sensitive
+        event = audit_event(
+            PREVIEWED,
+            caller=caller,
+            record=command.record,
+            action_id=command.action_id,
+            provider_id=authorized.entry.provider_id,
+            preview=self.scrubbed_preview(command, preview, sensitive),
+            **self._evidence(command, sensitive, authorized),
         )
         await self._append([event])
 

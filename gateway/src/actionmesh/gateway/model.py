@@ -250,6 +250,9 @@ class ExecutionRecord:
     """Roles that must be among its approvers."""
     votes: tuple[Vote, ...] = ()
     """The approvals counted so far (the last one dispatched it when the quorum was met)."""
+    preview: common_pb2.ActionPreview | None = None
+    """Held for approval: what the provider previewed (what the approvers approve); the
+    dispatch carries its digest, so a record that moved since is refused."""
 
     @property
     def quorum(self) -> Quorum:
@@ -286,10 +289,14 @@ class ExecutionRecord:
             )
 
     def awaiting_approval(
-        self, *, expires_at: datetime, quorum: Quorum | None = None
+        self,
+        *,
+        expires_at: datetime,
+        quorum: Quorum | None = None,
+        preview: common_pb2.ActionPreview | None = None,
     ) -> ExecutionRecord:
         """A new execution held for approval (nothing dispatched) by ``quorum`` (one
-        approver by default)."""
+        approver by default), with the ``preview`` its approvers see, if any."""
         self._require("hold for approval", ExecutionState.RUNNING)
         quorum = quorum or Quorum()
         if self.approval_state is not None:
@@ -304,6 +311,7 @@ class ExecutionRecord:
             dispatch_deadline=None,
             approvals_needed=quorum.approvers,
             approver_roles_needed=quorum.roles,
+            preview=preview,
         )
 
     def vote_counted(self, vote: Vote) -> ExecutionRecord:

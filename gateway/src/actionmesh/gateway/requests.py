@@ -135,9 +135,10 @@ def execute_violations(
     action_id: str,
     record: common_pb2.RecordContext,
     has_record: bool,
-    idempotency_key: str,
+    idempotency_key: str | None,
     inputs: Mapping[str, common_pb2.InputValue] | None = None,
 ) -> list[FieldViolation]:
+    """What is wrong with an ExecuteAction request (a PreviewAction's: key None)."""
     problems = []
     if not ACTION_ID.valid(action_id):
         problems.append(
@@ -147,7 +148,7 @@ def execute_violations(
             )
         )
     problems.extend(record_violations(record, has_record))
-    if not IDEMPOTENCY_KEY.valid(idempotency_key):
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.valid(idempotency_key):
         problems.append(
             FieldViolation("idempotency_key", "is required: 1..128 of letters, digits and _ . : -")
         )

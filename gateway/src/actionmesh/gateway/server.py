@@ -28,6 +28,7 @@ from actionmesh.gateway.notifications import NotificationRouter
 from actionmesh.gateway.notifier import NotificationLog, Notifier, NotifierSettings
 from actionmesh.gateway.outbox import OutboxShipper
 from actionmesh.gateway.policy import PolicyEngine
+from actionmesh.gateway.previews import Previews
 from actionmesh.gateway.reconciler import Reconciler, ReconcileSettings
 from actionmesh.gateway.redaction import Redactor
 from actionmesh.gateway.servicer import GatewayServicer
@@ -274,6 +275,7 @@ class GatewayCore:
                 claims=claims,
                 dispatcher=dispatcher,
                 ledger=ledger,
+                previews=Previews(directory, deadlines),
             ),
             approvals=Approvals(
                 directory=directory,

@@ -94,6 +94,24 @@ class GatewayServicer(gateway_pb2_grpc.ActionGatewayServiceServicer):
         )
         return gateway_pb2.ExecuteActionResponse(execution=execution_proto(record))
 
+    async def PreviewAction(
+        self, request: gateway_pb2.PreviewActionRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.PreviewActionResponse:
+        caller = await self._caller(context)
+        # A preview costs the provider a read: limited like an execution.
+        await self._admission.check_rate(caller.tenant, "execute")
+        preview, facts = await self._executor.preview(
+            caller,
+            ExecuteCommand(
+                action_id=request.action_id,
+                record=request.record,
+                has_record=request.HasField("record"),
+                inputs=dict(request.inputs),
+                idempotency_key="",
+            ),
+        )
+        return gateway_pb2.PreviewActionResponse(preview=preview, facts=facts)
+
     async def GetExecution(
         self, request: gateway_pb2.GetExecutionRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetExecutionResponse:
@@ -281,6 +299,8 @@ def execution_proto(record: ExecutionRecord) -> gateway_pb2.Execution:
             )
     if record.facts is not None:
         message.facts.CopyFrom(record.facts)
+    if record.preview is not None:
+        message.preview.CopyFrom(record.preview)
     if record.late_outcome is not None:
         message.late_outcome = record.late_outcome.to_proto()
         if record.late_result_at is not None:

@@ -131,6 +131,7 @@ class ExecutionRow(Base):
     approvals_needed: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     approver_roles_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
     votes_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    preview_payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class OutboxRow(Base):
@@ -1219,6 +1220,9 @@ def _row_values(record: ExecutionRecord) -> dict[str, Any]:
         "approvals_needed": record.approvals_needed,
         "approver_roles_json": json.dumps(list(record.approver_roles_needed)),
         "votes_json": votes_json(record.votes),
+        "preview_payload": (
+            record.preview.SerializeToString() if record.preview is not None else None
+        ),
     }
 
 
@@ -1287,6 +1291,11 @@ def _from_row(row: ExecutionRow) -> ExecutionRecord:
         approvals_needed=row.approvals_needed,
         approver_roles_needed=tuple(json.loads(row.approver_roles_json or "[]")),
         votes=votes_of(row.votes_json),
+        preview=(
+            common_pb2.ActionPreview.FromString(row.preview_payload)
+            if row.preview_payload
+            else None
+        ),
     )
 
 

@@ -187,6 +187,20 @@ class GatewayClient:
         )
         return response.execution
 
+    async def preview(
+        self,
+        action_id: str,
+        record: common_pb2.RecordContext,
+        inputs: Mapping[str, InputLike] | None = None,
+    ) -> gateway_pb2.PreviewActionResponse:
+        """What executing ``action_id`` on ``record`` would change, computed by its
+        provider without side effects (the preview and the facts it was authorized on).
+        Read-only, so retried like a discovery."""
+        request = gateway_pb2.PreviewActionRequest(
+            action_id=action_id, record=record, inputs=input_values(inputs or {})
+        )
+        return await self._call(self._stub.PreviewAction, request, retry_safe=True)
+
     async def get_execution(self, execution_id: str) -> gateway_pb2.Execution:
         request = gateway_pb2.GetExecutionRequest(execution_id=execution_id)
         response = await self._call(self._stub.GetExecution, request, retry_safe=True)

@@ -81,6 +81,12 @@ class _AuditEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditE
     """A person's attempt to record what became of an execution (ResolveExecution) that
     the platform refused (reason POLICY_DENIED); nothing changed.
     """
+    AUDIT_EVENT_TYPE_ACTION_PREVIEWED: _AuditEventType.ValueType  # 16
+    """Someone previewed an action on the record (PreviewAction): preview holds what the
+    provider said would change (inputs as for an execution). Refused: outcome DENIED
+    (policy, validation) or UNAVAILABLE with the reason, or REJECTED when the provider
+    says the action would be refused (reason its refusal's).
+    """
 
 class AuditEventType(_AuditEventType, metaclass=_AuditEventTypeEnumTypeWrapper): ...
 
@@ -137,6 +143,12 @@ comment. Refused by policy: outcome DENIED with reason POLICY_DENIED.
 AUDIT_EVENT_TYPE_EXECUTION_RESOLVE_REFUSED: AuditEventType.ValueType  # 15
 """A person's attempt to record what became of an execution (ResolveExecution) that
 the platform refused (reason POLICY_DENIED); nothing changed.
+"""
+AUDIT_EVENT_TYPE_ACTION_PREVIEWED: AuditEventType.ValueType  # 16
+"""Someone previewed an action on the record (PreviewAction): preview holds what the
+provider said would change (inputs as for an execution). Refused: outcome DENIED
+(policy, validation) or UNAVAILABLE with the reason, or REJECTED when the provider
+says the action would be refused (reason its refusal's).
 """
 Global___AuditEventType: _TypeAlias = AuditEventType  # noqa: Y015
 
@@ -261,6 +273,7 @@ class AuditEvent(_message.Message):
     FACTS_FIELD_NUMBER: _builtins.int
     TOLD_OUTCOME_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id chosen by the sender; the dedupe key."""
     type: Global___AuditEventType.ValueType
@@ -340,6 +353,10 @@ class AuditEvent(_message.Message):
     def progress(self) -> _common_pb2.ExecutionProgress:
         """EXECUTION_PROGRESS: what the provider reported."""
 
+    @_builtins.property
+    def preview(self) -> _common_pb2.ActionPreview:
+        """ACTION_PREVIEWED: the preview; APPROVAL_REQUESTED: the preview the approvers see."""
+
     def __init__(
         self,
         *,
@@ -375,10 +392,11 @@ class AuditEvent(_message.Message):
         facts: _common_pb2.RecordFacts | None = ...,
         told_outcome: _common_pb2.Outcome.ValueType = ...,
         progress: _common_pb2.ExecutionProgress | None = ...,
+        preview: _common_pb2.ActionPreview | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "progress", b"progress", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "finished_at", b"finished_at", "occurred_at", b"occurred_at", "preview", b"preview", "progress", b"progress", "record", b"record", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "told_outcome", b"told_outcome", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "actor", b"actor", "chain_hash", b"chain_hash", "chain_index", b"chain_index", "changes", b"changes", "event_id", b"event_id", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "inputs", b"inputs", "inputs_redacted", b"inputs_redacted", "message", b"message", "occurred_at", b"occurred_at", "outcome", b"outcome", "policy_context", b"policy_context", "policy_decisions", b"policy_decisions", "policy_ids", b"policy_ids", "prev_chain_hash", b"prev_chain_hash", "preview", b"preview", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "record", b"record", "sequence", b"sequence", "span_id", b"span_id", "started_at", b"started_at", "tenant", b"tenant", "told_outcome", b"told_outcome", "trace_id", b"trace_id", "type", b"type", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

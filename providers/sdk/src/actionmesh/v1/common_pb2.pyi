@@ -637,9 +637,53 @@ class ExecutionProgress(_message.Message):
 Global___ExecutionProgress: _TypeAlias = ExecutionProgress  # noqa: Y015
 
 @_typing.final
-class FieldChange(_message.Message):
-    """One field a provider changed, as display strings."""
+class ActionPreview(_message.Message):
+    """One field a provider changed, as display strings.
+    What an execution would change, as its provider previewed it without side effects (a
+    dry run): the changes (before: as it was then), the external effect in words,
+    warnings, and the provider's digest of the state it previewed against. An execution
+    held for approval keeps the preview its approvers see; it is dispatched with the
+    digest, and the provider refuses (REJECTED STATE_CHANGED_SINCE_PREVIEW) when the
+    state moved, so what was approved is what runs.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    STATE_DIGEST_FIELD_NUMBER: _builtins.int
+    PREVIEWED_AT_FIELD_NUMBER: _builtins.int
+    PROVIDER_ID_FIELD_NUMBER: _builtins.int
+    effect: _builtins.str
+    state_digest: _builtins.str
+    provider_id: _builtins.str
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldChange]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def previewed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___FieldChange] | None = ...,
+        effect: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        state_digest: _builtins.str = ...,
+        previewed_at: _timestamp_pb2.Timestamp | None = ...,
+        provider_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previewed_at", b"previewed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "effect", b"effect", "previewed_at", b"previewed_at", "provider_id", b"provider_id", "state_digest", b"state_digest", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionPreview: _TypeAlias = ActionPreview  # noqa: Y015
+
+@_typing.final
+class FieldChange(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FIELD_FIELD_NUMBER: _builtins.int

@@ -263,6 +263,80 @@ class ExecuteActionRequest(_message.Message):
 Global___ExecuteActionRequest: _TypeAlias = ExecuteActionRequest  # noqa: Y015
 
 @_typing.final
+class PreviewActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.InputValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.InputValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    action_id: _builtins.str
+    @_builtins.property
+    def record(self) -> _common_pb2.RecordContext: ...
+    @_builtins.property
+    def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.InputValue]: ...
+    def __init__(
+        self,
+        *,
+        action_id: _builtins.str = ...,
+        record: _common_pb2.RecordContext | None = ...,
+        inputs: _abc.Mapping[_builtins.str, _common_pb2.InputValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "inputs", b"inputs", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewActionRequest: _TypeAlias = PreviewActionRequest  # noqa: Y015
+
+@_typing.final
+class PreviewActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIEW_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def preview(self) -> _common_pb2.ActionPreview: ...
+    @_builtins.property
+    def facts(self) -> _common_pb2.RecordFacts:
+        """The record's facts the preview was authorized on and who vouched for them."""
+
+    def __init__(
+        self,
+        *,
+        preview: _common_pb2.ActionPreview | None = ...,
+        facts: _common_pb2.RecordFacts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "preview", b"preview"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts", "preview", b"preview"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewActionResponse: _TypeAlias = PreviewActionResponse  # noqa: Y015
+
+@_typing.final
 class Execution(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -296,6 +370,7 @@ class Execution(_message.Message):
     CANCEL_REQUESTED_BY_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     CANCEL_COMMENT_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     action_id: _builtins.str
     provider_id: _builtins.str
@@ -366,6 +441,14 @@ class Execution(_message.Message):
     def run_deadline(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def cancel_requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def preview(self) -> _common_pb2.ActionPreview:
+        """Actions that require approval and have a preview: what the provider previewed when
+        the execution was requested (what its approvers approve). It is dispatched with the
+        preview's digest, so a record that moved since is refused
+        (REJECTED STATE_CHANGED_SINCE_PREVIEW) instead of changed.
+        """
+
     def __init__(
         self,
         *,
@@ -399,10 +482,11 @@ class Execution(_message.Message):
         cancel_requested_by: _builtins.str = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_comment: _builtins.str = ...,
+        preview: _common_pb2.ActionPreview | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "approval", b"approval", "cancel_requested_at", b"cancel_requested_at", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "progress", b"progress", "reconcile_next_at", b"reconcile_next_at", "record", b"record", "run_deadline", b"run_deadline", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "approval", b"approval", "cancel_requested_at", b"cancel_requested_at", "facts", b"facts", "finished_at", b"finished_at", "late_result_at", b"late_result_at", "preview", b"preview", "progress", b"progress", "reconcile_next_at", b"reconcile_next_at", "record", b"record", "run_deadline", b"run_deadline", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "action_id", b"action_id", "actor", b"actor", "approval", b"approval", "cancel_comment", b"cancel_comment", "cancel_requested_at", b"cancel_requested_at", "cancel_requested_by", b"cancel_requested_by", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "reconcile_attempts", b"reconcile_attempts", "reconcile_next_at", b"reconcile_next_at", "reconcile_state", b"reconcile_state", "record", b"record", "resolved_reason", b"resolved_reason", "run_deadline", b"run_deadline", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "action_id", b"action_id", "actor", b"actor", "approval", b"approval", "cancel_comment", b"cancel_comment", "cancel_requested_at", b"cancel_requested_at", "cancel_requested_by", b"cancel_requested_by", "changes", b"changes", "execution_id", b"execution_id", "external_ref", b"external_ref", "facts", b"facts", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "late_outcome", b"late_outcome", "late_result_at", b"late_result_at", "message", b"message", "outcome", b"outcome", "preview", b"preview", "progress", b"progress", "provider_id", b"provider_id", "reason", b"reason", "reconcile_attempts", b"reconcile_attempts", "reconcile_next_at", b"reconcile_next_at", "reconcile_state", b"reconcile_state", "record", b"record", "resolved_reason", b"resolved_reason", "run_deadline", b"run_deadline", "started_at", b"started_at", "tenant", b"tenant", "trace_id", b"trace_id", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -118,6 +118,11 @@ class ActionGatewayServiceStub:
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
                 response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
                 _registered_method=True)
+        self.PreviewAction = channel.unary_unary(
+                '/actionmesh.v1.ActionGatewayService/PreviewAction',
+                request_serializer=actionmesh_dot_v1_dot_gateway__pb2.PreviewActionRequest.SerializeToString,
+                response_deserializer=actionmesh_dot_v1_dot_gateway__pb2.PreviewActionResponse.FromString,
+                _registered_method=True)
         self.ListNotificationDeliveries = channel.unary_unary(
                 '/actionmesh.v1.ActionGatewayService/ListNotificationDeliveries',
                 request_serializer=actionmesh_dot_v1_dot_gateway__pb2.ListNotificationDeliveriesRequest.SerializeToString,
@@ -262,6 +267,17 @@ class ActionGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewAction(self, request, context):
+        """What ExecuteAction of the same request would change, computed by the action's
+        provider without side effects (ActionDescriptor.previewable). Governed like
+        ExecuteAction (the record's verified facts, policy action "execute"), audited as
+        ACTION_PREVIEWED. UNIMPLEMENTED (PREVIEW_NOT_SUPPORTED) for an action without a
+        preview; FAILED_PRECONDITION with the provider's reason when it would be refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNotificationDeliveries(self, request, context):
         """The caller's tenant's notification delivery log, newest first: each webhook
         notification (one event to one subscription), where it stands and every attempt
@@ -335,6 +351,11 @@ def add_ActionGatewayServiceServicer_to_server(servicer, server):
                     servicer.ResolveExecution,
                     request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.FromString,
                     response_serializer=actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.SerializeToString,
+            ),
+            'PreviewAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewAction,
+                    request_deserializer=actionmesh_dot_v1_dot_gateway__pb2.PreviewActionRequest.FromString,
+                    response_serializer=actionmesh_dot_v1_dot_gateway__pb2.PreviewActionResponse.SerializeToString,
             ),
             'ListNotificationDeliveries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNotificationDeliveries,
@@ -690,6 +711,33 @@ class ActionGatewayService:
             '/actionmesh.v1.ActionGatewayService/ResolveExecution',
             actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionRequest.SerializeToString,
             actionmesh_dot_v1_dot_gateway__pb2.ResolveExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/actionmesh.v1.ActionGatewayService/PreviewAction',
+            actionmesh_dot_v1_dot_gateway__pb2.PreviewActionRequest.SerializeToString,
+            actionmesh_dot_v1_dot_gateway__pb2.PreviewActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

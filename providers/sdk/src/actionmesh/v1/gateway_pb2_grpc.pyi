@@ -116,6 +116,13 @@ class ActionGatewayServiceStub:
     outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
     comment), PERMISSION_DENIED POLICY_DENIED.
     """
+    PreviewAction: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PreviewActionRequest, _gateway_pb2.PreviewActionResponse]
+    """What ExecuteAction of the same request would change, computed by the action's
+    provider without side effects (ActionDescriptor.previewable). Governed like
+    ExecuteAction (the record's verified facts, policy action "execute"), audited as
+    ACTION_PREVIEWED. UNIMPLEMENTED (PREVIEW_NOT_SUPPORTED) for an action without a
+    preview; FAILED_PRECONDITION with the provider's reason when it would be refused.
+    """
     ListNotificationDeliveries: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListNotificationDeliveriesRequest, _gateway_pb2.ListNotificationDeliveriesResponse]
     """The caller's tenant's notification delivery log, newest first: each webhook
     notification (one event to one subscription), where it stands and every attempt
@@ -211,6 +218,13 @@ class ActionGatewayServiceAsyncStub(ActionGatewayServiceStub):
     Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
     outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
     comment), PERMISSION_DENIED POLICY_DENIED.
+    """
+    PreviewAction: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PreviewActionRequest, _gateway_pb2.PreviewActionResponse]  # type: ignore[assignment]
+    """What ExecuteAction of the same request would change, computed by the action's
+    provider without side effects (ActionDescriptor.previewable). Governed like
+    ExecuteAction (the record's verified facts, policy action "execute"), audited as
+    ACTION_PREVIEWED. UNIMPLEMENTED (PREVIEW_NOT_SUPPORTED) for an action without a
+    preview; FAILED_PRECONDITION with the provider's reason when it would be refused.
     """
     ListNotificationDeliveries: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListNotificationDeliveriesRequest, _gateway_pb2.ListNotificationDeliveriesResponse]  # type: ignore[assignment]
     """The caller's tenant's notification delivery log, newest first: each webhook
@@ -376,6 +390,19 @@ class ActionGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: NOT_FOUND EXECUTION_NOT_FOUND, FAILED_PRECONDITION NOTHING_TO_RESOLVE (its
         outcome is settled), INVALID_ARGUMENT (outcome not one a provider can reach, no
         comment), PERMISSION_DENIED POLICY_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewAction(
+        self,
+        request: _gateway_pb2.PreviewActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PreviewActionResponse, _abc.Awaitable[_gateway_pb2.PreviewActionResponse]]:
+        """What ExecuteAction of the same request would change, computed by the action's
+        provider without side effects (ActionDescriptor.previewable). Governed like
+        ExecuteAction (the record's verified facts, policy action "execute"), audited as
+        ACTION_PREVIEWED. UNIMPLEMENTED (PREVIEW_NOT_SUPPORTED) for an action without a
+        preview; FAILED_PRECONDITION with the provider's reason when it would be refused.
         """
 
     @_abc_1.abstractmethod
