@@ -679,6 +679,66 @@ class Relay:
                 end.close()
 
 
+def as_preview(request: provider_pb2.ExecuteRequest) -> provider_pb2.PreviewRequest:
+    return provider_pb2.PreviewRequest(
+        action_id=request.action_id,
+        record=request.record,
+        operator=request.operator,
+        inputs=request.inputs,
+    )
+
+
+async def test_a_preview_says_where_it_goes_and_an_approved_escalation_checks_the_case(
+    platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with served(tmp_path / "provider", platform.url, monkeypatch) as stub:
+        request = escalate_request("key-preview", target_queue="billing", severity="critical")
+        preview = await stub.Preview(as_preview(request), timeout=10)
+        assert preview.effect == (
+            "opens an escalation in queue billing of the support desk for ticket T-1001 "
+            "(severity critical), then waits for the support team to acknowledge it"
+        )
+        assert [(c.field, c.before, c.after) for c in preview.changes] == [
+            ("escalation_queue", "", "billing")
+        ]
+        assert any("critical" in w for w in preview.warnings)
+        assert preview.state_digest.startswith("case-")
+        # Read-only and stable: the platform got nothing; the same preview again.
+        assert await stub.Preview(as_preview(request), timeout=10) == preview
+        assert await asyncio.to_thread(platform.escalations) == []
+        default = await stub.Preview(as_preview(escalate_request("key-x")), timeout=10)
+        assert "queue general" in default.effect
+        assert default.state_digest == preview.state_digest  # same case, other inputs
+
+        # A closed case: refused as Execute would refuse it.
+        closed = escalate_request("key-closed", status="resolved")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Preview(as_preview(closed), timeout=10)
+        details = error_details(caught.value)
+        assert (details.code, details.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "RECORD_CLOSED",
+        )
+
+        # Approved on the preview, but the case moved on (now pending): REJECTED at once,
+        # nothing sent to the platform.
+        moved = escalate_request("key-moved", status="pending")
+        moved.preview_digest = preview.state_digest
+        refused = await stub.Execute(moved, timeout=15)
+        assert (refused.outcome, refused.reason) == (
+            common_pb2.OUTCOME_REJECTED,
+            "STATE_CHANGED_SINCE_PREVIEW",
+        )
+        assert await asyncio.to_thread(platform.escalations) == []
+
+        # The case as previewed: accepted, and it opens in the previewed queue.
+        request.preview_digest = preview.state_digest
+        await accepted(stub, request)
+        await running_with(stub, "key-preview", WAITING)
+        [held] = await asyncio.to_thread(platform.escalations)
+        assert held["queue"] == "billing"
+
+
 def status_request(key: str, tenant: str = "acme") -> provider_pb2.GetExecutionStatusRequest:
     return provider_pb2.GetExecutionStatusRequest(
         tenant=tenant, action_id="case.escalate", idempotency_key=key, request_id=f"req-{key}"

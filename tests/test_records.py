@@ -17,6 +17,7 @@ import pytest
 from actionmesh.gateway.auth import mint_token
 from actionmesh.mesh import Mesh, MeshSettings
 from actionmesh.providers.records import RecordStore, records
+from actionmesh.providers.records.store import Refused, Who
 from actionmesh.rpc.errors import error_details
 from actionmesh.rpc.server import RunningServer
 from actionmesh.rpc.telemetry import configure_tracing
@@ -460,6 +461,154 @@ async def test_seeding_again_keeps_existing_state(tmp_path: Path) -> None:
         assert store.links("acme", "t-101") == [("customer", "c-100")]
     finally:
         store.close()
+
+
+# -- previews ------------------------------------------------------------------------------
+
+
+def preview_request(
+    action: str, ticket_id: str = "t-100", *, operator: common_pb2.Operator = ALICE, **inputs: str
+) -> provider_pb2.PreviewRequest:
+    execute = request(action, ticket_id, operator=operator, **inputs)
+    return provider_pb2.PreviewRequest(
+        action_id=execute.action_id,
+        record=execute.record,
+        operator=execute.operator,
+        inputs=execute.inputs,
+    )
+
+
+def changes_of(
+    reply: provider_pb2.PreviewResponse | provider_pb2.ExecuteResponse,
+) -> list[tuple[str, str, str]]:
+    return [(c.field, c.before, c.after) for c in reply.changes]
+
+
+async def preview_refusal(served: Served, req: provider_pb2.PreviewRequest) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.Preview(req, timeout=5)
+    details = error_details(caught.value)
+    assert details.code == grpc.StatusCode.FAILED_PRECONDITION, details
+    return details.reason
+
+
+async def test_describe_marks_the_previewable_actions(served: Served) -> None:
+    reply = await served.stub.Describe(provider_pb2.DescribeRequest(), timeout=5)
+    assert {a.action_id for a in reply.actions if a.previewable} == {
+        "ticket.update_routing",
+        "ticket.change_service_level",
+        "ticket.link",
+        "ticket.unlink",
+    }
+
+
+async def test_a_service_level_preview_shows_the_change_and_changes_nothing(
+    served: Served,
+) -> None:
+    before = served.store.get("acme", "t-100")
+    assert before is not None
+    req = preview_request("ticket.change_service_level", level="critical")
+    preview = await served.stub.Preview(req, timeout=5)
+    assert changes_of(preview) == [("service_level", "standard", "critical")]
+    assert preview.effect == "changes the service level of ticket t-100 from standard to critical"
+    assert preview.state_digest == f"v{before.version}"
+    assert any("critical" in w for w in preview.warnings)
+    # Read-only: the ticket and its change log are as they were; the same again.
+    assert served.store.get("acme", "t-100") == before
+    assert served.store.changes("acme", "t-100") == []
+    assert await served.stub.Preview(req, timeout=5) == preview
+
+    # Executed on that preview: the change is exactly the one previewed.
+    approved = request("ticket.change_service_level", level="critical", key="sl-1")
+    approved.preview_digest = preview.state_digest
+    done = await served.execute(approved)
+    assert outcome(done) == SUCCEEDED
+    assert changes_of(done) == changes_of(preview)
+    # A second execution approved on the same (now stale) preview is refused; nothing ran.
+    again = request("ticket.change_service_level", level="critical", key="sl-2")
+    again.preview_digest = preview.state_digest
+    assert outcome(await served.execute(again)) == rejected("STATE_CHANGED_SINCE_PREVIEW")
+    assert len(served.store.changes("acme", "t-100")) == 1
+
+    lower = await served.stub.Preview(
+        preview_request("ticket.change_service_level", level="standard"), timeout=5
+    )
+    assert changes_of(lower) == [("service_level", "critical", "standard")]
+    assert lower.state_digest == f"v{before.version + 1}"
+    assert any("lowers" in w for w in lower.warnings)
+
+
+async def test_a_routing_preview_matches_the_execution(served: Served) -> None:
+    preview = await served.stub.Preview(
+        preview_request("ticket.update_routing", field="priority", value="urgent"), timeout=5
+    )
+    assert changes_of(preview) == [("priority", "normal", "urgent")]
+    assert preview.effect == "changes the priority of ticket t-100 from normal to urgent"
+    assert preview.warnings
+    done = await served.execute(request("ticket.update_routing", field="priority", value="urgent"))
+    assert changes_of(done) == changes_of(preview)
+
+    link = await served.stub.Preview(
+        preview_request("ticket.link", target_type="asset", target_id="a-100"), timeout=5
+    )
+    assert link.effect == "links ticket t-100 to asset a-100"
+    linked = await served.execute(request("ticket.link", target_type="asset", target_id="a-100"))
+    assert changes_of(linked) == changes_of(link)
+    unlink = await served.stub.Preview(
+        preview_request("ticket.unlink", target_type="asset", target_id="a-100"), timeout=5
+    )
+    unlinked = await served.execute(
+        request("ticket.unlink", target_type="asset", target_id="a-100")
+    )
+    assert changes_of(unlinked) == changes_of(unlink)
+
+
+async def test_a_preview_refuses_as_execute_would(served: Served) -> None:
+    cases = {
+        "NO_CHANGE": preview_request("ticket.change_service_level", level="standard"),
+        "TICKET_CLOSED": preview_request("ticket.change_service_level", "t-103", level="critical"),
+        "INVALID_VALUE": preview_request("ticket.update_routing", field="queue", value="nowhere"),
+        "UNKNOWN_TICKET": preview_request(
+            "ticket.update_routing", "t-200", field="queue", value="billing"
+        ),
+        "UNKNOWN_TARGET": preview_request("ticket.link", target_type="asset", target_id="a-200"),
+        "NOT_LINKED": preview_request("ticket.unlink", target_type="asset", target_id="a-100"),
+    }
+    for reason, req in cases.items():
+        assert await preview_refusal(served, req) == reason
+        execute = request(
+            req.action_id,
+            req.record.id,
+            **{name: value.string_value for name, value in req.inputs.items() if name != "reason"},
+        )
+        assert outcome(await served.execute(execute)) == rejected(reason)
+    # Actions without a preview: UNIMPLEMENTED.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.Preview(preview_request("ticket.undo", change_id="chg-" + "0" * 16))
+    assert error_details(caught.value).reason == "PREVIEW_NOT_SUPPORTED"
+
+
+async def test_the_write_requires_the_previewed_version(served: Served) -> None:
+    """The race the SDK's check cannot close: the ticket changes between the check and
+    the write. The store's conditional update requires the approved version."""
+    who = Who("ticket.change_service_level", "req-1", "key-1", "alice", "", "needed")
+    ticket_now = served.store.get("acme", "t-100")
+    assert ticket_now is not None
+    served.store.set_field("acme", "t-100", "queue", "billing", replace(who, action_id="x"))
+    refused = served.store.set_field(
+        "acme", "t-100", "service_level", "critical", who, expected_version=ticket_now.version
+    )
+    assert refused == Refused("STATE_CHANGED_SINCE_PREVIEW")
+    assert served.routing() == ("billing", "normal", "standard")
+    applied = served.store.set_field(
+        "acme", "t-100", "service_level", "critical", who, expected_version=ticket_now.version + 1
+    )
+    assert not isinstance(applied, Refused)
+    # A digest the provider never gave names no version: refused, nothing changed.
+    stale = request("ticket.change_service_level", level="priority")
+    stale.preview_digest = "not-a-version"
+    assert outcome(await served.execute(stale)) == rejected("STATE_CHANGED_SINCE_PREVIEW")
+    assert served.routing() == ("billing", "normal", "critical")
 
 
 # -- through the real gateway -----------------------------------------------------------

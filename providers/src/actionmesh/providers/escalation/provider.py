@@ -42,11 +42,22 @@ escalation it holds under the key:
   answer (the platform may still be handling the request), then FINISHED REJECTED
   ``DOWNSTREAM_NOT_CREATED``: nothing was escalated;
 - the platform does not answer: UNAVAILABLE ``DOWNSTREAM_UNAVAILABLE`` (ask later).
+
+Preview (``preview_escalation``, read-only, the platform is not asked): the effect in
+words ("opens an escalation in queue billing of the support desk for ticket t-1 (severity
+high), then waits for the support team to acknowledge it"), the change
+``escalation_queue`` (none -> the queue), warnings (what leaves for the external
+platform, a critical severity, no undo once acknowledged), or the refusal Execute would
+give (``RECORD_CLOSED``). Its digest hashes the case facts Execute sends and decides on:
+tenant, record type, id and status (``case-<sha256 prefix>``); an escalation approved on
+a preview is refused ``STATE_CHANGED_SINCE_PREVIEW`` by the SDK when they moved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -70,6 +81,8 @@ from actionmesh.sdk import (
     ExecutionStatus,
     Input,
     LongRunning,
+    Preview,
+    PreviewContext,
     Provider,
     RecordView,
     Resource,
@@ -99,6 +112,9 @@ UNSETTLED_REASONS = frozenset(
 # Long-running: Execute answers ACCEPTED; the handler waits for the support team.
 LONG_RUNNING = LongRunning(max_duration_s=24 * 3600.0, poll_interval_s=2.0, cancellable=True)
 RETRYING = "support desk not answering; retrying"
+# Where the support platform routes an escalation without target_queue.
+DEFAULT_QUEUE = "general"
+CLOSED_MESSAGE = "A closed or resolved case is not escalated."
 
 
 _escalation_log: Resource[EscalationLog] = Resource("the escalation log")
@@ -183,7 +199,7 @@ def _payload(ctx: ActionContext, inputs: EscalateInputs) -> dict[str, Any]:
 )
 async def escalate(ctx: ActionContext, inputs: EscalateInputs) -> Result:
     if ctx.record.status in CLOSED_STATUSES:
-        return Result.rejected("RECORD_CLOSED", "A closed or resolved case is not escalated.")
+        return Result.rejected("RECORD_CLOSED", CLOSED_MESSAGE)
     client = _client()
     try:
         opened = await _open(ctx, inputs, client)
@@ -203,6 +219,41 @@ async def escalate(ctx: ActionContext, inputs: EscalateInputs) -> Result:
         return _withdrawn_at_platform(held)
     await _log_state(ctx, "acknowledged", held)
     return acknowledged_result(held)
+
+
+def case_digest(record: RecordView) -> str:
+    """The digest of the case facts an escalation sends and decides on (its preview's)."""
+    facts = json.dumps(
+        [record.tenant, record.type, record.id, record.status], separators=(",", ":")
+    )
+    return "case-" + hashlib.sha256(facts.encode()).hexdigest()[:32]
+
+
+@escalation.preview(ESCALATE)
+async def preview_escalation(ctx: PreviewContext, inputs: EscalateInputs) -> Preview:
+    """What case.escalate would do; read-only (the platform is not asked)."""
+    record = ctx.record
+    if record.status in CLOSED_STATUSES:
+        return Preview.rejected("RECORD_CLOSED", CLOSED_MESSAGE)
+    queue = inputs.target_queue or DEFAULT_QUEUE
+    warnings = [
+        "the summary leaves the mesh: it is sent to the external support platform"
+        + ("" if record.sensitivity == "normal" else f" (the case is {record.sensitivity})"),
+        "not reversible once acknowledged: a cancel withdraws the escalation only until the "
+        "support team acknowledges it",
+    ]
+    if inputs.severity == "critical":
+        warnings.append("severity critical: the support platform treats it as most urgent")
+    return Preview.of(
+        digest=case_digest(record),
+        changes=[Change("escalation_queue", None, queue)],
+        effect=(
+            f"opens an escalation in queue {queue} of the support desk for {record.type} "
+            f"{record.id} (severity {inputs.severity}), then waits for the support team to "
+            "acknowledge it"
+        ),
+        warnings=warnings,
+    )
 
 
 async def _open(

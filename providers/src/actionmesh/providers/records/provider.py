@@ -9,6 +9,15 @@ state back unless the ticket changed since.
 The caller's record context decides what Discover offers; Execute never trusts
 it beyond tenant, type and id, and re-checks the ticket in the provider's own
 database.
+
+Routing, service level, link and unlink have a preview (a dry run): the store plans the
+change read-only exactly as the change itself would (``RecordStore.plan_field`` and
+friends), so the preview shows the same change Execute would report, or refuses with
+the reason Execute would give. Its digest is the ticket's version (``"v7"``). An
+Execute approved on a preview carries that digest; the handler then makes the change
+only on that version of the ticket (the store's conditional update requires it), else
+it refuses ``STATE_CHANGED_SINCE_PREVIEW``: what was approved is exactly what runs, even
+if the ticket changes between the SDK's check of the digest and the write.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from actionmesh.providers.records.store import (
     SERVICE_LEVELS,
     Applied,
     ChangeRecord,
+    Planned,
     RecordStore,
     Refused,
+    Ticket,
     Who,
 )
 from actionmesh.sdk import (
@@ -33,6 +44,8 @@ from actionmesh.sdk import (
     Change,
     Facts,
     Input,
+    Preview,
+    PreviewContext,
     Provider,
     RecordView,
     Resource,
@@ -44,6 +57,10 @@ from actionmesh.sdk import (
 records = Provider("records", version="1.0.0", dedupe=True)
 
 CHANGE_ID_PATTERN = re.compile(r"^chg-[0-9a-f]{16}$")
+# A preview's digest: the version of the ticket it was computed against.
+DIGEST_PATTERN = re.compile(r"^v([0-9]{1,18})$")
+# The service levels from the lowest to the highest.
+LEVEL_RANK = {"standard": 0, "priority": 1, "critical": 2}
 TARGET_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -153,6 +170,8 @@ _REFUSALS = {
     "UNDO_NOT_REVERSIBLE": "An undo cannot be undone; run the original action again instead.",
     "CHANGED_SINCE": "The ticket changed since; undoing would overwrite a later change.",
     "CONCURRENT_UPDATE": "The ticket kept changing during the update; try again.",
+    "STATE_CHANGED_SINCE_PREVIEW": "The ticket changed since the preview that was approved; "
+    "nothing changed. Preview and request it again.",
 }
 
 
@@ -167,19 +186,37 @@ def _who(ctx: ActionContext, reason: str) -> Who:
     )
 
 
+def _change(kind: str, field: str, before: str, after: str) -> tuple[Change, str]:
+    """The Change a change reports and its words; a preview shows the same Change."""
+    if kind == "field":
+        return Change(field, before, after), f"{field} changed from {before} to {after}"
+    target = f"{field}/{after or before}"
+    linked = kind == "link"
+    changed = Change("link", "" if linked else target, target if linked else "")
+    return changed, f"{'linked to' if linked else 'unlinked from'} {target}"
+
+
+def digest_of(ticket: Ticket) -> str:
+    """A preview's digest: the ticket's version, e.g. ``"v7"``."""
+    return f"v{ticket.version}"
+
+
+def approved_version(ctx: ActionContext) -> int | None:
+    """The ticket version the execution was approved on (its preview's digest), or None
+    when it was not approved on a preview. A digest this provider never gives is no
+    version: -1, which no ticket has (refused STATE_CHANGED_SINCE_PREVIEW)."""
+    if not ctx.preview_digest:
+        return None
+    match = DIGEST_PATTERN.match(ctx.preview_digest)
+    return int(match.group(1)) if match else -1
+
+
 def _result(ctx: ActionContext, outcome: Applied | Refused) -> Result:
     if isinstance(outcome, Refused):
         ctx.logger.info("%s on %s refused: %s", ctx.action_id, ctx.record.id, outcome.reason)
         return Result.rejected(outcome.reason, _REFUSALS[outcome.reason])
     change = outcome.change
-    if change.kind == "field":
-        changed = Change(change.field, change.before, change.after)
-        what = f"{change.field} changed from {change.before} to {change.after}"
-    else:
-        target = f"{change.field}/{change.after or change.before}"
-        linked = change.kind == "link"
-        changed = Change("link", "" if linked else target, target if linked else "")
-        what = f"{'linked to' if linked else 'unlinked from'} {target}"
+    changed, what = _change(change.kind, change.field, change.before, change.after)
     ctx.logger.info("%s on %s: %s (%s)", ctx.action_id, ctx.record.id, what, change.change_id)
     if change.undo_of is not None:
         message = f"Undid {change.undo_of}: {what}."
@@ -209,6 +246,7 @@ async def update_routing(ctx: ActionContext, inputs: UpdateRoutingInputs) -> Res
         inputs.field,
         inputs.value,
         _who(ctx, inputs.reason),
+        expected_version=approved_version(ctx),
     )
     return _result(ctx, outcome)
 
@@ -234,6 +272,7 @@ async def change_service_level(ctx: ActionContext, inputs: ServiceLevelInputs) -
         "service_level",
         inputs.level,
         _who(ctx, inputs.reason),
+        expected_version=approved_version(ctx),
     )
     return _result(ctx, outcome)
 
@@ -256,6 +295,7 @@ async def link(ctx: ActionContext, inputs: LinkInputs) -> Result:
         inputs.target_type,
         inputs.target_id,
         _who(ctx, inputs.reason),
+        expected_version=approved_version(ctx),
     )
     return _result(ctx, outcome)
 
@@ -278,8 +318,108 @@ async def unlink(ctx: ActionContext, inputs: LinkInputs) -> Result:
         inputs.target_type,
         inputs.target_id,
         _who(ctx, inputs.reason),
+        expected_version=approved_version(ctx),
     )
     return _result(ctx, outcome)
+
+
+# -- previews ---------------------------------------------------------------------
+
+
+def _label(field: str) -> str:
+    return field.replace("_", " ")
+
+
+def _preview(
+    ctx: PreviewContext, planned: Planned | Refused, warnings: list[str] | None = None
+) -> Preview:
+    """A preview of the planned change, or the refusal Execute would give."""
+    if isinstance(planned, Refused):
+        return Preview.rejected(planned.reason, _REFUSALS[planned.reason])
+    changed, _ = _change(planned.kind, planned.field, planned.before, planned.after)
+    ticket = f"ticket {ctx.record.id}"
+    if planned.kind == "field":
+        effect = (
+            f"changes the {_label(planned.field)} of {ticket} from {planned.before} to "
+            f"{planned.after}"
+        )
+    elif planned.kind == "link":
+        effect = f"links {ticket} to {planned.field} {planned.after}"
+    else:
+        effect = f"unlinks {ticket} from {planned.field} {planned.before}"
+    return Preview.of(
+        digest=digest_of(planned.ticket),
+        changes=[changed],
+        effect=effect,
+        warnings=warnings or [],
+    )
+
+
+def _routing_warnings(planned: Planned | Refused) -> list[str]:
+    if isinstance(planned, Refused):
+        return []
+    if planned.field == "priority" and planned.after == "urgent":
+        return ["urgent puts the ticket ahead of every other ticket in its queue"]
+    if planned.field == "queue" and planned.after == "escalations":
+        return ["the escalations queue is worked by the escalation team, not the first line"]
+    return []
+
+
+def _level_warnings(planned: Planned | Refused) -> list[str]:
+    if isinstance(planned, Refused):
+        return []
+    before, after = LEVEL_RANK.get(planned.before, 0), LEVEL_RANK.get(planned.after, 0)
+    if planned.after == "critical":
+        return [
+            "critical is the highest service level: the shortest response and resolution "
+            "targets apply at once"
+        ]
+    if after < before:
+        return [
+            f"lowers the service level from {planned.before} to {planned.after}: the ticket's "
+            "response targets get longer"
+        ]
+    return []
+
+
+@records.preview("ticket.update_routing")
+async def preview_routing(ctx: PreviewContext, inputs: UpdateRoutingInputs) -> Preview:
+    """What ticket.update_routing would change; read-only."""
+    planned = await asyncio.to_thread(
+        current_store().plan_field, ctx.tenant, ctx.record.id, inputs.field, inputs.value
+    )
+    return _preview(ctx, planned, _routing_warnings(planned))
+
+
+@records.preview("ticket.change_service_level")
+async def preview_service_level(ctx: PreviewContext, inputs: ServiceLevelInputs) -> Preview:
+    """What ticket.change_service_level would change; read-only."""
+    planned = await asyncio.to_thread(
+        current_store().plan_field, ctx.tenant, ctx.record.id, "service_level", inputs.level
+    )
+    return _preview(ctx, planned, _level_warnings(planned))
+
+
+@records.preview("ticket.link")
+async def preview_link(ctx: PreviewContext, inputs: LinkInputs) -> Preview:
+    """What ticket.link would change; read-only."""
+    planned = await asyncio.to_thread(
+        current_store().plan_link, ctx.tenant, ctx.record.id, inputs.target_type, inputs.target_id
+    )
+    return _preview(ctx, planned)
+
+
+@records.preview("ticket.unlink")
+async def preview_unlink(ctx: PreviewContext, inputs: LinkInputs) -> Preview:
+    """What ticket.unlink would change; read-only."""
+    planned = await asyncio.to_thread(
+        current_store().plan_unlink,
+        ctx.tenant,
+        ctx.record.id,
+        inputs.target_type,
+        inputs.target_id,
+    )
+    return _preview(ctx, planned)
 
 
 # An undo restores a state that existed before, but it is still a change: the

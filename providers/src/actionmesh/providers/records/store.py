@@ -51,6 +51,7 @@ RefusalReason = Literal[
     "UNDO_NOT_REVERSIBLE",
     "CHANGED_SINCE",
     "CONCURRENT_UPDATE",
+    "STATE_CHANGED_SINCE_PREVIEW",
 ]
 
 
@@ -252,8 +253,29 @@ class _Plan:
     undo_of: str | None = None
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What a change would do, worked out read-only against ``ticket`` (a preview):
+    exactly the plan the change itself makes against that version of the ticket."""
+
+    ticket: Ticket
+    kind: ChangeKind
+    field: str
+    before: str
+    after: str
+
+
 # Works out one change against the ticket as read, or refuses it.
 _Planner = Callable[[Ticket], _Plan | Refused]
+
+
+def _refusal(ticket: Ticket | None) -> Refused | None:
+    """Why no change can be made to the ticket at all (unknown, closed), else None."""
+    if ticket is None:
+        return Refused("UNKNOWN_TICKET")
+    if ticket.status == CLOSED:
+        return Refused("TICKET_CLOSED")
+    return None
 
 
 def new_change_id() -> str:
@@ -440,9 +462,35 @@ class RecordStore(SqlStore):
     # -- changes ----------------------------------------------------------------
 
     def set_field(
-        self, tenant: str, ticket_id: str, field: str, value: str, who: Who
+        self,
+        tenant: str,
+        ticket_id: str,
+        field: str,
+        value: str,
+        who: Who,
+        *,
+        expected_version: int | None = None,
     ) -> Applied | Refused:
-        """Change one declared field (routing fields, service level) to a valid value."""
+        """Change one declared field (routing fields, service level) to a valid value.
+
+        ``expected_version``: the change was approved on a preview of that version of the
+        ticket; it is made only on that version (the conditional update requires it),
+        else refused ``STATE_CHANGED_SINCE_PREVIEW``.
+        """
+        planner = self._field_planner(field, value)
+        if isinstance(planner, Refused):
+            return planner
+        return self._apply(tenant, ticket_id, who, planner, expected_version=expected_version)
+
+    def plan_field(self, tenant: str, ticket_id: str, field: str, value: str) -> Planned | Refused:
+        """What ``set_field`` would do now, without doing it (read-only)."""
+        planner = self._field_planner(field, value)
+        if isinstance(planner, Refused):
+            return planner
+        return self._plan(tenant, ticket_id, planner)
+
+    @staticmethod
+    def _field_planner(field: str, value: str) -> _Planner | Refused:
         allowed = SERVICE_LEVELS if field == "service_level" else ROUTING_VALUES.get(field)
         if allowed is None or value not in allowed:
             return Refused("INVALID_VALUE")
@@ -453,11 +501,35 @@ class RecordStore(SqlStore):
                 return Refused("NO_CHANGE")
             return _Plan("field", field, current, value)
 
-        return self._apply(tenant, ticket_id, who, plan)
+        return plan
 
     def link(
-        self, tenant: str, ticket_id: str, target_type: str, target_id: str, who: Who
+        self,
+        tenant: str,
+        ticket_id: str,
+        target_type: str,
+        target_id: str,
+        who: Who,
+        *,
+        expected_version: int | None = None,
     ) -> Applied | Refused:
+        planner = self._link_planner(tenant, ticket_id, target_type, target_id)
+        if isinstance(planner, Refused):
+            return planner
+        return self._apply(tenant, ticket_id, who, planner, expected_version=expected_version)
+
+    def plan_link(
+        self, tenant: str, ticket_id: str, target_type: str, target_id: str
+    ) -> Planned | Refused:
+        """What ``link`` would do now, without doing it (read-only)."""
+        planner = self._link_planner(tenant, ticket_id, target_type, target_id)
+        if isinstance(planner, Refused):
+            return planner
+        return self._plan(tenant, ticket_id, planner)
+
+    def _link_planner(
+        self, tenant: str, ticket_id: str, target_type: str, target_id: str
+    ) -> _Planner | Refused:
         if target_type not in TARGET_TYPES or not self._target_exists(
             tenant, target_type, target_id
         ):
@@ -468,17 +540,38 @@ class RecordStore(SqlStore):
                 return Refused("ALREADY_LINKED")
             return _Plan("link", target_type, "", target_id)
 
-        return self._apply(tenant, ticket_id, who, plan)
+        return plan
 
     def unlink(
-        self, tenant: str, ticket_id: str, target_type: str, target_id: str, who: Who
+        self,
+        tenant: str,
+        ticket_id: str,
+        target_type: str,
+        target_id: str,
+        who: Who,
+        *,
+        expected_version: int | None = None,
     ) -> Applied | Refused:
+        planner = self._unlink_planner(tenant, ticket_id, target_type, target_id)
+        return self._apply(tenant, ticket_id, who, planner, expected_version=expected_version)
+
+    def plan_unlink(
+        self, tenant: str, ticket_id: str, target_type: str, target_id: str
+    ) -> Planned | Refused:
+        """What ``unlink`` would do now, without doing it (read-only)."""
+        return self._plan(
+            tenant, ticket_id, self._unlink_planner(tenant, ticket_id, target_type, target_id)
+        )
+
+    def _unlink_planner(
+        self, tenant: str, ticket_id: str, target_type: str, target_id: str
+    ) -> _Planner:
         def plan(ticket: Ticket) -> _Plan | Refused:
             if not self._linked(tenant, ticket_id, target_type, target_id):
                 return Refused("NOT_LINKED")
             return _Plan("unlink", target_type, target_id, "")
 
-        return self._apply(tenant, ticket_id, who, plan)
+        return plan
 
     def undo(
         self,
@@ -521,19 +614,37 @@ class RecordStore(SqlStore):
 
         return self._apply(tenant, ticket_id, who, plan)
 
+    def _plan(self, tenant: str, ticket_id: str, plan_for: _Planner) -> Planned | Refused:
+        """The plan ``_apply`` would make against the ticket as it is now; writes nothing."""
+        ticket = self.get(tenant, ticket_id)
+        refused = _refusal(ticket)
+        if refused is not None:
+            return refused
+        assert ticket is not None
+        plan = plan_for(ticket)
+        if isinstance(plan, Refused):
+            return plan
+        return Planned(ticket, plan.kind, plan.field, plan.before, plan.after)
+
     def _apply(
         self,
         tenant: str,
         ticket_id: str,
         who: Who,
         plan_for: _Planner,
+        *,
+        expected_version: int | None = None,
     ) -> Applied | Refused:
         for _ in range(_UPDATE_TRIES):
             before = self.get(tenant, ticket_id)
-            if before is None:
-                return Refused("UNKNOWN_TICKET")
-            if before.status == CLOSED:
-                return Refused("TICKET_CLOSED")
+            if before is not None and expected_version not in (None, before.version):
+                # Approved on a preview of another version: what was approved is not what
+                # would run. (The conditional update below requires this version too.)
+                return Refused("STATE_CHANGED_SINCE_PREVIEW")
+            refused = _refusal(before)
+            if refused is not None:
+                return refused
+            assert before is not None
             plan = plan_for(before)
             if isinstance(plan, Refused):
                 return plan
