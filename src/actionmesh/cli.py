@@ -599,7 +599,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         "approvals so far",
         "expires",
     ):
-        table.add_column(column)
+        # The id is what `approve` takes: never wrapped.
+        table.add_column(column, no_wrap=column == "execution")
     for pending in reply.approvals:
         execution = pending.execution
         table.add_row(
