@@ -59,6 +59,7 @@ from opentelemetry import trace
 from actionmesh.gateway.config import GatewayConfig
 from actionmesh.rpc.bearer import MalformedAuthorization, bearer_tokens
 from actionmesh.rpc.errors import Unauthenticated
+from actionmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("actionmesh.gateway")
@@ -105,6 +106,10 @@ class Caller:
     gateway requires client certificates) the URI SAN of its verified client certificate,
     e.g. ``actionmesh://backend``; empty without either. The operator is still the person
     acting, "on behalf of" whom the service calls."""
+
+    def operator(self) -> common_pb2.Operator:
+        """The operator as providers are told it (Discover, Preview, Execute)."""
+        return common_pb2.Operator(subject=self.subject, tenant=self.tenant, roles=self.roles)
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,7 @@ class Discoverer:
         # The same question goes to every provider: build it (and its cache digest) once.
         request = provider_pb2.DiscoverRequest(
             record=record,
-            operator=common_pb2.Operator(
-                subject=caller.subject, tenant=caller.tenant, roles=caller.roles
-            ),
+            operator=caller.operator(),
         )
         content = record_digest(record)
         with tracer.start_as_current_span(

@@ -227,9 +227,7 @@ class Dispatcher:
         request = provider_pb2.ExecuteRequest(
             action_id=command.action_id,
             record=command.record,
-            operator=common_pb2.Operator(
-                subject=caller.subject, tenant=caller.tenant, roles=caller.roles
-            ),
+            operator=caller.operator(),
             inputs=dict(command.inputs),
             idempotency_key=command.idempotency_key,
             request_id=record.execution_id,

@@ -131,9 +131,7 @@ class Previews:
         request = provider_pb2.PreviewRequest(
             action_id=command.action_id,
             record=command.record,
-            operator=common_pb2.Operator(
-                subject=caller.subject, tenant=caller.tenant, roles=caller.roles
-            ),
+            operator=caller.operator(),
             inputs=dict(command.inputs),
         )
         with tracer.start_as_current_span(

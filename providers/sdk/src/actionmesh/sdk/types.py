@@ -47,6 +47,16 @@ def _check_reason(reason: str) -> str:
     return reason
 
 
+def _check_report(changes: Sequence[Change], warnings: Sequence[str]) -> None:
+    """The limits of what a result or a preview reports: changes and warnings."""
+    if len(changes) > MAX_CHANGES:
+        raise ValueError(f"at most {MAX_CHANGES} changes")
+    if len(warnings) > MAX_WARNINGS:
+        raise ValueError(f"at most {MAX_WARNINGS} warnings")
+    if any(len(w) > MAX_MESSAGE_CHARS for w in warnings):
+        raise ValueError(f"each warning must be at most {MAX_MESSAGE_CHARS} characters")
+
+
 class Risk(enum.Enum):
     """How risky an action is; an input to the gateway's policy."""
 
@@ -217,12 +227,7 @@ class Result:
             raise ValueError(f"message must be at most {MAX_MESSAGE_CHARS} characters")
         if len(self.external_ref) > MAX_REF_CHARS:
             raise ValueError(f"external_ref must be at most {MAX_REF_CHARS} characters")
-        if len(self.changes) > MAX_CHANGES:
-            raise ValueError(f"at most {MAX_CHANGES} changes")
-        if len(self.warnings) > MAX_WARNINGS:
-            raise ValueError(f"at most {MAX_WARNINGS} warnings")
-        if any(len(w) > MAX_MESSAGE_CHARS for w in self.warnings):
-            raise ValueError(f"each warning must be at most {MAX_MESSAGE_CHARS} characters")
+        _check_report(self.changes, self.warnings)
 
     @classmethod
     def succeeded(
@@ -354,12 +359,7 @@ class Preview:
             raise ValueError(f"Preview.digest must be at most {MAX_DIGEST_CHARS} characters")
         if len(self.effect) > MAX_MESSAGE_CHARS or len(self.message) > MAX_MESSAGE_CHARS:
             raise ValueError(f"effect and message must be at most {MAX_MESSAGE_CHARS} characters")
-        if len(self.changes) > MAX_CHANGES:
-            raise ValueError(f"at most {MAX_CHANGES} changes")
-        if len(self.warnings) > MAX_WARNINGS:
-            raise ValueError(f"at most {MAX_WARNINGS} warnings")
-        if any(len(w) > MAX_MESSAGE_CHARS for w in self.warnings):
-            raise ValueError(f"each warning must be at most {MAX_MESSAGE_CHARS} characters")
+        _check_report(self.changes, self.warnings)
 
     @classmethod
     def of(
