@@ -13,6 +13,10 @@ It is the system of record of nothing unless started with a :class:`Source`: the
 it declares ``thing`` records in ``record_sources`` and answers ResolveRecord for
 :data:`THINGS`, with the source flaws the Source switches on (flaws the SDK would
 not let a provider have).
+
+It has no preview (Preview UNIMPLEMENTED, as a server without the method answers)
+unless started with :class:`Previews`: then its action is previewable and Preview
+answers what a poke would change, with the preview flaws the Previews switch on.
 """
 
 from __future__ import annotations
@@ -84,8 +88,25 @@ class Source:
     misdirected: bool = False
 
 
-def _descriptor(action_id: str = ACTION_ID) -> common_pb2.ActionDescriptor:
+@dataclass(frozen=True)
+class Previews:
+    """The provider's action as previewable, and how its previews are wrong."""
+
+    # A Preview pokes the thing (a write): the state, and so the digest, moves each time.
+    writes: bool = False
+    # The digest carries a counter of the Previews asked: never the same twice.
+    unstable: bool = False
+    # The preview shows another change than the poke makes (off by one).
+    mismatched: bool = False
+    # Describe does not say the action is previewable, yet Preview answers.
+    undeclared: bool = False
+
+
+def _descriptor(
+    action_id: str = ACTION_ID, previewable: bool = False
+) -> common_pb2.ActionDescriptor:
     return common_pb2.ActionDescriptor(
+        previewable=previewable,
         action_id=action_id,
         label="Poke a thing",
         record_types=[RECORD_TYPE],
@@ -112,9 +133,15 @@ def _descriptor(action_id: str = ACTION_ID) -> common_pb2.ActionDescriptor:
 class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     """Breaks the contract as its :class:`Flaws` say."""
 
-    def __init__(self, flaws: Flaws, source: Source | None = None) -> None:
+    def __init__(
+        self, flaws: Flaws, source: Source | None = None, previews: Previews | None = None
+    ) -> None:
         self.flaws = flaws
         self.source = source
+        self.previews = previews
+        # How many pokes acted so far (the state a preview reads).
+        self.poked = 0
+        self.preview_asks = itertools.count(1)
         self.pokes = itertools.count(1)
         self.discovers = itertools.count(1)
         # Idempotency keys of the executions that really acted, in order.
@@ -127,7 +154,8 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
     async def Describe(
         self, request: provider_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> provider_pb2.DescribeResponse:
-        actions = [_descriptor()]
+        previewable = self.previews is not None and not self.previews.undeclared
+        actions = [_descriptor(previewable=previewable)]
         if self.flaws.bad_describe:
             bad_schema = _descriptor("Not An Id")
             bad_schema.inputs[0].min_length = 60  # more than max_length 50
@@ -220,6 +248,7 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         if not flaws.acts_twice and key in self.done:
             return self.done[key]
         poke = next(self.pokes)
+        self.poked = poke
         self.executed.append(key)
         reply = provider_pb2.ExecuteResponse(
             outcome=common_pb2.OUTCOME_SUCCEEDED,
@@ -229,6 +258,29 @@ class BrokenServicer(provider_pb2_grpc.ActionProviderServiceServicer):
         self.done[key] = reply
         self.answers[(request.record.tenant, request.action_id, key)] = reply
         return reply
+
+    async def Preview(
+        self, request: provider_pb2.PreviewRequest, context: grpc.aio.ServicerContext
+    ) -> provider_pb2.PreviewResponse:
+        previews = self.previews
+        if previews is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+            raise AssertionError("unreachable: abort raises")
+        if request.action_id != ACTION_ID:
+            error = NotFound("no such action", reason="UNKNOWN_ACTION")
+            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+        if previews.writes:
+            self.poked = next(self.pokes)  # a Preview must not act, but this one does
+        now = self.poked
+        after = now + (2 if previews.mismatched else 1)
+        digest = f"pokes-{now}"
+        if previews.unstable:
+            digest += f"-{next(self.preview_asks)}"
+        return provider_pb2.PreviewResponse(
+            changes=[common_pb2.FieldChange(field="pokes", before=str(now), after=str(after))],
+            effect=f"pokes thing {request.record.id} once more",
+            state_digest=digest,
+        )
 
     async def GetExecutionStatus(
         self, request: provider_pb2.GetExecutionStatusRequest, context: grpc.aio.ServicerContext
@@ -281,12 +333,13 @@ class BrokenServer:
 
 
 async def start_broken_provider(
-    flaws: Flaws | None = None, source: Source | None = None
+    flaws: Flaws | None = None, source: Source | None = None, previews: Previews | None = None
 ) -> BrokenServer:
-    """Serve the broken provider on 127.0.0.1 with a free port (a record source with ``source``)."""
+    """Serve the broken provider on 127.0.0.1 with a free port (a record source with
+    ``source``, previewable with ``previews``)."""
     flaws = flaws or Flaws()
     server = grpc.aio.server()
-    servicer = BrokenServicer(flaws, source)
+    servicer = BrokenServicer(flaws, source, previews)
     provider_pb2_grpc.add_ActionProviderServiceServicer_to_server(servicer, server)
     if not flaws.no_health:
         health_servicer = health.aio.HealthServicer()

@@ -47,7 +47,14 @@ from actionmesh.sdk import (
     start_provider,
 )
 from actionmesh.v1 import common_pb2, provider_pb2
-from tests.broken_provider import READY, BrokenServer, Flaws, Source, start_broken_provider
+from tests.broken_provider import (
+    READY,
+    BrokenServer,
+    Flaws,
+    Previews,
+    Source,
+    start_broken_provider,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,6 +70,12 @@ SAMPLE_SOURCE_CHECKS = ["source.tenant_isolation", "source.answer", "source.stab
 LONG_RUNNING_CHECKS = [name for name in CHECKS if name.startswith("long_running.")]
 # A provider without long-running actions skips these as not applicable.
 NOT_LONG_RUNNING = dict.fromkeys(LONG_RUNNING_CHECKS, SKIP)
+PREVIEW_CHECKS = [name for name in CHECKS if name.startswith("preview.")]
+# A provider without previewable actions skips these as not applicable (a Preview of its
+# actions is still checked to be UNIMPLEMENTED: preview.unsupported).
+NOT_PREVIEWABLE = dict.fromkeys(
+    ["preview.stable", "preview.read_only", "preview.matches_execute"], SKIP
+)
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -106,9 +119,11 @@ async def test_workitems_passes_every_check_and_acts_exactly_once(
     results = await run_checks(server.address, records=[FAILED_ITEM], require_all=True)
 
     assert [r.name for r in results] == list(CHECKS)
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
-        results
-    )
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **NOT_LONG_RUNNING,
+        **NOT_PREVIEWABLE,
+    }, table_text(results)
     assert not failed(results)
     assert "SUCCEEDED" in by_name(results)["execute.idempotent"].detail
     # The provider's own store proves the kit's repeated key acted once, and that
@@ -144,6 +159,7 @@ async def test_without_an_eligible_record_the_side_effecting_check_is_skipped(
         *SAMPLE_SOURCE_CHECKS,
         *EXECUTED_STATUS_CHECKS,
         *LONG_RUNNING_CHECKS,
+        *NOT_PREVIEWABLE,
     ]
     assert all(r.status == PASS for name, r in results.items() if name not in skipped)
 
@@ -207,6 +223,9 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
         # It has no GetExecutionStatus: the status checks are not supported.
         **dict.fromkeys(STATUS_CHECKS, SKIP),
         **NOT_LONG_RUNNING,
+        # It has no Preview: its action is not previewable, and Preview is UNIMPLEMENTED.
+        "preview.unsupported": PASS,
+        **NOT_PREVIEWABLE,
     }
     assert "no grpc.health.v1 Health service" in found["health"].detail
     assert "undeclared action 'thing.ghost'" in found["discover.declared_only"].detail
@@ -222,7 +241,7 @@ async def test_the_broken_provider_fails_with_a_clear_table(broken: BrokenServer
     assert "[thing.ghost yes, thing.poke no (BUSY_" in " ".join(text.split())
     for name in CHECKS:
         assert name in text
-    assert text.count("FAIL") == 9 and "1 passed, 9 failed, 14 skipped" in text
+    assert text.count("FAIL") == 9 and "2 passed, 9 failed, 17 skipped" in text
     for name in STATUS_CHECKS:
         assert found[name].detail.startswith("not supported: GetExecutionStatus is UNIMPLEMENTED")
 
@@ -267,7 +286,7 @@ async def test_a_provider_without_the_sdk_can_pass() -> None:
     # It is the system of record of nothing: the source checks do not apply, and
     # require_all does not fail it for that.
     assert statuses(results) == {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
     }, table_text(results)
     assert not failed(results)
@@ -280,9 +299,76 @@ async def test_a_provider_without_the_sdk_can_pass() -> None:
         results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
     finally:
         await server.stop()
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
-        results
-    )
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **NOT_LONG_RUNNING,
+        **NOT_PREVIEWABLE,
+    }, table_text(results)
+
+
+async def test_a_raw_provider_with_a_correct_preview_passes_the_preview_checks() -> None:
+    server = await start_broken_provider(Flaws.none(), previews=Previews())
+    try:
+        results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
+    finally:
+        await server.stop()
+    assert statuses(results) == {
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+        # Its one action is previewable: nothing is left to answer UNIMPLEMENTED.
+        "preview.unsupported": SKIP,
+    }, table_text(results)
+    found = by_name(results)
+    assert "Execute changed what the preview showed" in found["preview.matches_execute"].detail
+    assert found["preview.unsupported"].detail.startswith("not applicable: ")
+
+
+@pytest.mark.parametrize(
+    ("previews", "checks", "says"),
+    [
+        (
+            Previews(writes=True),
+            {"preview.stable", "preview.read_only"},
+            "Preview of thing.poke on acme/thing/t-1 changed: [digest 'pokes-",
+        ),
+        (
+            Previews(unstable=True),
+            {"preview.stable", "preview.read_only"},
+            "the same Preview got another answer",
+        ),
+        (
+            Previews(mismatched=True),
+            {"preview.matches_execute"},
+            "the preview showed pokes 0->2, Execute changed pokes 0->1",
+        ),
+        (
+            Previews(undeclared=True),
+            {"preview.unsupported"},
+            "thing.poke is not previewable, but Preview answered digest",
+        ),
+    ],
+    ids=["writes", "unstable-digest", "shows-another-change", "answers-undeclared"],
+)
+async def test_a_preview_breaking_one_rule_fails_that_check(
+    previews: Previews, checks: set[str], says: str
+) -> None:
+    server = await start_broken_provider(Flaws.none(), previews=previews)
+    try:
+        results = await run_checks(server.address, records=[BROKEN_ITEM], require_all=True)
+    finally:
+        await server.stop()
+    expected: dict[str, str] = {
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **dict.fromkeys(SOURCE_CHECKS, SKIP),
+    }
+    if previews.undeclared:
+        expected.update(NOT_PREVIEWABLE)
+    else:
+        expected["preview.unsupported"] = SKIP
+    expected.update(dict.fromkeys(checks, FAIL))
+    assert statuses(results) == expected, table_text(results)
+    details = " | ".join(by_name(results)[name].detail for name in checks)
+    assert says in details, details
 
 
 async def test_an_unreachable_provider_fails_fast() -> None:
@@ -402,9 +488,12 @@ async def test_the_example_record_sources_pass_every_check(tmp_path: Path, name:
         )
     finally:
         await server.stop(grace_s=1.0)
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
-        results
-    )
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **NOT_LONG_RUNNING,
+        # records previews its changes: every preview check applies and passes.
+        **({} if name == "records" else NOT_PREVIEWABLE),
+    }, table_text(results)
     found = by_name(results)
     record_type = SampleRecord.parse(record).type
     assert found["source.declared"].detail == f"the system of record of {record_type}"
@@ -469,9 +558,11 @@ async def check_gadgets(tmp_path: Path, resolve: Resolve) -> list[CheckResult]:
 
 async def test_an_sdk_record_source_that_keeps_the_contract_passes(tmp_path: Path) -> None:
     results = await check_gadgets(tmp_path, by_tenant)
-    assert statuses(results) == {**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING}, table_text(
-        results
-    )
+    assert statuses(results) == {
+        **dict.fromkeys(CHECKS, PASS),
+        **NOT_LONG_RUNNING,
+        **NOT_PREVIEWABLE,
+    }, table_text(results)
 
 
 @pytest.mark.parametrize(
@@ -488,7 +579,7 @@ async def test_an_sdk_record_source_breaking_one_rule_fails_that_check_alone(
 ) -> None:
     results = await check_gadgets(tmp_path, resolve)
     assert statuses(results) == {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         check: FAIL,
     }, table_text(results)
     assert says in by_name(results)[check].detail, by_name(results)[check].detail
@@ -526,7 +617,7 @@ async def test_a_raw_record_source_breaking_one_rule_fails_that_check_alone(
     finally:
         await server.stop()
     assert statuses(results) == {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         check: FAIL,
     }, table_text(results)
     assert says in by_name(results)[check].detail, by_name(results)[check].detail
@@ -600,7 +691,7 @@ async def test_a_status_breaking_one_rule_fails_that_check(
     finally:
         await server.stop()
     expected = {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
     }
     expected.update(dict.fromkeys(checks, FAIL))
@@ -626,7 +717,7 @@ async def test_a_provider_without_execution_status_is_not_supported_not_failed(
     finally:
         await server.stop(grace_s=1.0)
     assert statuses(results) == {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
         **dict.fromkeys(STATUS_CHECKS, SKIP),
     }, table_text(results)
@@ -661,7 +752,7 @@ async def test_an_sdk_provider_passes_the_status_checks_with_its_own_function(
     finally:
         await server.stop(grace_s=1.0)
     assert statuses(results) == {
-        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING},
+        **{**dict.fromkeys(CHECKS, PASS), **NOT_LONG_RUNNING, **NOT_PREVIEWABLE},
         **dict.fromkeys(SOURCE_CHECKS, SKIP),
     }, table_text(results)
     assert "FINISHED [SUCCEEDED, ref touch-1], as Execute answered" in (
@@ -718,8 +809,16 @@ def test_every_example_provider_passes_the_kit_from_the_command_line(
     # workitems and records are the systems of record of their types; escalation sources
     # nothing, so its source checks do not apply (and --require-all accepts that).
     # Only escalation is long-running: the others skip those checks as not applicable.
+    # records and escalation preview their actions; every escalation action is
+    # previewable, and its execution is ACCEPTED (long-running): nothing to compare yet.
     unsourced = SOURCE_CHECKS if provider == "escalation" else LONG_RUNNING_CHECKS
+    not_applicable = {
+        "workitems": list(NOT_PREVIEWABLE),
+        "records": [],
+        "escalation": ["preview.unsupported", "preview.matches_execute"],
+    }[provider]
     assert {c["name"]: c["status"] for c in report["checks"]} == {
         **dict.fromkeys(CHECKS, PASS),
         **dict.fromkeys(unsourced, SKIP),
+        **dict.fromkeys(not_applicable, SKIP),
     }

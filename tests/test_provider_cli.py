@@ -173,9 +173,16 @@ async def test_serve_runs_a_provider_until_sigterm(tmp_path: Path) -> None:
             )
         )
         assert code == 0, output
-        # workitems has no long-running action: those checks do not apply.
-        long_running = [name for name in CHECKS if name.startswith("long_running.")]
-        summary = f"{len(CHECKS) - len(long_running)} passed, 0 failed, {len(long_running)} skipped"
+        # workitems has no long-running and no previewable action: those checks do not
+        # apply (but its actions' Preview is checked to be UNIMPLEMENTED).
+        not_applicable = [
+            name
+            for name in CHECKS
+            if name.startswith(("long_running.", "preview.")) and name != "preview.unsupported"
+        ]
+        summary = (
+            f"{len(CHECKS) - len(not_applicable)} passed, 0 failed, {len(not_applicable)} skipped"
+        )
         assert "PASSED" in output and summary in output
 
         process.send_signal(signal.SIGTERM)
@@ -207,6 +214,10 @@ def test_a_module_with_one_provider_needs_no_attribute() -> None:
 
 
 # -- check ---------------------------------------------------------------------
+# The checks that do not apply to the broken provider (see its docstring).
+NOT_APPLICABLE = ("source.", "status.", "long_running.", "preview.")
+
+
 async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer) -> None:
     code, output = await run(
         *provider_cli("check", broken.address, "--record", "acme/thing/t-1:ready", "--timeout", "3")
@@ -216,11 +227,12 @@ async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer
     for name in CHECKS:
         row = next((line for line in lines if f" {name} " in line), "")
         assert row, f"no table row for {name}:\n{output}"
-        # It sources no record type and keeps no execution status: the source and status
-        # checks do not apply.
-        expected = "SKIP" if name.startswith(("source.", "status.", "long_running.")) else "FAIL"
-        assert ("PASS" if name == "describe" else expected) in row, row
-    assert "FAILED" in output and "1 passed, 9 failed, 14 skipped" in output
+        # It sources no record type, keeps no execution status and previews nothing: the
+        # source, status and preview checks do not apply (its Preview is UNIMPLEMENTED).
+        expected = "SKIP" if name.startswith(NOT_APPLICABLE) else "FAIL"
+        passed = name in ("describe", "preview.unsupported")
+        assert ("PASS" if passed else expected) in row, row
+    assert "FAILED" in output and "2 passed, 9 failed, 17 skipped" in output
 
     code, output = await run(
         *provider_cli("check", broken.address, "--json", "--record", "acme/thing/t-1:ready")
@@ -231,7 +243,7 @@ async def test_check_fails_the_broken_provider_with_a_table(broken: BrokenServer
     assert [c["name"] for c in report["checks"] if c["status"] == "fail"] == [
         name
         for name in CHECKS
-        if name != "describe" and not name.startswith(("source.", "status.", "long_running."))
+        if name not in ("describe", "preview.unsupported") and not name.startswith(NOT_APPLICABLE)
     ]
 
 
@@ -251,7 +263,10 @@ async def test_check_exit_codes_for_skips_and_usage_errors(tmp_path: Path) -> No
             "source.tenant_isolation",
             "source.answer",
             "source.stable",
+            "preview.stable",
+            "preview.read_only",
             "execute.idempotent",
+            "preview.matches_execute",
             "status.finished",
             "status.tenant_isolation",
             "long_running.accepted",

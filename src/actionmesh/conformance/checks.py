@@ -32,6 +32,17 @@ another tenant. A provider answering UNIMPLEMENTED keeps no record of its
 executions, which the contract allows: the ``status.*`` checks are then skipped as
 *not supported* (the gateway cannot settle that provider's unknown outcomes).
 
+The ``preview.*`` checks judge previews (dry runs, ``ActionDescriptor.previewable``),
+read-only by contract: an action that does not declare one answers UNIMPLEMENTED;
+the same Preview (each previewable action on each sample record of its types, else on
+a probe record) twice gets the same answer; repeated Previews change nothing
+(Describe, Discover, ResolveRecord of the sample records of sourced types, the
+digest). Where ``execute.idempotent`` executes a previewable action, it asks the
+Preview of the same request first, and ``preview.matches_execute`` compares: the
+changes Execute answered are the changes the preview showed (a refusing preview, a
+REJECTED Execute). A provider without previewable actions skips those checks as *not
+applicable*.
+
 ``require_all=True`` turns every skip into a failure, except the skip of a check
 that does not apply: a provider that declares no record sources skips the
 ``source.*`` checks as *not applicable*, and one that does not support
@@ -117,8 +128,22 @@ CHECKS: dict[str, str] = {
     "undeclared) are INVALID_ARGUMENT with a BadRequest violation naming the input",
     "execute.tenant_mismatch": "a record of another tenant than the operator's is "
     "PERMISSION_DENIED with an ErrorInfo reason",
+    "preview.unsupported": "Preview of an action that is not previewable "
+    "(ActionDescriptor.previewable unset) is UNIMPLEMENTED; a provider whose actions are all "
+    "previewable skips it as not applicable, which require_all accepts",
+    "preview.stable": "the same Preview twice (each previewable action on each sample record "
+    "of its types, else on a probe record) gives the same answer: state_digest (required), "
+    "changes, effect and warnings, or the same refusal with an ErrorInfo reason; a provider "
+    "without previewable actions skips every preview.* check but preview.unsupported as not "
+    "applicable, which require_all accepts",
+    "preview.read_only": "Describe, Discover, ResolveRecord of the sample records of sourced "
+    "types and the Previews themselves (digest included) are unchanged after repeated Previews",
     "execute.idempotent": "the same idempotency key twice acts once: identical outcome, "
     "reason, external ref and changes (executes the action once on a sample record)",
+    "preview.matches_execute": "where execute.idempotent executed a previewable action (after "
+    "a Preview of the same request), the changes Execute answered are the ones the preview "
+    "showed, and a preview that refused means Execute is REJECTED (an ACCEPTED long-running "
+    "execution is not applicable)",
     "status.unknown_key": "GetExecutionStatus of a key never sent is NEVER_RECEIVED, without "
     "result or progress; a provider answering UNIMPLEMENTED (it keeps no record of its "
     "executions) skips every status.* check as not supported, which require_all accepts",
@@ -142,6 +167,16 @@ CHECKS: dict[str, str] = {
 }
 # How long long_running.stop waits for a stopped execution to finish.
 STOP_SETTLE_S = 15.0
+# How many extra Preview rounds preview.read_only makes before comparing.
+PREVIEW_ROUNDS = 3
+# What a Preview may refuse with besides FAILED_PRECONDITION (Execute would refuse):
+# the request's own faults, judged like Execute's.
+PREVIEW_REFUSALS = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 
 
 @dataclass(frozen=True)
@@ -356,6 +391,63 @@ class _Resolved:
         return found
 
 
+Change = tuple[str, str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class _Previewed:
+    """One Preview answer: the reply, or the refusal's code and reason."""
+
+    reply: provider_pb2.PreviewResponse | None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+
+    @property
+    def changes(self) -> tuple[Change, ...]:
+        if self.reply is None:
+            return ()
+        return tuple((c.field, c.before, c.after) for c in self.reply.changes)
+
+    def key(self) -> tuple[object, ...]:
+        """What must not differ between two answers to the same Preview."""
+        if self.reply is None:
+            return (self.code, self.reason)
+        return (self.reply.state_digest, self.changes, self.reply.effect, *self.reply.warnings)
+
+    def problem(self) -> str | None:
+        """What is wrong with this answer on its own, if anything."""
+        if self.reply is None:
+            expected = " or ".join(code.name for code in PREVIEW_REFUSALS)
+            if self.code not in PREVIEW_REFUSALS:
+                return f"answered {self}, expected a preview or {expected}"
+            if not self.reason:
+                return f"{self.code.name} without google.rpc.Status details (no ErrorInfo reason)"
+            return None
+        if not self.reply.state_digest.strip():
+            return "a preview without state_digest (it is required)"
+        return None
+
+    def __str__(self) -> str:
+        if self.reply is None:
+            return self.code.name + (f" {self.reason}" if self.reason else "")
+        shown = [f"digest {self.reply.state_digest!r}"]
+        shown.extend(f"{field} {before}->{after}" for field, before, after in self.changes)
+        if self.reply.warnings:
+            shown.append(f"{len(self.reply.warnings)} warning(s)")
+        return ", ".join(shown)
+
+
+PreviewTarget = tuple[
+    common_pb2.RecordContext, common_pb2.ActionDescriptor, dict[str, common_pb2.InputValue]
+]
+"""A Preview request: (record, action, inputs)."""
+
+
+def _target_text(target: PreviewTarget) -> str:
+    record, action, _ = target
+    return f"{action.action_id} on {_label(record)}"
+
+
 def _refusal_problem(answer: _Resolved, codes: Sequence[grpc.StatusCode]) -> str | None:
     """What is wrong with an answer that must be a refusal with ``codes`` and a reason."""
     expected = " or ".join(code.name for code in codes)
@@ -412,6 +504,8 @@ class _Kit:
         self.finished_status: _Status | None = None
         # Whether execute.idempotent's execution is long-running and was ACCEPTED.
         self.executed_accepted = False
+        # The Preview execute.idempotent asked before executing a previewable action.
+        self.executed_preview: _Previewed | None = None
 
     # -- helpers --------------------------------------------------------------
 
@@ -514,6 +608,55 @@ class _Kit:
             details = _safe_details(exc)
             return _Status(None, details.code, details.reason)
         return _Status(reply)
+
+    async def preview(self, target: PreviewTarget) -> _Previewed:
+        """Preview of (record, action, inputs): the reply, or the refusal."""
+        record, action, inputs = target
+        request = provider_pb2.PreviewRequest(
+            action_id=action.action_id,
+            record=record,
+            operator=self.operator(record.tenant),
+            inputs=inputs,
+        )
+        try:
+            reply = await self.stub.Preview(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            details = _safe_details(exc)
+            return _Previewed(None, details.code, details.reason)
+        return _Previewed(reply)
+
+    def previewable(self) -> list[common_pb2.ActionDescriptor]:
+        """The previewable actions; a provider without any skips (not applicable)."""
+        self.require_describe()
+        found = [a for a in self.declared.values() if a.previewable]
+        if not found:
+            raise _Verdict(
+                SKIP,
+                "not applicable: the provider declares no previewable action",
+                required=False,
+            )
+        return found
+
+    def preview_inputs(
+        self, action: common_pb2.ActionDescriptor
+    ) -> dict[str, common_pb2.InputValue]:
+        """The inputs execute.idempotent would send for the action (schema-derived else)."""
+        if self.action and action.action_id != self.action:
+            return valid_inputs(action.inputs)
+        try:
+            return self.sample_inputs(action)
+        except _Verdict:
+            return valid_inputs(action.inputs)
+
+    def preview_targets(self) -> list[PreviewTarget]:
+        """Each previewable action on each sample record of its types, else on a probe."""
+        targets: list[PreviewTarget] = []
+        for action in self.previewable():
+            records = [r.to_proto() for r in self.records if r.type in action.record_types]
+            if not records and action.record_types:
+                records = [self.probe(action.record_types[0])]
+            targets.extend((record, action, self.preview_inputs(action)) for record in records)
+        return targets
 
     def require_status(self) -> None:
         """Skips when GetExecutionStatus is not supported (not applicable) or was not asked."""
@@ -962,6 +1105,152 @@ class _Kit:
         assert details is not None
         return f"{action.action_id}: refused: {_rpc_summary(details)}"
 
+    # -- previews -------------------------------------------------------------------
+
+    async def check_preview_unsupported(self) -> str:
+        self.require_describe()
+        plain = [a for a in self.declared.values() if not a.previewable]
+        if not plain:
+            raise _Verdict(SKIP, "not applicable: every action is previewable", required=False)
+        problems, answers = [], []
+        for action in plain:
+            record = self.probe(action.record_types[0] if action.record_types else "conformance")
+            answer = await self.preview((record, action, valid_inputs(action.inputs)))
+            if answer.code != grpc.StatusCode.UNIMPLEMENTED:
+                problems.append(
+                    f"{action.action_id} is not previewable, but Preview answered {answer}; "
+                    "expected UNIMPLEMENTED"
+                )
+            else:
+                answers.append(f"{action.action_id} {answer}")
+        if problems:
+            raise _Verdict(FAIL, _listing(problems))
+        return "refused: " + _listing(answers)
+
+    async def check_preview_stable(self) -> str:
+        targets = self.preview_targets()
+        problems: list[str] = []
+        shown: list[str] = []
+        for target in targets:
+            first = await self.preview(target)
+            then = await self.preview(target)
+            where = _target_text(target)
+            problem = first.problem() or then.problem()
+            if problem:
+                problems.append(f"{where}: {problem}")
+            elif first.key() != then.key():
+                problems.append(f"{where}: [{first}] then [{then}]")
+            else:
+                shown.append(f"{where}: {first}")
+        if problems:
+            raise _Verdict(
+                FAIL, "the same Preview got another answer or a bad one: " + _listing(problems)
+            )
+        return f"{len(targets)} preview(s) answered identically twice: " + _listing(shown)
+
+    async def check_preview_read_only(self) -> str:
+        targets = self.preview_targets()
+        keys = [
+            key
+            for key in dict.fromkeys((r.tenant, r.type, r.id) for r in self.records)
+            if key[1] in self.sources and key not in self.unstable
+        ]
+        discovers = len(self.first_answers) == len(self.targets) and not self.discover_unstable
+
+        async def preview_all() -> list[_Previewed]:
+            return [await self.preview(target) for target in targets]
+
+        async def resolve_all() -> list[_Resolved]:
+            return [await self.resolve(key) for key in keys]
+
+        try:
+            described = await self.stub.Describe(
+                provider_pb2.DescribeRequest(), timeout=self.timeout_s
+            )
+            discovered = await self.discover_all() if discovers else []
+            resolved = await resolve_all()
+            before = await preview_all()
+            for _ in range(PREVIEW_ROUNDS):
+                await preview_all()
+            described_after = await self.stub.Describe(
+                provider_pb2.DescribeRequest(), timeout=self.timeout_s
+            )
+            discovered_after = await self.discover_all() if discovers else []
+            resolved_after = await resolve_all()
+            after = await preview_all()
+        except grpc.RpcError as exc:
+            raise _Verdict(
+                FAIL, f"a repeated call failed: {_rpc_summary(_safe_details(exc))}"
+            ) from None
+        problems: list[str] = []
+        if described != described_after:
+            problems.append("Describe changed")
+        problems.extend(
+            f"Discover of {_label(t)} changed"
+            for t, a, b in zip(self.targets, discovered, discovered_after, strict=False)
+            if _discover_key(a) != _discover_key(b)
+        )
+        for key, first, then in zip(keys, resolved, resolved_after, strict=True):
+            changes = first.changes(then)
+            if changes:
+                problems.append(f"ResolveRecord of {_key_text(key)} changed: {', '.join(changes)}")
+        for target, first_preview, then_preview in zip(targets, before, after, strict=True):
+            if first_preview.key() != then_preview.key():
+                problems.append(
+                    f"Preview of {_target_text(target)} changed: [{first_preview}] then "
+                    f"[{then_preview}]"
+                )
+        rounds = PREVIEW_ROUNDS + 2
+        if problems:
+            raise _Verdict(FAIL, f"after {rounds} Preview rounds: " + _listing(problems))
+        what = "Describe, Discover" if discovers else "Describe (Discover failed or is unstable)"
+        read = f", ResolveRecord of {len(keys)} sample(s)" if keys else ""
+        return f"{what}{read} and {len(targets)} preview(s) unchanged after {rounds} Preview rounds"
+
+    async def check_preview_matches_execute(self) -> str:
+        self.previewable()
+        if self.executed is None:
+            raise _Verdict(SKIP, f"nothing executed to compare with: {self.not_executed}")
+        (_, action_id, _), answer = self.executed
+        if not self.declared[action_id].previewable:
+            raise _Verdict(
+                SKIP,
+                f"execute.idempotent executed {action_id}, which is not previewable; pass "
+                "--action of a previewable one",
+            )
+        if self.executed_accepted:
+            raise _Verdict(
+                SKIP,
+                f"not applicable: {action_id} is long-running and Execute answered ACCEPTED "
+                "(its changes come with the final answer)",
+                required=False,
+            )
+        shown = self.executed_preview
+        if shown is None:
+            raise _Verdict(SKIP, "execute.idempotent got no Preview before executing")
+        where = f"{action_id} of execute.idempotent"
+        rejected = _outcome_name(common_pb2.OUTCOME_REJECTED)
+        if shown.reply is None:
+            if answer.outcome != rejected:
+                raise _Verdict(
+                    FAIL, f"{where}: the preview refused ({shown}), but Execute answered [{answer}]"
+                )
+            same = "" if answer.reason == shown.reason else " (another reason)"
+            return f"{where}: the preview refused ({shown}); Execute answered [{answer}]{same}"
+        if answer.outcome == rejected:
+            raise _Verdict(
+                FAIL, f"{where}: the preview showed [{shown}], but Execute answered [{answer}]"
+            )
+        if answer.outcome != _outcome_name(common_pb2.OUTCOME_SUCCEEDED):
+            raise _Verdict(SKIP, f"{where}: Execute answered [{answer}]: nothing whole to compare")
+        if sorted(answer.changes) != sorted(shown.changes):
+            previewed = ", ".join(f"{f} {b}->{a}" for f, b, a in shown.changes) or "no changes"
+            executed = ", ".join(f"{f} {b}->{a}" for f, b, a in answer.changes) or "no changes"
+            raise _Verdict(
+                FAIL, f"{where}: the preview showed {previewed}, Execute changed {executed}"
+            )
+        return f"{where}: Execute changed what the preview showed ({len(answer.changes)} change(s))"
+
     def chosen_action(self) -> common_pb2.ActionDescriptor | None:
         return self.declared.get(self.action) if self.action else None
 
@@ -1018,6 +1307,9 @@ class _Kit:
         key = f"conformance-{uuid.uuid4().hex}"
         where = f"{action.action_id} on {record.tenant}/{record.type}/{record.id}"
         self.not_executed = f"execute.idempotent got no answer for {where}"
+        if action.previewable:
+            # Read-only: what preview.matches_execute compares the execution with.
+            self.executed_preview = await self.preview((record, action, inputs))
         answers = []
         for attempt in (1, 2):
             try:
@@ -1408,7 +1700,11 @@ async def run_checks(
             ("execute.idempotency_key_required", kit.check_key_required),
             ("execute.invalid_inputs", kit.check_invalid_inputs),
             ("execute.tenant_mismatch", kit.check_tenant_mismatch),
+            ("preview.unsupported", kit.check_preview_unsupported),
+            ("preview.stable", kit.check_preview_stable),
+            ("preview.read_only", kit.check_preview_read_only),
             ("execute.idempotent", kit.check_idempotent),
+            ("preview.matches_execute", kit.check_preview_matches_execute),
             ("status.unknown_key", kit.check_status_unknown_key),
             ("status.finished", kit.check_status_finished),
             ("status.stable", kit.check_status_stable),

@@ -9,8 +9,10 @@ FAILED_PRECONDITION with its reason when it says Execute would refuse. An Execut
 under the key's claim, before the handler runs, and answers REJECTED
 ``STATE_CHANGED_SINCE_PREVIEW`` (stored under the key like any result; nothing ran)
 when the digest differs or the preview would now refuse; an action without a preview
-answers REJECTED ``PREVIEW_NOT_VERIFIABLE``. A repeated key answers the stored result
-without asking again (the state has moved because the execution itself ran).
+answers REJECTED ``PREVIEW_NOT_VERIFIABLE``; a preview function that fails then is
+UNAVAILABLE ``PREVIEW_FAILED`` (nothing ran; the key is released for a retry). A
+repeated key answers the stored result without asking again (the state has moved
+because the execution itself ran).
 
 GetExecutionStatus answers from the idempotency store (``dedupe``), through the
 provider's ``@provider.execution_status`` function when it declares one:
@@ -366,8 +368,17 @@ class ActionProviderServicer(provider_pb2_grpc.ActionProviderServiceServicer):
             ).to_proto()
         try:
             now = await self._preview(action, record, operator, inputs)
+        except HandlerFailed as failed:
+            # Cannot tell now; nothing ran. Not INTERNAL: a caller reads that as PARTIAL
+            # (it may have acted), and the handler never started.
+            raise UnavailableError(
+                "the preview could not be computed again to check the approved state; "
+                "nothing ran, retry later",
+                reason=failed.reason or "PREVIEW_FAILED",
+                retry_after_s=1.0,
+            ) from failed
         except ActionMeshError as refused:
-            if refused.code is grpc.StatusCode.UNAVAILABLE or isinstance(refused, HandlerFailed):
+            if refused.code is grpc.StatusCode.UNAVAILABLE:
                 raise  # cannot tell now; nothing ran
             return Result.rejected(
                 STATE_CHANGED, f"the state changed since the preview: {refused}"[:2000]
